@@ -1,0 +1,208 @@
+"""Every default of deepmask, in one place.
+
+Three frozen dataclasses:
+
+- :class:`ModelConfig`: the architecture. It travels with the weights
+  (``config.json`` in a weights folder), so a model is always rebuilt exactly as
+  it was trained.
+- :class:`InferenceConfig`: full-scene proposal generation (pyramid, top-k,
+  thresholds, NMS).
+- :class:`TrainConfig`: optimisation and patch sampling for ``deepmask train``.
+
+The command-line options default to "not given" and override these values;
+they never restate a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+#: The stride of every trunk's output map, in input pixels.
+TRUNK_STRIDE = 16
+
+TRUNKS = ("efficientnet-lite0", "vgg-a", "resnet50")
+
+
+def _from_dict(cls, data: Mapping[str, Any], what: str):
+    """Build dataclass ``cls`` from a mapping, refusing unknown keys."""
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown {what} field(s): {', '.join(unknown)}")
+    kwargs = {}
+    for f in fields(cls):
+        if f.name in data:
+            value = data[f.name]
+            if isinstance(value, list):
+                value = tuple(value)
+            kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The DeepMask architecture (Pinheiro et al., NIPS 2015).
+
+    The network looks at a square ``patch_size`` input window. Its trunk maps it
+    to a ``patch_size/16`` square feature window, shared by a mask head (a 1x1
+    conv + ReLU, then two linear layers with nothing between them, giving a
+    ``mask_size`` square of per-pixel logits that covers the whole window) and a
+    score head (2x2 max-pool, two fully connected layers with ReLU, one
+    objectness logit). A window is positive when an object is centred in it
+    with its longer side ``object_size`` pixels.
+    """
+
+    trunk: str = "efficientnet-lite0"
+    patch_size: int = 192
+    object_size: int = 112
+    mask_size: int = 56
+    mask_channels: int = 128
+    mask_hidden: int = 512
+    score_hidden: tuple[int, int] = (512, 1024)
+    dropout: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.trunk not in TRUNKS:
+            raise ValueError(f"unknown trunk {self.trunk!r}; choose one of {', '.join(TRUNKS)}")
+        if self.patch_size <= 0 or self.patch_size % (2 * TRUNK_STRIDE):
+            raise ValueError(
+                f"patch_size must be a positive multiple of {2 * TRUNK_STRIDE} "
+                f"(the score head max-pools the stride-16 map by 2), got {self.patch_size}"
+            )
+        if not 0 < self.object_size <= self.patch_size:
+            raise ValueError(f"object_size must be in (0, patch_size], got {self.object_size}")
+        if len(self.score_hidden) != 2:
+            raise ValueError("score_hidden takes exactly two widths")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def feat_size(self) -> int:
+        """Side of the trunk's feature window for one patch."""
+        return self.patch_size // TRUNK_STRIDE
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ModelConfig":
+        return _from_dict(cls, data, "model config")
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """Full-scene proposal generation.
+
+    The image is resized by every scale ``2**s`` for ``s`` in
+    ``scale_min, scale_min + scale_step, ..., scale_max`` (octaves) and the
+    network runs densely at each; a window at scale ``2**s`` proposes objects of
+    about ``object_size / 2**s`` pixels in the original image.
+    """
+
+    scale_min: float = -2.5
+    scale_max: float = 0.5
+    scale_step: float = 0.5
+    pre_nms_topk: int = 2000
+    max_proposals: int = 1000
+    score_thresh: float = 0.0
+    mask_thresh: float = 0.35
+    nms: str = "box"
+    nms_thresh: float = 1.0
+    max_side: int = 2048
+    paste_chunk: int = 64
+
+    def __post_init__(self) -> None:
+        if self.scale_step <= 0:
+            raise ValueError(f"scale_step must be > 0, got {self.scale_step}")
+        if self.scale_max < self.scale_min:
+            raise ValueError(f"scale_max ({self.scale_max}) < scale_min ({self.scale_min})")
+        if self.nms not in ("box", "mask"):
+            raise ValueError(f"nms must be 'box' or 'mask', got {self.nms!r}")
+        for name in ("mask_thresh",):
+            v = getattr(self, name)
+            if not 0.0 < v < 1.0:
+                raise ValueError(f"{name} is a probability in (0, 1), got {v}")
+        if not 0.0 <= self.score_thresh < 1.0:
+            raise ValueError(f"score_thresh is a probability in [0, 1), got {self.score_thresh}")
+        if not 0.0 < self.nms_thresh <= 1.0:
+            raise ValueError(f"nms_thresh must be in (0, 1] (1 turns NMS off), got {self.nms_thresh}")
+        if self.max_proposals <= 0 or self.pre_nms_topk <= 0:
+            raise ValueError("max_proposals and pre_nms_topk must be positive")
+
+    @property
+    def scales(self) -> tuple[float, ...]:
+        """The pyramid's scale factors, smallest first."""
+        n = int(math.floor((self.scale_max - self.scale_min) / self.scale_step + 1e-6)) + 1
+        return tuple(2.0 ** (self.scale_min + i * self.scale_step) for i in range(n))
+
+    def replace(self, **changes: Any) -> "InferenceConfig":
+        """A copy with the given fields changed; ``None`` values are ignored."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "InferenceConfig":
+        return _from_dict(cls, data, "inference config")
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """How training patches are cut from images (the paper's labelling rule).
+
+    A positive patch has an object centred within ``pos_shift`` pixels and with
+    its longer side within ``pos_scale`` octaves of ``object_size`` (both at the
+    patch's resolution). A negative is shifted by at least ``neg_shift`` pixels or
+    scaled by at least ``neg_scale`` octaves from every object.
+    """
+
+    pos_fraction: float = 0.5
+    pos_shift: float = 16.0
+    pos_scale: float = 0.25
+    neg_shift: float = 32.0
+    neg_scale: float = 1.0
+    min_object_area: float = 100.0
+    min_object_side: float = 5.0
+    hflip: bool = True
+    color_jitter: float = 0.2
+    fill: tuple[float, float, float] = (0.485, 0.456, 0.406)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation for ``deepmask train`` (defaults: the paper and official code)."""
+
+    steps: int = 20000
+    batch_size: int = 32
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    # The official code's schedule, 300 epochs of 4000 batches: lr x1 until
+    # epoch 50, x0.5 until 120, x0.1 after. Kept as fractions of the run.
+    lr_milestones: tuple[float, ...] = (50 / 300, 120 / 300)
+    lr_factors: tuple[float, ...] = (0.5, 0.1)
+    score_weight: float = 1.0 / 32.0
+    trunk_lr_mult: float = 1.0
+    freeze_trunk: bool = False
+    workers: int = 1
+    seed: int = 0
+    checkpoint_every: int = 1000
+    val_every: int = 1000
+    val_batches: int = 20
+    amp: bool = True
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True)

@@ -1,0 +1,267 @@
+"""Full-scene proposals: the multi-scale dense pass with interleaved scoring.
+
+>>> from deepmask_cli import load_proposer
+>>> proposer = load_proposer()                      # shipped weights, best device
+>>> props = proposer(PIL.Image.open("photo.jpg"))   # a Proposals
+>>> props.masks.shape, props.scores[:3]
+
+For each image and each scale ``s`` of the pyramid the image is resized by
+``s``, padded by half a window on every side with a neutral fill (the trunk's
+mean colour, zero after normalisation) so that windows centred near the border
+exist, and run through the trunk once. The score head runs densely on the whole
+map (one score per stride-16 window, thanks to the interleaved max-pool); the
+best ``pre_nms_topk`` windows over all scales are kept, and only those get their
+mask head evaluated, pasted back into the image and thresholded. NMS and
+``max_proposals`` finish the job.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from . import rle as rle_utils
+from .config import TRUNK_STRIDE, InferenceConfig
+from .model import DeepMask
+from .postprocess import cluster_nms, logit, masks_to_boxes, nms_boxes, paste_masks
+
+
+@dataclass
+class Proposals:
+    """Ranked object proposals for one image.
+
+    Attributes:
+        scores: ``(N,)`` objectness probabilities, decreasing.
+        boxes_xyxy: ``(N, 4)`` tight boxes of the masks, in pixels.
+        windows_xyxy: ``(N, 4)`` the network windows the proposals come from.
+        scales: ``(N,)`` the pyramid scale of each window.
+        image_size: ``(H, W)`` of the image the masks belong to.
+        masks: ``(N, H, W)`` bool, or ``None`` when RLEs were asked for.
+        rles: N COCO RLEs (``{"size": [H, W], "counts": str}``) or ``None``.
+    """
+
+    scores: torch.Tensor
+    boxes_xyxy: torch.Tensor
+    windows_xyxy: torch.Tensor
+    scales: torch.Tensor
+    image_size: tuple[int, int]
+    masks: torch.Tensor | None = None
+    rles: list[dict] | None = None
+
+    def __len__(self) -> int:
+        return int(self.scores.shape[0])
+
+    @property
+    def bbox_xywh(self) -> torch.Tensor:
+        b = self.boxes_xyxy
+        return torch.stack([b[:, 0], b[:, 1], b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], 1)
+
+    def to_rles(self) -> list[dict]:
+        if self.rles is not None:
+            return self.rles
+        assert self.masks is not None
+        return rle_utils.encode(self.masks)
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` picks the GPU when there is one."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {device} asked for, but torch sees no CUDA GPU; use --device cpu or auto")
+    return torch.device(device)
+
+
+def image_to_tensor(image: Image.Image | np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A PIL image, an ``(H, W[, C])`` uint8/float array or a ``(3, H, W)``
+    float tensor in ``[0, 1]`` -> ``(3, H, W)`` float32 in ``[0, 1]``."""
+    if isinstance(image, torch.Tensor):
+        t = image.float()
+        if t.dim() == 2:
+            t = t[None].expand(3, -1, -1)
+        if t.dim() != 3 or t.shape[0] != 3:
+            raise ValueError(f"a tensor image must be (3, H, W), got {tuple(image.shape)}")
+        return t
+    if isinstance(image, Image.Image):
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        arr = np.asarray(image)
+    else:
+        arr = np.asarray(image)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    if arr.ndim != 3 or arr.shape[2] not in (3, 4):
+        raise ValueError(f"an array image must be (H, W), (H, W, 3) or (H, W, 4), got {arr.shape}")
+    arr = arr[:, :, :3]
+    t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
+    if t.dtype == torch.uint8:
+        return t.float().div_(255)
+    if t.dtype == torch.uint16:
+        return t.float().div_(65535)
+    return t.float()
+
+
+@dataclass
+class _Level:
+    """One pyramid level of one batch: the trunk's map and per-image geometry."""
+
+    scale: float
+    fmap: torch.Tensor  # (B, C, Hf, Wf)
+    scores: torch.Tensor  # (B, Hf-f+1, Wf-f+1)
+    sizes: list[tuple[int, int]] = field(default_factory=list)  # resized (h, w) per image
+
+
+class Proposer:
+    """Callable: image(s) -> :class:`Proposals`.
+
+    Args:
+        model: a :class:`DeepMask` (moved to ``device`` and put in eval mode).
+        config: the inference settings.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"`` or a ``torch.device``.
+    """
+
+    def __init__(self, model: DeepMask, config: InferenceConfig | None = None, device: str | torch.device = "auto"):
+        self.device = resolve_device(device)
+        self.model = model.to(self.device).eval()
+        self.config = config or InferenceConfig()
+
+    @property
+    def patch_size(self) -> int:
+        return self.model.config.patch_size
+
+    def __call__(self, image, *, rle: bool = False) -> Proposals:
+        return self.propose_batch([image], rle=rle)[0]
+
+    @torch.no_grad()
+    def propose_batch(self, images: Sequence, *, rle: bool = False) -> list[Proposals]:
+        """Proposals for several images, run through the trunk together at each scale."""
+        tensors = [image_to_tensor(im).to(self.device) for im in images]
+        for t in tensors:
+            if t.shape[1] < 1 or t.shape[2] < 1:
+                raise ValueError(f"empty image of size {tuple(t.shape[1:])}")
+        levels = self.dense_pass(tensors)
+        return [self._proposals_for(b, t.shape[1], t.shape[2], levels, rle) for b, t in enumerate(tensors)]
+
+    # ------------------------------------------------------------------ stages
+    def level_size(self, height: int, width: int, scale: float) -> tuple[int, int]:
+        """The size an image is resized to for pyramid ``scale`` (after the
+        ``max_side`` cap)."""
+        cap = min(1.0, self.config.max_side / max(height, width))
+        return max(1, round(height * scale * cap)), max(1, round(width * scale * cap))
+
+    def dense_pass(self, images: list[torch.Tensor]) -> list[_Level]:
+        """Trunk and dense score head at every scale; maps are kept for the mask head."""
+        p = self.patch_size
+        half = p // 2
+        levels = []
+        for scale in self.config.scales:
+            sizes = [self.level_size(t.shape[1], t.shape[2], scale) for t in images]
+            hc = max(math.ceil((h + p) / TRUNK_STRIDE) for h, _ in sizes) * TRUNK_STRIDE
+            wc = max(math.ceil((w + p) / TRUNK_STRIDE) for _, w in sizes) * TRUNK_STRIDE
+            canvas = images[0].new_zeros(len(images), 3, hc, wc)
+            for b, (t, (h, w)) in enumerate(zip(images, sizes)):
+                down = h < t.shape[1] or w < t.shape[2]
+                resized = F.interpolate(t[None], size=(h, w), mode="bilinear", align_corners=False, antialias=down)
+                canvas[b, :, half : half + h, half : half + w] = self.model.normalize(resized)[0]
+            fmap = self.model.trunk(canvas)
+            scores = self.model.dense_scores(fmap)
+            levels.append(_Level(scale, fmap, scores, sizes))
+        return levels
+
+    def _proposals_for(self, b: int, height: int, width: int, levels: list[_Level], rle: bool) -> Proposals:
+        cfg = self.config
+        p = self.patch_size
+        f = self.model.config.feat_size
+        dev = self.device
+        # 1. every valid window of this image at every scale
+        all_scores, all_level, all_y, all_x = [], [], [], []
+        for li, lv in enumerate(levels):
+            h, w = lv.sizes[b]
+            ny = math.ceil((h + p) / TRUNK_STRIDE) - f + 1
+            nx = math.ceil((w + p) / TRUNK_STRIDE) - f + 1
+            s = lv.scores[b, :ny, :nx].reshape(-1)
+            yy, xx = torch.meshgrid(torch.arange(ny, device=dev), torch.arange(nx, device=dev), indexing="ij")
+            all_scores.append(s)
+            all_level.append(torch.full_like(s, li, dtype=torch.long))
+            all_y.append(yy.reshape(-1))
+            all_x.append(xx.reshape(-1))
+        scores = torch.cat(all_scores)
+        level = torch.cat(all_level)
+        ys, xs = torch.cat(all_y), torch.cat(all_x)
+
+        # 2. pre-NMS top-k (only max_proposals when NMS is off) and score threshold
+        k = cfg.pre_nms_topk if cfg.nms_thresh < 1.0 else min(cfg.pre_nms_topk, cfg.max_proposals)
+        top_scores, order = scores.topk(min(k, scores.numel()))
+        if cfg.score_thresh > 0:
+            keep = top_scores > logit(cfg.score_thresh)
+            top_scores, order = top_scores[keep], order[keep]
+        level, ys, xs = level[order], ys[order], xs[order]
+
+        # 3. mask head on the kept windows only, level by level
+        mask_logits = torch.empty(order.numel(), self.model.config.mask_size, self.model.config.mask_size, device=dev)
+        windows = torch.empty(order.numel(), 4, device=dev)
+        scale_of = torch.empty(order.numel(), device=dev)
+        for li, lv in enumerate(levels):
+            sel = (level == li).nonzero().squeeze(1)
+            if sel.numel() == 0:
+                continue
+            batch = torch.full_like(sel, b)
+            mask_logits[sel] = self.model.window_masks(lv.fmap, batch, ys[sel], xs[sel])
+            h, w = lv.sizes[b]
+            sy, sx = h / height, w / width  # resized pixels per image pixel
+            cy = ys[sel].float() * TRUNK_STRIDE
+            cx = xs[sel].float() * TRUNK_STRIDE
+            windows[sel] = torch.stack([(cx - p / 2) / sx, (cy - p / 2) / sy, (cx + p / 2) / sx, (cy + p / 2) / sy], 1)
+            scale_of[sel] = lv.scale
+
+        # 4. paste, threshold, boxes; RLE-encode chunk by chunk when asked
+        t_logit = logit(cfg.mask_thresh)
+        boxes, mask_chunks, rles, nonempty = [], [], [], []
+        for start in range(0, order.numel(), cfg.paste_chunk):
+            sl = slice(start, start + cfg.paste_chunk)
+            m = paste_masks(mask_logits[sl], windows[sl], height, width, t_logit)
+            bx = masks_to_boxes(m)
+            ne = bx[:, 2] > bx[:, 0]
+            boxes.append(bx)
+            nonempty.append(ne)
+            if rle or cfg.nms == "mask" and cfg.nms_thresh < 1.0:
+                rles += rle_utils.encode(m)
+            if not rle:
+                mask_chunks.append(m.transpose(1, 2))  # (k, W, H) contiguous
+        boxes_t = torch.cat(boxes) if boxes else torch.zeros(0, 4, device=dev)
+        nonempty_t = torch.cat(nonempty) if nonempty else torch.zeros(0, dtype=torch.bool, device=dev)
+        probs = torch.sigmoid(top_scores)
+
+        # 5. drop empty masks, NMS, cap
+        idx = nonempty_t.nonzero().squeeze(1)
+        if cfg.nms_thresh < 1.0 and idx.numel():
+            if cfg.nms == "box":
+                kept = nms_boxes(boxes_t[idx], probs[idx], cfg.nms_thresh)
+                idx = idx[kept]
+            else:
+                sub = [rles[i] for i in idx.tolist()]
+                iou = torch.from_numpy(rle_utils.iou(sub, sub)).to(dev)
+                idx = idx[cluster_nms(iou, cfg.nms_thresh)]
+        idx = idx[: cfg.max_proposals]
+
+        out = Proposals(
+            scores=probs[idx],
+            boxes_xyxy=boxes_t[idx],
+            windows_xyxy=windows[idx],
+            scales=scale_of[idx],
+            image_size=(height, width),
+        )
+        if rle:
+            out.rles = [rles[i] for i in idx.tolist()]
+        else:
+            kwh = torch.cat(mask_chunks) if mask_chunks else torch.zeros(0, width, height, dtype=torch.bool, device=dev)
+            out.masks = kwh[idx].transpose(1, 2)
+        return out

@@ -1,0 +1,183 @@
+"""The DeepMask network: a shared trunk, a mask head and a score head.
+
+Two ways to run the same weights:
+
+- :meth:`DeepMask.forward` on a batch of patches, as in training:
+  ``(B, 3, P, P) -> mask_logits (B, m, m), score_logits (B,)``.
+- densely on a whole feature map, for full-scene inference: the linear layers
+  become convolutions over the trunk's map, so every stride-16 window of the map
+  gets a mask and a score (:meth:`DeepMask.dense_scores`,
+  :meth:`DeepMask.dense_mask_hidden`). The score head's 2x2 max-pool would
+  otherwise halve the stride; it is evaluated at its four offsets and the four
+  outputs are interleaved (OverFeat's offset pooling), so each window has
+  exactly one score.
+
+The model returns logits only; thresholds, NMS and pasting live in
+:mod:`deepmask_cli.postprocess`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .trunks import Trunk, build_trunk
+
+
+class MaskHead(nn.Module):
+    """1x1 conv + ReLU, then a factorised pixel classifier: two linear layers
+    with no non-linearity between them, each output pixel seeing the whole
+    feature window.
+    """
+
+    def __init__(self, *, in_channels: int, channels: int, feat_size: int, hidden: int, mask_size: int) -> None:
+        super().__init__()
+        self.feat_size = feat_size
+        self.mask_size = mask_size
+        self.reduce = nn.Conv2d(in_channels, channels, 1)
+        self.fc1 = nn.Linear(channels * feat_size * feat_size, hidden)
+        self.fc2 = nn.Linear(hidden, mask_size * mask_size)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        """``feats: (B, C, f, f)`` -> ``mask_logits: (B, m, m)``."""
+        x = F.relu(self.reduce(feats))
+        x = self.fc2(self.fc1(x.flatten(1)))
+        return x.view(-1, self.mask_size, self.mask_size)
+
+    def dense_hidden(self, fmap: torch.Tensor) -> torch.Tensor:
+        """``fmap: (B, C, H, W)`` -> ``(B, hidden, H-f+1, W-f+1)``: fc1 at every window."""
+        x = F.relu(self.reduce(fmap))
+        w = self.fc1.weight.view(self.fc1.out_features, -1, self.feat_size, self.feat_size)
+        return F.conv2d(x, w, self.fc1.bias)
+
+    def window_hidden(self, reduced_windows: torch.Tensor) -> torch.Tensor:
+        """``(K, c, f, f)`` windows of ``relu(reduce(fmap))`` -> ``(K, hidden)``."""
+        return self.fc1(reduced_windows.flatten(1))
+
+    def from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``(K, hidden)`` -> ``mask_logits: (K, m, m)``."""
+        return self.fc2(hidden).view(-1, self.mask_size, self.mask_size)
+
+
+class ScoreHead(nn.Module):
+    """2x2 max-pool, two fully connected layers with ReLU (and dropout in
+    training), one objectness logit."""
+
+    def __init__(self, *, in_channels: int, feat_size: int, hidden: tuple[int, int], dropout: float) -> None:
+        super().__init__()
+        if feat_size % 2:
+            raise ValueError("the score head needs an even feature window")
+        self.pooled = feat_size // 2
+        self.fc1 = nn.Linear(in_channels * self.pooled * self.pooled, hidden[0])
+        self.fc2 = nn.Linear(hidden[0], hidden[1])
+        self.fc3 = nn.Linear(hidden[1], 1)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        """``feats: (B, C, f, f)`` -> ``score_logits: (B,)``."""
+        x = F.max_pool2d(feats, 2).flatten(1)
+        x = self.dropout(F.relu(self.fc1(x)))
+        x = self.dropout(F.relu(self.fc2(x)))
+        return self.fc3(x).squeeze(1)
+
+    def _dense_fc(self, pooled: torch.Tensor) -> torch.Tensor:
+        w1 = self.fc1.weight.view(self.fc1.out_features, -1, self.pooled, self.pooled)
+        x = F.relu(F.conv2d(pooled, w1, self.fc1.bias))
+        x = F.relu(F.conv2d(x, self.fc2.weight[:, :, None, None], self.fc2.bias))
+        return F.conv2d(x, self.fc3.weight[:, :, None, None], self.fc3.bias)[:, 0]
+
+    def dense(self, fmap: torch.Tensor) -> torch.Tensor:
+        """``fmap: (B, C, H, W)`` -> ``score_logits: (B, H-f+1, W-f+1)``, one per window.
+
+        The window whose top-left cell is ``(i, j)`` max-pools cells
+        ``(i + 2a + {0,1}, j + 2b + {0,1})``: that is the plain stride-2 pooling
+        of the map shifted by ``(i % 2, j % 2)``. So the head runs on the four
+        shifted poolings and their outputs are interleaved back to stride 1.
+        """
+        b, _, h, w = fmap.shape
+        f = 2 * self.pooled
+        if h < f or w < f:
+            raise ValueError(f"feature map {h}x{w} is smaller than the {f}x{f} window")
+        out = fmap.new_empty(b, h - f + 1, w - f + 1)
+        for dy in (0, 1):
+            for dx in (0, 1):
+                ny, nx = len(range(dy, h - f + 1, 2)), len(range(dx, w - f + 1, 2))
+                if ny == 0 or nx == 0:
+                    continue
+                s = self._dense_fc(F.max_pool2d(fmap[:, :, dy:, dx:], 2))
+                out[:, dy::2, dx::2] = s[:, :ny, :nx]
+        return out
+
+
+class DeepMask(nn.Module):
+    """DeepMask: ``forward(patches) -> (mask_logits, score_logits)``.
+
+    ``patches`` are RGB in ``[0, 1]``, ``(B, 3, P, P)`` with ``P = patch_size``;
+    the trunk's normalisation is applied inside.
+    """
+
+    def __init__(self, config: ModelConfig, trunk: Trunk | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.trunk = trunk if trunk is not None else build_trunk(config.trunk)
+        c = self.trunk.out_channels
+        f = config.feat_size
+        self.mask_head = MaskHead(
+            in_channels=c, channels=config.mask_channels, feat_size=f, hidden=config.mask_hidden, mask_size=config.mask_size
+        )
+        self.score_head = ScoreHead(in_channels=c, feat_size=f, hidden=config.score_hidden, dropout=config.dropout)
+        self.register_buffer("mean", torch.tensor(self.trunk.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(self.trunk.std).view(1, 3, 1, 1), persistent=False)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        return (images - self.mean) / self.std
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` in ``[0, 1]`` -> stride-16 map ``(B, C, H/16, W/16)``."""
+        return self.trunk(self.normalize(images))
+
+    def heads(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.mask_head(feats), self.score_head(feats)
+
+    def forward(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.heads(self.features(patches))
+
+    # Dense (full-scene) forms of the heads ----------------------------------
+    def dense_scores(self, fmap: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W)`` -> ``(B, H-f+1, W-f+1)`` score logits, one per window."""
+        return self.score_head.dense(fmap)
+
+    def dense_masks(self, fmap: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W)`` -> ``(B, H-f+1, W-f+1, m, m)`` mask logits, one per window.
+
+        Costly (every window's full mask); inference uses :meth:`window_masks`
+        on the windows it keeps.
+        """
+        hid = self.mask_head.dense_hidden(fmap)  # (B, D, h, w)
+        b, d, h, w = hid.shape
+        m = self.mask_head.from_hidden(hid.permute(0, 2, 3, 1).reshape(-1, d))
+        return m.view(b, h, w, *m.shape[1:])
+
+    def window_masks(self, fmap: torch.Tensor, batch: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+        """Mask logits ``(K, m, m)`` for the windows with top-left cells
+        ``(ys[k], xs[k])`` of image ``batch[k]`` in ``fmap: (B, C, H, W)``."""
+        f = self.config.feat_size
+        reduced = F.relu(self.mask_head.reduce(fmap))
+        if batch.numel() == 0:
+            return fmap.new_zeros(0, self.config.mask_size, self.config.mask_size)
+        ar = torch.arange(f, device=fmap.device)
+        rows = (ys[:, None] + ar)[:, :, None]  # (K, f, 1)
+        cols = (xs[:, None] + ar)[:, None, :]  # (K, 1, f)
+        win = reduced.permute(0, 2, 3, 1)[batch[:, None, None], rows, cols]  # (K, f, f, c)
+        hidden = self.mask_head.window_hidden(win.permute(0, 3, 1, 2))
+        return self.mask_head.from_hidden(hidden)
+
+
+def build_model(config: ModelConfig, *, pretrained_trunk: bool = False, trunk_weights: str | None = None) -> DeepMask:
+    """A DeepMask with random heads; the trunk from ImageNet when asked."""
+    model = DeepMask(config)
+    if pretrained_trunk:
+        model.trunk.load_imagenet(trunk_weights)
+    return model

@@ -1,0 +1,130 @@
+"""Turning the network's logits into proposals: pasting, boxes, NMS.
+
+Pure tensor functions, vectorised over proposals; they run on whatever device
+their inputs are on. Nothing here knows about the network or files.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torchvision.ops import nms as box_nms
+
+
+def logit(p: float) -> float:
+    """The logit whose sigmoid is probability ``p``."""
+    p = min(max(p, 1e-12), 1 - 1e-12)
+    return math.log(p / (1 - p))
+
+
+def _interp_index(coords: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Bilinear taps for sample positions ``coords`` (in cell units, centres at
+    ``k + 0.5``) on a grid of ``size`` cells, clamped at the edges as
+    ``F.interpolate(..., align_corners=False)`` does."""
+    u = (coords - 0.5).clamp(0, size - 1)
+    u0 = u.floor().long()
+    u1 = (u0 + 1).clamp(max=size - 1)
+    return u0, u1, u - u0
+
+
+def paste_masks(
+    mask_logits: torch.Tensor,
+    windows_xyxy: torch.Tensor,
+    height: int,
+    width: int,
+    thresh_logit: float,
+) -> torch.Tensor:
+    """Resample each square logit map onto its window in the image and threshold it.
+
+    Args:
+        mask_logits: ``(K, m, m)`` logits covering ``windows_xyxy``.
+        windows_xyxy: ``(K, 4)`` float windows in image pixels (may extend past
+            the image; the part outside is clipped).
+        height, width: the image size.
+        thresh_logit: a pixel is in the mask when its resampled logit exceeds it.
+
+    Returns:
+        masks: ``(K, H, W)`` bool. It is a transposed view of a contiguous
+        ``(K, W, H)`` buffer, so ``masks.transpose(1, 2)`` is contiguous and
+        converts to pycocotools' Fortran ``(H, W, K)`` layout without a copy.
+
+    Bilinear resampling matches resizing the ``m x m`` map to the window's size
+    with ``F.interpolate(mode="bilinear", align_corners=False)`` and placing it
+    at the window's corner: it is separable, done as two gathers.
+    """
+    k, m, _ = mask_logits.shape
+    dev = mask_logits.device
+    if k == 0:
+        return torch.zeros(0, width, height, dtype=torch.bool, device=dev).transpose(1, 2)
+    logits = mask_logits.float()
+    x0, y0, x1, y1 = windows_xyxy.float().unbind(1)
+    px = torch.arange(width, device=dev, dtype=torch.float32) + 0.5  # pixel centres
+    py = torch.arange(height, device=dev, dtype=torch.float32) + 0.5
+    # positions in mask cells, (K, W) and (K, H)
+    ux = (px[None] - x0[:, None]) * (m / (x1 - x0))[:, None]
+    uy = (py[None] - y0[:, None]) * (m / (y1 - y0))[:, None]
+    inside_x = (ux >= 0) & (ux < m)
+    inside_y = (uy >= 0) & (uy < m)
+    ax0, ax1, fx = _interp_index(ux, m)
+    ay0, ay1, fy = _interp_index(uy, m)
+    # along y first: (K, m rows, m cols) -> (K, H, m) then transpose to (K, m, H)
+    rows = torch.gather(logits, 1, ay0[:, :, None].expand(k, height, m)) * (1 - fy)[:, :, None]
+    rows += torch.gather(logits, 1, ay1[:, :, None].expand(k, height, m)) * fy[:, :, None]
+    cols_first = rows.transpose(1, 2)  # (K, m, H)
+    # along x: (K, W, H)
+    out = torch.gather(cols_first, 1, ax0[:, :, None].expand(k, width, height)) * (1 - fx)[:, :, None]
+    out += torch.gather(cols_first, 1, ax1[:, :, None].expand(k, width, height)) * fx[:, :, None]
+    masks = (out > thresh_logit) & inside_x[:, :, None] & inside_y[:, None, :]
+    return masks.transpose(1, 2)
+
+
+def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """``masks: (K, H, W) bool`` -> tight ``boxes_xyxy: (K, 4)`` float, pixel
+    edges (a single pixel at (x, y) gives ``[x, y, x+1, y+1]``). Empty masks give
+    zeros."""
+    k, h, w = masks.shape
+    if k == 0:
+        return torch.zeros(0, 4, device=masks.device)
+    rows = masks.any(2)  # (K, H)
+    cols = masks.any(1)  # (K, W)
+    ar_h = torch.arange(h, device=masks.device)
+    ar_w = torch.arange(w, device=masks.device)
+    big = max(h, w) + 1
+    y0 = torch.where(rows, ar_h, big).amin(1)
+    y1 = torch.where(rows, ar_h, -1).amax(1) + 1
+    x0 = torch.where(cols, ar_w, big).amin(1)
+    x1 = torch.where(cols, ar_w, -1).amax(1) + 1
+    boxes = torch.stack([x0, y0, x1, y1], 1).float()
+    empty = ~rows.any(1)
+    boxes[empty] = 0
+    return boxes
+
+
+def cluster_nms(iou: torch.Tensor, thresh: float) -> torch.Tensor:
+    """Greedy NMS from a pairwise IoU matrix, vectorised (Cluster-NMS, Zheng et
+    al. 2021): iterating "keep i unless a kept, higher-ranked j overlaps it by
+    more than ``thresh``" to a fixed point gives exactly the greedy result.
+
+    ``iou: (K, K)`` for proposals already sorted by decreasing score. Returns the
+    ``(K,)`` bool keep mask.
+    """
+    k = iou.shape[0]
+    if k == 0:
+        return torch.zeros(0, dtype=torch.bool, device=iou.device)
+    upper = torch.triu(iou, diagonal=1)  # j < i overlaps
+    keep = torch.ones(k, dtype=torch.bool, device=iou.device)
+    for _ in range(k):
+        suppressed = (upper * keep[:, None].to(upper.dtype)).amax(0) > thresh
+        new_keep = ~suppressed
+        if torch.equal(new_keep, keep):
+            break
+        keep = new_keep
+    return keep
+
+
+def nms_boxes(boxes_xyxy: torch.Tensor, scores: torch.Tensor, thresh: float) -> torch.Tensor:
+    """Indices kept by greedy box NMS, by decreasing score (torchvision)."""
+    if thresh >= 1.0:
+        return torch.argsort(scores, descending=True)
+    return box_nms(boxes_xyxy.float(), scores.float(), thresh)

