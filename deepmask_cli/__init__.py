@@ -1,0 +1,34 @@
+"""deepmask: DeepMask object proposals (Pinheiro, Collobert, Dollar, NIPS 2015).
+
+The library behind the ``deepmask`` command::
+
+    from deepmask_cli import load_proposer
+    proposer = load_proposer()                 # shipped weights, GPU when there is one
+    props = proposer(PIL.Image.open("photo.jpg"))
+    props.masks      # (N, H, W) bool, best first
+    props.scores     # (N,) objectness probabilities
+    props.boxes_xyxy # (N, 4)
+"""
+
+__version__ = "0.1.0"
+
+from .config import InferenceConfig, ModelConfig, SamplerConfig, TrainConfig  # noqa: E402
+from .inference import Proposals, Proposer  # noqa: E402
+from .model import DeepMask, build_model  # noqa: E402
+from .propose import load_proposer, run_propose  # noqa: E402
+from .weights import load_weights, save_weights  # noqa: E402
+
+__all__ = [
+    "DeepMask",
+    "InferenceConfig",
+    "ModelConfig",
+    "Proposals",
+    "Proposer",
+    "SamplerConfig",
+    "TrainConfig",
+    "build_model",
+    "load_proposer",
+    "load_weights",
+    "run_propose",
+    "save_weights",
+]

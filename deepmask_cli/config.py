@@ -168,9 +168,9 @@ class SamplerConfig:
     neg_scale: float = 1.0
     min_object_area: float = 100.0
     min_object_side: float = 5.0
+    hard_neg_fraction: float = 0.5
     hflip: bool = True
     color_jitter: float = 0.2
-    fill: tuple[float, float, float] = (0.485, 0.456, 0.406)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

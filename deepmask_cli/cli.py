@@ -1,0 +1,366 @@
+"""The ``deepmask`` command: a thin layer of click over the library.
+
+Options default to ``None`` ("not given") so the dataclass defaults, or the
+tuned defaults a weights folder carries, win unless the user sets something.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from . import __version__
+from .config import TRUNKS, InferenceConfig, ModelConfig, SamplerConfig, TrainConfig
+
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+
+_D = InferenceConfig()
+_T = TrainConfig()
+_M = ModelConfig()
+
+
+def _fail(message: str, code: int = 2) -> "NoReturn":  # noqa: F821
+    err.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    sys.exit(code)
+
+
+def _parse_scales(text: str | None) -> dict:
+    if text is None:
+        return {}
+    try:
+        lo, hi, step = (float(v) for v in text.split(","))
+    except ValueError:
+        raise click.BadParameter("give three numbers in octaves: MIN,MAX,STEP (e.g. -2.5,0.5,0.5)") from None
+    return {"scale_min": lo, "scale_max": hi, "scale_step": step}
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="deepmask")
+def main() -> None:
+    """DeepMask object proposals: class-agnostic masks for every object in a photo."""
+
+
+# ------------------------------------------------------------------- propose
+@main.command()
+@click.argument("images", nargs=-1, required=True)
+@click.option("-o", "--out", "out_path", required=True, type=click.Path(), help="Results JSON file (--format coco) or folder of PNGs (--format png).")
+@click.option("--weights", type=click.Path(), default=None, help="Weights folder (config.json + model.safetensors). [default: the shipped weights/deepmask-lite0-coco]")
+@click.option("--device", default="auto", show_default=True, help="auto (the GPU when there is one), cpu, cuda or cuda:N.")
+@click.option("--gt", type=click.Path(), default=None, help="COCO instances JSON: take image ids from it by file name, so `deepmask eval` can score the results.")
+@click.option("--format", "fmt", type=click.Choice(["coco", "png"]), default="coco", show_default=True, help="COCO results JSON, or one overlay PNG per image.")
+@click.option("--show", type=int, default=20, show_default=True, help="Proposals drawn per overlay (--format png).")
+@click.option("--max-proposals", type=int, default=None, help=f"Proposals kept per image, best first. [default: {_D.max_proposals}]")
+@click.option("--score-thresh", type=float, default=None, help=f"Drop proposals whose objectness probability is below this. [default: {_D.score_thresh}]")
+@click.option("--mask-thresh", type=float, default=None, help=f"Probability above which a pixel is in a mask. [default: {_D.mask_thresh}, or the weights' tuned value]")
+@click.option("--nms", type=click.Choice(["box", "mask"]), default=None, help=f"Overlap measure for NMS. [default: {_D.nms}]")
+@click.option("--nms-thresh", type=float, default=None, help=f"NMS IoU threshold; 1.0 turns NMS off. [default: {_D.nms_thresh}]")
+@click.option("--pre-nms-topk", type=int, default=None, help=f"Windows kept by score before masks are computed. [default: {_D.pre_nms_topk}]")
+@click.option("--scales", default=None, help=f"Pyramid MIN,MAX,STEP in octaves (scales 2^MIN..2^MAX). [default: {_D.scale_min},{_D.scale_max},{_D.scale_step}]")
+@click.option("--max-side", type=int, default=None, help=f"Larger images are run at this longest side (masks stay full size). [default: {_D.max_side}]")
+@click.option("--batch-size", type=int, default=1, show_default=True, help="Images run through the network together (helps on a GPU).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run into the same output, skipping finished images.")
+@click.option("--strict", is_flag=True, help="Stop at the first bad image instead of reporting it and going on.")
+@click.option("--no-exif", is_flag=True, help="Ignore EXIF orientation (default: masks follow the image as viewers show it).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar, only errors.")
+def propose(images, out_path, weights, device, gt, fmt, show, max_proposals, score_thresh, mask_thresh, nms, nms_thresh,
+            pre_nms_topk, scales, max_side, batch_size, resume, strict, no_exif, quiet) -> None:
+    """Propose object masks for IMAGES (files, folders or globs).
+
+    \b
+    deepmask propose img/*.jpg -o props.json
+    deepmask propose photos/ --format png -o overlays/
+    """
+    from .images import ImageError
+    from .propose import ProposeError, load_proposer, run_propose
+    from .weights import WeightsError
+
+    overrides = dict(max_proposals=max_proposals, score_thresh=score_thresh, mask_thresh=mask_thresh, nms=nms,
+                     nms_thresh=nms_thresh, pre_nms_topk=pre_nms_topk, max_side=max_side, **_parse_scales(scales))
+    try:
+        proposer = load_proposer(weights, device=device, overrides=overrides)
+    except (WeightsError, ProposeError, RuntimeError, ImageError) as e:
+        _fail(str(e))
+    progress = _progress(quiet)
+    task = None
+    failures = []
+
+    def on_start(n: int) -> None:
+        nonlocal task
+        task = progress.add_task("propose", total=n)
+
+    def on_image(path, n, reason) -> None:
+        if reason is not None:
+            failures.append((path, reason))
+            progress.console.print(f"[red]✗[/] {path}: {reason}", soft_wrap=True)
+        if task is not None and (reason is None or Path(path).exists()):
+            progress.advance(task)
+
+    try:
+        with progress:
+            summary = run_propose(images, out_path, proposer=proposer, fmt=fmt, gt=gt, show=show, batch_size=batch_size,
+                                  resume=resume, strict=strict, exif=not no_exif, on_start=on_start, on_image=on_image)
+    except KeyboardInterrupt:
+        _fail(f"interrupted; finished images are kept: run the same command with --resume to continue", 130)
+    except ProposeError as e:
+        _fail(f"{e}" + ("; rerun with --resume to keep finished images" if strict else ""))
+    done = f"{summary.done} image(s), {summary.proposals} proposals"
+    if summary.skipped:
+        done += f", {summary.skipped} already done"
+    if not quiet:
+        err.print(f"[green]✓[/] {done} → {summary.out}" + (f"; [red]{len(summary.failures)} failed[/]" if summary.failures else ""))
+    elif summary.failures:
+        err.print(f"{len(summary.failures)} input(s) failed")
+    sys.exit(1 if summary.failures else 0)
+
+
+def _progress(quiet: bool) -> Progress:
+    return _RateProgress(quiet)
+
+
+class _RateProgress(Progress):
+    """A progress bar with images/s and ETA."""
+
+    def __init__(self, quiet: bool) -> None:
+        super().__init__(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=err,
+            disable=quiet,
+        )
+
+    def add_task(self, *a, **kw):
+        kw.setdefault("rate", "")
+        return super().add_task(*a, **kw)
+
+    def advance(self, task_id, advance: float = 1) -> None:
+        super().advance(task_id, advance)
+        t = self._tasks[task_id]
+        if t.speed:
+            self.update(task_id, rate=f"{t.speed:.2f} img/s")
+
+
+# ----------------------------------------------------------------------- viz
+@main.command()
+@click.argument("results", type=click.Path())
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(), help="Folder for the overlay PNGs.")
+@click.option("--images", "images_dir", type=click.Path(), default=None, help="Folder holding the images (default: the paths stored in RESULTS).")
+@click.option("--show", type=int, default=20, show_default=True, help="Proposals drawn per image.")
+@click.option("-q", "--quiet", is_flag=True)
+def viz(results, out_dir, images_dir, show, quiet) -> None:
+    """Draw overlays of an existing results file."""
+    from .evaluate import EvalError
+    from .propose import run_viz
+
+    def on_image(path, n, reason) -> None:
+        if reason is not None:
+            err.print(f"[red]✗[/] {path}: {reason}", soft_wrap=True)
+
+    try:
+        summary = run_viz(results, out_dir, images_dir=images_dir, show=show, on_image=on_image)
+    except EvalError as e:
+        _fail(str(e))
+    if not quiet:
+        err.print(f"[green]✓[/] {summary.done} overlay(s) → {out_dir}" + (f"; [red]{len(summary.failures)} failed[/]" if summary.failures else ""))
+    sys.exit(1 if summary.failures else 0)
+
+
+# ---------------------------------------------------------------------- eval
+@main.command(name="eval")
+@click.argument("results", type=click.Path())
+@click.option("--gt", required=True, type=click.Path(), help="COCO instances JSON with the ground truth.")
+@click.option("--json", "as_json", is_flag=True, help="Print the recall as JSON.")
+def eval_cmd(results, gt, as_json) -> None:
+    """Class-agnostic average recall (AR@10/100/1000, small/medium/large) of RESULTS."""
+    import json
+
+    from .evaluate import EvalError, evaluate_recall, format_table, load_results, to_json
+
+    try:
+        recs = load_results(results)
+        res = evaluate_recall(recs, gt, results_name=Path(results).name)
+    except EvalError as e:
+        _fail(str(e))
+    if as_json:
+        click.echo(json.dumps(to_json(res), indent=2))
+    else:
+        out.print(format_table(res))
+
+
+# --------------------------------------------------------------------- train
+@main.command()
+@click.argument("data_dir", required=False, type=click.Path())
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(), help="Run folder: checkpoints, metrics.jsonl, curves.png, weights/.")
+@click.option("--val", "val_dir", type=click.Path(), default=None, help="Validation dataset folder (same layouts as DATA_DIR).")
+@click.option("--ann", type=click.Path(), default=None, help="Training annotation file (instead of DATA_DIR).")
+@click.option("--images", "images_dir", type=click.Path(), default=None, help="Training images folder (with --ann).")
+@click.option("--val-ann", type=click.Path(), default=None, help="Validation annotation file.")
+@click.option("--val-images", type=click.Path(), default=None, help="Validation images folder.")
+@click.option("--trunk", type=click.Choice(TRUNKS), default=None, help=f"Trunk network. [default: {_M.trunk}]")
+@click.option("--steps", type=int, default=None, help=f"Optimisation steps. [default: {_T.steps}]")
+@click.option("--batch-size", type=int, default=None, help=f"Patches per step, over all processes. [default: {_T.batch_size}]")
+@click.option("--lr", type=float, default=None, help=f"Learning rate (the official step schedule is applied to it). [default: {_T.lr}]")
+@click.option("--trunk-lr-mult", type=float, default=None, help=f"Learning-rate multiplier for the trunk. [default: {_T.trunk_lr_mult}]")
+@click.option("--freeze-trunk", is_flag=True, default=None, help="Train the heads only (much faster on a CPU).")
+@click.option("--score-weight", type=float, default=None, help=f"lambda, the weight of the score loss. [default: {_T.score_weight:g}]")
+@click.option("--workers", type=int, default=None, help=f"DataLoader worker processes (0: load in the main process). [default: {_T.workers}]")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda (under torchrun: each process's own GPU).")
+@click.option("--seed", type=int, default=None, help=f"Seed of the sampler and the initialisation. [default: {_T.seed}]")
+@click.option("--resume", is_flag=True, help="Continue from the run folder's last checkpoint.")
+@click.option("--checkpoint-every", type=int, default=None, help=f"Steps between checkpoints. [default: {_T.checkpoint_every}]")
+@click.option("--val-every", type=int, default=None, help=f"Steps between validations. [default: {_T.val_every}]")
+@click.option("--val-batches", type=int, default=None, help=f"Validation batches (fixed patches). [default: {_T.val_batches}]")
+@click.option("--patch-size", type=int, default=None, help=f"Network input window in pixels. [default: {_M.patch_size}]")
+@click.option("--object-size", type=int, default=None, help=f"Canonical longer side of a centred object, pixels. [default: {_M.object_size}]")
+@click.option("--no-pretrained", is_flag=True, help="Start the trunk from random weights instead of ImageNet.")
+@click.option("--trunk-weights", type=click.Path(), default=None, help="ImageNet state dict file for the trunk (instead of the default source).")
+@click.option("--strict-data", is_flag=True, help="Stop on missing or unreadable images instead of skipping them.")
+@click.option("-q", "--quiet", is_flag=True)
+def train(data_dir, out_dir, val_dir, ann, images_dir, val_ann, val_images, trunk, steps, batch_size, lr, trunk_lr_mult,
+          freeze_trunk, score_weight, workers, device, seed, resume, checkpoint_every, val_every, val_batches, patch_size,
+          object_size, no_pretrained, trunk_weights, strict_data, quiet) -> None:
+    """Train DeepMask on a COCO-format dataset (DATA_DIR or --ann/--images).
+
+    \b
+    deepmask train ../shared/data/coco-train --val ../shared/data/coco-val -o runs/lite0
+    torchrun --nproc-per-node 8 -m deepmask_cli train coco/ -o runs/r50 --trunk resnet50
+    """
+    import dataclasses
+
+    import torch
+
+    from .data import DataError, resolve_coco
+    from .inference import resolve_device
+    from .trunks import PretrainedWeightsError
+    from .train import TrainData, TrainError
+    from .train import train as run_train
+
+    try:
+        tr = TrainData(*resolve_coco(data_dir, ann=ann, images=images_dir, split="train"))
+        va = None
+        if val_dir or val_ann or val_images:
+            va = TrainData(*resolve_coco(val_dir, ann=val_ann, images=val_images, split="val"))
+    except DataError as e:
+        _fail(str(e))
+    mc = dataclasses.replace(_M, **{k: v for k, v in dict(trunk=trunk, patch_size=patch_size, object_size=object_size).items() if v is not None})
+    given = dict(steps=steps, batch_size=batch_size, lr=lr, trunk_lr_mult=trunk_lr_mult, freeze_trunk=freeze_trunk,
+                 score_weight=score_weight, workers=workers, seed=seed, checkpoint_every=checkpoint_every,
+                 val_every=val_every, val_batches=val_batches)
+    tc = dataclasses.replace(_T, **{k: v for k, v in given.items() if v is not None})
+
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        use_cuda = device != "cpu" and torch.cuda.is_available()
+        torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
+        dev = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
+        if use_cuda:
+            torch.cuda.set_device(dev)
+        quiet = quiet or torch.distributed.get_rank() != 0
+    else:
+        try:
+            dev = resolve_device(device)
+        except RuntimeError as e:
+            _fail(str(e))
+
+    display = _TrainDisplay(tc.steps, quiet)
+    try:
+        with display:
+            weights = run_train(tr, out_dir, model_config=mc, config=tc, val_data=va, device=dev, resume=resume,
+                                pretrained=not no_pretrained, trunk_weights=trunk_weights,
+                                skip_bad_images=not strict_data, on_event=display.event)
+    except KeyboardInterrupt:
+        _fail(f"interrupted; the last checkpoint is kept: rerun with --resume to continue", 130)
+    except (DataError, TrainError, PretrainedWeightsError, ValueError) as e:
+        _fail(str(e))
+    finally:
+        if distributed and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if not quiet:
+        err.print(f"[green]✓[/] weights → {weights}  (use: deepmask propose IMAGES --weights {weights} -o props.json)")
+
+
+class _TrainDisplay:
+    """Rich live display of a training run."""
+
+    def __init__(self, steps: int, quiet: bool) -> None:
+        self.quiet = quiet
+        self.progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=err,
+            disable=quiet,
+        )
+        self.task = self.progress.add_task("train", total=steps, stats="")
+        self.val = ""
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+    def event(self, kind: str, info: dict) -> None:
+        if self.quiet:
+            return
+        p = self.progress
+        if kind == "data":
+            r = info["report"]
+            skipped = len(r["missing_images"]) + len(r["bad_images"])
+            p.console.print(
+                f"{info['split']}: {info['images']} images, {info['objects']} usable objects "
+                f"({r['crowd']} crowd and {r['tiny']} tiny regions never positives"
+                + (f"; [yellow]{skipped} images skipped[/]" if skipped else "")
+                + (f"; {r['bad_annotations']} bad annotations skipped" if r["bad_annotations"] else "") + ")"
+            )
+            for m in (r["missing_images"] + r["bad_images"])[:5]:
+                p.console.print(f"  [yellow]skipped[/] {m}")
+        elif kind == "start":
+            p.update(self.task, completed=info["start_step"])
+            p.console.print(f"training on {info['device']} x{info['world']}, steps {info['start_step']}→{info['steps']}")
+        elif kind == "step":
+            p.update(self.task, completed=info["step"], stats=(
+                f"loss mask {info['mask_loss']:.3f} score {info['score_loss']:.3f} lr {info['lr']:.1e} "
+                f"{info['samples_per_s']:.0f} samples/s{self.val}"))
+        elif kind == "val":
+            self.val = f" | val IoU {info['iou_mean']:.3f} @.7 {info['iou@0.7']:.2f} acc {info['score_acc']:.2f}"
+            p.console.print(
+                f"step {info['step']}: val IoU mean {info['iou_mean']:.3f} median {info['iou_median']:.3f} "
+                f"@0.5 {info['iou@0.5']:.3f} @0.7 {info['iou@0.7']:.3f} score acc {info['score_acc']:.3f}"
+            )
+
+
+# -------------------------------------------------------------------- export
+@main.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(), help="Weights folder to write.")
+@click.option("--half", is_flag=True, help="Store the tensors as float16 (half the size).")
+def export(checkpoint, out_dir, half) -> None:
+    """Make a weights folder (config.json + model.safetensors) from a training checkpoint."""
+    from .train import TrainError, export_checkpoint
+
+    try:
+        folder = export_checkpoint(checkpoint, out_dir, half=half)
+    except TrainError as e:
+        _fail(str(e))
+    err.print(f"[green]✓[/] {folder}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,358 @@
+"""COCO-format training data and the paper's patch sampler.
+
+A patch is a square window of the image, given by its centre ``(cx, cy)`` in
+image pixels and its scale ``s`` (patch pixels per image pixel); it covers
+``patch_size / s`` image pixels and is resized to ``patch_size``. Where it
+leaves the image it is filled with the trunk's mean colour (zero after
+normalisation, the same neutral fill as inference's padding).
+
+Labels follow the paper (Pinheiro et al. 2015, section 3.1): a patch is
+positive when an object is centred in it within ``pos_shift`` patch pixels and
+its longer side is ``object_size`` within ``pos_scale`` octaves; its mask target
+is that object alone. A negative is at least ``neg_shift`` pixels or
+``neg_scale`` octaves away from every object (crowd regions included), so the
+in-between cases, which are neither, are never sampled.
+
+Sample ``i`` of a dataset is drawn from a random generator seeded with
+``(seed, i)``: the data of a run depends on nothing but the seed and the step,
+whatever the number of workers or processes, which makes runs repeatable and
+resumable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from .config import ModelConfig, SamplerConfig
+from .images import ImageError, load_image
+
+
+class DataError(ValueError):
+    """A dataset that cannot be trained on; one line naming the file and the fix."""
+
+
+# ----------------------------------------------------------------- locating data
+def resolve_coco(
+    root: str | Path | None = None, *, ann: str | Path | None = None, images: str | Path | None = None, split: str = "train"
+) -> tuple[Path, Path]:
+    """``(annotation file, images folder)`` of a COCO-style dataset.
+
+    Accepts a folder holding ``instances.json`` and ``images/``, or COCO's own
+    layout ``annotations/instances_<split>*.json`` with the images in
+    ``<split>*/``; ``ann``/``images`` name them directly.
+    """
+    if ann is not None or images is not None:
+        if ann is None or images is None:
+            raise DataError("--ann and --images go together: name both the annotation file and the images folder")
+        return Path(ann), Path(images)
+    if root is None:
+        raise DataError("name a dataset folder, or --ann FILE --images DIR")
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: no such dataset folder")
+    if (root / "instances.json").is_file():
+        return root / "instances.json", root / "images"
+    cands = sorted((root / "annotations").glob(f"instances_{split}*.json"))
+    if cands:
+        name = cands[-1].stem.split("instances_", 1)[1]
+        return cands[-1], root / name
+    raise DataError(
+        f"{root}: found neither instances.json + images/ nor annotations/instances_{split}*.json; "
+        "use --ann FILE --images DIR"
+    )
+
+
+@dataclass
+class Instance:
+    bbox: tuple[float, float, float, float]  # x, y, w, h
+    rle: dict
+    crowd: bool
+    usable: bool  # may be a positive (not crowd, not tiny)
+
+
+@dataclass
+class ImageRecord:
+    path: Path
+    width: int
+    height: int
+    instances: list[Instance]
+
+
+def load_coco(
+    ann_file: str | Path,
+    images_dir: str | Path,
+    *,
+    sampler: SamplerConfig | None = None,
+    skip_bad_images: bool = True,
+    check_decode: bool = False,
+) -> tuple[list[ImageRecord], dict[str, Any]]:
+    """Read a COCO instances file into :class:`ImageRecord` s.
+
+    Returns ``(records, report)`` where ``report`` counts what was skipped and
+    why. Raises :class:`DataError` for a missing or non-COCO file or an empty
+    dataset; missing or undecodable images are skipped (listed in the report) or
+    fatal with ``skip_bad_images=False``.
+    """
+    sampler = sampler or SamplerConfig()
+    ann_file, images_dir = Path(ann_file), Path(images_dir)
+    if not ann_file.is_file():
+        raise DataError(f"{ann_file}: no such annotation file")
+    if not images_dir.is_dir():
+        raise DataError(f"{images_dir}: no such images folder")
+    try:
+        data = json.loads(ann_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{ann_file}: not JSON ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(data.get("annotations"), list):
+        raise DataError(f"{ann_file}: not a COCO instances file (needs 'images' and 'annotations' lists)")
+    report: dict[str, Any] = {"missing_images": [], "bad_images": [], "bad_annotations": 0, "crowd": 0, "tiny": 0}
+    by_image: dict[int, list[dict]] = {}
+    for a in data["annotations"]:
+        if isinstance(a, dict) and "image_id" in a:
+            by_image.setdefault(a["image_id"], []).append(a)
+    records = []
+    for im in data["images"]:
+        try:
+            iid, fname, w, h = im["id"], im["file_name"], int(im["width"]), int(im["height"])
+        except (KeyError, TypeError, ValueError):
+            report["bad_annotations"] += 1
+            continue
+        path = images_dir / fname
+        if not path.is_file():
+            report["missing_images"].append(str(path))
+            continue
+        if check_decode:
+            try:
+                load_image(path, exif=False)
+            except ImageError as e:
+                report["bad_images"].append(f"{path}: {e}")
+                continue
+        insts = []
+        for a in by_image.get(iid, []):
+            inst = _instance(a, h, w, sampler)
+            if inst is None:
+                report["bad_annotations"] += 1
+                continue
+            report["crowd"] += inst.crowd
+            report["tiny"] += (not inst.crowd) and not inst.usable
+            insts.append(inst)
+        records.append(ImageRecord(path, w, h, insts))
+    bad = report["missing_images"] + report["bad_images"]
+    if bad and not skip_bad_images:
+        raise DataError(f"{bad[0]}: missing or unreadable ({len(bad)} such images); fix them or allow skipping")
+    if not any(i.usable for r in records for i in r.instances):
+        raise DataError(f"{ann_file}: no usable object (non-crowd, area >= {sampler.min_object_area:g}) in any readable image")
+    return records, report
+
+
+def _instance(a: dict, h: int, w: int, sampler: SamplerConfig) -> Instance | None:
+    seg = a.get("segmentation")
+    try:
+        if isinstance(seg, list):
+            polys = [p for p in seg if isinstance(p, list) and len(p) >= 6]
+            if not polys:
+                return None
+            rle = mask_utils.merge(mask_utils.frPyObjects(polys, h, w))
+        elif isinstance(seg, dict):
+            if isinstance(seg.get("counts"), list):
+                rle = mask_utils.frPyObjects(seg, h, w)
+            else:
+                counts = seg["counts"]
+                rle = {"size": seg["size"], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+        else:
+            return None
+        if list(rle["size"]) != [h, w]:
+            return None
+        area = float(mask_utils.area(rle))
+        x, y, bw, bh = (float(v) for v in mask_utils.toBbox(rle))
+    except (KeyError, TypeError, ValueError, IndexError):
+        return None
+    if area <= 0 or bw <= 0 or bh <= 0:
+        return None
+    crowd = bool(a.get("iscrowd", 0))
+    usable = (not crowd) and area >= sampler.min_object_area and min(bw, bh) >= sampler.min_object_side
+    return Instance((x, y, bw, bh), rle, crowd, usable)
+
+
+# ----------------------------------------------------------------- the sampler
+@dataclass
+class PatchSpec:
+    """Where a patch comes from; all that a sample needs to be redrawn."""
+
+    image: int
+    cx: float
+    cy: float
+    scale: float  # patch pixels per image pixel
+    flip: bool
+    label: int  # +1 or -1
+    instance: int  # index of the centred object for positives, -1 otherwise
+
+
+class PatchSampler:
+    """Draws :class:`PatchSpec` s following the paper's labelling rule."""
+
+    def __init__(self, records: list[ImageRecord], model: ModelConfig, config: SamplerConfig, *, neg_log2_range=(-3.0, 1.5)):
+        self.records = records
+        self.model = model
+        self.config = config
+        self.neg_log2_range = neg_log2_range
+        self.positives = [(i, j) for i, r in enumerate(records) for j, inst in enumerate(r.instances) if inst.usable]
+        # per image: centres and canonical log2 scales of every object (crowd too)
+        self._centres = []
+        for r in records:
+            c = np.array([[x + w / 2, y + h / 2, math.log2(model.object_size / max(w, h))] for x, y, w, h in (i.bbox for i in r.instances)])
+            self._centres.append(c.reshape(-1, 3))
+
+    def canonical_log2(self, inst: Instance) -> float:
+        return math.log2(self.model.object_size / max(inst.bbox[2], inst.bbox[3]))
+
+    def is_negative(self, image: int, cx: float, cy: float, log2s: float) -> bool:
+        """No object within ``neg_shift`` patch pixels and ``neg_scale`` octaves."""
+        c = self._centres[image]
+        if len(c) == 0:
+            return True
+        dist = np.hypot(c[:, 0] - cx, c[:, 1] - cy) * 2.0 ** log2s
+        near = (dist < self.config.neg_shift) & (np.abs(c[:, 2] - log2s) < self.config.neg_scale)
+        return not bool(near.any())
+
+    def draw(self, rng: np.random.Generator) -> PatchSpec:
+        cfg = self.config
+        flip = bool(cfg.hflip and rng.random() < 0.5)
+        if rng.random() < cfg.pos_fraction:
+            i, j = self.positives[rng.integers(len(self.positives))]
+            inst = self.records[i].instances[j]
+            x, y, w, h = inst.bbox
+            log2s = self.canonical_log2(inst) + rng.uniform(-cfg.pos_scale, cfg.pos_scale)
+            s = 2.0**log2s
+            # shift within a disc of radius pos_shift (patch pixels)
+            r, a = cfg.pos_shift * math.sqrt(rng.random()), rng.uniform(0, 2 * math.pi)
+            return PatchSpec(i, x + w / 2 + r * math.cos(a) / s, y + h / 2 + r * math.sin(a) / s, s, flip, 1, j)
+        for _ in range(100):
+            i = int(rng.integers(len(self.records)))
+            rec = self.records[i]
+            if rec.instances and rng.random() < cfg.hard_neg_fraction:
+                # a hard negative: near an object, but shifted or scaled out of tolerance
+                inst = rec.instances[rng.integers(len(rec.instances))]
+                x, y, w, h = inst.bbox
+                log2s = self.canonical_log2(inst) + rng.uniform(-2.0, 2.0)
+                s = 2.0**log2s
+                r, a = rng.uniform(0, 3 * cfg.neg_shift), rng.uniform(0, 2 * math.pi)
+                cx, cy = x + w / 2 + r * math.cos(a) / s, y + h / 2 + r * math.sin(a) / s
+            else:
+                log2s = rng.uniform(*self.neg_log2_range)
+                cx, cy = rng.uniform(0, rec.width), rng.uniform(0, rec.height)
+            if self.is_negative(i, cx, cy, log2s):
+                return PatchSpec(i, cx, cy, 2.0**log2s, flip, -1, -1)
+        # An image crowded everywhere: fall back to a far-out scale.
+        return PatchSpec(i, rec.width / 2, rec.height / 2, 2.0 ** self.neg_log2_range[0] / 4, flip, -1, -1)
+
+
+def crop_resized(img: Image.Image, cx: float, cy: float, scale: float, size: int, fill, resample=Image.BILINEAR) -> Image.Image:
+    """The ``size``-pixel square patch centred at ``(cx, cy)`` of an image scaled
+    by ``scale``, filled with ``fill`` outside the image (antialiased when
+    shrinking, as inference's pyramid is)."""
+    half = size / (2 * scale)
+    x0, y0, x1, y1 = cx - half, cy - half, cx + half, cy + half
+    ix0, iy0 = max(0.0, x0), max(0.0, y0)
+    ix1, iy1 = min(float(img.width), x1), min(float(img.height), y1)
+    out = Image.new(img.mode, (size, size), fill)
+    if ix1 <= ix0 or iy1 <= iy0:
+        return out
+    # target rectangle of the visible part, in patch pixels
+    tx0, ty0 = round((ix0 - x0) * scale), round((iy0 - y0) * scale)
+    tx1, ty1 = round((ix1 - x0) * scale), round((iy1 - y0) * scale)
+    if tx1 <= tx0 or ty1 <= ty0:
+        return out
+    piece = img.resize((tx1 - tx0, ty1 - ty0), resample, box=(ix0, iy0, ix1, iy1))
+    out.paste(piece, (tx0, ty0))
+    return out
+
+
+def color_jitter(arr: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
+    """Brightness, contrast and saturation jitter of an ``(H, W, 3)`` float image in [0, 1]."""
+    if strength <= 0:
+        return arr
+    b, c, s = (1 + rng.uniform(-strength, strength) for _ in range(3))
+    arr = arr * b
+    mean = arr.mean()
+    arr = (arr - mean) * c + mean
+    gray = arr.mean(axis=2, keepdims=True)
+    arr = (arr - gray) * s + gray
+    return np.clip(arr, 0.0, 1.0)
+
+
+class PatchDataset(torch.utils.data.Dataset):
+    """Sample ``i`` -> ``(patch (3, P, P) float in [0,1], mask (m, m) float {0,1}, label float ±1)``.
+
+    Deterministic in ``(seed, i)``; ``len`` is nominal (the sampler draws fresh
+    patches for every index).
+    """
+
+    def __init__(self, records: list[ImageRecord], model: ModelConfig, config: SamplerConfig, *, seed: int = 0,
+                 fill=(0.5, 0.5, 0.5), length: int = 10**9, augment: bool = True, cache_images: bool = True):
+        self.records = records
+        self.model = model
+        self.config = config
+        self.sampler = PatchSampler(records, model, config)
+        self.seed = seed
+        self.fill = tuple(int(round(255 * v)) for v in fill)
+        self.length = length
+        self.augment = augment
+        self.cache_images = cache_images
+        self._cache: dict[int, Image.Image] = {}
+
+    def __len__(self) -> int:
+        return self.length
+
+    def image(self, i: int) -> Image.Image:
+        img = self._cache.get(i)
+        if img is None:
+            img = load_image(self.records[i].path, exif=False)
+            if (img.width, img.height) != (self.records[i].width, self.records[i].height):
+                img = img.resize((self.records[i].width, self.records[i].height), Image.BILINEAR)
+            if self.cache_images:
+                self._cache[i] = img
+        return img
+
+    def spec(self, index: int) -> PatchSpec:
+        return self.sampler.draw(np.random.default_rng([self.seed, index]))
+
+    def render(self, spec: PatchSpec, rng: np.random.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        p, m = self.model.patch_size, self.model.mask_size
+        patch = crop_resized(self.image(spec.image), spec.cx, spec.cy, spec.scale, p, self.fill)
+        arr = np.asarray(patch, dtype=np.float32) / 255.0
+        if self.augment and rng is not None:
+            arr = color_jitter(arr, rng, self.config.color_jitter)
+        if spec.label > 0:
+            inst = self.records[spec.image].instances[spec.instance]
+            full = Image.fromarray(mask_utils.decode(inst.rle) * 255)
+            tgt = crop_resized(full, spec.cx, spec.cy, spec.scale * m / p, m, 0)
+            mask = (np.asarray(tgt) >= 128).astype(np.float32)
+        else:
+            mask = np.zeros((m, m), np.float32)
+        if spec.flip:
+            arr, mask = arr[:, ::-1], mask[:, ::-1]
+        x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
+        return x, torch.from_numpy(np.ascontiguousarray(mask)), torch.tensor(float(spec.label))
+
+    def __getitem__(self, index: int):
+        rng = np.random.default_rng([self.seed, index, 1])
+        return self.render(self.spec(index), rng)
+
+
+@contextlib.contextmanager
+def quiet():
+    """Silence pycocotools' prints."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield

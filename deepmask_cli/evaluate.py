@@ -1,0 +1,305 @@
+"""Class-agnostic COCO average recall (AR) of object proposals, with pycocotools.
+
+Proposals are a COCO results list: one dict per proposal with ``image_id``,
+``score`` and a ``segmentation`` (RLE; ``counts`` as str, bytes or an
+uncompressed list, or polygons) and/or a ``bbox`` (``[x, y, w, h]``).
+
+Every ground-truth instance and every proposal is put in one category and
+``COCOeval`` runs with ``useCats = 0``, so a proposal may match any object.
+AR is read from ``COCOeval.eval["recall"]`` exactly as ``summarize()`` builds
+its AR stats (mean over the ten IoU thresholds 0.50:0.05:0.95, entries of -1
+skipped), without the printing. A match needs ``IoU >= threshold``.
+
+``-1.0`` means "no non-crowd ground truth in this bucket" (e.g. ``AR_large`` on
+images without large objects), as in ``COCOeval.stats``; it is not a recall.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import numbers
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval, Params
+from rich.table import Table
+
+IOU_TYPES = ("segm", "bbox")
+NO_GT = -1.0  # value of an AR whose bucket has no (non-crowd) ground truth
+_ROW_NAMES = {"segm": "mask", "bbox": "box"}
+_SIZES = ("small", "medium", "large")
+_AGNOSTIC_CAT = 1
+
+
+@dataclass
+class RecallResult:
+    """AR of one IoU type.
+
+    ``ar`` maps ``"AR@<k>"`` (area "all", at most k proposals per image) and
+    ``"AR_small"``/``"AR_medium"``/``"AR_large"`` (at the largest k; buckets by
+    ground-truth area: < 32^2, 32^2..96^2, > 96^2 pixels) to a recall in
+    [0, 1], or :data:`NO_GT` (-1.0) when the bucket holds no ground truth.
+    """
+
+    iou_type: str  # "segm" or "bbox"
+    ar: dict[str, float]
+    num_images: int
+    num_gt: int  # non-crowd ground-truth instances on the evaluated images
+
+
+class EvalError(ValueError):
+    """Bad evaluation input; the message is one line naming the file and the fix."""
+
+
+def load_results(path: str | Path) -> list[dict]:
+    """Read a COCO results JSON (a list of proposal dicts) from ``path``."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise EvalError(f"{path}: cannot read results ({e.strerror}); pass the JSON file that `propose` wrote") from None
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise EvalError(f"{path}: not JSON; pass a COCO results file (a JSON list of proposals)") from None
+    _check_results(data, str(path))
+    return data
+
+
+def evaluate_recall(
+    results: list[dict],
+    gt: str | Path | COCO,
+    *,
+    iou_types: Sequence[str] = IOU_TYPES,
+    max_dets: Sequence[int] = (10, 100, 1000),
+    image_ids: Iterable[int] | None = None,
+    results_name: str = "results",
+) -> dict[str, RecallResult]:
+    """Class-agnostic AR of ``results`` against the instances in ``gt``.
+
+    ``gt`` is a COCO instances JSON path or a loaded ``COCO`` (not modified).
+    All gt images are evaluated unless ``image_ids`` is given, so an image
+    without proposals counts as zero recall; proposals on other images are
+    ignored. ``results_name`` names the results in error messages.
+    Returns ``{iou_type: RecallResult}`` in the order of ``iou_types``.
+    """
+    _check_results(results, results_name)
+    for t in iou_types:
+        if t not in IOU_TYPES:
+            raise EvalError(f"unknown IoU type {t!r}; use 'segm' and/or 'bbox'")
+    dets = sorted({int(m) for m in max_dets})
+    if not dets or dets[0] < 1:
+        raise EvalError(f"max_dets must be positive counts, got {list(max_dets)}")
+
+    coco_gt, gt_name = _agnostic_gt(gt, iou_types)
+    known = set(coco_gt.getImgIds())
+    for r in results:
+        if r["image_id"] not in known:
+            raise EvalError(
+                f"{results_name}: image_id {r['image_id']} is not in {gt_name}; "
+                f"propose with --gt {gt_name} so ids match"
+            )
+    img_ids = sorted(known) if image_ids is None else sorted({int(i) for i in image_ids})
+    for i in img_ids:
+        if i not in known:
+            raise EvalError(f"image id {i} is not in {gt_name}; evaluate only images listed in {gt_name}")
+    if not img_ids:
+        raise EvalError(f"{gt_name}: no images to evaluate; pass a COCO instances file with images")
+    gt_anns = [a for a in coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=img_ids)) if not a["iscrowd"]]
+
+    out: dict[str, RecallResult] = {}
+    for t in iou_types:
+        dts = [_prepare_det(r, t, coco_gt, results_name, k) for k, r in enumerate(results)]
+        if dts:
+            ar = _cocoeval_ar(coco_gt, dts, t, img_ids, dets)
+        else:  # loadRes asserts on an empty list: zero recall wherever there is gt
+            ar = _empty_ar(gt_anns, dets)
+        out[t] = RecallResult(iou_type=t, ar=ar, num_images=len(img_ids), num_gt=len(gt_anns))
+    return out
+
+
+def format_table(results: dict[str, RecallResult]) -> Table:
+    """A rich table: one row per IoU type ("mask", "box"), one column per AR key."""
+    keys: list[str] = []
+    for res in results.values():
+        keys += [k for k in res.ar if k not in keys]
+    first = next(iter(results.values()), None)
+    caption = (
+        f"{first.num_images} images, {first.num_gt} non-crowd objects; '-' = no objects of that size"
+        if first is not None
+        else None
+    )
+    table = Table(title="Class-agnostic average recall", caption=caption)
+    table.add_column("type")
+    for k in keys:
+        table.add_column(k, justify="right")
+    for t in sorted(results, key=lambda t: IOU_TYPES.index(t) if t in IOU_TYPES else len(IOU_TYPES)):
+        ar = results[t].ar
+        table.add_row(_ROW_NAMES.get(t, t), *(_fmt(ar.get(k, NO_GT)) for k in keys))
+    return table
+
+
+def to_json(results: dict[str, RecallResult]) -> dict[str, dict[str, Any]]:
+    """``{"segm": {"AR@10": .., ..., "num_images": .., "num_gt": ..}, "bbox": {...}}``."""
+    return {
+        t: {**{k: float(v) for k, v in r.ar.items()}, "num_images": r.num_images, "num_gt": r.num_gt}
+        for t, r in results.items()
+    }
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Swallow pycocotools' progress prints."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
+
+
+def _fmt(v: float) -> str:
+    return "-" if v < 0 else f"{v:.3f}"
+
+
+def _check_results(results: Any, name: str) -> None:
+    if not isinstance(results, list):
+        raise EvalError(
+            f"{name}: expected a JSON list of proposals, got {type(results).__name__}; pass a COCO results file"
+        )
+    for k, r in enumerate(results):
+        ok = (
+            isinstance(r, dict)
+            and isinstance(r.get("image_id"), numbers.Integral)
+            and isinstance(r.get("score"), numbers.Real)
+            and ("segmentation" in r or "bbox" in r)
+        )
+        if not ok:
+            raise EvalError(
+                f"{name}: entry {k} is not a proposal (needs integer image_id, numeric score and "
+                f"segmentation or bbox); pass a COCO results file"
+            )
+
+
+def _agnostic_gt(gt: str | Path | COCO, iou_types: Sequence[str]) -> tuple[COCO, str]:
+    """-> (a COCO with every annotation in one category, the name for messages).
+
+    Annotations are shallow copies (COCOeval rewrites ``segmentation`` and adds
+    ``ignore`` keys in place), so a passed-in ``COCO`` is left untouched.
+    """
+    if isinstance(gt, COCO):
+        name, dataset = "the ground truth", gt.dataset
+    else:
+        name = str(gt)
+        fix = "pass a COCO instances file such as annotations/instances_val2017.json"
+        try:
+            dataset = json.loads(Path(gt).read_text())
+        except OSError as e:
+            raise EvalError(f"{name}: cannot read ground truth ({e.strerror}); {fix}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise EvalError(f"{name}: ground truth is not JSON; {fix}") from None
+        if not (
+            isinstance(dataset, dict)
+            and isinstance(dataset.get("images"), list)
+            and isinstance(dataset.get("annotations"), list)
+        ):
+            raise EvalError(f"{name}: not a COCO instances file (needs 'images' and 'annotations' lists); {fix}")
+    need = {"id", "image_id", "area"} | {"segmentation" if t == "segm" else "bbox" for t in iou_types}
+    for img in dataset["images"]:
+        if not isinstance(img, dict) or not {"id", "height", "width"} <= img.keys():
+            raise EvalError(f"{name}: an image entry lacks id/height/width; pass an unmodified COCO instances file")
+    for a in dataset["annotations"]:
+        if not isinstance(a, dict) or not need <= a.keys():
+            raise EvalError(
+                f"{name}: an annotation lacks one of {sorted(need)}; pass an unmodified COCO instances file"
+            )
+    coco = COCO()
+    coco.dataset = {
+        "images": dataset["images"],
+        "annotations": [
+            {**a, "category_id": _AGNOSTIC_CAT, "iscrowd": int(a.get("iscrowd", 0))} for a in dataset["annotations"]
+        ],
+        "categories": [{"id": _AGNOSTIC_CAT, "name": "object"}],
+    }
+    with _quiet():
+        coco.createIndex()
+    return coco, name
+
+
+def _to_rle(seg: Any, img: dict, name: str, k: int) -> dict:
+    """A result's segmentation -> compressed RLE (str or bytes counts) of the image's size."""
+    h, w = img["height"], img["width"]
+    if isinstance(seg, list):  # polygons
+        rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
+    elif isinstance(seg, dict) and "counts" in seg and "size" in seg:
+        rle = mask_utils.frPyObjects(seg, *seg["size"]) if isinstance(seg["counts"], list) else seg
+    else:
+        raise EvalError(f"{name}: entry {k} has an unreadable segmentation; write masks as COCO RLE")
+    if list(rle["size"]) != [h, w]:
+        raise EvalError(
+            f"{name}: entry {k} mask is {rle['size'][0]}x{rle['size'][1]} but image {img['id']} is {h}x{w}; "
+            f"propose on the images listed in the ground truth"
+        )
+    return rle
+
+
+def _prepare_det(r: dict, iou_type: str, coco_gt: COCO, name: str, k: int) -> dict:
+    """A copy of one result that ``loadRes`` reads as intended.
+
+    segm: only the mask is kept, so loadRes takes the area from the mask, not
+    the box (as detectron2 does). bbox: the box, from the mask if absent.
+    """
+    d = {key: v for key, v in r.items() if key not in ("bbox", "segmentation")}
+    d["category_id"] = _AGNOSTIC_CAT
+    d["score"] = float(r["score"])
+    img = coco_gt.imgs[r["image_id"]]
+    if iou_type == "segm":
+        if "segmentation" not in r:
+            raise EvalError(f"{name}: entry {k} has no segmentation; evaluate boxes only (bbox IoU)")
+        d["segmentation"] = _to_rle(r["segmentation"], img, name, k)
+    else:
+        box = r.get("bbox")
+        if box is None:
+            box = mask_utils.toBbox(_to_rle(r["segmentation"], img, name, k))
+        d["bbox"] = [float(x) for x in box]
+        if len(d["bbox"]) != 4:
+            raise EvalError(f"{name}: entry {k} bbox must be [x, y, w, h]; write boxes in COCO format")
+    return d
+
+
+def _mean_valid(recall: np.ndarray) -> float:
+    """Mean of the entries > -1 (as COCOeval.summarize), or -1 if none."""
+    valid = recall[recall > -1]
+    return float(valid.mean()) if valid.size else NO_GT
+
+
+def _cocoeval_ar(coco_gt: COCO, dts: list[dict], iou_type: str, img_ids: list[int], dets: list[int]) -> dict[str, float]:
+    with _quiet():
+        coco_dt = coco_gt.loadRes(dts)
+        ev = COCOeval(coco_gt, coco_dt, iou_type)
+        ev.params.useCats = 0
+        ev.params.imgIds = img_ids
+        ev.params.maxDets = dets
+        ev.evaluate()
+        ev.accumulate()
+    recall = ev.eval["recall"]  # (T iou thresholds, K=1, A areas, M maxDets)
+    area = list(ev.params.areaRngLbl).index
+    ar = {f"AR@{m}": _mean_valid(recall[:, :, area("all"), j]) for j, m in enumerate(dets)}
+    ar.update({f"AR_{s}": _mean_valid(recall[:, :, area(s), -1]) for s in _SIZES})
+    return ar
+
+
+def _empty_ar(gt_anns: list[dict], dets: list[int]) -> dict[str, float]:
+    """AR with no proposals: 0 where the bucket has gt, else -1 (what COCOeval would give)."""
+    p = Params("segm")
+    has = {
+        lbl: any(lo <= a["area"] <= hi for a in gt_anns) for lbl, (lo, hi) in zip(p.areaRngLbl, p.areaRng)
+    }
+    ar = {f"AR@{m}": 0.0 if has["all"] else NO_GT for m in dets}
+    ar.update({f"AR_{s}": 0.0 if has[s] else NO_GT for s in _SIZES})
+    return ar

@@ -1,0 +1,363 @@
+"""``deepmask train``: the paper's joint training, resumable, on a CPU or many GPUs.
+
+The loss is the paper's (section 3.2), summed over the batch:
+
+    L = sum_k [ (1 + y_k) / 2 * mean_ij log(1 + exp(-m_kij f_kij)) + lambda * log(1 + exp(-y_k s_k)) ]
+
+a per-pixel logistic loss on the mask of positives only plus ``lambda``
+(``score_weight``, 1/32) times the logistic loss on the score. Summing over the
+batch is what the official code does too (it scales the mask gradient by the
+batch size and averages the score's), so its learning rate of 1e-3 carries over.
+
+Sample ``i`` of the run is a pure function of ``(seed, i)`` and step ``t``
+uses samples ``t*B .. t*B+B-1`` (each of ``W`` processes takes every ``W``-th),
+so a run resumed from a checkpoint (model, optimizer, step, RNG) ends with the
+same weights as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import ModelConfig, SamplerConfig, TrainConfig
+from .data import PatchDataset, load_coco
+from .model import DeepMask, build_model
+from .weights import save_weights
+
+CHECKPOINT = "checkpoint.pt"
+BEST = "best.pt"
+CHECKPOINT_VERSION = 1
+
+
+class TrainError(RuntimeError):
+    pass
+
+
+# ------------------------------------------------------------------- the loss
+def deepmask_loss(
+    mask_logits: torch.Tensor, score_logits: torch.Tensor, mask_targets: torch.Tensor, labels: torch.Tensor, score_weight: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(total, mask_part, score_part)``, each summed over the batch.
+
+    ``mask_logits: (B, m, m)``, ``score_logits: (B,)``, ``mask_targets: (B, m, m)``
+    in {0, 1}, ``labels: (B,)`` in {-1, +1}.
+    """
+    pos = (labels > 0).float()
+    per_pixel = F.binary_cross_entropy_with_logits(mask_logits.float(), mask_targets, reduction="none")
+    mask_part = (per_pixel.flatten(1).mean(1) * pos).sum()
+    score_part = F.binary_cross_entropy_with_logits(score_logits.float(), (labels > 0).float(), reduction="sum")
+    return mask_part + score_weight * score_part, mask_part, score_part
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """The official step schedule, with milestones as fractions of the run."""
+    f = 1.0
+    for m, factor in zip(cfg.lr_milestones, cfg.lr_factors):
+        if step >= m * cfg.steps:
+            f = factor
+    return f
+
+
+# --------------------------------------------------------------- validation
+@torch.no_grad()
+def patch_metrics(model: DeepMask, batches: list[tuple[torch.Tensor, ...]], device: torch.device) -> dict[str, float]:
+    """The official per-patch measures: mask IoU of positives (mean, median,
+    share >= 0.5 and >= 0.7) and score accuracy."""
+    was_training = model.training
+    model.eval()
+    ious, correct, total = [], 0, 0
+    for x, mask, label in batches:
+        x, mask, label = x.to(device), mask.to(device), label.to(device)
+        mlog, slog = model(x)
+        pos = label > 0
+        if pos.any():
+            pred = mlog[pos] > 0
+            tgt = mask[pos] > 0.5
+            inter = (pred & tgt).flatten(1).sum(1).float()
+            union = (pred | tgt).flatten(1).sum(1).float()
+            ious.append(torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union)).cpu())
+        correct += int(((slog > 0) == pos).sum())
+        total += int(label.numel())
+    model.train(was_training)
+    iou = torch.cat(ious) if ious else torch.zeros(0)
+    return {
+        "iou_mean": float(iou.mean()) if iou.numel() else 0.0,
+        "iou_median": float(iou.median()) if iou.numel() else 0.0,
+        "iou@0.5": float((iou >= 0.5).float().mean()) if iou.numel() else 0.0,
+        "iou@0.7": float((iou >= 0.7).float().mean()) if iou.numel() else 0.0,
+        "score_acc": correct / max(total, 1),
+    }
+
+
+# ---------------------------------------------------------------- checkpoints
+def atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise TrainError(f"{path}: no such checkpoint")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many kinds for a bad file
+        raise TrainError(f"{path}: not a readable deepmask checkpoint ({type(e).__name__})") from None
+    if not isinstance(ck, dict) or ck.get("version") != CHECKPOINT_VERSION or "model" not in ck:
+        raise TrainError(f"{path}: not a deepmask checkpoint")
+    return ck
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, *, half: bool = False, inference: dict | None = None) -> Path:
+    """A weights folder (``config.json`` + ``model.safetensors``) from a checkpoint."""
+    ck = load_checkpoint(checkpoint)
+    model = DeepMask(ModelConfig.from_dict(ck["model_config"]))
+    model.load_state_dict(ck["model"])
+    meta = {"step": ck["step"], "from_checkpoint": str(checkpoint), "val": ck.get("val")}
+    return save_weights(model, out, half=half, meta=meta, inference=inference)
+
+
+# ----------------------------------------------------------------- the loop
+@dataclass
+class TrainData:
+    ann: Path
+    images: Path
+
+
+class _StepBatches(torch.utils.data.Sampler):
+    """Index lists for steps ``start..steps-1``: step t gets samples
+    ``t*B + rank, t*B + rank + W, ...``."""
+
+    def __init__(self, start: int, steps: int, batch_size: int, rank: int, world: int) -> None:
+        self.start, self.steps, self.batch, self.rank, self.world = start, steps, batch_size, rank, world
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for t in range(self.start, self.steps):
+            yield list(range(t * self.batch + self.rank, (t + 1) * self.batch, self.world))
+
+    def __len__(self) -> int:
+        return max(0, self.steps - self.start)
+
+
+def _dist_info() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def train(
+    train_data: TrainData,
+    out_dir: str | Path,
+    *,
+    model_config: ModelConfig | None = None,
+    config: TrainConfig | None = None,
+    val_data: TrainData | None = None,
+    device: torch.device | str = "cpu",
+    resume: bool = False,
+    pretrained: bool = True,
+    trunk_weights: str | None = None,
+    skip_bad_images: bool = True,
+    on_event: Callable[[str, dict[str, Any]], None] | None = None,
+) -> Path:
+    """Train DeepMask and return the run folder's exported weights folder.
+
+    ``on_event(kind, info)`` receives ``"data"``, ``"start"``, ``"step"``,
+    ``"val"``, ``"checkpoint"`` and ``"done"`` events (rank 0 only) for
+    display; nothing here prints.
+    """
+    model_config = model_config or ModelConfig()
+    config = config or TrainConfig()
+    out_dir = Path(out_dir)
+    device = torch.device(device)
+    rank, world = _dist_info()
+    if config.batch_size % world:
+        raise TrainError(f"--batch-size {config.batch_size} must be divisible by the {world} processes")
+    emit = (lambda kind, info: on_event(kind, info)) if (on_event and rank == 0) else (lambda kind, info: None)
+
+    ck = None
+    if resume and (out_dir / CHECKPOINT).exists():
+        ck = load_checkpoint(out_dir / CHECKPOINT)
+        model_config = ModelConfig.from_dict(ck["model_config"])
+        saved = ck["train_config"]
+        config = replace(config, **{k: v for k, v in saved.items() if k not in ("steps", "sampler", "checkpoint_every", "val_every", "workers")},
+                         sampler=SamplerConfig(**saved["sampler"]))
+    sampler_cfg = config.sampler
+
+    records, report = load_coco(train_data.ann, train_data.images, sampler=sampler_cfg, skip_bad_images=skip_bad_images)
+    emit("data", {"split": "train", "images": len(records), "report": report,
+                  "objects": sum(i.usable for r in records for i in r.instances)})
+    val_records = None
+    if val_data is not None:
+        val_records, vreport = load_coco(val_data.ann, val_data.images, sampler=sampler_cfg, skip_bad_images=skip_bad_images)
+        emit("data", {"split": "val", "images": len(val_records), "report": vreport,
+                      "objects": sum(i.usable for r in val_records for i in r.instances)})
+
+    torch.manual_seed(config.seed)
+    model = build_model(model_config, pretrained_trunk=pretrained and ck is None, trunk_weights=trunk_weights)
+    model.to(device).train()
+    if config.freeze_trunk:
+        for p in model.trunk.parameters():
+            p.requires_grad_(False)
+    trunk_params = [p for p in model.trunk.parameters() if p.requires_grad]
+    head_params = [p for n, p in model.named_parameters() if not n.startswith("trunk.")]
+    groups = [{"params": head_params, "lr_mult": 1.0}]
+    if trunk_params:
+        groups.append({"params": trunk_params, "lr_mult": config.trunk_lr_mult})
+    opt = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+
+    start_step, best, history = 0, -1.0, []
+    if ck is not None:
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        start_step, best = int(ck["step"]), float(ck.get("best", -1.0))
+        torch.set_rng_state(ck["rng_cpu"])
+        if device.type == "cuda" and ck.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(ck["rng_cuda"], device)
+
+    ddp_model: torch.nn.Module = model
+    if world > 1:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    fill = model.trunk.mean
+    dataset = PatchDataset(records, model_config, sampler_cfg, seed=config.seed, fill=fill)
+    loader_gen = torch.Generator().manual_seed(config.seed)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=_StepBatches(start_step, config.steps, config.batch_size, rank, world),
+        num_workers=config.workers,
+        generator=loader_gen,
+        persistent_workers=False,
+        pin_memory=device.type == "cuda",
+    )
+    val_batches = []
+    if val_records is not None and rank == 0:
+        vset = PatchDataset(val_records, model_config, sampler_cfg, seed=config.seed + 10_007, fill=fill, augment=False)
+        for b in range(config.val_batches):
+            items = [vset[b * config.batch_size + k] for k in range(config.batch_size)]
+            val_batches.append(tuple(torch.stack(z) for z in zip(*items)))
+
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _truncate_metrics(out_dir / "metrics.jsonl", start_step)
+        history = _read_metrics(out_dir / "metrics.jsonl")
+    amp = config.amp and device.type == "cuda"
+    amp_dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=amp and amp_dtype == torch.float16)
+
+    def checkpoint(step: int, val: dict | None, path: Path) -> None:
+        atomic_save(
+            {
+                "version": CHECKPOINT_VERSION,
+                "step": step,
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "model_config": model_config.to_dict(),
+                "train_config": config.to_dict(),
+                "rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                "best": best,
+                "val": val,
+            },
+            path,
+        )
+
+    emit("start", {"start_step": start_step, "steps": config.steps, "world": world, "device": str(device)})
+    t0, seen = time.time(), 0
+    last_val: dict | None = None
+    step = start_step
+    for x, mask, label in loader:
+        for g in opt.param_groups:
+            g["lr"] = config.lr * lr_factor(step, config) * g["lr_mult"]
+        x, mask, label = x.to(device, non_blocking=True), mask.to(device, non_blocking=True), label.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+            mlog, slog = ddp_model(x)
+        loss, lm, ls = deepmask_loss(mlog, slog, mask, label, config.score_weight)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        step += 1
+        seen += x.shape[0] * world
+        if rank != 0:
+            continue
+        npos = max(int((label > 0).sum()), 1)
+        info = {
+            "step": step,
+            "loss": loss.item() / x.shape[0],
+            "mask_loss": lm.item() / npos,
+            "score_loss": ls.item() / x.shape[0],
+            "lr": config.lr * lr_factor(step - 1, config),
+            "samples_per_s": seen / max(time.time() - t0, 1e-9),
+        }
+        info["eta_s"] = (config.steps - step) * x.shape[0] * world / max(info["samples_per_s"], 1e-9)
+        do_val = val_batches and (step % config.val_every == 0 or step == config.steps)
+        if do_val:
+            last_val = patch_metrics(model, val_batches, device)
+            info["val"] = last_val
+            if last_val["iou@0.7"] > best:
+                best = last_val["iou@0.7"]
+                checkpoint(step, last_val, out_dir / BEST)
+                info["best"] = True
+            emit("val", dict(last_val, step=step))
+        _append_metrics(out_dir / "metrics.jsonl", info)
+        history.append(info)
+        if do_val:
+            from .plots import plot_curves
+
+            plot_curves(history, out_dir / "curves.png")
+        emit("step", info)
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            checkpoint(step, last_val, out_dir / CHECKPOINT)
+            emit("checkpoint", {"step": step})
+
+    if rank != 0:
+        return out_dir / "weights"
+    if step == start_step and step < config.steps:
+        raise TrainError("no training step ran")
+    if not (out_dir / CHECKPOINT).exists() or step > start_step:
+        checkpoint(step, last_val, out_dir / CHECKPOINT)
+    src = out_dir / BEST if (out_dir / BEST).exists() else out_dir / CHECKPOINT
+    weights = export_checkpoint(src, out_dir / "weights")
+    emit("done", {"weights": str(weights), "from": src.name, "step": step})
+    return weights
+
+
+def _append_metrics(path: Path, info: dict) -> None:
+    with open(path, "a") as fh:
+        fh.write(json.dumps(info) + "\n")
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            break
+    return out
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop lines past the checkpoint a resumed run restarts from (and a torn tail)."""
+    if not path.exists():
+        return
+    keep = [m for m in _read_metrics(path) if m.get("step", 0) <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(m) + "\n" for m in keep))
+    os.replace(tmp, path)
