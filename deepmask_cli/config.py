@@ -192,6 +192,9 @@ class TrainConfig:
     score_weight: float = 1.0 / 32.0
     trunk_lr_mult: float = 1.0
     freeze_trunk: bool = False
+    # Train the heads on cached frozen-trunk maps of the inference pyramid
+    # (deepmask_cli.featcache): much faster on a CPU; needs freeze_trunk.
+    cache_features: bool = False
     workers: int = 1
     seed: int = 0
     checkpoint_every: int = 1000

@@ -136,13 +136,14 @@ class DeepMask(nn.Module):
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` in ``[0, 1]`` -> stride-16 map ``(B, C, H/16, W/16)``."""
-        return self.trunk(self.normalize(images))
+        return self.trunk(self.normalize(images).contiguous(memory_format=torch.channels_last))
 
     def heads(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.mask_head(feats), self.score_head(feats)
 
-    def forward(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.heads(self.features(patches))
+    def forward(self, patches: torch.Tensor, *, from_features: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``from_features=True`` takes trunk windows ``(B, C, f, f)`` instead of patches."""
+        return self.heads(patches if from_features else self.features(patches))
 
     # Dense (full-scene) forms of the heads ----------------------------------
     def dense_scores(self, fmap: torch.Tensor) -> torch.Tensor:

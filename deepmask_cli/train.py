@@ -206,9 +206,12 @@ def train(
         emit("data", {"split": "val", "images": len(val_records), "report": vreport,
                       "objects": sum(i.usable for r in val_records for i in r.instances)})
 
+    if config.cache_features and not config.freeze_trunk:
+        raise TrainError("--cache-features trains the heads on a frozen trunk's maps: add --freeze-trunk")
     torch.manual_seed(config.seed)
     model = build_model(model_config, pretrained_trunk=pretrained and ck is None, trunk_weights=trunk_weights)
     model.to(device).train()
+    model.trunk.to(memory_format=torch.channels_last)
     if config.freeze_trunk:
         for p in model.trunk.parameters():
             p.requires_grad_(False)
@@ -233,16 +236,27 @@ def train(
         ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     fill = model.trunk.mean
-    dataset = PatchDataset(records, model_config, sampler_cfg, seed=config.seed, fill=fill)
-    loader_gen = torch.Generator().manual_seed(config.seed)
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_sampler=_StepBatches(start_step, config.steps, config.batch_size, rank, world),
-        num_workers=config.workers,
-        generator=loader_gen,
-        persistent_workers=False,
-        pin_memory=device.type == "cuda",
-    )
+    if config.cache_features:
+        from .config import InferenceConfig
+        from .featcache import FeatureCache
+
+        t_cache = time.time()
+        cache = FeatureCache(model, records, InferenceConfig().scales, sampler_cfg, device=device,
+                             on_image=lambda n, total: emit("cache", {"done": n, "total": total}))
+        emit("cache_done", {"seconds": time.time() - t_cache, "levels": len(cache), "positives": len(cache.positives),
+                            "negatives": len(cache.negatives)})
+        loader = (cache.batch(t, config.batch_size, config.seed, rank, world) for t in range(start_step, config.steps))
+    else:
+        dataset = PatchDataset(records, model_config, sampler_cfg, seed=config.seed, fill=fill)
+        loader_gen = torch.Generator().manual_seed(config.seed)
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_sampler=_StepBatches(start_step, config.steps, config.batch_size, rank, world),
+            num_workers=config.workers,
+            generator=loader_gen,
+            persistent_workers=False,
+            pin_memory=device.type == "cuda",
+        )
     val_batches = []
     if val_records is not None and rank == 0:
         vset = PatchDataset(val_records, model_config, sampler_cfg, seed=config.seed + 10_007, fill=fill, augment=False)
@@ -284,7 +298,7 @@ def train(
             g["lr"] = config.lr * lr_factor(step, config) * g["lr_mult"]
         x, mask, label = x.to(device, non_blocking=True), mask.to(device, non_blocking=True), label.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-            mlog, slog = ddp_model(x)
+            mlog, slog = ddp_model(x, from_features=config.cache_features)
         loss, lm, ls = deepmask_loss(mlog, slog, mask, label, config.score_weight)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()

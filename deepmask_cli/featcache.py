@@ -1,0 +1,174 @@
+"""Training the heads on a frozen trunk's cached features (the fast CPU path).
+
+With the trunk frozen, its output for a patch is (up to border effects) a
+window of its output for the whole image. So the trunk runs once per training
+image over the same pyramid that inference uses, and its image and mirror
+image, and the maps are kept in memory (float16). A training sample is then a
+``f x f`` window of a cached map: the step costs only the heads.
+
+The windows are exactly those inference scores: centres on the stride-16 grid
+of each pyramid level. The paper's labelling rule is applied to them as is:
+a window is positive when an object's centre is within ``pos_shift`` patch
+pixels of the window's and its scale within ``pos_scale`` octaves of the
+level's; negative when every object is ``neg_shift`` pixels or ``neg_scale``
+octaves away; neither otherwise (never sampled). With levels half an octave
+apart and a stride of 16 pixels, every object in the pyramid's range has a
+positive window.
+
+The price: no colour jitter and no sub-grid jitter of position or scale
+(flips are kept), and features see the image's context rather than a patch's
+padding. Measured on coco-train, building the cache takes a few minutes and
+then a step is some 20x faster than running the frozen trunk on patches.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from .config import TRUNK_STRIDE, ModelConfig, SamplerConfig
+from .data import ImageRecord, crop_resized
+from .images import load_image
+from .model import DeepMask
+
+
+@dataclass
+class _Level:
+    image: int
+    flip: bool
+    scale: float
+    sx: float  # resized pixels per image pixel
+    sy: float
+    fmap: torch.Tensor  # (C, Hf, Wf) float16
+    ny: int  # valid window rows / cols
+    nx: int
+
+
+class FeatureCache:
+    """Frozen-trunk maps of every training image at every pyramid scale.
+
+    ``levels`` are indexed by an int; ``positives`` is an ``(N, 4)`` int array
+    of ``(level, i, j, instance)`` and ``negatives``/``hard_negatives`` are
+    ``(M, 3)`` arrays of ``(level, i, j)``.
+    """
+
+    def __init__(self, model: DeepMask, records: list[ImageRecord], scales: tuple[float, ...], sampler: SamplerConfig,
+                 *, flips: bool = True, device: torch.device | str = "cpu", on_image=None) -> None:
+        self.model_config: ModelConfig = model.config
+        self.records = records
+        self.sampler = sampler
+        self.levels: list[_Level] = []
+        pos, neg, hard = [], [], []
+        p = model.config.patch_size
+        f = model.config.feat_size
+        model = model.eval()
+        device = torch.device(device)
+        for n, rec in enumerate(records):
+            img = load_image(rec.path, exif=False)
+            if (img.width, img.height) != (rec.width, rec.height):
+                img = img.resize((rec.width, rec.height), Image.BILINEAR)
+            base = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1).to(device)
+            for flip in (False, True) if flips else (False,):
+                t = base.flip(2) if flip else base
+                for scale in scales:
+                    h, w = max(1, round(rec.height * scale)), max(1, round(rec.width * scale))
+                    hc = math.ceil((h + p) / TRUNK_STRIDE) * TRUNK_STRIDE
+                    wc = math.ceil((w + p) / TRUNK_STRIDE) * TRUNK_STRIDE
+                    canvas = t.new_zeros(1, 3, hc, wc)
+                    down = h < rec.height
+                    resized = F.interpolate(t[None], size=(h, w), mode="bilinear", align_corners=False, antialias=down)
+                    canvas[:, :, p // 2 : p // 2 + h, p // 2 : p // 2 + w] = model.normalize(resized)
+                    with torch.no_grad():
+                        fmap = model.trunk(canvas.contiguous(memory_format=torch.channels_last))[0]
+                    ny, nx = fmap.shape[1] - f + 1, fmap.shape[2] - f + 1
+                    lv = _Level(n, flip, scale, w / rec.width, h / rec.height, fmap.half().cpu().contiguous(), ny, nx)
+                    li = len(self.levels)
+                    self.levels.append(lv)
+                    a, b, c = self._label(li, lv, rec)
+                    pos.append(a)
+                    neg.append(b)
+                    hard.append(c)
+            if on_image:
+                on_image(n + 1, len(records))
+        self.positives = np.concatenate(pos) if pos else np.zeros((0, 4), np.int64)
+        self.negatives = np.concatenate(neg) if neg else np.zeros((0, 3), np.int64)
+        self.hard_negatives = np.concatenate(hard) if hard else np.zeros((0, 3), np.int64)
+        if len(self.positives) == 0:
+            raise ValueError("no positive window in the cached pyramid: objects are outside the scales' range")
+
+    def _label(self, li: int, lv: _Level, rec: ImageRecord):
+        cfg = self.sampler
+        ii, jj = np.meshgrid(np.arange(lv.ny), np.arange(lv.nx), indexing="ij")
+        # window centres in image pixels (mirrored image when flipped)
+        cy = ii * TRUNK_STRIDE / lv.sy
+        cx = jj * TRUNK_STRIDE / lv.sx
+        s = math.sqrt(lv.sx * lv.sy)
+        near_any = np.zeros(ii.shape, bool)
+        hard_any = np.zeros(ii.shape, bool)
+        pos = []
+        for k, inst in enumerate(rec.instances):
+            x, y, w, h = inst.bbox
+            ox = rec.width - (x + w / 2) if lv.flip else x + w / 2
+            oy = y + h / 2
+            dlog = abs(math.log2(s) - math.log2(self.model_config.object_size / max(w, h)))
+            dist = np.hypot(cx - ox, cy - oy) * s
+            if dlog < cfg.neg_scale:
+                near_any |= dist < cfg.neg_shift
+            if dlog < cfg.neg_scale + 1:
+                hard_any |= dist < 3 * cfg.neg_shift
+            if inst.usable and dlog <= cfg.pos_scale:
+                sel = np.nonzero(dist <= cfg.pos_shift)
+                if sel[0].size:
+                    pos.append(np.stack([np.full(sel[0].size, li), sel[0], sel[1], np.full(sel[0].size, k)], 1))
+        negmask = ~near_any
+        neg = np.stack([np.full(negmask.sum(), li), ii[negmask], jj[negmask]], 1)
+        hm = negmask & hard_any
+        hard = np.stack([np.full(hm.sum(), li), ii[hm], jj[hm]], 1)
+        pos_arr = np.concatenate(pos) if pos else np.zeros((0, 4), np.int64)
+        return pos_arr.astype(np.int64), neg.astype(np.int64), hard.astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.levels)
+
+    def batch(self, step: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        """Step ``step``'s batch (this process's share): ``(feats (B, C, f, f) float32,
+        masks (B, m, m), labels (B,))``; a pure function of ``(seed, step)``."""
+        cfg = self.sampler
+        rng = np.random.default_rng([seed, step, 7])
+        n_pos = int(round(batch_size * cfg.pos_fraction))
+        picks = []
+        for k in range(batch_size):
+            if k < n_pos:
+                row = self.positives[rng.integers(len(self.positives))]
+                picks.append((int(row[0]), int(row[1]), int(row[2]), int(row[3])))
+            else:
+                pool = self.hard_negatives if (len(self.hard_negatives) and rng.random() < cfg.hard_neg_fraction) else self.negatives
+                row = pool[rng.integers(len(pool))]
+                picks.append((int(row[0]), int(row[1]), int(row[2]), -1))
+        picks = picks[rank::world]
+        f = self.model_config.feat_size
+        m, p = self.model_config.mask_size, self.model_config.patch_size
+        feats, masks, labels = [], [], []
+        for li, i, j, k in picks:
+            lv = self.levels[li]
+            feats.append(lv.fmap[:, i : i + f, j : j + f])
+            if k >= 0:
+                rec = self.records[lv.image]
+                full = mask_utils.decode(rec.instances[k].rle)
+                if lv.flip:
+                    full = full[:, ::-1]
+                cx, cy = j * TRUNK_STRIDE / lv.sx, i * TRUNK_STRIDE / lv.sy
+                tgt = crop_resized(Image.fromarray(np.ascontiguousarray(full) * 255), cx, cy,
+                                   math.sqrt(lv.sx * lv.sy) * m / p, m, 0)
+                masks.append(torch.from_numpy((np.asarray(tgt) >= 128).astype(np.float32)))
+                labels.append(1.0)
+            else:
+                masks.append(torch.zeros(m, m))
+                labels.append(-1.0)
+        return torch.stack(feats).float(), torch.stack(masks), torch.tensor(labels)

@@ -1,0 +1,80 @@
+"""The network: trunk shapes, and the dense pass equal to the patch-by-patch heads."""
+
+import pytest
+import torch
+
+from deepmask_cli.config import ModelConfig
+from deepmask_cli.model import DeepMask
+from deepmask_cli.trunks import build_trunk
+
+
+@pytest.mark.parametrize("name,channels", [("vgg-a", 512), ("resnet50", 1024), ("efficientnet-lite0", 112)])
+@pytest.mark.parametrize("size", [(64, 64), (96, 160)])
+def test_trunk_stride_16(name, channels, size):
+    trunk = build_trunk(name).eval()
+    with torch.no_grad():
+        y = trunk(torch.randn(1, 3, *size))
+    assert y.shape == (1, channels, size[0] // 16, size[1] // 16)
+    assert trunk.out_channels == channels
+
+
+def test_forward_shapes(tiny_config):
+    model = DeepMask(tiny_config).eval()
+    masks, scores = model(torch.rand(3, 3, 64, 64))
+    assert masks.shape == (3, 16, 16) and scores.shape == (3,)
+
+
+def test_config_rejects_bad_patch_size():
+    with pytest.raises(ValueError, match="multiple of 32"):
+        ModelConfig(patch_size=48)
+
+
+@pytest.mark.parametrize("h,w", [(9, 10), (10, 11), (6, 6), (7, 6), (13, 9)])
+def test_dense_equals_patch_by_patch(h, w):
+    """Every window of a random map: dense heads == heads on the cropped window."""
+    torch.manual_seed(h * 100 + w)
+    cfg = ModelConfig(trunk="efficientnet-lite0", patch_size=96, object_size=60, mask_size=8, mask_channels=6,
+                      mask_hidden=10, score_hidden=(7, 9), dropout=0.5)
+    model = DeepMask(cfg).eval()
+    f = cfg.feat_size
+    fmap = torch.randn(2, 112, h, w)
+    with torch.no_grad():
+        dense_s = model.dense_scores(fmap)
+        dense_m = model.dense_masks(fmap)
+        assert dense_s.shape == (2, h - f + 1, w - f + 1)
+        assert dense_m.shape == (2, h - f + 1, w - f + 1, 8, 8)
+        for i in range(h - f + 1):
+            for j in range(w - f + 1):
+                m, s = model.heads(fmap[:, :, i : i + f, j : j + f])
+                torch.testing.assert_close(dense_s[:, i, j], s, rtol=1e-4, atol=1e-5)
+                torch.testing.assert_close(dense_m[:, i, j], m, rtol=1e-4, atol=1e-5)
+        # the gathered windows of the inference path agree too
+        b = torch.tensor([0, 1, 1]); ys = torch.tensor([0, h - f, min(1, h - f)]); xs = torch.tensor([w - f, 0, min(1, w - f)])
+        torch.testing.assert_close(model.window_masks(fmap, b, ys, xs), dense_m[b, ys, xs], rtol=1e-4, atol=1e-5)
+
+
+def test_interleaving_on_hand_built_map():
+    """A score head that reads one pooled cell: a hot feature cell is seen
+    exactly by the windows whose pooling cell holds it."""
+    cfg = ModelConfig(trunk="efficientnet-lite0", patch_size=64, object_size=40, mask_size=4, mask_channels=2,
+                      mask_hidden=2, score_hidden=(1, 1), dropout=0.0)
+    model = DeepMask(cfg).eval()
+    sh = model.score_head
+    with torch.no_grad():
+        for lin in (sh.fc1, sh.fc2, sh.fc3):
+            lin.weight.zero_(); lin.bias.zero_()
+        # fc1 reads pooled cell (0, 0) of channel 0 (the window's top-left 2x2 cells)
+        sh.fc1.weight.view(1, 112, 2, 2)[0, 0, 0, 0] = 1.0
+        sh.fc2.weight.fill_(1.0)
+        sh.fc3.weight.fill_(1.0)
+    h, w = 9, 8
+    for hy, hx in [(0, 0), (3, 4), (4, 5), (8, 7)]:
+        fmap = torch.zeros(1, 112, h, w)
+        fmap[0, 0, hy, hx] = 1.0
+        with torch.no_grad():
+            s = model.dense_scores(fmap)[0]
+        expected = torch.zeros_like(s)
+        for i in range(s.shape[0]):
+            for j in range(s.shape[1]):
+                expected[i, j] = float(i <= hy <= i + 1 and j <= hx <= j + 1)
+        torch.testing.assert_close(s, expected)

@@ -1,0 +1,166 @@
+"""Pasting geometry, boxes, NMS and RLE."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pycocotools import mask as mask_utils
+from torchvision.ops import box_iou, nms
+
+from deepmask_cli import rle
+from deepmask_cli.config import InferenceConfig
+from deepmask_cli.inference import Proposer
+from deepmask_cli.model import DeepMask
+from deepmask_cli.postprocess import cluster_nms, logit, masks_to_boxes, paste_masks
+
+
+def _reference_paste(logits, x0, y0, size, h, w, t):
+    """Resize to the window with F.interpolate and place it, clipped."""
+    big = F.interpolate(logits[None, None], size=(size, size), mode="bilinear", align_corners=False)[0, 0]
+    out = torch.full((h, w), -1e9)
+    ys, xs = slice(max(0, y0), min(h, y0 + size)), slice(max(0, x0), min(w, x0 + size))
+    out[ys, xs] = big[ys.start - y0 : ys.stop - y0, xs.start - x0 : xs.stop - x0]
+    return out, out > t
+
+
+@pytest.mark.parametrize("x0,y0,size", [(5, 7, 32), (-10, 3, 40), (20, 30, 24), (-4, -6, 80)])
+def test_paste_matches_interpolate_and_place(x0, y0, size):
+    torch.manual_seed(size)
+    logits = torch.randn(16, 16) * 3
+    h, w = 50, 60
+    ref_vals, ref = _reference_paste(logits, x0, y0, size, h, w, 0.3)
+    got = paste_masks(logits[None], torch.tensor([[x0, y0, x0 + size, y0 + size]], dtype=torch.float32), h, w, 0.3)[0]
+    decisive = (ref_vals - 0.3).abs() > 1e-4
+    assert torch.equal(got[decisive], ref[decisive])
+
+
+@settings(max_examples=40, deadline=None)
+@given(x0=st.floats(-50, 80), y0=st.floats(-50, 60), size=st.floats(8, 150), m=st.sampled_from([4, 8, 16]),
+       lo=st.integers(0, 3), hi=st.integers(1, 4))
+def test_known_square_lands_exactly(x0, y0, size, m, lo, hi):
+    """Columns [a, b) on (+10), the rest off (-10), at threshold 0.5: the mask
+    is the window's rows by the pixels whose centres fall strictly inside the
+    columns' span (a stripe, so bilinear interpolation is exact)."""
+    a, b = lo * m // 4, (lo + hi) * m // 4
+    if b <= a or b > m:
+        return
+    logits = torch.full((m, m), -10.0)
+    logits[:, a:b] = 10.0
+    h, w = 70, 90
+    got = paste_masks(logits[None], torch.tensor([[x0, y0, x0 + size, y0 + size]]), h, w, 0.0)[0]
+    cell = size / m
+    xs = np.arange(w) + 0.5
+    ys = np.arange(h) + 0.5
+    inx = (xs > x0 + a * cell + 1e-3) & (xs < x0 + b * cell - 1e-3)
+    iny = (ys >= y0) & (ys < y0 + size)
+    near_x = np.minimum(np.abs(xs - (x0 + a * cell)), np.abs(xs - (x0 + b * cell))) < 2e-3
+    near_y = np.minimum(np.abs(ys - y0), np.abs(ys - (y0 + size))) < 2e-3
+    want = iny[:, None] & inx[None, :]
+    sure = ~(near_y[:, None] | near_x[None, :])
+    assert np.array_equal(got.numpy()[sure], want[sure])
+
+
+class _OneWindowModel(DeepMask):
+    """Scores one chosen window high; every mask is the stripe of columns [4, 12)."""
+
+    def __init__(self, config, i0, j0):
+        super().__init__(config)
+        self.i0, self.j0 = i0, j0
+
+    def dense_scores(self, fmap):
+        s = torch.full(fmap.shape[:1] + (fmap.shape[2] - self.config.feat_size + 1, fmap.shape[3] - self.config.feat_size + 1), -5.0)
+        s[:, self.i0, self.j0] = 5.0
+        return s
+
+    def window_masks(self, fmap, batch, ys, xs):
+        m = torch.full((batch.numel(), 16, 16), -10.0)
+        m[:, :, 4:12] = 10.0
+        return m
+
+
+@pytest.mark.parametrize("scale_log2", [-2.0, -1.0, -0.5, 0.0, 0.5, 1.0])
+def test_proposal_geometry_at_every_scale(tiny_config, scale_log2):
+    """The window at cell (i, j) of scale s is centred at (16j, 16i)/s in the
+    image and P/s wide; the pasted stripe spans its rows and the middle half
+    of its columns, clipped to the image."""
+    h, w = 120, 200
+    i0, j0 = 2, 3
+    model = _OneWindowModel(tiny_config, i0, j0)
+    cfg = InferenceConfig(scale_min=scale_log2, scale_max=scale_log2, scale_step=1, max_proposals=1, mask_thresh=0.5)
+    props = Proposer(model, cfg, "cpu")(np.zeros((h, w, 3), np.uint8))
+    assert len(props) == 1
+    p = tiny_config.patch_size
+    hs, ws = round(h * 2**scale_log2), round(w * 2**scale_log2)
+    sy, sx = hs / h, ws / w
+    win = [(16 * j0 - p / 2) / sx, (16 * i0 - p / 2) / sy, (16 * j0 + p / 2) / sx, (16 * i0 + p / 2) / sy]
+    torch.testing.assert_close(props.windows_xyxy[0], torch.tensor(win))
+    qx0, qx1 = win[0] + (win[2] - win[0]) / 4, win[0] + 3 * (win[2] - win[0]) / 4
+    qy0, qy1 = win[1], win[3]
+    xs, ys = np.arange(w) + 0.5, np.arange(h) + 0.5
+    want = ((ys >= qy0) & (ys < qy1))[:, None] & ((xs > qx0) & (xs < qx1))[None, :]
+    assert np.array_equal(props.masks[0].numpy(), want)
+    bx = props.boxes_xyxy[0].tolist()
+    assert bx == [math.floor(max(qx0, 0) + 0.5), math.floor(max(qy0, 0) + 0.5),
+                  math.ceil(min(qx1, w) - 0.5), math.ceil(min(qy1, h) - 0.5)]
+
+
+def test_masks_to_boxes_matches_torchvision():
+    from torchvision.ops import masks_to_boxes as tv
+
+    g = torch.Generator().manual_seed(0)
+    masks = torch.rand(20, 30, 40, generator=g) > 0.97
+    masks[3] = False
+    got = masks_to_boxes(masks)
+    nonempty = masks.flatten(1).any(1)
+    want = tv(masks[nonempty]).float() + torch.tensor([0, 0, 1, 1.0])
+    torch.testing.assert_close(got[nonempty], want)
+    assert got[3].tolist() == [0, 0, 0, 0]
+
+
+def _greedy(iou, thresh):
+    keep = []
+    for i in range(iou.shape[0]):
+        if all(iou[j, i] <= thresh for j in keep):
+            keep.append(i)
+    return keep
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_cluster_nms_equals_greedy(seed):
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(60, 2, generator=g) * 100
+    wh = torch.rand(60, 2, generator=g) * 40 + 5
+    boxes = torch.cat([xy, xy + wh], 1)
+    scores = torch.rand(60, generator=g)
+    order = scores.argsort(descending=True)
+    iou = box_iou(boxes[order], boxes[order])
+    for t in (0.3, 0.5, 0.7):
+        kept = cluster_nms(iou, t).nonzero().squeeze(1).tolist()
+        assert kept == _greedy(iou, t)
+        assert sorted(order[kept].tolist()) == sorted(nms(boxes, scores, t).tolist())
+
+
+@settings(max_examples=30, deadline=None)
+@given(k=st.integers(0, 5), h=st.integers(1, 40), w=st.integers(1, 40), p=st.floats(0.0, 1.0), seed=st.integers(0, 10**6))
+def test_rle_round_trip_against_pycocotools(k, h, w, p, seed):
+    rng = np.random.default_rng(seed)
+    masks = rng.random((k, h, w)) < p
+    # as a tensor laid out the way paste_masks returns it, and as a plain array
+    t = torch.from_numpy(masks.transpose(0, 2, 1).copy()).transpose(1, 2)
+    for enc in (rle.encode(t), rle.encode(masks)):
+        assert len(enc) == k
+        for r, m in zip(enc, masks):
+            want = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+            assert r["counts"] == want["counts"].decode() and list(r["size"]) == [h, w]
+        if k:
+            assert np.array_equal(rle.decode(enc), masks)
+            assert np.array_equal(rle.area(enc), masks.reshape(k, -1).sum(1))
+
+
+def test_logit_inverts_sigmoid():
+    for p in (0.1, 0.35, 0.5, 0.9):
+        assert abs(torch.sigmoid(torch.tensor(logit(p))).item() - p) < 1e-6

