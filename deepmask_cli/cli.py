@@ -223,13 +223,14 @@ def eval_cmd(results, gt, as_json) -> None:
 @click.option("--val-batches", type=int, default=None, help=f"Validation batches (fixed patches). [default: {_T.val_batches}]")
 @click.option("--patch-size", type=int, default=None, help=f"Network input window in pixels. [default: {_M.patch_size}]")
 @click.option("--object-size", type=int, default=None, help=f"Canonical longer side of a centred object, pixels. [default: {_M.object_size}]")
+@click.option("--model-config", "model_config_file", type=click.Path(), default=None, help="JSON file of ModelConfig fields (mask size, widths, ...); --trunk/--patch-size/--object-size override it.")
 @click.option("--no-pretrained", is_flag=True, help="Start the trunk from random weights instead of ImageNet.")
 @click.option("--trunk-weights", type=click.Path(), default=None, help="ImageNet state dict file for the trunk (instead of the default source).")
 @click.option("--strict-data", is_flag=True, help="Stop on missing or unreadable images instead of skipping them.")
 @click.option("-q", "--quiet", is_flag=True)
 def train(data_dir, out_dir, val_dir, ann, images_dir, val_ann, val_images, trunk, steps, batch_size, lr, trunk_lr_mult,
           freeze_trunk, cache_features, score_weight, workers, device, seed, resume, checkpoint_every, val_every, val_batches, patch_size,
-          object_size, no_pretrained, trunk_weights, strict_data, quiet) -> None:
+          object_size, model_config_file, no_pretrained, trunk_weights, strict_data, quiet) -> None:
     """Train DeepMask on a COCO-format dataset (DATA_DIR or --ann/--images).
 
     \b
@@ -253,7 +254,18 @@ def train(data_dir, out_dir, val_dir, ann, images_dir, val_ann, val_images, trun
             va = TrainData(*resolve_coco(val_dir, ann=val_ann, images=val_images, split="val"))
     except DataError as e:
         _fail(str(e))
-    mc = dataclasses.replace(_M, **{k: v for k, v in dict(trunk=trunk, patch_size=patch_size, object_size=object_size).items() if v is not None})
+    base = _M
+    if model_config_file:
+        import json
+
+        try:
+            base = ModelConfig.from_dict(json.loads(Path(model_config_file).read_text()))
+        except (OSError, ValueError, TypeError) as e:
+            _fail(f"{model_config_file}: not a usable model config ({e})")
+    try:
+        mc = dataclasses.replace(base, **{k: v for k, v in dict(trunk=trunk, patch_size=patch_size, object_size=object_size).items() if v is not None})
+    except ValueError as e:
+        _fail(str(e))
     given = dict(steps=steps, batch_size=batch_size, lr=lr, trunk_lr_mult=trunk_lr_mult, freeze_trunk=freeze_trunk,
                  cache_features=cache_features,
                  score_weight=score_weight, workers=workers, seed=seed, checkpoint_every=checkpoint_every,

@@ -1,0 +1,144 @@
+"""The command line end to end, through click's CliRunner, on synthetic photos."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+
+from deepmask_cli.cli import main
+
+
+@pytest.fixture
+def runner():
+    return CliRunner()
+
+
+def test_propose_coco_json_loads_with_loadres(runner, tiny_weights, synth_coco, tmp_path):
+    out = tmp_path / "props.json"
+    r = runner.invoke(main, ["propose", str(synth_coco / "images"), "-o", str(out), "--weights", str(tiny_weights),
+                             "--device", "cpu", "--gt", str(synth_coco / "instances.json"), "-q"])
+    assert r.exit_code == 0, r.output
+    recs = json.loads(out.read_text())
+    gt = json.loads((synth_coco / "instances.json").read_text())
+    ids = {im["file_name"]: im["id"] for im in gt["images"]}
+    assert {rec["image_id"] for rec in recs} == set(ids.values())
+    for rec in recs[:20]:
+        assert ids[rec["file_name"].rsplit("/", 1)[-1]] == rec["image_id"]
+        assert rec["category_id"] == 1 and rec["segmentation"]["size"] == [128, 160]
+        rle = {"size": rec["segmentation"]["size"], "counts": rec["segmentation"]["counts"].encode()}
+        assert rec["area"] == pytest.approx(float(mask_utils.area(rle)))
+        assert rec["bbox"] == pytest.approx(mask_utils.toBbox(rle).tolist(), abs=0.01)
+    # ranked per image, at most max_proposals (the weights' own default: 50)
+    for iid in ids.values():
+        scores = [rec["score"] for rec in recs if rec["image_id"] == iid]
+        assert scores == sorted(scores, reverse=True) and 0 < len(scores) <= 50
+    coco = COCO(str(synth_coco / "instances.json"))
+    res = coco.loadRes(str(out))
+    assert len(res.getAnnIds()) == len(recs)
+    assert not (tmp_path / "props.json.partial.jsonl").exists()
+
+
+def test_ids_in_order_without_gt_and_options_override(runner, tiny_weights, synth_coco, tmp_path):
+    out = tmp_path / "p.json"
+    files = sorted(str(p) for p in (synth_coco / "images").glob("*.jpg"))[:2]
+    r = runner.invoke(main, ["propose", *files, "-o", str(out), "--weights", str(tiny_weights), "--device", "cpu",
+                             "--max-proposals", "7", "--scales", "-1,-1,1", "--nms-thresh", "0.5", "-q"])
+    assert r.exit_code == 0, r.output
+    recs = json.loads(out.read_text())
+    assert [rec["image_id"] for rec in recs] == sorted(rec["image_id"] for rec in recs)
+    assert {rec["image_id"] for rec in recs} == {1, 2}
+    assert all(sum(rec["image_id"] == i for rec in recs) <= 7 for i in (1, 2))
+
+
+def test_png_format_and_viz_write_images_of_the_right_size(runner, tiny_weights, synth_coco, tmp_path):
+    pngs = tmp_path / "pngs"
+    r = runner.invoke(main, ["propose", str(synth_coco / "images" / "*.jpg"), "--format", "png", "-o", str(pngs),
+                             "--weights", str(tiny_weights), "--device", "cpu", "--show", "5", "-q"])
+    assert r.exit_code == 0, r.output
+    files = sorted(pngs.glob("*.png"))
+    assert len(files) == 4
+    assert all(Image.open(f).size == (160, 128) for f in files)
+    props = tmp_path / "props.json"
+    assert runner.invoke(main, ["propose", str(synth_coco / "images"), "-o", str(props), "--weights", str(tiny_weights),
+                                "--device", "cpu", "-q"]).exit_code == 0
+    viz = tmp_path / "viz"
+    r = runner.invoke(main, ["viz", str(props), "-o", str(viz), "--show", "5"])
+    assert r.exit_code == 0, r.output
+    assert sorted(f.name for f in viz.glob("*.png")) == [f.name for f in files]
+    assert all(Image.open(f).size == (160, 128) for f in viz.glob("*.png"))
+
+
+def test_eval_ground_truth_as_proposals_is_perfect(runner, synth_coco, tmp_path):
+    gt = json.loads((synth_coco / "instances.json").read_text())
+    recs = [{"image_id": a["image_id"], "category_id": 1, "segmentation": a["segmentation"], "score": 1.0}
+            for a in gt["annotations"] if not a["iscrowd"]]
+    (tmp_path / "gt.json").write_text(json.dumps(recs))
+    r = runner.invoke(main, ["eval", str(tmp_path / "gt.json"), "--gt", str(synth_coco / "instances.json"), "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output)
+    assert res["segm"]["AR@100"] == pytest.approx(1.0)
+    assert res["bbox"]["AR@10"] == pytest.approx(1.0)
+    r = runner.invoke(main, ["eval", str(tmp_path / "gt.json"), "--gt", str(synth_coco / "instances.json")])
+    assert r.exit_code == 0 and "AR@100" in r.output and "mask" in r.output
+
+
+def test_bad_image_is_reported_and_the_others_kept(runner, tiny_weights, synth_coco, tmp_path):
+    bad = synth_coco / "images" / "broken.jpg"
+    bad.write_text("not a jpeg")
+    out = tmp_path / "p.json"
+    r = runner.invoke(main, ["propose", str(synth_coco / "images"), str(tmp_path / "missing.jpg"), "-o", str(out),
+                             "--weights", str(tiny_weights), "--device", "cpu"])
+    assert r.exit_code == 1
+    assert "broken.jpg: not an image" in r.output and "missing.jpg: no such file" in r.output
+    assert "Traceback" not in r.output
+    assert len({rec["image_id"] for rec in json.loads(out.read_text())}) == 4
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("nofolder", "no such weights folder"),
+    ("noconfig", "config.json: missing"),
+    ("badjson", "not valid JSON"),
+    ("newer", "newer than this deepmask understands"),
+    ("pickle", "pickle files are never loaded"),
+    ("shape", "has shape"),
+    ("missing_tensor", "missing tensor"),
+])
+def test_bad_weights_are_one_line_errors(runner, tiny_weights, synth_coco, tmp_path, damage, message):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    w = tiny_weights
+    cfg = json.loads((w / "config.json").read_text())
+    if damage == "nofolder":
+        w = tmp_path / "nope"
+    elif damage == "noconfig":
+        (w / "config.json").unlink()
+    elif damage == "badjson":
+        (w / "config.json").write_text("{oops")
+    elif damage == "newer":
+        cfg["format_version"] = 99
+        (w / "config.json").write_text(json.dumps(cfg))
+    elif damage == "pickle":
+        (w / "model.safetensors").rename(w / "model.pth")
+    elif damage in ("shape", "missing_tensor"):
+        sd = load_file(str(w / "model.safetensors"))
+        if damage == "shape":
+            sd["score_head.fc3.bias"] = torch.zeros(3)
+        else:
+            del sd["score_head.fc3.bias"]
+        save_file(sd, str(w / "model.safetensors"))
+    r = runner.invoke(main, ["propose", str(synth_coco / "images"), "-o", str(tmp_path / "p.json"), "--weights", str(w)])
+    assert r.exit_code == 2
+    assert message in r.output and "Traceback" not in r.output
+    assert len(r.output.strip().splitlines()) <= 2  # one message (rich may wrap it)
+
+
+def test_eval_rejects_ids_not_in_gt(runner, synth_coco, tmp_path):
+    (tmp_path / "r.json").write_text(json.dumps([{"image_id": 999, "category_id": 1, "score": 0.5,
+                                                  "bbox": [0, 0, 5, 5], "segmentation": {"size": [128, 160], "counts": "0"}}]))
+    r = runner.invoke(main, ["eval", str(tmp_path / "r.json"), "--gt", str(synth_coco / "instances.json")])
+    assert r.exit_code == 2 and "999" in r.output

@@ -1,0 +1,191 @@
+"""Training: the sampler's geometry, targets, the loss going down, resume, DDP, export."""
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from deepmask_cli.config import SamplerConfig, TrainConfig
+from deepmask_cli.data import DataError, PatchDataset, load_coco, resolve_coco
+from deepmask_cli.model import DeepMask
+from deepmask_cli.train import TrainData, deepmask_loss, train
+
+from conftest import TINY
+
+
+def _records(root):
+    return load_coco(root / "instances.json", root / "images")[0]
+
+
+def test_resolve_both_layouts(tmp_path, synth_coco):
+    assert resolve_coco(synth_coco) == (synth_coco / "instances.json", synth_coco / "images")
+    (tmp_path / "c" / "annotations").mkdir(parents=True)
+    (tmp_path / "c" / "annotations" / "instances_val2017.json").write_text("{}")
+    assert resolve_coco(tmp_path / "c", split="val") == (tmp_path / "c/annotations/instances_val2017.json", tmp_path / "c/val2017")
+    with pytest.raises(DataError, match="found neither"):
+        resolve_coco(tmp_path)
+
+
+def test_sampler_positives_and_negatives_geometry(synth_coco):
+    recs = _records(synth_coco)
+    cfg = SamplerConfig()
+    ds = PatchDataset(recs, TINY, cfg, seed=3)
+    n_pos = 0
+    for i in range(600):
+        s = ds.spec(i)
+        rec = recs[s.image]
+        log2s = math.log2(s.scale)
+        if s.label > 0:
+            n_pos += 1
+            inst = rec.instances[s.instance]
+            assert inst.usable
+            x, y, w, h = inst.bbox
+            assert math.hypot(x + w / 2 - s.cx, y + h / 2 - s.cy) * s.scale <= cfg.pos_shift + 1e-6
+            assert abs(log2s - math.log2(TINY.object_size / max(w, h))) <= cfg.pos_scale + 1e-9
+        else:
+            for inst in rec.instances:  # crowd regions included
+                x, y, w, h = inst.bbox
+                far = math.hypot(x + w / 2 - s.cx, y + h / 2 - s.cy) * s.scale >= cfg.neg_shift
+                off = abs(log2s - math.log2(TINY.object_size / max(w, h))) >= cfg.neg_scale
+                assert far or off
+    assert 0.4 < n_pos / 600 < 0.6
+
+
+def test_targets_align_with_patches_flip_included(synth_coco):
+    """The mask target of a positive covers the bright shape in its patch."""
+    recs = _records(synth_coco)
+    ds = PatchDataset(recs, TINY, SamplerConfig(color_jitter=0.0), seed=1, fill=(0.5, 0.5, 0.5))
+    flips = set()
+    checked = 0
+    for i in range(200):
+        s = ds.spec(i)
+        if s.label < 0:
+            continue
+        x, mask, label = ds.render(s)
+        assert label == 1 and mask.shape == (16, 16) and x.shape == (3, 64, 64)
+        small = torch.nn.functional.avg_pool2d(x[None], 4)[0].mean(0)  # 16x16 brightness
+        bright = small > 0.42  # the shapes are bright (>120/255) on dark noise
+        inter = (bright & (mask > 0)).sum().item()
+        assert inter / max(mask.sum().item(), 1) > 0.7
+        flips.add(s.flip)
+        checked += 1
+    assert checked > 50 and flips == {True, False}
+
+
+def test_loss_is_the_papers():
+    m = torch.zeros(2, 4, 4)
+    s = torch.zeros(2)
+    t = torch.ones(2, 4, 4)
+    y = torch.tensor([1.0, -1.0])
+    total, mask_part, score_part = deepmask_loss(m, s, t, y, 1 / 32)
+    assert mask_part.item() == pytest.approx(math.log(2))  # the positive only, mean over pixels
+    assert score_part.item() == pytest.approx(2 * math.log(2))
+    assert total.item() == pytest.approx(math.log(2) + 2 * math.log(2) / 32)
+
+
+def _tiny_train_config(**kw):
+    base = TrainConfig(steps=30, batch_size=8, lr=0.01, workers=0, checkpoint_every=10, val_every=10, val_batches=2, seed=5)
+    return dataclasses.replace(base, **kw)
+
+
+def test_a_few_steps_lower_the_loss(synth_coco, tmp_path):
+    recs = _records(synth_coco)
+    ds = PatchDataset(recs, TINY, SamplerConfig(), seed=99, fill=(0.5, 0.5, 0.5), augment=False)
+    batch = [torch.stack(z) for z in zip(*[ds[i] for i in range(32)])]
+
+    def loss_of(model):
+        model.eval()
+        with torch.no_grad():
+            return deepmask_loss(*model(batch[0]), batch[1], batch[2], 1 / 32)[0].item()
+
+    torch.manual_seed(5)
+    before = loss_of(DeepMask(TINY))
+    weights = train(TrainData(synth_coco / "instances.json", synth_coco / "images"), tmp_path / "run",
+                    model_config=TINY, config=_tiny_train_config(steps=60, lr=0.3), pretrained=False)
+    from deepmask_cli.weights import load_weights
+
+    after = loss_of(load_weights(weights)[0])
+    assert after < 0.8 * before
+
+
+def _cli_train(root, run, steps, extra=()):
+    cfg = run.parent / "tiny.json"
+    cfg.write_text(json.dumps(TINY.to_dict()))
+    return [sys.executable, "-m", "deepmask_cli", "train", str(root), "-o", str(run), "--model-config", str(cfg),
+            "--no-pretrained", "--steps", str(steps), "--batch-size", "8", "--lr", "0.01", "--workers", "0",
+            "--checkpoint-every", "5", "--val-every", "1000", "--seed", "7", "--device", "cpu", "-q", *extra]
+
+
+def test_kill_and_resume_equals_uninterrupted(synth_coco, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    full = tmp_path / "full"
+    subprocess.run(_cli_train(synth_coco, full, 40), check=True, env=env, timeout=300)
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen(_cli_train(synth_coco, cut, 40), env=env)
+    deadline = time.time() + 240
+    while not (cut / "checkpoint.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step = torch.load(cut / "checkpoint.pt", weights_only=True)["step"]
+    assert 0 < step < 40, "the run should be killed part-way"
+    subprocess.run(_cli_train(synth_coco, cut, 40, ["--resume"]), check=True, env=env, timeout=300)
+    a = load_file(str(full / "weights" / "model.safetensors"))
+    b = load_file(str(cut / "weights" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    steps = [json.loads(l)["step"] for l in (cut / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 41))
+
+
+def test_two_process_gloo_ddp(synth_coco, tmp_path):
+    run = tmp_path / "ddp"
+    cmd = _cli_train(synth_coco, run, 6)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29571", *cmd[1:]]
+    r = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (run / "weights" / "model.safetensors").exists()
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 6
+
+
+def test_cache_features_path_and_export_then_propose(synth_coco, tmp_path):
+    from click.testing import CliRunner
+
+    from deepmask_cli.cli import main
+
+    weights = train(TrainData(synth_coco / "instances.json", synth_coco / "images"), tmp_path / "run",
+                    model_config=TINY, config=_tiny_train_config(freeze_trunk=True, cache_features=True, steps=12),
+                    val_data=TrainData(synth_coco / "instances.json", synth_coco / "images"), pretrained=False)
+    assert (tmp_path / "run" / "curves.png").exists()
+    metrics = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, 13)) and "val" in metrics[9]
+    r = CliRunner().invoke(main, ["export", str(tmp_path / "run" / "checkpoint.pt"), "-o", str(tmp_path / "w2"), "--half"])
+    assert r.exit_code == 0, r.output
+    for w in (weights, tmp_path / "w2"):
+        r = CliRunner().invoke(main, ["propose", str(synth_coco / "images"), "-o", str(tmp_path / "p.json"),
+                                      "--weights", str(w), "--device", "cpu", "--scales", "-1,0,1", "-q"])
+        assert r.exit_code == 0, r.output
+        assert json.loads((tmp_path / "p.json").read_text())
+
+
+@pytest.mark.parametrize("content,message", [
+    ("not json", "not JSON"),
+    ('{"images": 3}', "not a COCO instances file"),
+    ('{"images": [], "annotations": []}', "no usable object"),
+])
+def test_bad_annotation_files_are_clear_errors(tmp_path, content, message):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "instances.json").write_text(content)
+    with pytest.raises(DataError, match=message):
+        load_coco(tmp_path / "instances.json", tmp_path / "images")
