@@ -17,7 +17,10 @@ mask head evaluated, pasted back into the image and thresholded. NMS and
 
 from __future__ import annotations
 
+import contextlib
 import math
+import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -131,7 +134,24 @@ class Proposer:
     def __init__(self, model: DeepMask, config: InferenceConfig | None = None, device: str | torch.device = "auto"):
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
+        self.model.trunk.to(memory_format=torch.channels_last)  # ~1.6x faster convolutions on CPU
         self.config = config or InferenceConfig()
+        #: Seconds spent per stage, accumulated while ``profile`` is on (for benchmarks).
+        self.profile = False
+        self.timings: dict[str, float] = defaultdict(float)
+
+    @contextlib.contextmanager
+    def _stage(self, name: str):
+        if not self.profile:
+            yield
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.timings[name] += time.perf_counter() - t0
 
     @property
     def patch_size(self) -> int:
@@ -166,13 +186,16 @@ class Proposer:
             sizes = [self.level_size(t.shape[1], t.shape[2], scale) for t in images]
             hc = max(math.ceil((h + p) / TRUNK_STRIDE) for h, _ in sizes) * TRUNK_STRIDE
             wc = max(math.ceil((w + p) / TRUNK_STRIDE) for _, w in sizes) * TRUNK_STRIDE
-            canvas = images[0].new_zeros(len(images), 3, hc, wc)
-            for b, (t, (h, w)) in enumerate(zip(images, sizes)):
-                down = h < t.shape[1] or w < t.shape[2]
-                resized = F.interpolate(t[None], size=(h, w), mode="bilinear", align_corners=False, antialias=down)
-                canvas[b, :, half : half + h, half : half + w] = self.model.normalize(resized)[0]
-            fmap = self.model.trunk(canvas)
-            scores = self.model.dense_scores(fmap)
+            with self._stage("pyramid"):
+                canvas = images[0].new_zeros(len(images), 3, hc, wc)
+                for b, (t, (h, w)) in enumerate(zip(images, sizes)):
+                    down = h < t.shape[1] or w < t.shape[2]
+                    resized = F.interpolate(t[None], size=(h, w), mode="bilinear", align_corners=False, antialias=down)
+                    canvas[b, :, half : half + h, half : half + w] = self.model.normalize(resized)[0]
+            with self._stage("trunk"):
+                fmap = self.model.trunk(canvas.contiguous(memory_format=torch.channels_last))
+            with self._stage("score head"):
+                scores = self.model.dense_scores(fmap)
             levels.append(_Level(scale, fmap, scores, sizes))
         return levels
 
@@ -206,34 +229,36 @@ class Proposer:
         level, ys, xs = level[order], ys[order], xs[order]
 
         # 3. mask head on the kept windows only, level by level
-        mask_logits = torch.empty(order.numel(), self.model.config.mask_size, self.model.config.mask_size, device=dev)
-        windows = torch.empty(order.numel(), 4, device=dev)
-        scale_of = torch.empty(order.numel(), device=dev)
-        for li, lv in enumerate(levels):
-            sel = (level == li).nonzero().squeeze(1)
-            if sel.numel() == 0:
-                continue
-            batch = torch.full_like(sel, b)
-            mask_logits[sel] = self.model.window_masks(lv.fmap, batch, ys[sel], xs[sel])
-            h, w = lv.sizes[b]
-            sy, sx = h / height, w / width  # resized pixels per image pixel
-            cy = ys[sel].float() * TRUNK_STRIDE
-            cx = xs[sel].float() * TRUNK_STRIDE
-            windows[sel] = torch.stack([(cx - p / 2) / sx, (cy - p / 2) / sy, (cx + p / 2) / sx, (cy + p / 2) / sy], 1)
-            scale_of[sel] = lv.scale
-
+        with self._stage("mask head"):
+            mask_logits = torch.empty(order.numel(), self.model.config.mask_size, self.model.config.mask_size, device=dev)
+            windows = torch.empty(order.numel(), 4, device=dev)
+            scale_of = torch.empty(order.numel(), device=dev)
+            for li, lv in enumerate(levels):
+                sel = (level == li).nonzero().squeeze(1)
+                if sel.numel() == 0:
+                    continue
+                batch = torch.full_like(sel, b)
+                mask_logits[sel] = self.model.window_masks(lv.fmap, batch, ys[sel], xs[sel])
+                h, w = lv.sizes[b]
+                sy, sx = h / height, w / width  # resized pixels per image pixel
+                cy = ys[sel].float() * TRUNK_STRIDE
+                cx = xs[sel].float() * TRUNK_STRIDE
+                windows[sel] = torch.stack([(cx - p / 2) / sx, (cy - p / 2) / sy, (cx + p / 2) / sx, (cy + p / 2) / sy], 1)
+                scale_of[sel] = lv.scale
         # 4. paste, threshold, boxes; RLE-encode chunk by chunk when asked
         t_logit = logit(cfg.mask_thresh)
         boxes, mask_chunks, rles, nonempty = [], [], [], []
         for start in range(0, order.numel(), cfg.paste_chunk):
             sl = slice(start, start + cfg.paste_chunk)
-            m = paste_masks(mask_logits[sl], windows[sl], height, width, t_logit)
-            bx = masks_to_boxes(m)
+            with self._stage("paste"):
+                m = paste_masks(mask_logits[sl], windows[sl], height, width, t_logit)
+                bx = masks_to_boxes(m)
             ne = bx[:, 2] > bx[:, 0]
             boxes.append(bx)
             nonempty.append(ne)
             if rle or cfg.nms == "mask" and cfg.nms_thresh < 1.0:
-                rles += rle_utils.encode(m)
+                with self._stage("rle"):
+                    rles += rle_utils.encode(m)
             if not rle:
                 mask_chunks.append(m.transpose(1, 2))  # (k, W, H) contiguous
         boxes_t = torch.cat(boxes) if boxes else torch.zeros(0, 4, device=dev)
@@ -242,14 +267,8 @@ class Proposer:
 
         # 5. drop empty masks, NMS, cap
         idx = nonempty_t.nonzero().squeeze(1)
-        if cfg.nms_thresh < 1.0 and idx.numel():
-            if cfg.nms == "box":
-                kept = nms_boxes(boxes_t[idx], probs[idx], cfg.nms_thresh)
-                idx = idx[kept]
-            else:
-                sub = [rles[i] for i in idx.tolist()]
-                iou = torch.from_numpy(rle_utils.iou(sub, sub)).to(dev)
-                idx = idx[cluster_nms(iou, cfg.nms_thresh)]
+        with self._stage("nms"):
+            idx = self._nms(idx, boxes_t, probs, rles)
         idx = idx[: cfg.max_proposals]
 
         out = Proposals(
@@ -265,3 +284,13 @@ class Proposer:
             kwh = torch.cat(mask_chunks) if mask_chunks else torch.zeros(0, width, height, dtype=torch.bool, device=dev)
             out.masks = kwh[idx].transpose(1, 2)
         return out
+
+    def _nms(self, idx: torch.Tensor, boxes: torch.Tensor, probs: torch.Tensor, rles: list[dict]) -> torch.Tensor:
+        cfg = self.config
+        if cfg.nms_thresh >= 1.0 or idx.numel() == 0:
+            return idx
+        if cfg.nms == "box":
+            return idx[nms_boxes(boxes[idx], probs[idx], cfg.nms_thresh)]
+        sub = [rles[i] for i in idx.tolist()]
+        iou = torch.from_numpy(rle_utils.iou(sub, sub)).to(idx.device).float()
+        return idx[cluster_nms(iou, cfg.nms_thresh)]
