@@ -245,24 +245,28 @@ class Proposer:
                 cx = xs[sel].float() * TRUNK_STRIDE
                 windows[sel] = torch.stack([(cx - p / 2) / sx, (cy - p / 2) / sy, (cx + p / 2) / sx, (cy + p / 2) / sy], 1)
                 scale_of[sel] = lv.scale
-        # 4. paste, threshold, boxes; RLE-encode chunk by chunk when asked
+        # 4. paste, threshold, boxes; RLE-encode chunk by chunk when asked.
+        # Chunks hold windows of one size (sorted by scale) so each pastes on a
+        # small crop; results go back to score order.
         t_logit = logit(cfg.mask_thresh)
-        boxes, mask_chunks, rles, nonempty = [], [], [], []
-        for start in range(0, order.numel(), cfg.paste_chunk):
-            sl = slice(start, start + cfg.paste_chunk)
+        n = order.numel()
+        boxes_t = torch.zeros(n, 4, device=dev)
+        rles: list[dict | None] = [None] * n
+        mask_chunks, chunk_index = [], []
+        by_size = torch.argsort(scale_of, stable=True)
+        for start in range(0, n, cfg.paste_chunk):
+            sel = by_size[start : start + cfg.paste_chunk]
             with self._stage("paste"):
-                m = paste_masks(mask_logits[sl], windows[sl], height, width, t_logit)
-                bx = masks_to_boxes(m)
-            ne = bx[:, 2] > bx[:, 0]
-            boxes.append(bx)
-            nonempty.append(ne)
+                m = paste_masks(mask_logits[sel], windows[sel], height, width, t_logit)
+                boxes_t[sel] = masks_to_boxes(m)
             if rle or cfg.nms == "mask" and cfg.nms_thresh < 1.0:
                 with self._stage("rle"):
-                    rles += rle_utils.encode(m)
+                    for i, r in zip(sel.tolist(), rle_utils.encode(m)):
+                        rles[i] = r
             if not rle:
                 mask_chunks.append(m.transpose(1, 2))  # (k, W, H) contiguous
-        boxes_t = torch.cat(boxes) if boxes else torch.zeros(0, 4, device=dev)
-        nonempty_t = torch.cat(nonempty) if nonempty else torch.zeros(0, dtype=torch.bool, device=dev)
+                chunk_index.append(sel)
+        nonempty_t = boxes_t[:, 2] > boxes_t[:, 0]
         probs = torch.sigmoid(top_scores)
 
         # 5. drop empty masks, NMS, cap
@@ -281,7 +285,11 @@ class Proposer:
         if rle:
             out.rles = [rles[i] for i in idx.tolist()]
         else:
-            kwh = torch.cat(mask_chunks) if mask_chunks else torch.zeros(0, width, height, dtype=torch.bool, device=dev)
+            if mask_chunks:
+                kwh = torch.empty(n, width, height, dtype=torch.bool, device=dev)
+                kwh[torch.cat(chunk_index)] = torch.cat(mask_chunks)
+            else:
+                kwh = torch.zeros(0, width, height, dtype=torch.bool, device=dev)
             out.masks = kwh[idx].transpose(1, 2)
         return out
 

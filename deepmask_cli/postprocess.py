@@ -59,24 +59,36 @@ def paste_masks(
         return torch.zeros(0, width, height, dtype=torch.bool, device=dev).transpose(1, 2)
     logits = mask_logits.float()
     x0, y0, x1, y1 = windows_xyxy.float().unbind(1)
-    px = torch.arange(width, device=dev, dtype=torch.float32) + 0.5  # pixel centres
-    py = torch.arange(height, device=dev, dtype=torch.float32) + 0.5
-    # positions in mask cells, (K, W) and (K, H)
-    ux = (px[None] - x0[:, None]) * (m / (x1 - x0))[:, None]
-    uy = (py[None] - y0[:, None]) * (m / (y1 - y0))[:, None]
+    # Work on a crop around each window (same size for all, the largest window
+    # of the batch, clipped to the image): callers batch windows of one size.
+    cw = min(width, int(math.ceil(float((x1 - x0).max()))) + 2)
+    ch = min(height, int(math.ceil(float((y1 - y0).max()))) + 2)
+    ox = x0.floor().long().clamp(0, width - cw)  # (K,) crop origins
+    oy = y0.floor().long().clamp(0, height - ch)
+    px = ox[:, None] + torch.arange(cw, device=dev)  # (K, cw) image columns
+    py = oy[:, None] + torch.arange(ch, device=dev)
+    # pixel centres in mask cells
+    ux = (px + 0.5 - x0[:, None]) * (m / (x1 - x0))[:, None]
+    uy = (py + 0.5 - y0[:, None]) * (m / (y1 - y0))[:, None]
     inside_x = (ux >= 0) & (ux < m)
     inside_y = (uy >= 0) & (uy < m)
     ax0, ax1, fx = _interp_index(ux, m)
     ay0, ay1, fy = _interp_index(uy, m)
-    # along y first: (K, m rows, m cols) -> (K, H, m) then transpose to (K, m, H)
-    rows = torch.gather(logits, 1, ay0[:, :, None].expand(k, height, m)) * (1 - fy)[:, :, None]
-    rows += torch.gather(logits, 1, ay1[:, :, None].expand(k, height, m)) * fy[:, :, None]
-    cols_first = rows.transpose(1, 2)  # (K, m, H)
-    # along x: (K, W, H)
-    out = torch.gather(cols_first, 1, ax0[:, :, None].expand(k, width, height)) * (1 - fx)[:, :, None]
-    out += torch.gather(cols_first, 1, ax1[:, :, None].expand(k, width, height)) * fx[:, :, None]
-    masks = (out > thresh_logit) & inside_x[:, :, None] & inside_y[:, None, :]
-    return masks.transpose(1, 2)
+    # along y first: (K, m, m) -> (K, ch, m), then along x -> (K, cw, ch)
+    rows = torch.gather(logits, 1, ay0[:, :, None].expand(k, ch, m)) * (1 - fy)[:, :, None]
+    rows += torch.gather(logits, 1, ay1[:, :, None].expand(k, ch, m)) * fy[:, :, None]
+    cols_first = rows.transpose(1, 2)  # (K, m, ch)
+    crop = torch.gather(cols_first, 1, ax0[:, :, None].expand(k, cw, ch)) * (1 - fx)[:, :, None]
+    crop += torch.gather(cols_first, 1, ax1[:, :, None].expand(k, cw, ch)) * fx[:, :, None]
+    crop = (crop > thresh_logit) & inside_x[:, :, None] & inside_y[:, None, :]
+    out = torch.zeros(k, width, height, dtype=torch.bool, device=dev)
+    if cw == width and ch == height:
+        out.copy_(crop)
+    else:
+        lin = (torch.arange(k, device=dev)[:, None, None] * (width * height)
+               + px[:, :, None] * height + py[:, None, :])
+        out.view(-1)[lin.view(-1)] = crop.view(-1)
+    return out.transpose(1, 2)
 
 
 def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:

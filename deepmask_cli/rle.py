@@ -44,9 +44,12 @@ def to_bytes(rle: dict) -> dict:
 
 
 def area(rles: list[dict]) -> np.ndarray:
+    """Pixel counts. (pycocotools' ``area`` on a list of more than 255 RLEs
+    overflows a uint8 on numpy 2, so it is called in chunks of 255.)"""
     if not rles:
         return np.zeros(0)
-    return mask_utils.area([to_bytes(r) for r in rles]).astype(np.float64)
+    objs = [to_bytes(r) for r in rles]
+    return np.concatenate([mask_utils.area(objs[i : i + 255]) for i in range(0, len(objs), 255)]).astype(np.float64)
 
 
 def bbox_xywh(rles: list[dict]) -> np.ndarray:

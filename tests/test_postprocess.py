@@ -164,3 +164,10 @@ def test_rle_round_trip_against_pycocotools(k, h, w, p, seed):
 def test_logit_inverts_sigmoid():
     for p in (0.1, 0.35, 0.5, 0.9):
         assert abs(torch.sigmoid(torch.tensor(logit(p))).item() - p) < 1e-6
+
+
+def test_area_of_many_rles():
+    masks = np.zeros((300, 8, 8), bool)
+    for i in range(300):
+        masks[i, : i % 8 + 1] = True
+    np.testing.assert_array_equal(rle.area(rle.encode(masks)), masks.reshape(300, -1).sum(1))

@@ -1,0 +1,90 @@
+"""The library entry point: images in, a Proposals dataclass out."""
+
+import numpy as np
+import torch
+from PIL import Image
+
+from deepmask_cli import Proposer, load_proposer
+from deepmask_cli.config import InferenceConfig
+from deepmask_cli.model import DeepMask
+
+
+def _proposer(cfg, **kw):
+    torch.manual_seed(0)
+    model = DeepMask(cfg)
+    with torch.no_grad():  # spread the random scores so that no two windows tie
+        for lin in (model.score_head.fc1, model.score_head.fc2, model.score_head.fc3):
+            lin.weight.mul_(8)
+    return Proposer(model, InferenceConfig(scale_min=-1, scale_max=0, scale_step=0.5, **kw), "cpu")
+
+
+def test_pil_array_and_tensor_inputs_agree(tiny_config):
+    p = _proposer(tiny_config, max_proposals=30)
+    arr = np.random.default_rng(0).integers(0, 255, (70, 90, 3), dtype=np.uint8)
+    a = p(arr)
+    b = p(Image.fromarray(arr))
+    c = p(torch.from_numpy(arr).permute(2, 0, 1).float() / 255)
+    for other in (b, c):
+        torch.testing.assert_close(a.scores, other.scores)
+        assert torch.equal(a.masks, other.masks)
+    assert a.masks.shape == (len(a), 70, 90) and a.masks.dtype == torch.bool
+    assert a.boxes_xyxy.shape == (len(a), 4) and a.image_size == (70, 90)
+    assert torch.all(a.scores[:-1] >= a.scores[1:])
+    # RLE mode gives the same masks, encoded
+    r = p(arr, rle=True)
+    assert r.masks is None and len(r.rles) == len(a)
+    assert r.to_rles() == a.to_rles()
+
+
+def test_grayscale_and_rgba_arrays(tiny_config):
+    p = _proposer(tiny_config, max_proposals=5)
+    gray = np.full((40, 50), 128, np.uint8)
+    rgba = np.zeros((40, 50, 4), np.uint8)
+    assert p(gray).masks.shape[1:] == (40, 50)
+    assert p(rgba).masks.shape[1:] == (40, 50)
+
+
+def test_batch_of_same_size_images_equals_one_by_one(tiny_config):
+    p = _proposer(tiny_config, max_proposals=20)
+    rng = np.random.default_rng(1)
+    ims = [rng.integers(0, 255, (64, 80, 3), dtype=np.uint8) for _ in range(3)]
+    batch = p.propose_batch(ims)
+    for im, got in zip(ims, batch):
+        want = p(im)
+        # same windows with the same scores and masks (order may differ among
+        # near-ties: batched convolutions round differently)
+        torch.testing.assert_close(got.scores, want.scores)
+        key = lambda pr: sorted(zip(pr.windows_xyxy.tolist(), range(len(pr))))
+        for (wa, ia), (wb, ib) in zip(key(got), key(want)):
+            assert wa == wb
+            assert (got.masks[ia] ^ want.masks[ib]).float().mean() < 0.01
+
+
+def test_thresholds_and_cap(tiny_config):
+    arr = np.random.default_rng(2).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    loose = _proposer(tiny_config, max_proposals=1000)(arr)
+    capped = _proposer(tiny_config, max_proposals=3)(arr)
+    assert len(capped) == 3
+    torch.testing.assert_close(capped.scores, loose.scores[:3])
+    t = float(loose.scores[len(loose) // 2])
+    cut = _proposer(tiny_config, score_thresh=t)(arr)
+    assert bool((cut.scores >= t - 1e-6).all())
+    assert int((loose.scores > t + 1e-6).sum()) <= len(cut) <= int((loose.scores >= t - 1e-6).sum())
+    nms = _proposer(tiny_config, nms_thresh=0.5)(arr)
+    from torchvision.ops import box_iou
+
+    iou = box_iou(nms.boxes_xyxy, nms.boxes_xyxy) - torch.eye(len(nms))
+    assert float(iou.max()) <= 0.5 + 1e-6
+    mask_nms = _proposer(tiny_config, nms="mask", nms_thresh=0.5)(arr)
+    from deepmask_cli import rle
+
+    enc = mask_nms.to_rles()
+    m_iou = rle.iou(enc, enc) - np.eye(len(enc))
+    assert m_iou.max() <= 0.5 + 1e-6
+
+
+def test_load_proposer_applies_the_weights_defaults_then_overrides(tiny_weights):
+    p = load_proposer(tiny_weights, device="cpu")
+    assert p.config.max_proposals == 50 and p.config.scale_min == -1.0
+    p = load_proposer(tiny_weights, device="cpu", overrides={"max_proposals": 9, "mask_thresh": None})
+    assert p.config.max_proposals == 9 and p.config.mask_thresh == InferenceConfig().mask_thresh
