@@ -134,7 +134,9 @@ class Proposer:
     def __init__(self, model: DeepMask, config: InferenceConfig | None = None, device: str | torch.device = "auto"):
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
-        self.model.trunk.to(memory_format=torch.channels_last)  # ~1.6x faster convolutions on CPU
+        # Batch norm folded into the convolutions and channels-last layout:
+        # together ~2x faster trunk on a CPU (benchmarks/speed.py).
+        self.trunk = model.trunk.fused().to(memory_format=torch.channels_last)
         self.config = config or InferenceConfig()
         #: Seconds spent per stage, accumulated while ``profile`` is on (for benchmarks).
         self.profile = False
@@ -193,7 +195,7 @@ class Proposer:
                     resized = F.interpolate(t[None], size=(h, w), mode="bilinear", align_corners=False, antialias=down)
                     canvas[b, :, half : half + h, half : half + w] = self.model.normalize(resized)[0]
             with self._stage("trunk"):
-                fmap = self.model.trunk(canvas.contiguous(memory_format=torch.channels_last))
+                fmap = self.trunk(canvas.contiguous(memory_format=torch.channels_last))
             with self._stage("score head"):
                 scores = self.model.dense_scores(fmap)
             levels.append(_Level(scale, fmap, scores, sizes))

@@ -89,3 +89,19 @@ def test_lite0_imagenet_classifies_real_photos():
     assert float(cat[[281, 282, 285]].sum()) > 0.5
     coffee = classify(Image.fromarray(skimage_data.coffee()))
     assert int(coffee.argmax()) in (967, 968)  # espresso, cup
+
+
+@pytest.mark.parametrize("cls", [EfficientNetLite0Trunk, ResNet50Trunk, VGGATrunk])
+def test_fused_trunk_gives_the_same_map(cls):
+    torch.manual_seed(0)
+    trunk = cls().eval()
+    with torch.no_grad():
+        for m in trunk.modules():
+            if isinstance(m, FrozenBatchNorm2d):
+                m.weight.uniform_(0.5, 1.5); m.bias.uniform_(-0.2, 0.2)
+                m.running_mean.uniform_(-0.2, 0.2); m.running_var.uniform_(0.5, 1.5)
+        x = torch.randn(2, 3, 64, 96)
+        fused = trunk.fused()
+        assert not any(isinstance(m, FrozenBatchNorm2d) for m in fused.modules())
+        torch.testing.assert_close(fused(x), trunk(x), rtol=1e-4, atol=1e-4)
+    assert any(isinstance(m, FrozenBatchNorm2d) for m in trunk.modules()) or cls is VGGATrunk  # original untouched
