@@ -97,6 +97,11 @@ def load_image(path: str | Path, *, exif: bool = True) -> Image.Image:
         if path.is_dir():
             raise ImageError("is a folder, not an image")
         with Image.open(path) as img:
+            if img.format == "PNG":
+                # Pillow checks PNG chunk CRCs only in verify(); a damaged file
+                # should be reported, not half-decoded.
+                img.verify()
+        with Image.open(path) as img:
             if img.width * img.height > 2 * MAX_PIXELS:
                 raise ImageError(f"{img.width}x{img.height} pixels is over the {2 * MAX_PIXELS:,}-pixel limit")
             img.load()

@@ -1,0 +1,187 @@
+"""A corpus of bad and unusual inputs through propose, viz, eval and train."""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import zlib
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from deepmask_cli.cli import main
+
+
+def _jpeg(arr, **kw):
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """``(folder, bad, good)``: bad maps file names to the reason's key words,
+    good maps file names to the (H, W) the masks must have."""
+    d = tmp_path / "corpus"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)
+    bad, good = {}, {}
+    (d / "empty.jpg").write_bytes(b"")
+    bad["empty.jpg"] = "empty file"
+    (d / "truncated.jpg").write_bytes(_jpeg(rgb)[:300])
+    bad["truncated.jpg"] = "cannot decode"
+    (d / "text.jpg").write_text("hello, I am not a photo")
+    bad["text.jpg"] = "not an image"
+    png = io.BytesIO()
+    Image.fromarray(rgb).save(png, "PNG")
+    raw = bytearray(png.getvalue())
+    i = raw.index(b"IDAT")
+    n = int.from_bytes(raw[i - 4 : i], "big")
+    raw[i + 4 + n] ^= 0xFF  # break the IDAT chunk's CRC
+    (d / "badcrc.png").write_bytes(bytes(raw))
+    bad["badcrc.png"] = "cannot decode"
+    Image.fromarray(rgb).convert("CMYK").save(d / "cmyk.jpg")
+    good["cmyk.jpg"] = (60, 80)
+    Image.fromarray((rng.integers(0, 65535, (40, 50))).astype(np.uint16)).save(d / "deep16.png")
+    good["deep16.png"] = (40, 50)
+    Image.fromarray(rgb[:, :, 0] > 128).save(d / "onebit.png")
+    good["onebit.png"] = (60, 80)
+    Image.fromarray(rgb[:, :, 1]).save(d / "gray.png")
+    good["gray.png"] = (60, 80)
+    Image.fromarray(rgb).convert("P").save(d / "palette.png")
+    good["palette.png"] = (60, 80)
+    Image.fromarray(np.dstack([rgb, rgb[:, :, :1]])).save(d / "rgba.png")
+    good["rgba.png"] = (60, 80)
+    img = Image.fromarray(rgb)
+    exif = img.getexif()
+    exif[0x0112] = 6  # rotated 90 degrees: viewers show it 60 wide, 80 high
+    img.save(d / "rotated.jpg", exif=exif)
+    good["rotated.jpg"] = (80, 60)
+    Image.fromarray(rgb[:1, :1]).save(d / "one.png")
+    good["one.png"] = (1, 1)
+    Image.fromarray(rgb[:7, :9]).save(d / "tiny.png")
+    good["tiny.png"] = (7, 9)
+    Image.fromarray(np.zeros((96, 300, 3), np.uint8)).save(d / "large.png")  # over --max-side 100 below
+    good["large.png"] = (96, 300)
+    Image.fromarray(np.zeros((200, 200, 3), np.uint8)).save(d / "bomb.png")  # over the pixel limit set below
+    bad["bomb.png"] = "decompression bomb"
+    (d / "folder.jpg").mkdir()
+    bad["folder.jpg"] = "folder holds no image files"
+    name = os.fsdecode(b"caf\xe9-latin1.png")
+    Image.fromarray(rgb).save(d / name)
+    good[name] = (60, 80)
+    (d / "notes.txt").write_text("not an image, ignored when the folder is given")
+    Image.fromarray(rgb).save(d / "plain.jpg")
+    good["plain.jpg"] = (60, 80)
+    return d, bad, good
+
+
+def _propose(runner, weights, args, monkeypatch):
+    import PIL.Image
+
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 15000)  # bomb.png (40,000 px) is over twice that
+    return runner.invoke(main, ["propose", *args, "--weights", str(weights), "--device", "cpu", "--max-side", "100"])
+
+
+def test_corpus_through_propose(corpus, tiny_weights, tmp_path, monkeypatch):
+    d, bad, good = corpus
+    runner = CliRunner()
+    out = tmp_path / "p.json"
+    inputs = [str(d / "*"), str(d / "plain.jpg"), str(d / "missing.jpg"), str(d / "nomatch-*.png"), str(d / "folder.jpg")]
+    r = _propose(runner, tiny_weights, [*inputs, "-o", str(out)], monkeypatch)
+    assert r.exit_code == 1, r.output
+    assert "Traceback" not in r.output
+    for name, why in bad.items():
+        lines = [l for l in r.output.splitlines() if name in l]
+        assert lines and why in lines[0], (name, r.output)
+    assert "missing.jpg: no such file" in r.output
+    assert "nomatch-*.png: pattern matches no file" in r.output
+    recs = json.loads(out.read_text())
+    by_file = {}
+    for rec in recs:
+        by_file.setdefault(os.path.basename(rec["file_name"]), rec)
+    assert set(by_file) == set(good)  # every valid image has proposals
+    for name, size in good.items():
+        assert by_file[name]["segmentation"]["size"] == list(size), name
+    # duplicates ran once: plain.jpg named twice (glob and path)
+    assert len({rec["image_id"] for rec in recs if rec["file_name"].endswith("plain.jpg")}) == 1
+
+
+def test_strict_stops_at_first_bad(corpus, tiny_weights, tmp_path, monkeypatch):
+    d, _, _ = corpus
+    r = _propose(CliRunner(), tiny_weights, [str(d / "plain.jpg"), str(d / "empty.jpg"), "-o", str(tmp_path / "p.json"), "--strict"], monkeypatch)
+    assert r.exit_code == 2 and "empty.jpg: empty file" in r.output and "Traceback" not in r.output
+
+
+def test_folder_mixing_files_only_takes_images(corpus, tiny_weights, tmp_path, monkeypatch):
+    d, bad, good = corpus
+    r = _propose(CliRunner(), tiny_weights, [str(d), "-o", str(tmp_path / "p.json"), "-q"], monkeypatch)
+    assert "notes.txt" not in r.output
+
+
+def test_viz_and_eval_reject_non_results(tmp_path, synth_coco):
+    runner = CliRunner()
+    (tmp_path / "x.json").write_text('{"not": "a list"}')
+    (tmp_path / "y.json").write_text("garbage")
+    for f in ("x.json", "y.json", "missing.json"):
+        for cmd in (["viz", str(tmp_path / f), "-o", str(tmp_path / "v")],
+                    ["eval", str(tmp_path / f), "--gt", str(synth_coco / "instances.json")]):
+            r = runner.invoke(main, cmd)
+            assert r.exit_code == 2 and f in r.output and "Traceback" not in r.output, (cmd, r.output)
+
+
+def test_viz_reports_missing_images(tmp_path, synth_coco, tiny_weights):
+    runner = CliRunner()
+    out = tmp_path / "p.json"
+    assert runner.invoke(main, ["propose", str(synth_coco / "images"), "-o", str(out), "--weights", str(tiny_weights), "--device", "cpu", "-q"]).exit_code == 0
+    (synth_coco / "images" / "img000.jpg").unlink()
+    r = runner.invoke(main, ["viz", str(out), "-o", str(tmp_path / "v")])
+    assert r.exit_code == 1 and "img000.jpg: image not found" in r.output
+    assert len(list((tmp_path / "v").glob("*.png"))) == 3
+
+
+def test_train_annotation_problems_are_counted_not_fatal(tmp_path, synth_coco):
+    from deepmask_cli.data import load_coco
+
+    data = json.loads((synth_coco / "instances.json").read_text())
+    data["images"].append({"id": 99, "file_name": "gone.jpg", "height": 10, "width": 10})
+    data["annotations"] += [
+        {"id": 1000, "image_id": 1, "category_id": 1, "segmentation": [], "area": 0, "bbox": [0, 0, 0, 0], "iscrowd": 0},
+        {"id": 1001, "image_id": 1, "category_id": 1, "segmentation": [[500, 500, 600, 500, 600, 600]], "area": 1, "bbox": [500, 500, 100, 100], "iscrowd": 0},
+    ]
+    (synth_coco / "instances.json").write_text(json.dumps(data))
+    recs, report = load_coco(synth_coco / "instances.json", synth_coco / "images")
+    assert report["missing_images"] == [str(synth_coco / "images" / "gone.jpg")]
+    assert report["bad_annotations"] == 2
+    r = CliRunner().invoke(main, ["train", str(synth_coco), "-o", str(tmp_path / "run"), "--steps", "1", "--no-pretrained",
+                                  "--strict-data", "--workers", "0", "--device", "cpu"])
+    assert r.exit_code == 2 and "gone.jpg" in r.output and "Traceback" not in r.output
+
+
+def test_propose_killed_then_resumed_equals_uninterrupted(synth_coco, tiny_weights, tmp_path):
+    from synth import make_coco
+
+    root = make_coco(tmp_path / "many", n_images=12)
+    base = [sys.executable, "-m", "deepmask_cli", "propose", str(root / "images"), "--weights", str(tiny_weights), "--device", "cpu", "-q"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([*base, "-o", str(tmp_path / "full.json")], check=True, env=env, timeout=300)
+    cut = tmp_path / "cut.json"
+    proc = subprocess.Popen([*base, "-o", str(cut)], env=env)
+    partial = tmp_path / "cut.json.partial.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not partial.exists() or len(partial.read_bytes().splitlines()) < 3):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not cut.exists()
+    done_before = len(partial.read_bytes().splitlines())
+    assert 0 < done_before < 12
+    subprocess.run([*base, "-o", str(cut), "--resume"], check=True, env=env, timeout=300)
+    assert json.loads(cut.read_text()) == json.loads((tmp_path / "full.json").read_text())
+    assert not partial.exists()
