@@ -103,8 +103,10 @@ def image_to_tensor(image: Image.Image | np.ndarray | torch.Tensor) -> torch.Ten
         arr = np.repeat(arr[:, :, None], 3, axis=2)
     if arr.ndim != 3 or arr.shape[2] not in (3, 4):
         raise ValueError(f"an array image must be (H, W), (H, W, 3) or (H, W, 4), got {arr.shape}")
-    arr = arr[:, :, :3]
-    t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
+    arr = np.ascontiguousarray(arr[:, :, :3])
+    if not arr.flags.writeable:  # e.g. np.asarray of a PIL image
+        arr = arr.copy()
+    t = torch.from_numpy(arr).permute(2, 0, 1)
     if t.dtype == torch.uint8:
         return t.float().div_(255)
     if t.dtype == torch.uint16:
