@@ -16,7 +16,6 @@ they never restate a default.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
@@ -27,24 +26,24 @@ TRUNK_STRIDE = 16
 TRUNKS = ("efficientnet-lite0", "vgg-a", "resnet50")
 
 
-def _from_dict(cls, data: Mapping[str, Any], what: str):
-    """Build dataclass ``cls`` from a mapping, refusing unknown keys."""
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ValueError(f"unknown {what} field(s): {', '.join(unknown)}")
-    kwargs = {}
-    for f in fields(cls):
-        if f.name in data:
-            value = data[f.name]
-            if isinstance(value, list):
-                value = tuple(value)
-            kwargs[f.name] = value
-    return cls(**kwargs)
+class _Serialisable:
+    """``to_dict``/``from_dict`` for the JSON files (config.json, checkpoints)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]):
+        """Build from a mapping, refusing unknown keys (lists become tuples)."""
+        names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(_Serialisable):
     """The DeepMask architecture (Pinheiro et al., NIPS 2015).
 
     The network looks at a square ``patch_size`` input window. Its trunk maps it
@@ -85,16 +84,10 @@ class ModelConfig:
         """Side of the trunk's feature window for one patch."""
         return self.patch_size // TRUNK_STRIDE
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "ModelConfig":
-        return _from_dict(cls, data, "model config")
 
 
 @dataclass(frozen=True)
-class InferenceConfig:
+class InferenceConfig(_Serialisable):
     """Full-scene proposal generation.
 
     The image is resized by every scale ``2**s`` for ``s`` in
@@ -143,16 +136,10 @@ class InferenceConfig:
         """A copy with the given fields changed; ``None`` values are ignored."""
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "InferenceConfig":
-        return _from_dict(cls, data, "inference config")
 
 
 @dataclass(frozen=True)
-class SamplerConfig:
+class SamplerConfig(_Serialisable):
     """How training patches are cut from images (the paper's labelling rule).
 
     A positive patch has an object centred within ``pos_shift`` pixels and with
@@ -172,12 +159,10 @@ class SamplerConfig:
     hflip: bool = True
     color_jitter: float = 0.2
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(_Serialisable):
     """Optimisation for ``deepmask train`` (defaults: the paper and official code)."""
 
     steps: int = 20000
@@ -202,10 +187,3 @@ class TrainConfig:
     val_batches: int = 20
     amp: bool = True
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, indent=2, sort_keys=True)
