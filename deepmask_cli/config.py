@@ -97,12 +97,12 @@ class InferenceConfig(_Serialisable):
     """
 
     scale_min: float = -2.5
-    scale_max: float = 0.5
+    scale_max: float = 1.0
     scale_step: float = 0.5
     pre_nms_topk: int = 2000
     max_proposals: int = 1000
     score_thresh: float = 0.0
-    mask_thresh: float = 0.35
+    mask_thresh: float = 0.4
     nms: str = "box"
     nms_thresh: float = 1.0
     max_side: int = 2048

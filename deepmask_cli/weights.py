@@ -58,6 +58,7 @@ def save_weights(
     }
     tmp = folder / (WEIGHTS_NAME + ".tmp")
     save_file(state, str(tmp), metadata={"format": "pt"})
+    tmp.chmod(0o644)
     tmp.replace(folder / WEIGHTS_NAME)
     tmp = folder / (CONFIG_NAME + ".tmp")
     tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
