@@ -68,7 +68,7 @@ def main(argv=None) -> int:
         k, v = kv.split("=", 1)
         overrides[k] = v if k == "nms" else float(v) if "." in v or "e" in v else int(v)
     proposer = load_proposer(args.weights, device=args.device, overrides=overrides)
-    console = Console()
+    console = Console(width=200)
     console.print(f"deepmask on {len(images)} images, {proposer.device}; inference: {proposer.config}")
 
     rows = {}

@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     n = len(images)
     stages = {"decode": decode_t, **proposer.timings, "write": write_t}
-    console = Console()
+    console = Console(width=200)
     t = Table(title=f"deepmask propose on {n} images of {img_dir} ({proposer.device}, {torch.get_num_threads()} threads)")
     t.add_column("stage")
     t.add_column("ms/img", justify="right")

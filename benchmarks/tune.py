@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     gt = json.loads(ann.read_text())
     ids = {im["file_name"]: im["id"] for im in gt["images"]}
     images = sorted(p for p in (args.folder / "images").iterdir() if p.name in ids)[: args.limit]
-    console = Console()
+    console = Console(width=200)
     console.print(f"{len(configs)} settings over {len(images)} images, scales {[round(_log2(s), 2) for s in union.config.scales]}")
     results = [[] for _ in configs]
     t0 = time.perf_counter()

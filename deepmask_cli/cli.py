@@ -213,6 +213,7 @@ def eval_cmd(results, gt, as_json) -> None:
 @click.option("--trunk-lr-mult", type=float, default=None, help=f"Learning-rate multiplier for the trunk. [default: {_T.trunk_lr_mult}]")
 @click.option("--freeze-trunk", is_flag=True, default=None, help="Train the heads only (much faster on a CPU).")
 @click.option("--cache-features", is_flag=True, default=None, help="With --freeze-trunk: train the heads on the trunk's maps of the inference pyramid, cached once (fastest on a CPU).")
+@click.option("--cache-scales", default=None, help="With --cache-features: pyramid MIN,MAX,STEP in octaves. [default: the inference scales]")
 @click.option("--score-weight", type=float, default=None, help=f"lambda, the weight of the score loss. [default: {_T.score_weight:g}]")
 @click.option("--workers", type=int, default=None, help=f"DataLoader worker processes (0: load in the main process). [default: {_T.workers}]")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda (under torchrun: each process's own GPU).")
@@ -229,7 +230,7 @@ def eval_cmd(results, gt, as_json) -> None:
 @click.option("--strict-data", is_flag=True, help="Stop on missing or unreadable images instead of skipping them.")
 @click.option("-q", "--quiet", is_flag=True)
 def train(data_dir, out_dir, val_dir, ann, images_dir, val_ann, val_images, trunk, steps, batch_size, lr, trunk_lr_mult,
-          freeze_trunk, cache_features, score_weight, workers, device, seed, resume, checkpoint_every, val_every, val_batches, patch_size,
+          freeze_trunk, cache_features, cache_scales, score_weight, workers, device, seed, resume, checkpoint_every, val_every, val_batches, patch_size,
           object_size, model_config_file, no_pretrained, trunk_weights, strict_data, quiet) -> None:
     """Train DeepMask on a COCO-format dataset (DATA_DIR or --ann/--images).
 
@@ -267,7 +268,7 @@ def train(data_dir, out_dir, val_dir, ann, images_dir, val_ann, val_images, trun
     except ValueError as e:
         _fail(str(e))
     given = dict(steps=steps, batch_size=batch_size, lr=lr, trunk_lr_mult=trunk_lr_mult, freeze_trunk=freeze_trunk,
-                 cache_features=cache_features,
+                 cache_features=cache_features, cache_scales=tuple(_parse_scales(cache_scales).values()) or None,
                  score_weight=score_weight, workers=workers, seed=seed, checkpoint_every=checkpoint_every,
                  val_every=val_every, val_batches=val_batches)
     tc = dataclasses.replace(_T, **{k: v for k, v in given.items() if v is not None})

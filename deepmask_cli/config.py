@@ -180,6 +180,9 @@ class TrainConfig(_Serialisable):
     # Train the heads on cached frozen-trunk maps of the inference pyramid
     # (deepmask_cli.featcache): much faster on a CPU; needs freeze_trunk.
     cache_features: bool = False
+    # Pyramid (min, max, step in octaves) of the feature cache; None: the
+    # inference defaults' scales.
+    cache_scales: tuple[float, float, float] | None = None
     workers: int = 1
     seed: int = 0
     checkpoint_every: int = 1000

@@ -193,7 +193,8 @@ def train(
         ck = load_checkpoint(out_dir / CHECKPOINT)
         model_config = ModelConfig.from_dict(ck["model_config"])
         saved = ck["train_config"]
-        config = replace(config, **{k: v for k, v in saved.items() if k not in ("steps", "sampler", "checkpoint_every", "val_every", "workers")},
+        config = replace(config, **{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()
+                                    if k not in ("steps", "sampler", "checkpoint_every", "val_every", "workers")},
                          sampler=SamplerConfig(**saved["sampler"]))
     sampler_cfg = config.sampler
 
@@ -241,7 +242,11 @@ def train(
         from .featcache import FeatureCache
 
         t_cache = time.time()
-        cache = FeatureCache(model, records, InferenceConfig().scales, sampler_cfg, device=device,
+        pyramid = InferenceConfig()
+        if config.cache_scales is not None:
+            lo, hi, st = config.cache_scales
+            pyramid = pyramid.replace(scale_min=lo, scale_max=hi, scale_step=st)
+        cache = FeatureCache(model, records, pyramid.scales, sampler_cfg, device=device,
                              on_image=lambda n, total: emit("cache", {"done": n, "total": total}))
         emit("cache_done", {"seconds": time.time() - t_cache, "levels": len(cache), "positives": len(cache.positives),
                             "negatives": len(cache.negatives)})
