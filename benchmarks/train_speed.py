@@ -67,7 +67,8 @@ def main(argv=None) -> int:
     for p in model.trunk.parameters():
         p.requires_grad_(False)
     t0 = time.perf_counter()
-    cache = FeatureCache(model, records[: args.cache_images], InferenceConfig().scales, sc)
+    scales = InferenceConfig().scales
+    cache = FeatureCache(model, records[: args.cache_images], scales, sc)
     build = (time.perf_counter() - t0) / args.cache_images
     model.train()
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
@@ -85,7 +86,7 @@ def main(argv=None) -> int:
     print(f"{'mode':28s} {'s/step':>8s} {'samples/s':>10s} {'vs full':>8s}")
     for name, sec in rows:
         print(f"{name:28s} {sec:8.3f} {args.batch_size / sec:10.0f} {base / sec:7.1f}x")
-    print(f"cache build: {build:.2f} s per training image (7 scales, image and mirror)")
+    print(f"cache build: {build:.2f} s per training image ({len(scales)} scales, image and mirror)")
     print(f"command: {' '.join(sys.argv)}")
     return 0
 
