@@ -23,6 +23,7 @@ out = Console(highlight=False)
 _D = InferenceConfig()
 _T = TrainConfig()
 _M = ModelConfig()
+_S = SamplerConfig()
 
 
 def _fail(message: str, code: int = 2) -> "NoReturn":  # noqa: F821
@@ -225,13 +226,17 @@ def eval_cmd(results, gt, as_json) -> None:
 @click.option("--patch-size", type=int, default=None, help=f"Network input window in pixels. [default: {_M.patch_size}]")
 @click.option("--object-size", type=int, default=None, help=f"Canonical longer side of a centred object, pixels. [default: {_M.object_size}]")
 @click.option("--model-config", "model_config_file", type=click.Path(), default=None, help="JSON file of ModelConfig fields (mask size, widths, ...); --trunk/--patch-size/--object-size override it.")
+@click.option("--pos-shift", type=float, default=None, help=f"Positives: object centre within this many window pixels. [default: {_S.pos_shift:g}]")
+@click.option("--pos-scale", type=float, default=None, help=f"Positives: object size within this many octaves of the canonical. [default: {_S.pos_scale:g}]")
+@click.option("--neg-shift", type=float, default=None, help=f"Negatives: every object at least this many window pixels off... [default: {_S.neg_shift:g}]")
+@click.option("--neg-scale", type=float, default=None, help=f"...or this many octaves off its canonical size. [default: {_S.neg_scale:g}]")
 @click.option("--no-pretrained", is_flag=True, help="Start the trunk from random weights instead of ImageNet.")
 @click.option("--trunk-weights", type=click.Path(), default=None, help="ImageNet state dict file for the trunk (instead of the default source).")
 @click.option("--strict-data", is_flag=True, help="Stop on missing or unreadable images instead of skipping them.")
 @click.option("-q", "--quiet", is_flag=True)
 def train(data_dir, out_dir, val_dir, ann, images_dir, val_ann, val_images, trunk, steps, batch_size, lr, trunk_lr_mult,
           freeze_trunk, cache_features, cache_scales, score_weight, workers, device, seed, resume, checkpoint_every, val_every, val_batches, patch_size,
-          object_size, model_config_file, no_pretrained, trunk_weights, strict_data, quiet) -> None:
+          object_size, model_config_file, pos_shift, pos_scale, neg_shift, neg_scale, no_pretrained, trunk_weights, strict_data, quiet) -> None:
     """Train DeepMask on a COCO-format dataset (DATA_DIR or --ann/--images).
 
     \b
@@ -271,7 +276,9 @@ def train(data_dir, out_dir, val_dir, ann, images_dir, val_ann, val_images, trun
                  cache_features=cache_features, cache_scales=tuple(_parse_scales(cache_scales).values()) or None,
                  score_weight=score_weight, workers=workers, seed=seed, checkpoint_every=checkpoint_every,
                  val_every=val_every, val_batches=val_batches)
-    tc = dataclasses.replace(_T, **{k: v for k, v in given.items() if v is not None})
+    sampler = dataclasses.replace(_S, **{k: v for k, v in dict(pos_shift=pos_shift, pos_scale=pos_scale, neg_shift=neg_shift,
+                                                             neg_scale=neg_scale).items() if v is not None})
+    tc = dataclasses.replace(_T, sampler=sampler, **{k: v for k, v in given.items() if v is not None})
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:

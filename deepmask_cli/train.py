@@ -198,12 +198,14 @@ def train(
                          sampler=SamplerConfig(**saved["sampler"]))
     sampler_cfg = config.sampler
 
-    records, report = load_coco(train_data.ann, train_data.images, sampler=sampler_cfg, skip_bad_images=skip_bad_images)
+    records, report = load_coco(train_data.ann, train_data.images, sampler=sampler_cfg, skip_bad_images=skip_bad_images,
+                                check_decode=True)
     emit("data", {"split": "train", "images": len(records), "report": report,
                   "objects": sum(i.usable for r in records for i in r.instances)})
     val_records = None
     if val_data is not None:
-        val_records, vreport = load_coco(val_data.ann, val_data.images, sampler=sampler_cfg, skip_bad_images=skip_bad_images)
+        val_records, vreport = load_coco(val_data.ann, val_data.images, sampler=sampler_cfg, skip_bad_images=skip_bad_images,
+                                         check_decode=True)
         emit("data", {"split": "val", "images": len(val_records), "report": vreport,
                       "objects": sum(i.usable for r in val_records for i in r.instances)})
 

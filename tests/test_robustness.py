@@ -185,3 +185,43 @@ def test_propose_killed_then_resumed_equals_uninterrupted(synth_coco, tiny_weigh
     subprocess.run([*base, "-o", str(cut), "--resume"], check=True, env=env, timeout=300)
     assert json.loads(cut.read_text()) == json.loads((tmp_path / "full.json").read_text())
     assert not partial.exists()
+
+
+def test_unreadable_file_is_reported(tmp_path, tiny_weights, monkeypatch):
+    """Root reads every file, so permission is denied by patching the opener."""
+    import PIL.Image
+
+    good, locked = tmp_path / "good.png", tmp_path / "locked.png"
+    for p in (good, locked):
+        Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(p)
+    real_open = PIL.Image.open
+
+    def guarded(fp, *a, **k):
+        if str(fp).endswith("locked.png"):
+            raise PermissionError(13, "Permission denied", str(fp))
+        return real_open(fp, *a, **k)
+
+    monkeypatch.setattr(PIL.Image, "open", guarded)
+    r = CliRunner().invoke(main, ["propose", str(good), str(locked), "-o", str(tmp_path / "p.json"),
+                                  "--weights", str(tiny_weights), "--device", "cpu"])
+    assert r.exit_code == 1 and "locked.png: permission denied" in r.output and "Traceback" not in r.output
+    assert {os.path.basename(x["file_name"]) for x in json.loads((tmp_path / "p.json").read_text())} == {"good.png"}
+
+
+def test_ctrl_c_keeps_work_and_says_how_to_resume(tiny_weights, tmp_path):
+    from synth import make_coco
+
+    root = make_coco(tmp_path / "many", n_images=12)
+    out = tmp_path / "p.json"
+    cmd = [sys.executable, "-m", "deepmask_cli", "propose", str(root / "images"), "--weights", str(tiny_weights),
+           "--device", "cpu", "-o", str(out)]
+    proc = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    partial = tmp_path / "p.json.partial.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not partial.exists() or len(partial.read_bytes().splitlines()) < 2):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "--resume" in err and "Traceback" not in err
+    assert len(partial.read_bytes().splitlines()) >= 2 and not out.exists()
