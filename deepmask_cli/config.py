@@ -96,6 +96,8 @@ class InferenceConfig(_Serialisable):
     about ``object_size / 2**s`` pixels in the original image.
     """
 
+    # scale_min, scale_step: the official code's; scale_max and mask_thresh:
+    # tuned on coco-val for the shipped weights (weights/.../MODEL_CARD.md).
     scale_min: float = -2.5
     scale_max: float = 1.0
     scale_step: float = 0.5
