@@ -225,3 +225,13 @@ def test_ctrl_c_keeps_work_and_says_how_to_resume(tiny_weights, tmp_path):
     assert proc.returncode == 130
     assert "--resume" in err and "Traceback" not in err
     assert len(partial.read_bytes().splitlines()) >= 2 and not out.exists()
+
+
+def test_train_lists_and_skips_undecodable_images(tmp_path, synth_coco):
+    from deepmask_cli.data import DataError, load_coco
+
+    (synth_coco / "images" / "img001.jpg").write_text("not a jpeg any more")
+    recs, report = load_coco(synth_coco / "instances.json", synth_coco / "images", check_decode=True)
+    assert len(recs) == 3 and len(report["bad_images"]) == 1 and "img001.jpg" in report["bad_images"][0]
+    with pytest.raises(DataError, match="img001.jpg"):
+        load_coco(synth_coco / "instances.json", synth_coco / "images", check_decode=True, skip_bad_images=False)
