@@ -87,6 +87,25 @@ def main(argv=None) -> int:
     arr = np.array(per_image)
     console.print(f"median {np.median(arr):.3f} s/img, p90 {np.percentile(arr, 90):.3f} s/img, {n / total:.2f} img/s, "
                   f"{n_props / n:.0f} proposals/img, peak RSS {peak_mb:.0f} MB")
+    # Work per image and how much of the machine's matrix-multiply rate the network reaches
+    from torch.utils.flop_counter import FlopCounterMode
+
+    proposer.profile = False
+    with FlopCounterMode(display=False) as counter:
+        proposer(load_image(images[0]), rle=True)
+    flops = counter.get_total_flops()
+    a = torch.randn(1024, 1024, device=proposer.device)
+    a @ a
+    t0 = time.perf_counter()
+    for _ in range(20):
+        a @ a
+    if proposer.device.type == "cuda":
+        torch.cuda.synchronize()
+    peak = 20 * 2 * 1024**3 / (time.perf_counter() - t0)
+    net_s = sum(proposer.timings.get(k, 0.0) for k in ("trunk", "score head", "mask head")) / n
+    console.print(f"{flops / 2e9:.1f} G multiply-adds per image (first image, network only); the network stages run at "
+                  f"{flops / max(net_s, 1e-9) / 1e9:.1f} GFLOP/s, {100 * flops / max(net_s, 1e-9) / peak:.0f}% of this machine's "
+                  f"measured 1024x1024 matmul rate ({peak / 1e9:.1f} GFLOP/s)")
     if ids:
         res = evaluate_recall(recs, ann, image_ids=[ids[p.name] for p in images])
         console.print(f"mask AR@100 {res['segm'].ar['AR@100']:.3f}, box AR@100 {res['bbox'].ar['AR@100']:.3f} on these {n} images")
