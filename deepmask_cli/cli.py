@@ -9,10 +9,13 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+from rich.text import Text
 
 from . import __version__
 from .config import TRUNKS, InferenceConfig, ModelConfig, SamplerConfig, TrainConfig
@@ -26,7 +29,7 @@ _M = ModelConfig()
 _S = SamplerConfig()
 
 
-def _fail(message: str, code: int = 2) -> "NoReturn":  # noqa: F821
+def _fail(message: str, code: int = 2) -> NoReturn:
     err.print(f"[bold red]error:[/] {message}", soft_wrap=True)
     sys.exit(code)
 
@@ -87,9 +90,8 @@ def propose(images, out_path, weights, device, gt, fmt, show, max_proposals, sco
         proposer = load_proposer(weights, device=device, overrides=overrides)
     except (WeightsError, ProposeError, RuntimeError, ImageError) as e:
         _fail(str(e))
-    progress = _progress(quiet)
+    progress = _progress(quiet, _RateColumn())
     task = None
-    failures = []
 
     def on_start(n: int) -> None:
         nonlocal task
@@ -97,9 +99,8 @@ def propose(images, out_path, weights, device, gt, fmt, show, max_proposals, sco
 
     def on_image(path, n, reason) -> None:
         if reason is not None:
-            failures.append((path, reason))
             progress.console.print(f"[red]✗[/] {path}: {reason}", soft_wrap=True)
-        if task is not None and (reason is None or Path(path).exists()):
+        if task is not None:
             progress.advance(task)
 
     try:
@@ -107,7 +108,7 @@ def propose(images, out_path, weights, device, gt, fmt, show, max_proposals, sco
             summary = run_propose(images, out_path, proposer=proposer, fmt=fmt, gt=gt, show=show, batch_size=batch_size,
                                   resume=resume, strict=strict, exif=not no_exif, on_start=on_start, on_image=on_image)
     except KeyboardInterrupt:
-        _fail(f"interrupted; finished images are kept: run the same command with --resume to continue", 130)
+        _fail("interrupted; finished images are kept: run the same command with --resume to continue", 130)
     except ProposeError as e:
         _fail(f"{e}" + ("; rerun with --resume to keep finished images" if strict else ""))
     done = f"{summary.done} image(s), {summary.proposals} proposals"
@@ -120,35 +121,17 @@ def propose(images, out_path, weights, device, gt, fmt, show, max_proposals, sco
     sys.exit(1 if summary.failures else 0)
 
 
-def _progress(quiet: bool) -> Progress:
-    return _RateProgress(quiet)
+class _RateColumn(ProgressColumn):
+    """Items per second, once rich has measured it."""
+
+    def render(self, task) -> Text:
+        return Text(f"{task.speed:.2f} img/s" if task.speed else "")
 
 
-class _RateProgress(Progress):
-    """A progress bar with images/s and ETA."""
-
-    def __init__(self, quiet: bool) -> None:
-        super().__init__(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]}"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=err,
-            disable=quiet,
-        )
-
-    def add_task(self, *a, **kw):
-        kw.setdefault("rate", "")
-        return super().add_task(*a, **kw)
-
-    def advance(self, task_id, advance: float = 1) -> None:
-        super().advance(task_id, advance)
-        t = self._tasks[task_id]
-        if t.speed:
-            self.update(task_id, rate=f"{t.speed:.2f} img/s")
+def _progress(quiet: bool, info_column: ProgressColumn) -> Progress:
+    """The bar both long commands show: label, bar, done/total, ``info_column``, times."""
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), info_column,
+                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=err, disable=quiet)
 
 
 # ----------------------------------------------------------------------- viz
@@ -302,7 +285,7 @@ def train(data_dir, out_dir, val_dir, ann, images_dir, val_ann, val_images, trun
                                 pretrained=not no_pretrained, trunk_weights=trunk_weights,
                                 skip_bad_images=not strict_data, on_event=display.event)
     except KeyboardInterrupt:
-        _fail(f"interrupted; the last checkpoint is kept: rerun with --resume to continue", 130)
+        _fail("interrupted; the last checkpoint is kept: rerun with --resume to continue", 130)
     except (DataError, TrainError, PretrainedWeightsError, ValueError) as e:
         _fail(str(e))
     finally:
@@ -317,17 +300,7 @@ class _TrainDisplay:
 
     def __init__(self, steps: int, quiet: bool) -> None:
         self.quiet = quiet
-        self.progress = Progress(
-            TextColumn("[bold]train"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[stats]}"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=err,
-            disable=quiet,
-        )
+        self.progress = _progress(quiet, TextColumn("{task.fields[stats]}"))
         self.task = self.progress.add_task("train", total=steps, stats="")
         self.val = ""
 

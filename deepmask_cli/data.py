@@ -21,8 +21,6 @@ resumable.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 from dataclasses import dataclass
@@ -79,6 +77,12 @@ class Instance:
     rle: dict
     crowd: bool
     usable: bool  # may be a positive (not crowd, not tiny)
+
+
+def canonical_log2(bbox_xywh, object_size: int) -> float:
+    """log2 of the scale (window pixels per image pixel) at which an object
+    with this box has its longer side ``object_size``."""
+    return math.log2(object_size / max(bbox_xywh[2], bbox_xywh[3]))
 
 
 @dataclass
@@ -211,11 +215,9 @@ class PatchSampler:
         # per image: centres and canonical log2 scales of every object (crowd too)
         self._centres = []
         for r in records:
-            c = np.array([[x + w / 2, y + h / 2, math.log2(model.object_size / max(w, h))] for x, y, w, h in (i.bbox for i in r.instances)])
+            c = np.array([[x + w / 2, y + h / 2, canonical_log2((x, y, w, h), model.object_size)]
+                          for x, y, w, h in (i.bbox for i in r.instances)])
             self._centres.append(c.reshape(-1, 3))
-
-    def canonical_log2(self, inst: Instance) -> float:
-        return math.log2(self.model.object_size / max(inst.bbox[2], inst.bbox[3]))
 
     def is_negative(self, image: int, cx: float, cy: float, log2s: float) -> bool:
         """No object within ``neg_shift`` patch pixels and ``neg_scale`` octaves."""
@@ -233,7 +235,7 @@ class PatchSampler:
             i, j = self.positives[rng.integers(len(self.positives))]
             inst = self.records[i].instances[j]
             x, y, w, h = inst.bbox
-            log2s = self.canonical_log2(inst) + rng.uniform(-cfg.pos_scale, cfg.pos_scale)
+            log2s = canonical_log2(inst.bbox, self.model.object_size) + rng.uniform(-cfg.pos_scale, cfg.pos_scale)
             s = 2.0**log2s
             # shift within a disc of radius pos_shift (patch pixels)
             r, a = cfg.pos_shift * math.sqrt(rng.random()), rng.uniform(0, 2 * math.pi)
@@ -245,7 +247,7 @@ class PatchSampler:
                 # a hard negative: near an object, but shifted or scaled out of tolerance
                 inst = rec.instances[rng.integers(len(rec.instances))]
                 x, y, w, h = inst.bbox
-                log2s = self.canonical_log2(inst) + rng.uniform(-2.0, 2.0)
+                log2s = canonical_log2(inst.bbox, self.model.object_size) + rng.uniform(-2.0, 2.0)
                 s = 2.0**log2s
                 r, a = rng.uniform(0, 3 * cfg.neg_shift), rng.uniform(0, 2 * math.pi)
                 cx, cy = x + w / 2 + r * math.cos(a) / s, y + h / 2 + r * math.sin(a) / s
@@ -256,6 +258,14 @@ class PatchSampler:
                 return PatchSpec(i, cx, cy, 2.0**log2s, flip, -1, -1)
         # An image crowded everywhere: fall back to a far-out scale.
         return PatchSpec(i, rec.width / 2, rec.height / 2, 2.0 ** self.neg_log2_range[0] / 4, flip, -1, -1)
+
+
+def record_image(rec: ImageRecord) -> Image.Image:
+    """The record's image as RGB, at the size its annotations were made for."""
+    img = load_image(rec.path, exif=False)
+    if (img.width, img.height) != (rec.width, rec.height):
+        img = img.resize((rec.width, rec.height), Image.BILINEAR)
+    return img
 
 
 def crop_resized(img: Image.Image, cx: float, cy: float, scale: float, size: int, fill, resample=Image.BILINEAR) -> Image.Image:
@@ -318,9 +328,7 @@ class PatchDataset(torch.utils.data.Dataset):
     def image(self, i: int) -> Image.Image:
         img = self._cache.get(i)
         if img is None:
-            img = load_image(self.records[i].path, exif=False)
-            if (img.width, img.height) != (self.records[i].width, self.records[i].height):
-                img = img.resize((self.records[i].width, self.records[i].height), Image.BILINEAR)
+            img = record_image(self.records[i])
             if self.cache_images:
                 self._cache[i] = img
         return img
@@ -349,10 +357,3 @@ class PatchDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         rng = np.random.default_rng([self.seed, index, 1])
         return self.render(self.spec(index), rng)
-
-
-@contextlib.contextmanager
-def quiet():
-    """Silence pycocotools' prints."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        yield

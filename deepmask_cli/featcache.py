@@ -28,13 +28,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from pycocotools import mask as mask_utils
 
 from .config import TRUNK_STRIDE, ModelConfig, SamplerConfig
-from .data import ImageRecord, crop_resized
-from .images import load_image
+from .data import ImageRecord, canonical_log2, crop_resized, record_image
+from .inference import pyramid_canvas
 from .model import DeepMask
 
 
@@ -70,20 +69,13 @@ class FeatureCache:
         model = model.eval()
         device = torch.device(device)
         for n, rec in enumerate(records):
-            img = load_image(rec.path, exif=False)
-            if (img.width, img.height) != (rec.width, rec.height):
-                img = img.resize((rec.width, rec.height), Image.BILINEAR)
+            img = record_image(rec)
             base = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1).to(device)
             for flip in (False, True) if flips else (False,):
                 t = base.flip(2) if flip else base
                 for scale in scales:
                     h, w = max(1, round(rec.height * scale)), max(1, round(rec.width * scale))
-                    hc = math.ceil((h + p) / TRUNK_STRIDE) * TRUNK_STRIDE
-                    wc = math.ceil((w + p) / TRUNK_STRIDE) * TRUNK_STRIDE
-                    canvas = t.new_zeros(1, 3, hc, wc)
-                    down = h < rec.height
-                    resized = F.interpolate(t[None], size=(h, w), mode="bilinear", align_corners=False, antialias=down)
-                    canvas[:, :, p // 2 : p // 2 + h, p // 2 : p // 2 + w] = model.normalize(resized)
+                    canvas = pyramid_canvas([t], [(h, w)], p, model.normalize)
                     with torch.no_grad():
                         fmap = model.trunk(canvas.contiguous(memory_format=torch.channels_last))[0]
                     ny, nx = fmap.shape[1] - f + 1, fmap.shape[2] - f + 1
@@ -116,7 +108,7 @@ class FeatureCache:
             x, y, w, h = inst.bbox
             ox = rec.width - (x + w / 2) if lv.flip else x + w / 2
             oy = y + h / 2
-            dlog = abs(math.log2(s) - math.log2(self.model_config.object_size / max(w, h)))
+            dlog = abs(math.log2(s) - canonical_log2(inst.bbox, self.model_config.object_size))
             dist = np.hypot(cx - ox, cy - oy) * s
             if dlog < cfg.neg_scale:
                 near_any |= dist < cfg.neg_shift

@@ -6,7 +6,7 @@ import glob
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -124,12 +124,3 @@ def load_image(path: str | Path, *, exif: bool = True) -> Image.Image:
     if out.width < 1 or out.height < 1:
         raise ImageError("image has no pixels")
     return out
-
-
-def iter_decoded(paths: Iterable[Path], *, exif: bool = True):
-    """Yield ``(path, image or None, error or None)`` for each path."""
-    for p in paths:
-        try:
-            yield p, load_image(p, exif=exif), None
-        except ImageError as e:
-            yield p, None, str(e)

@@ -114,6 +114,34 @@ def image_to_tensor(image: Image.Image | np.ndarray | torch.Tensor) -> torch.Ten
     return t.float()
 
 
+def pyramid_canvas(images: Sequence[torch.Tensor], sizes: Sequence[tuple[int, int]], patch_size: int, normalize) -> torch.Tensor:
+    """One pyramid level for the trunk: ``(B, 3, Hc, Wc)``.
+
+    Each ``(3, H, W)`` image is resized to its ``(h, w)`` (antialiased when
+    shrinking), normalised, and placed half a window in from the top-left
+    corner of a zero canvas (zero is the trunk's mean colour after
+    normalisation: the neutral fill). The canvas leaves at least half a window
+    beyond every image and its sides are multiples of the trunk's stride, so
+    the window whose top-left cell is ``(i, j)`` is centred on resized pixel
+    ``(16 i, 16 j)``.
+    """
+    half = patch_size // 2
+    hc = max(canvas_cells(h, patch_size) for h, _ in sizes) * TRUNK_STRIDE
+    wc = max(canvas_cells(w, patch_size) for _, w in sizes) * TRUNK_STRIDE
+    canvas = images[0].new_zeros(len(images), 3, hc, wc)
+    for b, (t, (h, w)) in enumerate(zip(images, sizes)):
+        down = h < t.shape[1] or w < t.shape[2]
+        resized = F.interpolate(t[None], size=(h, w), mode="bilinear", align_corners=False, antialias=down)
+        canvas[b, :, half : half + h, half : half + w] = normalize(resized)[0]
+    return canvas
+
+
+def canvas_cells(size: int, patch_size: int) -> int:
+    """Trunk cells along a side of ``size`` resized pixels once padded: an
+    image side has ``canvas_cells - feat_size + 1`` window positions."""
+    return math.ceil((size + patch_size) / TRUNK_STRIDE)
+
+
 @dataclass
 class _Level:
     """One pyramid level of one batch: the trunk's map and per-image geometry."""
@@ -183,19 +211,11 @@ class Proposer:
 
     def dense_pass(self, images: list[torch.Tensor]) -> list[_Level]:
         """Trunk and dense score head at every scale; maps are kept for the mask head."""
-        p = self.patch_size
-        half = p // 2
         levels = []
         for scale in self.config.scales:
             sizes = [self.level_size(t.shape[1], t.shape[2], scale) for t in images]
-            hc = max(math.ceil((h + p) / TRUNK_STRIDE) for h, _ in sizes) * TRUNK_STRIDE
-            wc = max(math.ceil((w + p) / TRUNK_STRIDE) for _, w in sizes) * TRUNK_STRIDE
             with self._stage("pyramid"):
-                canvas = images[0].new_zeros(len(images), 3, hc, wc)
-                for b, (t, (h, w)) in enumerate(zip(images, sizes)):
-                    down = h < t.shape[1] or w < t.shape[2]
-                    resized = F.interpolate(t[None], size=(h, w), mode="bilinear", align_corners=False, antialias=down)
-                    canvas[b, :, half : half + h, half : half + w] = self.model.normalize(resized)[0]
+                canvas = pyramid_canvas(images, sizes, self.patch_size, self.model.normalize)
             with self._stage("trunk"):
                 fmap = self.trunk(canvas.contiguous(memory_format=torch.channels_last))
             with self._stage("score head"):
@@ -212,8 +232,7 @@ class Proposer:
         all_scores, all_level, all_y, all_x = [], [], [], []
         for li, lv in enumerate(levels):
             h, w = lv.sizes[b]
-            ny = math.ceil((h + p) / TRUNK_STRIDE) - f + 1
-            nx = math.ceil((w + p) / TRUNK_STRIDE) - f + 1
+            ny, nx = canvas_cells(h, p) - f + 1, canvas_cells(w, p) - f + 1
             s = lv.scores[b, :ny, :nx].reshape(-1)
             yy, xx = torch.meshgrid(torch.arange(ny, device=dev), torch.arange(nx, device=dev), indexing="ij")
             all_scores.append(s)

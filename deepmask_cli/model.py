@@ -165,9 +165,9 @@ class DeepMask(nn.Module):
         """Mask logits ``(K, m, m)`` for the windows with top-left cells
         ``(ys[k], xs[k])`` of image ``batch[k]`` in ``fmap: (B, C, H, W)``."""
         f = self.config.feat_size
-        reduced = F.relu(self.mask_head.reduce(fmap))
         if batch.numel() == 0:
             return fmap.new_zeros(0, self.config.mask_size, self.config.mask_size)
+        reduced = F.relu(self.mask_head.reduce(fmap))
         ar = torch.arange(f, device=fmap.device)
         rows = (ys[:, None] + ar)[:, :, None]  # (K, f, 1)
         cols = (xs[:, None] + ar)[:, None, :]  # (K, 1, f)

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .config import InferenceConfig
 from .images import ImageError, InputProblem, collect_images, load_image
 from .inference import Proposer
 from .results import ResultsWriter, records
@@ -105,8 +104,8 @@ def run_propose(
         raise ProposeError(f"{problems[0].path}: {problems[0].reason}")
     ids = gt_ids_by_name(gt) if gt is not None else None
     keys = [str(p) for p in paths]
-    if on_start:
-        on_start(len(paths))
+    if on_start:  # every input is then reported once through on_image
+        on_start(len(paths) + len(problems))
     for prob in problems:
         if on_image:
             on_image(Path(prob.path), None, prob.reason)

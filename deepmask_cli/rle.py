@@ -52,12 +52,6 @@ def area(rles: list[dict]) -> np.ndarray:
     return np.concatenate([mask_utils.area(objs[i : i + 255]) for i in range(0, len(objs), 255)]).astype(np.float64)
 
 
-def bbox_xywh(rles: list[dict]) -> np.ndarray:
-    if not rles:
-        return np.zeros((0, 4))
-    return mask_utils.toBbox([to_bytes(r) for r in rles])
-
-
 def iou(rles_a: list[dict], rles_b: list[dict]) -> np.ndarray:
     """Pairwise mask IoU ``(len(a), len(b))``."""
     if not rles_a or not rles_b:

@@ -18,14 +18,12 @@ same weights as one that never stopped.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -186,7 +184,7 @@ def train(
     rank, world = _dist_info()
     if config.batch_size % world:
         raise TrainError(f"--batch-size {config.batch_size} must be divisible by the {world} processes")
-    emit = (lambda kind, info: on_event(kind, info)) if (on_event and rank == 0) else (lambda kind, info: None)
+    emit = on_event if (on_event and rank == 0) else (lambda kind, info: None)
 
     ck = None
     if resume and (out_dir / CHECKPOINT).exists():
@@ -273,8 +271,7 @@ def train(
 
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        _truncate_metrics(out_dir / "metrics.jsonl", start_step)
-        history = _read_metrics(out_dir / "metrics.jsonl")
+        history = _truncate_metrics(out_dir / "metrics.jsonl", start_step)
     amp = config.amp and device.type == "cuda"
     amp_dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=amp and amp_dtype == torch.float16)
@@ -347,10 +344,9 @@ def train(
 
     if rank != 0:
         return out_dir / "weights"
-    if step == start_step and step < config.steps:
+    if step < config.steps:
         raise TrainError("no training step ran")
-    if not (out_dir / CHECKPOINT).exists() or step > start_step:
-        checkpoint(step, last_val, out_dir / CHECKPOINT)
+    # The last step wrote checkpoint.pt (a resumed finished run already has it).
     src = out_dir / BEST if (out_dir / BEST).exists() else out_dir / CHECKPOINT
     weights = export_checkpoint(src, out_dir / "weights")
     emit("done", {"weights": str(weights), "from": src.name, "step": step})
@@ -374,11 +370,12 @@ def _read_metrics(path: Path) -> list[dict]:
     return out
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop lines past the checkpoint a resumed run restarts from (and a torn tail)."""
-    if not path.exists():
-        return
+def _truncate_metrics(path: Path, step: int) -> list[dict]:
+    """Drop lines past the checkpoint a resumed run restarts from (and a torn
+    tail); return the lines kept."""
     keep = [m for m in _read_metrics(path) if m.get("step", 0) <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(m) + "\n" for m in keep))
-    os.replace(tmp, path)
+    if path.exists():
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(m) + "\n" for m in keep))
+        os.replace(tmp, path)
+    return keep

@@ -130,5 +130,5 @@ def load_weights(folder: str | Path, *, device: str | torch.device = "cpu") -> t
                 f"{path}: tensor {name} has shape {tuple(state[name].shape)}, "
                 f"the config's model needs {tuple(ref.shape)}"
             )
-    model.load_state_dict({k: v.to(ref.dtype) for (k, v), ref in zip(state.items(), (expected[k] for k in state))})
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
     return model.to(device).eval(), inference, config

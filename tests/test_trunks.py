@@ -8,7 +8,6 @@ from PIL import Image
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from deepmask_cli import trunks
 from deepmask_cli.trunks import EfficientNetLite0Trunk, PretrainedWeightsError, ResNet50Trunk, VGGATrunk, _MBConv
 
 
