@@ -18,7 +18,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
 from rich.text import Text
 
 from . import __version__
-from .config import TRUNKS, InferenceConfig, ModelConfig, SamplerConfig, TrainConfig
+from .config import PRECISIONS, TRUNKS, InferenceConfig, ModelConfig, SamplerConfig, TrainConfig
 
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False)
@@ -67,13 +67,16 @@ def main() -> None:
 @click.option("--pre-nms-topk", type=int, default=None, help=f"Windows kept by score before masks are computed. [default: {_D.pre_nms_topk}]")
 @click.option("--scales", default=None, help=f"Pyramid MIN,MAX,STEP in octaves (scales 2^MIN..2^MAX). [default: {_D.scale_min},{_D.scale_max},{_D.scale_step}]")
 @click.option("--max-side", type=int, default=None, help=f"Larger images are run at this longest side (masks stay full size). [default: {_D.max_side}]")
-@click.option("--batch-size", type=int, default=1, show_default=True, help="Images run through the network together (helps on a GPU).")
+@click.option("--batch-size", type=int, default=None, help="Images run through the network together. [default: 1 on a CPU, 8 on a GPU]")
+@click.option("--workers", type=int, default=None, help="Processes that RLE-encode and write results beside the network. [default: 0 on a CPU, up to 8 on a GPU]")
+@click.option("--precision", type=click.Choice(PRECISIONS), default=None, help=f"Network arithmetic (fp16/bf16: autocast on a GPU). [default: {_D.precision}: fp32 on a CPU, fp16 on a GPU]")
+@click.option("--shard", default=None, help="I/N: run only the I-th of N contiguous parts of the inputs (0-based); join the parts with deepmask merge.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run into the same output, skipping finished images.")
 @click.option("--strict", is_flag=True, help="Stop at the first bad image instead of reporting it and going on.")
 @click.option("--no-exif", is_flag=True, help="Ignore EXIF orientation (default: masks follow the image as viewers show it).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, only errors.")
 def propose(images, out_path, weights, device, gt, fmt, show, max_proposals, score_thresh, mask_thresh, nms, nms_thresh,
-            pre_nms_topk, scales, max_side, batch_size, resume, strict, no_exif, quiet) -> None:
+            pre_nms_topk, scales, max_side, batch_size, workers, precision, shard, resume, strict, no_exif, quiet) -> None:
     """Propose object masks for IMAGES (files, folders or globs).
 
     \b
@@ -81,15 +84,22 @@ def propose(images, out_path, weights, device, gt, fmt, show, max_proposals, sco
     deepmask propose photos/ --format png -o overlays/
     """
     from .images import ImageError
-    from .propose import ProposeError, load_proposer, run_propose
+    from .propose import ProposeError, load_proposer, parse_shard, run_propose
     from .weights import WeightsError
 
     overrides = dict(max_proposals=max_proposals, score_thresh=score_thresh, mask_thresh=mask_thresh, nms=nms,
-                     nms_thresh=nms_thresh, pre_nms_topk=pre_nms_topk, max_side=max_side, **_parse_scales(scales))
+                     nms_thresh=nms_thresh, pre_nms_topk=pre_nms_topk, max_side=max_side, precision=precision,
+                     **_parse_scales(scales))
     try:
+        shard_ = parse_shard(shard) if shard is not None else None
         proposer = load_proposer(weights, device=device, overrides=overrides)
-    except (WeightsError, ProposeError, RuntimeError, ImageError) as e:
+    except (WeightsError, ProposeError, RuntimeError, ValueError, ImageError) as e:
         _fail(str(e))
+    on_gpu = proposer.device.type == "cuda"
+    if batch_size is None:
+        batch_size = 8 if on_gpu else 1
+    if workers is None:
+        workers = min(8, max(0, (os.cpu_count() or 1) - 2)) if on_gpu else 0
     progress = _progress(quiet, _RateColumn())
     task = None
 
@@ -106,7 +116,8 @@ def propose(images, out_path, weights, device, gt, fmt, show, max_proposals, sco
     try:
         with progress:
             summary = run_propose(images, out_path, proposer=proposer, fmt=fmt, gt=gt, show=show, batch_size=batch_size,
-                                  resume=resume, strict=strict, exif=not no_exif, on_start=on_start, on_image=on_image)
+                                  resume=resume, strict=strict, exif=not no_exif, shard=shard_, workers=workers,
+                                  on_start=on_start, on_image=on_image)
     except KeyboardInterrupt:
         _fail("interrupted; finished images are kept: run the same command with --resume to continue", 130)
     except ProposeError as e:
@@ -181,6 +192,26 @@ def eval_cmd(results, gt, as_json) -> None:
         out.print(format_table(res))
 
 
+# --------------------------------------------------------------------- merge
+@main.command()
+@click.argument("parts", nargs=-1, required=True)
+@click.option("-o", "--out", "out_path", required=True, type=click.Path(), help="The merged results JSON file.")
+def merge(parts, out_path) -> None:
+    """Join the results files of a sharded run (propose --shard I/N), in shard order.
+
+    \b
+    for i in 0 1 2 3; do CUDA_VISIBLE_DEVICES=$i deepmask propose img/ --shard $i/4 -o part$i.json & done; wait
+    deepmask merge part0.json part1.json part2.json part3.json -o props.json
+    """
+    from .results import MergeError, merge_results
+
+    try:
+        n = merge_results(list(parts), out_path)
+    except MergeError as e:
+        _fail(str(e))
+    err.print(f"[green]✓[/] {len(parts)} part(s), {n} proposals → {out_path}")
+
+
 # --------------------------------------------------------------------- train
 @main.command()
 @click.argument("data_dir", required=False, type=click.Path())
@@ -198,6 +229,8 @@ def eval_cmd(results, gt, as_json) -> None:
 @click.option("--freeze-trunk", is_flag=True, default=None, help="Train the heads only (much faster on a CPU).")
 @click.option("--cache-features", is_flag=True, default=None, help="With --freeze-trunk: train the heads on the trunk's maps of the inference pyramid, cached once (fastest on a CPU).")
 @click.option("--cache-scales", default=None, help="With --cache-features: pyramid MIN,MAX,STEP in octaves. [default: the inference scales]")
+@click.option("--cache-file", type=click.Path(dir_okay=False), default=None, help="With --cache-features: save the cache to this file, or reuse it when it holds the same images, trunk and scales.")
+@click.option("--feature-dropout", type=float, default=None, help=f"With --cache-features: dropout on the cached maps before the heads. [default: {_T.feature_dropout:g}]")
 @click.option("--score-weight", type=float, default=None, help=f"lambda, the weight of the score loss. [default: {_T.score_weight:g}]")
 @click.option("--workers", type=int, default=None, help=f"DataLoader worker processes (0: load in the main process). [default: {_T.workers}]")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda (under torchrun: each process's own GPU).")
@@ -218,7 +251,7 @@ def eval_cmd(results, gt, as_json) -> None:
 @click.option("--strict-data", is_flag=True, help="Stop on missing or unreadable images instead of skipping them.")
 @click.option("-q", "--quiet", is_flag=True)
 def train(data_dir, out_dir, val_dir, ann, images_dir, val_ann, val_images, trunk, steps, batch_size, lr, trunk_lr_mult,
-          freeze_trunk, cache_features, cache_scales, score_weight, workers, device, seed, resume, checkpoint_every, val_every, val_batches, patch_size,
+          freeze_trunk, cache_features, cache_scales, cache_file, feature_dropout, score_weight, workers, device, seed, resume, checkpoint_every, val_every, val_batches, patch_size,
           object_size, model_config_file, pos_shift, pos_scale, neg_shift, neg_scale, no_pretrained, trunk_weights, strict_data, quiet) -> None:
     """Train DeepMask on a COCO-format dataset (DATA_DIR or --ann/--images).
 
@@ -257,6 +290,7 @@ def train(data_dir, out_dir, val_dir, ann, images_dir, val_ann, val_images, trun
         _fail(str(e))
     given = dict(steps=steps, batch_size=batch_size, lr=lr, trunk_lr_mult=trunk_lr_mult, freeze_trunk=freeze_trunk,
                  cache_features=cache_features, cache_scales=tuple(_parse_scales(cache_scales).values()) or None,
+                 cache_file=cache_file, feature_dropout=feature_dropout,
                  score_weight=score_weight, workers=workers, seed=seed, checkpoint_every=checkpoint_every,
                  val_every=val_every, val_batches=val_batches)
     sampler = dataclasses.replace(_S, **{k: v for k, v in dict(pos_shift=pos_shift, pos_scale=pos_scale, neg_shift=neg_shift,
@@ -331,7 +365,7 @@ class _TrainDisplay:
                 self.cache_task = p.add_task("cache", total=info["total"], stats="trunk maps of the pyramid")
             p.update(self.cache_task, completed=info["done"])
         elif kind == "cache_done":
-            p.console.print(f"feature cache: {info['levels']} maps, {info['positives']} positive and "
+            p.console.print(f"feature cache{' (loaded)' if info.get('loaded') else ''}: {info['levels']} maps, {info['positives']} positive and "
                             f"{info['negatives']} negative windows, built in {info['seconds']:.0f} s")
         elif kind == "start":
             p.update(self.task, completed=info["start_step"])

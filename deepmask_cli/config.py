@@ -22,6 +22,7 @@ from typing import Any, Mapping
 
 #: The stride of every trunk's output map, in input pixels.
 TRUNK_STRIDE = 16
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 TRUNKS = ("efficientnet-lite0", "vgg-a", "resnet50")
 
@@ -108,7 +109,12 @@ class InferenceConfig(_Serialisable):
     nms: str = "box"
     nms_thresh: float = 1.0
     max_side: int = 2048
-    paste_chunk: int = 64
+    # Windows pasted together (all of one pyramid scale); 0: 64 on a CPU
+    # (crops that stay in cache), 1024 on a GPU (few, large launches).
+    paste_chunk: int = 0
+    # Network arithmetic: fp32, or on a GPU fp16/bf16 autocast; auto: fp32 on
+    # a CPU, fp16 on a GPU.
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         if self.scale_step <= 0:
@@ -125,6 +131,10 @@ class InferenceConfig(_Serialisable):
             raise ValueError(f"score_thresh is a probability in [0, 1), got {self.score_thresh}")
         if not 0.0 < self.nms_thresh <= 1.0:
             raise ValueError(f"nms_thresh must be in (0, 1] (1 turns NMS off), got {self.nms_thresh}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.paste_chunk < 0:
+            raise ValueError(f"paste_chunk must be >= 0 (0: automatic), got {self.paste_chunk}")
         if self.max_proposals <= 0 or self.pre_nms_topk <= 0:
             raise ValueError("max_proposals and pre_nms_topk must be positive")
 
@@ -185,6 +195,12 @@ class TrainConfig(_Serialisable):
     # Pyramid (min, max, step in octaves) of the feature cache; None: the
     # inference defaults' scales.
     cache_scales: tuple[float, float, float] | None = None
+    # File the feature cache is saved to and reused from (None: memory only).
+    cache_file: str | None = None
+    # Dropout on the trunk's features before the heads, in training only: the
+    # regulariser that cached features leave room for (they get no pixel-level
+    # augmentation).
+    feature_dropout: float = 0.0
     workers: int = 1
     seed: int = 0
     checkpoint_every: int = 1000

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -35,6 +36,8 @@ from .config import TRUNK_STRIDE, ModelConfig, SamplerConfig
 from .data import ImageRecord, canonical_log2, crop_resized, record_image
 from .inference import pyramid_canvas
 from .model import DeepMask
+
+CACHE_VERSION = 1
 
 
 @dataclass
@@ -58,41 +61,83 @@ class FeatureCache:
     """
 
     def __init__(self, model: DeepMask, records: list[ImageRecord], scales: tuple[float, ...], sampler: SamplerConfig,
-                 *, flips: bool = True, device: torch.device | str = "cpu", on_image=None) -> None:
+                 *, flips: bool = True, device: torch.device | str = "cpu", on_image=None,
+                 levels: list[_Level] | None = None) -> None:
         self.model_config: ModelConfig = model.config
         self.records = records
         self.sampler = sampler
-        self.levels: list[_Level] = []
+        self.scales = tuple(float(s) for s in scales)
+        self.flips = flips
+        self.levels: list[_Level] = levels if levels is not None else self._build(model, device, on_image)
         pos, neg, hard = [], [], []
-        p = model.config.patch_size
-        f = model.config.feat_size
-        model = model.eval()
-        device = torch.device(device)
-        for n, rec in enumerate(records):
-            img = record_image(rec)
-            base = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1).to(device)
-            for flip in (False, True) if flips else (False,):
-                t = base.flip(2) if flip else base
-                for scale in scales:
-                    h, w = max(1, round(rec.height * scale)), max(1, round(rec.width * scale))
-                    canvas = pyramid_canvas([t], [(h, w)], p, model.normalize)
-                    with torch.no_grad():
-                        fmap = model.trunk(canvas.contiguous(memory_format=torch.channels_last))[0]
-                    ny, nx = fmap.shape[1] - f + 1, fmap.shape[2] - f + 1
-                    lv = _Level(n, flip, scale, w / rec.width, h / rec.height, fmap.half().cpu().contiguous(), ny, nx)
-                    li = len(self.levels)
-                    self.levels.append(lv)
-                    a, b, c = self._label(li, lv, rec)
-                    pos.append(a)
-                    neg.append(b)
-                    hard.append(c)
-            if on_image:
-                on_image(n + 1, len(records))
+        for li, lv in enumerate(self.levels):
+            a, b, c = self._label(li, lv, records[lv.image])
+            pos.append(a)
+            neg.append(b)
+            hard.append(c)
         self.positives = np.concatenate(pos) if pos else np.zeros((0, 4), np.int64)
         self.negatives = np.concatenate(neg) if neg else np.zeros((0, 3), np.int64)
         self.hard_negatives = np.concatenate(hard) if hard else np.zeros((0, 3), np.int64)
         if len(self.positives) == 0:
             raise ValueError("no positive window in the cached pyramid: objects are outside the scales' range")
+
+    def _build(self, model: DeepMask, device, on_image) -> list[_Level]:
+        levels = []
+        p = model.config.patch_size
+        f = model.config.feat_size
+        model = model.eval()
+        device = torch.device(device)
+        for n, rec in enumerate(self.records):
+            img = record_image(rec)
+            base = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1).to(device)
+            for flip in (False, True) if self.flips else (False,):
+                t = base.flip(2) if flip else base
+                for scale in self.scales:
+                    h, w = max(1, round(rec.height * scale)), max(1, round(rec.width * scale))
+                    canvas = pyramid_canvas([t], [(h, w)], p, model.normalize)
+                    with torch.no_grad():
+                        fmap = model.trunk(canvas.contiguous(memory_format=torch.channels_last))[0]
+                    ny, nx = fmap.shape[1] - f + 1, fmap.shape[2] - f + 1
+                    levels.append(_Level(n, flip, scale, w / rec.width, h / rec.height, fmap.half().cpu().contiguous(), ny, nx))
+            if on_image:
+                on_image(n + 1, len(self.records))
+        return levels
+
+    # ------------------------------------------------------------ persistence
+    def _meta(self) -> dict:
+        mc = self.model_config
+        return {"version": CACHE_VERSION, "trunk": mc.trunk, "patch_size": mc.patch_size, "scales": list(self.scales),
+                "flips": self.flips, "images": [str(r.path) for r in self.records]}
+
+    def save(self, path: str | Path) -> None:
+        """Write the maps (not the labels, which are cheap and depend on the
+        sampler) to ``path``, atomically."""
+        from .train import atomic_save
+
+        atomic_save({"meta": self._meta(),
+                     "levels": [(lv.image, lv.flip, lv.scale, lv.sx, lv.sy, lv.ny, lv.nx) for lv in self.levels],
+                     "fmaps": [lv.fmap for lv in self.levels]}, Path(path))
+
+    @classmethod
+    def load_or_build(cls, path: str | Path | None, model: DeepMask, records: list[ImageRecord], scales: tuple[float, ...],
+                      sampler: SamplerConfig, *, flips: bool = True, device: torch.device | str = "cpu",
+                      on_image=None) -> tuple["FeatureCache", bool]:
+        """The cache saved at ``path`` when it was made from the same images,
+        trunk, patch size and scales; otherwise a fresh one, saved there.
+        Returns ``(cache, loaded)``. (The trunk's weights are not compared:
+        a cache file belongs to one pretrained trunk.)"""
+        if path is not None and Path(path).exists():
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            want = cls.__new__(cls)
+            want.model_config, want.records, want.scales, want.flips = model.config, records, tuple(float(s) for s in scales), flips
+            if blob.get("meta") == want._meta():
+                levels = [_Level(int(i), bool(fl), float(sc), float(sx), float(sy), fm, int(ny), int(nx))
+                          for (i, fl, sc, sx, sy, ny, nx), fm in zip(blob["levels"], blob["fmaps"])]
+                return cls(model, records, scales, sampler, flips=flips, levels=levels), True
+        cache = cls(model, records, scales, sampler, flips=flips, device=device, on_image=on_image)
+        if path is not None:
+            cache.save(path)
+        return cache, False
 
     def _label(self, li: int, lv: _Level, rec: ImageRecord):
         cfg = self.sampler

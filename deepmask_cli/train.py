@@ -209,6 +209,8 @@ def train(
 
     if config.cache_features and not config.freeze_trunk:
         raise TrainError("--cache-features trains the heads on a frozen trunk's maps: add --freeze-trunk")
+    if (config.feature_dropout > 0 or config.cache_file) and not config.cache_features:
+        raise TrainError("--feature-dropout and --cache-file work on cached maps: add --freeze-trunk --cache-features")
     torch.manual_seed(config.seed)
     model = build_model(model_config, pretrained_trunk=pretrained and ck is None, trunk_weights=trunk_weights)
     model.to(device).train()
@@ -246,10 +248,12 @@ def train(
         if config.cache_scales is not None:
             lo, hi, st = config.cache_scales
             pyramid = pyramid.replace(scale_min=lo, scale_max=hi, scale_step=st)
-        cache = FeatureCache(model, records, pyramid.scales, sampler_cfg, device=device,
-                             on_image=lambda n, total: emit("cache", {"done": n, "total": total}))
+        # Every rank builds its own (identical) cache; only rank 0 saves it.
+        cache, loaded = FeatureCache.load_or_build(config.cache_file if rank == 0 else None, model, records,
+                                                   pyramid.scales, sampler_cfg, device=device,
+                                                   on_image=lambda n, total: emit("cache", {"done": n, "total": total}))
         emit("cache_done", {"seconds": time.time() - t_cache, "levels": len(cache), "positives": len(cache.positives),
-                            "negatives": len(cache.negatives)})
+                            "negatives": len(cache.negatives), "loaded": loaded})
         loader = (cache.batch(t, config.batch_size, config.seed, rank, world) for t in range(start_step, config.steps))
     else:
         dataset = PatchDataset(records, model_config, sampler_cfg, seed=config.seed, fill=fill)
@@ -302,6 +306,8 @@ def train(
             g["lr"] = config.lr * lr_factor(step, config) * g["lr_mult"]
         x, mask, label = x.to(device, non_blocking=True), mask.to(device, non_blocking=True), label.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+            if config.feature_dropout > 0:  # cached maps only (checked above)
+                x = F.dropout(x, config.feature_dropout)
             mlog, slog = ddp_model(x, from_features=config.cache_features)
         loss, lm, ls = deepmask_loss(mlog, slog, mask, label, config.score_weight)
         opt.zero_grad(set_to_none=True)

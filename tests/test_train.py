@@ -188,3 +188,45 @@ def test_bad_annotation_files_are_clear_errors(tmp_path, content, message):
     (tmp_path / "instances.json").write_text(content)
     with pytest.raises(DataError, match=message):
         load_coco(tmp_path / "instances.json", tmp_path / "images")
+
+
+def test_feature_cache_file_is_reused_and_gives_the_same_run(synth_coco, tmp_path):
+    """A run with --cache-file saves the maps; a second run loads them (no
+    trunk pass) and trains to the same weights as a run without the file."""
+    from deepmask_cli import featcache
+
+    data = TrainData(synth_coco / "instances.json", synth_coco / "images")
+    cfg = _tiny_train_config(freeze_trunk=True, cache_features=True, steps=4, feature_dropout=0.2,
+                             cache_file=str(tmp_path / "maps.pt"))
+    events = []
+    train(data, tmp_path / "a", model_config=TINY, config=cfg, pretrained=False,
+          on_event=lambda k, i: events.append((k, i)))
+    assert (tmp_path / "maps.pt").exists()
+    assert [i["loaded"] for k, i in events if k == "cache_done"] == [False]
+
+    built = featcache.FeatureCache._build
+    featcache.FeatureCache._build = lambda *a, **k: pytest.fail("the saved cache was not reused")
+    try:
+        events.clear()
+        train(data, tmp_path / "b", model_config=TINY, config=cfg, pretrained=False,
+              on_event=lambda k, i: events.append((k, i)))
+    finally:
+        featcache.FeatureCache._build = built
+    assert [i["loaded"] for k, i in events if k == "cache_done"] == [True]
+    a = load_file(tmp_path / "a" / "weights" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "weights" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    # different scales: the file does not match and is rebuilt, not misused
+    events.clear()
+    train(data, tmp_path / "c", model_config=TINY, pretrained=False, on_event=lambda k, i: events.append((k, i)),
+          config=dataclasses.replace(cfg, cache_scales=(-1.0, 0.0, 1.0)))
+    assert [i["loaded"] for k, i in events if k == "cache_done"] == [False]
+
+
+def test_feature_dropout_needs_cached_features(synth_coco, tmp_path):
+    from deepmask_cli.train import TrainError
+
+    with pytest.raises(TrainError, match="--cache-features"):
+        train(TrainData(synth_coco / "instances.json", synth_coco / "images"), tmp_path / "r", model_config=TINY,
+              config=_tiny_train_config(feature_dropout=0.2), pretrained=False)
