@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     for path in sorted(img_dir.glob("*.jpg"))[: args.limit]:
         im = load_image(path)
         ra, rb = pa(im, rle=True), pb(im, rle=True)
-        best = rle.iou(ra.rles[: args.top], rb.rles[: args.top]).max(1).mean()
+        best = rle.iou(ra.to_rles()[: args.top], rb.to_rles()[: args.top]).max(1).mean()
         same = np.mean([x == y for x, y in zip(ra.windows_xyxy[: args.top].tolist(), rb.windows_xyxy[: args.top].tolist())])
         print(f"{path.name}: mean best-match mask IoU {best:.4f}, same window at the same rank {same:.2f}")
     print(f"command: {' '.join(sys.argv)}")

@@ -1,14 +1,24 @@
 """Speed of ``deepmask propose`` with a stage breakdown, against Selective Search.
 
     python benchmarks/speed.py ../shared/data/coco-val --limit 30
+    python benchmarks/speed.py ../shared/data/coco-val --limit 20 --scale-sets=-2.5,1,0.5 --scale-sets=-2.5,0.5,0.5
+    python benchmarks/speed.py ../shared/data/coco-val --device cuda --limit 0 --e2e 1000 --agree 50
 
 Runs the shipped weights and defaults over the folder's images (after a
-warm-up image), one image at a time as ``propose`` does, and prints median and
-90th-percentile seconds per image, images/s, peak resident memory, the time of
-each stage (decode, pyramid, trunk, score head, mask head, pasting, NMS, RLE,
-writing), and, in the same run, Selective Search (fast) on the same images and
-the ratio. With annotations it also prints mask and box AR@100, so that a speed
-change can be checked against recall.
+warm-up image), one image at a time, and prints median and 90th-percentile
+seconds per image, images/s, peak resident memory, the time of each stage
+(decode, pyramid, trunk, score head, mask head, pasting, RLE, NMS, writing),
+the multiply-adds per image and the share of the machine's measured
+matrix-multiply rate the network reaches, and in the same run Selective Search
+(fast) on the same images and the ratio. With annotations it also prints mask
+and box AR@100, so that a speed change can be checked against recall.
+
+``--scale-sets`` repeats the timing and AR@100 for other pyramids (the
+speed/recall trade-off of the scale range). ``--e2e N`` times the whole
+``deepmask propose`` pipeline (prefetching decoder, batched network, RLE and
+JSON in worker processes) over N images (the folder's, repeated) and prints
+images/s. ``--agree K`` compares the run's precision with fp32 on K images:
+for each of fp32's top 100 masks, the best IoU among the other's top 100.
 """
 
 from __future__ import annotations
@@ -28,30 +38,18 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from deepmask_cli import rle
 from deepmask_cli.evaluate import evaluate_recall
 from deepmask_cli.images import load_image
-from deepmask_cli.propose import load_proposer
+from deepmask_cli.propose import load_proposer, run_propose
 from deepmask_cli.results import ResultsWriter, records
 
+console = Console(width=200)
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("folder", type=Path, help="folder of images, or a COCO folder (images/ + instances.json)")
-    ap.add_argument("--weights", default=None)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--limit", type=int, default=30)
-    ap.add_argument("--no-peer", action="store_true")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
 
-    img_dir = args.folder / "images" if (args.folder / "images").is_dir() else args.folder
-    images = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[: args.limit]
-    ann = args.folder / "instances.json"
-    ids = {im["file_name"]: im["id"] for im in json.loads(ann.read_text())["images"]} if ann.exists() else None
-    proposer = load_proposer(args.weights, device=args.device)
-    proposer(np.zeros((480, 640, 3), np.uint8))  # warm-up
+def per_image_pass(proposer, images, ids):
+    """One image at a time, as a plain loop would: per-image times, stage
+    times (decode and write added), proposals per image and the records."""
     proposer.profile = True
     proposer.timings.clear()
     per_image, decode_t, write_t, n_props = [], 0.0, 0.0, 0
@@ -72,49 +70,156 @@ def main(argv=None) -> int:
             n_props += len(props)
         writer.close()
         recs = json.loads((Path(tmp) / "props.json").read_text())
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    n = len(images)
-    stages = {"decode": decode_t, **proposer.timings, "write": write_t}
-    console = Console(width=200)
-    t = Table(title=f"deepmask propose on {n} images of {img_dir} ({proposer.device}, {torch.get_num_threads()} threads)")
-    t.add_column("stage")
-    t.add_column("ms/img", justify="right")
-    t.add_column("share", justify="right")
-    total = sum(per_image)
-    for name, sec in stages.items():
-        t.add_row(name, f"{1000 * sec / n:.1f}", f"{100 * sec / total:.0f}%")
-    console.print(t)
-    arr = np.array(per_image)
-    console.print(f"median {np.median(arr):.3f} s/img, p90 {np.percentile(arr, 90):.3f} s/img, {n / total:.2f} img/s, "
-                  f"{n_props / n:.0f} proposals/img, peak RSS {peak_mb:.0f} MB")
-    # Work per image and how much of the machine's matrix-multiply rate the network reaches
-    from torch.utils.flop_counter import FlopCounterMode
-
     proposer.profile = False
-    with FlopCounterMode(display=False) as counter:
-        proposer(load_image(images[0]), rle=True)
-    flops = counter.get_total_flops()
-    a = torch.randn(1024, 1024, device=proposer.device)
-    a @ a
-    t0 = time.perf_counter()
-    for _ in range(20):
-        a @ a
-    if proposer.device.type == "cuda":
-        torch.cuda.synchronize()
-    peak = 20 * 2 * 1024**3 / (time.perf_counter() - t0)
-    net_s = sum(proposer.timings.get(k, 0.0) for k in ("trunk", "score head", "mask head")) / n
-    console.print(f"{flops / 2e9:.1f} G multiply-adds per image (first image, network only); the network stages run at "
-                  f"{flops / max(net_s, 1e-9) / 1e9:.1f} GFLOP/s, {100 * flops / max(net_s, 1e-9) / peak:.0f}% of this machine's "
-                  f"measured 1024x1024 matmul rate ({peak / 1e9:.1f} GFLOP/s)")
-    if ids:
-        res = evaluate_recall(recs, ann, image_ids=[ids[p.name] for p in images])
-        console.print(f"mask AR@100 {res['segm'].ar['AR@100']:.3f}, box AR@100 {res['bbox'].ar['AR@100']:.3f} on these {n} images")
-    if not args.no_peer:
-        sys.path.insert(0, str(Path(__file__).parent))
-        from recall import selective_search
+    stages = {"decode": decode_t, **proposer.timings, "write": write_t}
+    return np.array(per_image), stages, n_props / max(len(images), 1), recs
 
-        _, ss_time = selective_search(images, {p.name: i for i, p in enumerate(images)})
-        console.print(f"selective search (fast): {ss_time:.3f} s/img; deepmask is {ss_time / (total / n):.2f}x its speed")
+
+def ar100(recs, ann, ids, images):
+    res = evaluate_recall(recs, ann, image_ids=[ids[p.name] for p in images])
+    return res["segm"].ar["AR@100"], res["bbox"].ar["AR@100"]
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
+    """FLOP/s of a large square matrix product on the device, in ``dtype``."""
+    n = 1024 if device.type == "cpu" else 8192
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    reps = 20 if device.type == "cpu" else 50
+    a @ a
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ a
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return reps * 2 * n**3 / (time.perf_counter() - t0)
+
+
+def end_to_end(args, images, n_images: int) -> tuple[float, int, int]:
+    """images/s of run_propose over ``n_images`` (the folder's images linked
+    under distinct names) with the CLI's batching and workers."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "in"
+        src.mkdir()
+        for k in range(n_images):
+            (src / f"{k:06d}_{images[k % len(images)].name}").symlink_to(images[k % len(images)].resolve())
+        proposer = load_proposer(args.weights, device=args.device, overrides={"precision": args.precision})
+        on_gpu = proposer.device.type == "cuda"
+        batch = args.batch_size or (8 if on_gpu else 1)
+        workers = args.workers if args.workers is not None else (min(8, max(0, (os.cpu_count() or 1) - 2)) if on_gpu else 0)
+        # warm-up run (worker start-up, kernels), then the timed one
+        warm = sorted(src.iterdir())[: max(2 * batch, 4)]
+        run_propose(warm, Path(tmp) / "warm.json", proposer=proposer, batch_size=batch, workers=workers)
+        t0 = time.perf_counter()
+        s = run_propose([src], Path(tmp) / "out.json", proposer=proposer, batch_size=batch, workers=workers)
+        dt = time.perf_counter() - t0
+        assert s.done == n_images, s.failures[:3]
+        return n_images / dt, batch, workers
+
+
+def agreement(args, images, k: int) -> tuple[float, float]:
+    """Mean best IoU of fp32's top-100 masks among this precision's top 100,
+    and the fraction at or above 0.99."""
+    fast = load_proposer(args.weights, device=args.device, overrides={"precision": args.precision})
+    ref = load_proposer(args.weights, device=args.device, overrides={"precision": "fp32"})
+    best = []
+    for path in images[:k]:
+        img = load_image(path)
+        a = ref(img, rle=True).to_rles()[:100]
+        b = fast(img, rle=True).to_rles()[:100]
+        best.append(rle.iou(a, b).max(1))
+    best = np.concatenate(best)
+    return float(best.mean()), float((best >= 0.99).mean())
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("folder", type=Path, help="folder of images, or a COCO folder (images/ + instances.json)")
+    ap.add_argument("--weights", default=None)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--precision", default=None, help="auto, fp32, fp16, bf16 (default: the weights' setting)")
+    ap.add_argument("--limit", type=int, default=30, help="images for the stage breakdown (0: skip it)")
+    ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--scale-sets", action="append", default=[], metavar="MIN,MAX,STEP",
+                    help="also time these pyramids and print their AR@100 (repeatable)")
+    ap.add_argument("--e2e", type=int, default=0, metavar="N", help="time the whole propose pipeline over N images")
+    ap.add_argument("--batch-size", type=int, default=None, help="--e2e batch (default: the CLI's)")
+    ap.add_argument("--workers", type=int, default=None, help="--e2e encoding processes (default: the CLI's)")
+    ap.add_argument("--agree", type=int, default=0, metavar="K", help="compare with fp32 on K images")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    img_dir = args.folder / "images" if (args.folder / "images").is_dir() else args.folder
+    all_images = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    images = all_images[: args.limit]
+    ann = args.folder / "instances.json"
+    ids = {im["file_name"]: im["id"] for im in json.loads(ann.read_text())["images"]} if ann.exists() else None
+    proposer = load_proposer(args.weights, device=args.device, overrides={"precision": args.precision})
+    dtype = proposer.autocast_dtype or torch.float32
+    where = f"{proposer.device}" + (f" ({torch.cuda.get_device_name(proposer.device)})" if proposer.device.type == "cuda" else "")
+    console.print(f"device {where}, {torch.get_num_threads()} torch threads, precision {str(dtype).replace('torch.', '')}")
+    proposer(np.zeros((480, 640, 3), np.uint8))  # warm-up
+
+    if images:
+        arr, stages, props_per_img, recs = per_image_pass(proposer, images, ids)
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        n, total = len(images), float(arr.sum())
+        t = Table(title=f"deepmask propose, one image at a time, {n} images of {img_dir}")
+        t.add_column("stage")
+        t.add_column("ms/img", justify="right")
+        t.add_column("share", justify="right")
+        for name, sec in stages.items():
+            t.add_row(name, f"{1000 * sec / n:.1f}", f"{100 * sec / total:.0f}%")
+        console.print(t)
+        console.print(f"median {np.median(arr):.3f} s/img, p90 {np.percentile(arr, 90):.3f} s/img, {n / total:.2f} img/s, "
+                      f"{props_per_img:.0f} proposals/img, peak RSS {peak_mb:.0f} MB")
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter:
+            proposer(load_image(images[0]), rle=True)
+        flops = counter.get_total_flops()
+        peak = matmul_rate(proposer.device, dtype)
+        net_s = sum(stages.get(k, 0.0) for k in ("trunk", "score head", "mask head")) / n
+        console.print(f"{flops / 2e9:.1f} G multiply-adds per image (first image, network only); the network stages run at "
+                      f"{flops / max(net_s, 1e-9) / 1e9:.1f} GFLOP/s, {100 * flops / max(net_s, 1e-9) / peak:.1f}% of this "
+                      f"machine's measured {str(dtype).replace('torch.', '')} matmul rate ({peak / 1e9:.1f} GFLOP/s)")
+        if ids:
+            m, b = ar100(recs, ann, ids, images)
+            console.print(f"mask AR@100 {m:.3f}, box AR@100 {b:.3f} on these {n} images")
+
+        if args.scale_sets:
+            t = Table(title=f"pyramid scale sets on the same {n} images: recall against time")
+            for col in ("scales (octaves)", "levels", "median s/img", "mask AR@100", "box AR@100"):
+                t.add_column(col, justify="right")
+            for spec in args.scale_sets:
+                lo, hi, st = (float(v) for v in spec.split(","))
+                p = load_proposer(args.weights, device=args.device,
+                                  overrides={"precision": args.precision, "scale_min": lo, "scale_max": hi, "scale_step": st})
+                p(np.zeros((480, 640, 3), np.uint8))
+                arr_s, _, _, recs_s = per_image_pass(p, images, ids)
+                ar = ar100(recs_s, ann, ids, images) if ids else (float("nan"), float("nan"))
+                t.add_row(f"{lo:g}..{hi:g} step {st:g}", str(len(p.config.scales)), f"{np.median(arr_s):.3f}",
+                          f"{ar[0]:.3f}", f"{ar[1]:.3f}")
+            console.print(t)
+
+        if not args.no_peer:
+            sys.path.insert(0, str(Path(__file__).parent))
+            from recall import selective_search
+
+            _, ss_time = selective_search(images, {p.name: i for i, p in enumerate(images)})
+            console.print(f"selective search (fast): {ss_time:.3f} s/img; deepmask is {ss_time / (total / n):.2f}x its speed")
+
+    if args.agree:
+        mean, frac = agreement(args, all_images, args.agree)
+        console.print(f"{str(dtype).replace('torch.', '')} vs fp32 on {args.agree} images: each fp32 top-100 mask's best IoU "
+                      f"among the top 100: mean {mean:.4f}, {100 * frac:.1f}% >= 0.99")
+    if args.e2e:
+        rate, batch, workers = end_to_end(args, all_images, args.e2e)
+        console.print(f"end to end (deepmask propose: decode, network, paste, RLE, JSON): {rate:.1f} img/s over "
+                      f"{args.e2e} images, batch {batch}, {workers} encoding workers")
     console.print(f"machine: {platform.machine()}, {os.cpu_count()} cores; command: {' '.join(sys.argv)}")
     return 0
 

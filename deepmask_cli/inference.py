@@ -32,7 +32,8 @@ from PIL import Image
 from . import rle as rle_utils
 from .config import TRUNK_STRIDE, InferenceConfig
 from .model import DeepMask
-from .postprocess import cluster_nms, logit, masks_to_boxes, nms_boxes, paste_masks
+from .postprocess import (cluster_nms, crop_boxes, crop_run_starts, logit, masks_to_boxes, nms_boxes, paste_crops,
+                          paste_masks)
 
 
 @dataclass
@@ -46,7 +47,11 @@ class Proposals:
         scales: ``(N,)`` the pyramid scale of each window.
         image_size: ``(H, W)`` of the image the masks belong to.
         masks: ``(N, H, W)`` bool, or ``None`` when RLEs were asked for.
-        rles: N COCO RLEs (``{"size": [H, W], "counts": str}``) or ``None``.
+        rles: N COCO RLEs (``{"size": [H, W], "counts": str}``), or ``None``
+            until :meth:`to_rles` makes them.
+        runs: ``(owner, pos)`` numpy arrays, where each mask's runs change
+            value (see :func:`rle.from_run_starts`): the compact form RLEs are
+            made from, lazily, so that encoding can happen off the main thread.
     """
 
     scores: torch.Tensor
@@ -56,6 +61,8 @@ class Proposals:
     image_size: tuple[int, int]
     masks: torch.Tensor | None = None
     rles: list[dict] | None = None
+    runs: tuple[np.ndarray, np.ndarray] | None = None
+    areas: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.scores.shape[0])
@@ -66,10 +73,22 @@ class Proposals:
         return torch.stack([b[:, 0], b[:, 1], b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], 1)
 
     def to_rles(self) -> list[dict]:
-        if self.rles is not None:
-            return self.rles
-        assert self.masks is not None
-        return rle_utils.encode(self.masks)
+        """The masks as COCO RLEs (made once, then kept)."""
+        if self.rles is None:
+            if self.runs is not None:
+                self.rles, self.areas = rle_utils.from_run_starts(*self.runs, len(self), *self.image_size)
+                self.runs = None
+            else:
+                assert self.masks is not None
+                self.rles = rle_utils.encode(self.masks)
+        return self.rles
+
+    def mask_areas(self) -> np.ndarray:
+        """Pixels in each mask."""
+        if self.areas is None:
+            self.areas = (self.masks.sum((1, 2)).cpu().numpy().astype(np.float64) if self.masks is not None
+                          else rle_utils.area(self.to_rles()))
+        return self.areas
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -169,6 +188,14 @@ class Proposer:
         # the Lite0 trunk on 32 patches: 0.80 s plain, 0.40 s both).
         self.trunk = model.trunk.fused().to(memory_format=torch.channels_last)
         self.config = config or InferenceConfig()
+        prec = self.config.precision
+        if prec == "auto":
+            prec = "fp16" if self.device.type == "cuda" else "fp32"
+        if prec == "fp16" and self.device.type != "cuda":
+            raise ValueError("precision fp16 needs a GPU; use fp32 (or bf16) on a CPU")
+        #: The autocast dtype of the network, or None for fp32.
+        self.autocast_dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[prec]
+        self.paste_chunk = self.config.paste_chunk or (1024 if self.device.type == "cuda" else 64)
         #: Seconds spent per stage, accumulated while ``profile`` is on (for benchmarks).
         self.profile = False
         self.timings: dict[str, float] = defaultdict(float)
@@ -185,6 +212,11 @@ class Proposer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.timings[name] += time.perf_counter() - t0
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     @property
     def patch_size(self) -> int:
@@ -217,10 +249,10 @@ class Proposer:
             sizes = [self.level_size(t.shape[1], t.shape[2], scale) for t in images]
             with self._stage("pyramid"):
                 canvas = pyramid_canvas(images, sizes, self.patch_size, self.model.normalize)
-            with self._stage("trunk"):
+            with self._stage("trunk"), self._autocast():
                 fmap = self.trunk(canvas.contiguous(memory_format=torch.channels_last))
-            with self._stage("score head"):
-                scores = self.model.dense_scores(fmap)
+            with self._stage("score head"), self._autocast():
+                scores = self.model.dense_scores(fmap).float()
             levels.append(_Level(scale, fmap, scores, sizes))
         return levels
 
@@ -253,7 +285,7 @@ class Proposer:
         level, ys, xs = level[order], ys[order], xs[order]
 
         # 3. mask head on the kept windows only, level by level
-        with self._stage("mask head"):
+        with self._stage("mask head"), self._autocast():
             mask_logits = torch.empty(order.numel(), self.model.config.mask_size, self.model.config.mask_size, device=dev)
             windows = torch.empty(order.numel(), 4, device=dev)
             scale_of = torch.empty(order.numel(), device=dev)
@@ -262,41 +294,47 @@ class Proposer:
                 if sel.numel() == 0:
                     continue
                 batch = torch.full_like(sel, b)
-                mask_logits[sel] = self.model.window_masks(lv.fmap, batch, ys[sel], xs[sel])
+                mask_logits[sel] = self.model.window_masks(lv.fmap, batch, ys[sel], xs[sel]).float()
                 h, w = lv.sizes[b]
                 sy, sx = h / height, w / width  # resized pixels per image pixel
                 cy = ys[sel].float() * TRUNK_STRIDE
                 cx = xs[sel].float() * TRUNK_STRIDE
                 windows[sel] = torch.stack([(cx - p / 2) / sx, (cy - p / 2) / sy, (cx + p / 2) / sx, (cy + p / 2) / sy], 1)
                 scale_of[sel] = lv.scale
-        # 4. paste, threshold, boxes; RLE-encode chunk by chunk when asked.
-        # Chunks hold windows of one size (sorted by scale) so each pastes on a
-        # small crop; results go back to score order.
+        # 4. paste, threshold, boxes. Chunks hold windows of one size (sorted
+        # by scale) so each pastes on a small crop; results go back to score
+        # order. For RLEs only the run changes inside each crop are kept.
         t_logit = logit(cfg.mask_thresh)
         n = order.numel()
         boxes_t = torch.zeros(n, 4, device=dev)
-        rles: list[dict | None] = [None] * n
-        mask_chunks, chunk_index = [], []
-        by_size = torch.argsort(scale_of, stable=True)
-        for start in range(0, n, cfg.paste_chunk):
-            sel = by_size[start : start + cfg.paste_chunk]
+        mask_nms = cfg.nms == "mask" and cfg.nms_thresh < 1.0
+        mask_chunks, chunk_index, run_owner, run_pos = [], [], [], []
+        for sel in self._paste_chunks(scale_of):
+            if rle and not mask_nms:
+                with self._stage("paste"):
+                    crops, ox, oy = paste_crops(mask_logits[sel], windows[sel], height, width, t_logit)
+                    boxes_t[sel] = crop_boxes(crops, ox, oy)
+                with self._stage("rle"):
+                    owner, pos = crop_run_starts(crops, ox, oy, height, width)
+                    run_owner.append(sel[owner])
+                    run_pos.append(pos)
+                continue
             with self._stage("paste"):
                 m = paste_masks(mask_logits[sel], windows[sel], height, width, t_logit)
                 boxes_t[sel] = masks_to_boxes(m)
-            if rle or cfg.nms == "mask" and cfg.nms_thresh < 1.0:
-                with self._stage("rle"):
-                    for i, r in zip(sel.tolist(), rle_utils.encode(m)):
-                        rles[i] = r
-            if not rle:
-                mask_chunks.append(m.transpose(1, 2))  # (k, W, H) contiguous
-                chunk_index.append(sel)
+            mask_chunks.append(m.transpose(1, 2))  # (k, W, H) contiguous
+            chunk_index.append(sel)
         nonempty_t = boxes_t[:, 2] > boxes_t[:, 0]
         probs = torch.sigmoid(top_scores)
+        kwh = None
+        if mask_chunks:
+            kwh = torch.empty(n, width, height, dtype=torch.bool, device=dev)
+            kwh[torch.cat(chunk_index)] = torch.cat(mask_chunks)
 
         # 5. drop empty masks, NMS, cap
         idx = nonempty_t.nonzero().squeeze(1)
         with self._stage("nms"):
-            idx = self._nms(idx, boxes_t, probs, rles)
+            idx = self._nms(idx, boxes_t, probs, kwh)
         idx = idx[: cfg.max_proposals]
 
         out = Proposals(
@@ -306,23 +344,48 @@ class Proposer:
             scales=scale_of[idx],
             image_size=(height, width),
         )
-        if rle:
-            out.rles = [rles[i] for i in idx.tolist()]
+        if rle and not mask_nms:
+            with self._stage("rle"):
+                out.runs = _select_runs(torch.cat(run_owner), torch.cat(run_pos), idx, n)
+        elif rle:
+            with self._stage("rle"):
+                out.rles = rle_utils.encode(kwh[idx].transpose(1, 2)) if idx.numel() else []
         else:
-            if mask_chunks:
-                kwh = torch.empty(n, width, height, dtype=torch.bool, device=dev)
-                kwh[torch.cat(chunk_index)] = torch.cat(mask_chunks)
-            else:
-                kwh = torch.zeros(0, width, height, dtype=torch.bool, device=dev)
+            kwh = kwh if kwh is not None else torch.zeros(0, width, height, dtype=torch.bool, device=dev)
             out.masks = kwh[idx].transpose(1, 2)
         return out
 
-    def _nms(self, idx: torch.Tensor, boxes: torch.Tensor, probs: torch.Tensor, rles: list[dict]) -> torch.Tensor:
+    def _paste_chunks(self, scale_of: torch.Tensor) -> list[torch.Tensor]:
+        """Window indices in chunks of one scale (one window size, so one crop
+        size), at most ``paste_chunk`` each."""
+        by_size = torch.argsort(scale_of, stable=True)
+        if by_size.numel() == 0:
+            return []
+        sorted_scales = scale_of[by_size]
+        bounds = [0, *((sorted_scales[1:] != sorted_scales[:-1]).nonzero().squeeze(1) + 1).tolist(), by_size.numel()]
+        chunks = []
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            chunks.extend(by_size[i : min(i + self.paste_chunk, b)] for i in range(a, b, self.paste_chunk))
+        return chunks
+
+    def _nms(self, idx: torch.Tensor, boxes: torch.Tensor, probs: torch.Tensor, kwh: torch.Tensor | None) -> torch.Tensor:
         cfg = self.config
         if cfg.nms_thresh >= 1.0 or idx.numel() == 0:
             return idx
         if cfg.nms == "box":
             return idx[nms_boxes(boxes[idx], probs[idx], cfg.nms_thresh)]
-        sub = [rles[i] for i in idx.tolist()]
-        iou = torch.from_numpy(rle_utils.iou(sub, sub)).to(idx.device).float()
+        rles = rle_utils.encode(kwh[idx].transpose(1, 2))
+        iou = torch.from_numpy(rle_utils.iou(rles, rles)).to(idx.device).float()
         return idx[cluster_nms(iou, cfg.nms_thresh)]
+
+
+def _select_runs(owner: torch.Tensor, pos: torch.Tensor, idx: torch.Tensor, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The run changes of windows ``idx`` (of ``n``), renumbered ``0..len(idx)-1``
+    in that order and sorted by it, as numpy arrays on the CPU."""
+    rank = torch.full((n,), -1, dtype=torch.long, device=owner.device)
+    rank[idx] = torch.arange(idx.numel(), device=owner.device)
+    new = rank[owner]
+    keep = new >= 0
+    new, pos = new[keep], pos[keep]
+    order = torch.argsort(new, stable=True)
+    return new[order].cpu().numpy(), pos[order].cpu().numpy()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torchvision.ops import nms as box_nms
 
 
@@ -28,14 +29,15 @@ def _interp_index(coords: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.
     return u0, u1, u - u0
 
 
-def paste_masks(
+def paste_crops(
     mask_logits: torch.Tensor,
     windows_xyxy: torch.Tensor,
     height: int,
     width: int,
     thresh_logit: float,
-) -> torch.Tensor:
-    """Resample each square logit map onto its window in the image and threshold it.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Resample each square logit map onto its window and threshold it, on a
+    crop of the image around the window.
 
     Args:
         mask_logits: ``(K, m, m)`` logits covering ``windows_xyxy``.
@@ -45,9 +47,11 @@ def paste_masks(
         thresh_logit: a pixel is in the mask when its resampled logit exceeds it.
 
     Returns:
-        masks: ``(K, H, W)`` bool. It is a transposed view of a contiguous
-        ``(K, W, H)`` buffer, so ``masks.transpose(1, 2)`` is contiguous and
-        converts to pycocotools' Fortran ``(H, W, K)`` layout without a copy.
+        ``(crops, ox, oy)``: ``crops: (K, cw, ch)`` bool, column-major (x then
+        y, as COCO's RLE runs), all of one size (the largest window of the batch,
+        clipped to the image: callers batch windows of one size); pixel
+        ``(x, y)`` of crop ``k`` is image pixel ``(ox[k] + x, oy[k] + y)``, and
+        the mask is empty outside its crop.
 
     Bilinear resampling matches resizing the ``m x m`` map to the window's size
     with ``F.interpolate(mode="bilinear", align_corners=False)`` and placing it
@@ -56,11 +60,10 @@ def paste_masks(
     k, m, _ = mask_logits.shape
     dev = mask_logits.device
     if k == 0:
-        return torch.zeros(0, width, height, dtype=torch.bool, device=dev).transpose(1, 2)
+        z = torch.zeros(0, dtype=torch.long, device=dev)
+        return torch.zeros(0, 0, 0, dtype=torch.bool, device=dev), z, z
     logits = mask_logits.float()
     x0, y0, x1, y1 = windows_xyxy.float().unbind(1)
-    # Work on a crop around each window (same size for all, the largest window
-    # of the batch, clipped to the image): callers batch windows of one size.
     cw = min(width, int(math.ceil(float((x1 - x0).max()))) + 2)
     ch = min(height, int(math.ceil(float((y1 - y0).max()))) + 2)
     ox = x0.floor().long().clamp(0, width - cw)  # (K,) crop origins
@@ -81,14 +84,87 @@ def paste_masks(
     crop = torch.gather(cols_first, 1, ax0[:, :, None].expand(k, cw, ch)) * (1 - fx)[:, :, None]
     crop += torch.gather(cols_first, 1, ax1[:, :, None].expand(k, cw, ch)) * fx[:, :, None]
     crop = (crop > thresh_logit) & inside_x[:, :, None] & inside_y[:, None, :]
+    return crop, ox, oy
+
+
+def paste_masks(
+    mask_logits: torch.Tensor,
+    windows_xyxy: torch.Tensor,
+    height: int,
+    width: int,
+    thresh_logit: float,
+) -> torch.Tensor:
+    """:func:`paste_crops` placed into whole-image masks.
+
+    Returns:
+        masks: ``(K, H, W)`` bool. It is a transposed view of a contiguous
+        ``(K, W, H)`` buffer, so ``masks.transpose(1, 2)`` is contiguous and
+        converts to pycocotools' Fortran ``(H, W, K)`` layout without a copy.
+    """
+    crop, ox, oy = paste_crops(mask_logits, windows_xyxy, height, width, thresh_logit)
+    k, cw, ch = crop.shape
+    dev = mask_logits.device
     out = torch.zeros(k, width, height, dtype=torch.bool, device=dev)
+    if k == 0:
+        return out.transpose(1, 2)
     if cw == width and ch == height:
         out.copy_(crop)
     else:
+        px = ox[:, None] + torch.arange(cw, device=dev)
+        py = oy[:, None] + torch.arange(ch, device=dev)
         lin = (torch.arange(k, device=dev)[:, None, None] * (width * height)
                + px[:, :, None] * height + py[:, None, :])
         out.view(-1)[lin.view(-1)] = crop.view(-1)
     return out.transpose(1, 2)
+
+
+def crop_boxes(crops: torch.Tensor, ox: torch.Tensor, oy: torch.Tensor) -> torch.Tensor:
+    """Tight ``(K, 4)`` xyxy boxes of the masks of :func:`paste_crops` (as
+    :func:`masks_to_boxes` gives for the whole-image masks)."""
+    boxes = masks_to_boxes(crops.transpose(1, 2))
+    empty = boxes[:, 2] <= boxes[:, 0]
+    boxes += torch.stack([ox, oy, ox, oy], 1).to(boxes.dtype)
+    boxes[empty] = 0
+    return boxes
+
+
+def crop_run_starts(crops: torch.Tensor, ox: torch.Tensor, oy: torch.Tensor, height: int, width: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the runs of each mask of :func:`paste_crops` change value, in
+    column-major pixel order of the whole image (COCO's RLE order).
+
+    Returns ``(owner, pos)``: for every change, the mask it belongs to and the
+    linear index ``x * H + y`` of the first pixel of the new run, sorted by
+    mask then position. Changes come in pairs (a run of ones starts, then
+    ends); an end at ``H * W`` (the image's last pixel is in the mask) is left
+    out, as COCO's encoder does. Work and transfer are proportional to the
+    crops, not to the image.
+    """
+    k, cw, ch = crops.shape
+    dev = crops.device
+    if k == 0:
+        z = torch.zeros(0, dtype=torch.long, device=dev)
+        return z, z
+    # a zero above and below every crop column: the mask is empty there
+    padded = F.pad(crops.view(k, cw, ch).to(torch.int8), (1, 1))
+    change = padded[:, :, 1:] != padded[:, :, :-1]  # (K, cw, ch + 1)
+    owner, x, j = change.nonzero(as_tuple=True)
+    pos = (ox[owner] + x) * height + oy[owner] + j
+    # A crop spanning whole columns ends column x at x*H + H, where column
+    # x+1 starts: a run of ones across the seam gives the same position twice
+    # (an end and a start) and neither is a change.
+    n = pos.numel()
+    if n > 1:
+        same = (pos[1:] == pos[:-1]) & (owner[1:] == owner[:-1])
+        drop = torch.zeros(n, dtype=torch.bool, device=dev)
+        drop[1:] |= same
+        drop[:-1] |= same
+        keep = ~drop & (pos < height * width)
+        owner, pos = owner[keep], pos[keep]
+    elif n == 1:
+        keep = pos < height * width
+        owner, pos = owner[keep], pos[keep]
+    return owner, pos
 
 
 def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .images import ImageError, InputProblem, collect_images, load_image
 from .inference import Proposer
-from .results import ResultsWriter, records
+from .results import ResultsWriter, compact, encode_line, records
 from .weights import DEFAULT_WEIGHTS, WeightsError, load_weights
 
 
@@ -73,6 +76,26 @@ def gt_ids_by_name(gt: str | Path) -> dict[str, int]:
         raise ProposeError(f"{path}: not a COCO instances file ({type(e).__name__}: {e})") from None
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/n"`` -> ``(i, n)`` with ``0 <= i < n``."""
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ProposeError(f"--shard {text!r}: expected I/N, e.g. 0/4 for the first of four parts") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise ProposeError(f"--shard {text!r}: I must be in 0..N-1")
+    return i, n
+
+
+def shard_slice(count: int, shard: tuple[int, int] | None) -> range:
+    """The contiguous block of ``count`` inputs that shard ``(i, n)`` runs:
+    concatenating the parts in shard order gives the unsharded order."""
+    if shard is None:
+        return range(count)
+    i, n = shard
+    return range(i * count // n, (i + 1) * count // n)
+
+
 def run_propose(
     inputs: Sequence[str | Path],
     out: str | Path,
@@ -85,6 +108,8 @@ def run_propose(
     resume: bool = False,
     strict: bool = False,
     exif: bool = True,
+    shard: tuple[int, int] | None = None,
+    workers: int = 0,
     on_start: Callable[[int], None] | None = None,
     on_image: Callable[[Path, int | None, str | None], None] | None = None,
 ) -> ProposeSummary:
@@ -95,17 +120,26 @@ def run_propose(
     reported through ``on_image(path, None, reason)`` and the run goes on,
     unless ``strict``. ``KeyboardInterrupt`` leaves everything written so far
     in place for ``resume``.
+
+    The next batch's images are decoded in a thread while the network runs.
+    ``workers > 0`` RLE-encodes and serialises results in that many processes
+    (worth it on a GPU, where one CPU core cannot keep up). ``shard=(i, n)``
+    runs only the ``i``-th of ``n`` contiguous blocks of the inputs (image ids
+    stay those of the whole list), for :func:`merge_results`.
     """
     if fmt not in ("coco", "png"):
         raise ProposeError(f"unknown --format {fmt!r}; use coco or png")
     paths, problems = collect_images(inputs)
-    summary = ProposeSummary(images=len(paths), failures=list(problems), out=Path(out))
+    if shard is not None and shard[0] > 0:
+        problems = []  # shard 0 reports the inputs that are not images
+    block = shard_slice(len(paths), shard)
+    summary = ProposeSummary(images=len(block), failures=list(problems), out=Path(out))
     if strict and problems:
         raise ProposeError(f"{problems[0].path}: {problems[0].reason}")
     ids = gt_ids_by_name(gt) if gt is not None else None
     keys = [str(p) for p in paths]
     if on_start:  # every input is then reported once through on_image
-        on_start(len(paths) + len(problems))
+        on_start(len(block) + len(problems))
     for prob in problems:
         if on_image:
             on_image(Path(prob.path), None, prob.reason)
@@ -125,48 +159,88 @@ def run_propose(
         if strict:
             raise ProposeError(f"{path}: {reason}")
 
-    try:
-        todo: list[tuple[int, Path]] = []
-        for n, (key, path) in enumerate(zip(keys, paths)):
-            if resume and (
-                (writer is not None and key in writer.done)
-                or (fmt == "png" and (Path(out) / png_names[key]).exists())
-            ):
-                summary.skipped += 1
-                if on_image:
-                    on_image(path, -1, None)
-                continue
-            todo.append((n, path))
+    def load(item: tuple[int, Path]):
+        n, path = item
+        if ids is not None and path.name not in ids:
+            return n, path, None, f"not in {gt}; --gt images are matched by file name"
+        try:
+            return n, path, load_image(path, exif=exif), None
+        except ImageError as e:
+            return n, path, None, str(e)
 
-        for start in range(0, len(todo), max(1, batch_size)):
+    def finished(path: Path, count: int) -> None:
+        summary.done += 1
+        summary.proposals += count
+        if on_image:
+            on_image(path, count, None)
+
+    todo: list[tuple[int, Path]] = []
+    for n in block:
+        key, path = keys[n], paths[n]
+        if resume and (
+            (writer is not None and key in writer.done)
+            or (fmt == "png" and (Path(out) / png_names[key]).exists())
+        ):
+            summary.skipped += 1
+            if on_image:
+                on_image(path, -1, None)
+            continue
+        todo.append((n, path))
+    bs = max(1, batch_size)
+    batches = [todo[i : i + bs] for i in range(0, len(todo), bs)]
+
+    decoder = ThreadPoolExecutor(max_workers=min(4, max(1, bs)), thread_name_prefix="deepmask-decode")
+    encoder = None
+    if workers > 0 and writer is not None:
+        encoder = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    pending: deque = deque()  # (key, path, count, future) being encoded, oldest first
+
+    def drain(limit: int) -> None:
+        while len(pending) > limit:
+            key, path, count, fut = pending.popleft()
+            writer.add_line(key, fut.result())
+            finished(path, count)
+
+    try:
+        ahead = deque(decoder.map(load, b) for b in batches[:2])  # decode one batch ahead
+        for bi in range(len(batches)):
+            loaded = list(ahead.popleft())
+            if bi + 2 < len(batches):
+                ahead.append(decoder.map(load, batches[bi + 2]))
             batch = []
-            for n, path in todo[start : start + max(1, batch_size)]:
-                if ids is not None and path.name not in ids:
-                    fail(path, f"not in {gt}; --gt images are matched by file name")
-                    continue
-                try:
-                    batch.append((n, path, load_image(path, exif=exif)))
-                except ImageError as e:
-                    fail(path, str(e))
+            for n, path, image, reason in loaded:
+                if reason is not None:
+                    fail(path, reason)
+                else:
+                    batch.append((n, path, image))
             if not batch:
                 continue
             props_list = proposer.propose_batch([im for _, _, im in batch], rle=True)
             for (n, path, image), props in zip(batch, props_list):
                 key = keys[n]
                 image_id = ids[path.name] if ids is not None else n + 1
+                if encoder is not None:
+                    pending.append((key, path, len(props),
+                                    encoder.submit(encode_line, key, image_id, str(path), compact(props))))
+                    drain(4 * workers)
+                    continue
                 if writer is not None:
                     writer.add(key, image_id, records(props, image_id=image_id, file_name=str(path)))
                 else:
-                    drawn = draw_rles(image, props.rles[:show], props.scores[:show].cpu().numpy(), show=show)
+                    drawn = draw_rles(image, props.to_rles()[:show], props.scores[:show].cpu().numpy(), show=show)
                     save_overlay(drawn, Path(out) / png_names[key])
-                summary.done += 1
-                summary.proposals += len(props)
-                if on_image:
-                    on_image(path, len(props), None)
+                finished(path, len(props))
+        drain(0)
     except BaseException:
         if writer is not None:
             writer.abort()
+        if encoder is not None:
+            encoder.shutdown(wait=False, cancel_futures=True)
+        decoder.shutdown(wait=False, cancel_futures=True)
         raise
+    decoder.shutdown()
+    if encoder is not None:
+        encoder.shutdown()
     if writer is not None:
         writer.close(order=keys)
     return summary

@@ -14,7 +14,9 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+
+import numpy as np
 
 from .inference import Proposals
 
@@ -23,12 +25,12 @@ PARTIAL_SUFFIX = ".partial.jsonl"
 
 def records(props: Proposals, *, image_id: int, file_name: str) -> list[dict[str, Any]]:
     """COCO result dicts for one image, ranked by score."""
-    from . import rle as rle_utils
-
     rles = props.to_rles()
-    boxes = props.bbox_xywh.cpu().tolist()
-    scores = props.scores.cpu().tolist()
-    areas = rle_utils.area(rles).tolist()
+    return _records(rles, props.scores.cpu().tolist(), props.bbox_xywh.cpu().tolist(), props.mask_areas().tolist(),
+                    image_id, file_name)
+
+
+def _records(rles, scores, boxes, areas, image_id: int, file_name: str) -> list[dict[str, Any]]:
     return [
         {
             "image_id": image_id,
@@ -43,76 +45,120 @@ def records(props: Proposals, *, image_id: int, file_name: str) -> list[dict[str
     ]
 
 
+def result_line(key: str, image_id: int, recs: list[dict[str, Any]]) -> str:
+    """One image's line of the partial file."""
+    return json.dumps({"key": key, "image_id": image_id, "records": recs}, separators=(",", ":")) + "\n"
+
+
+def compact(props: Proposals) -> dict[str, Any]:
+    """What :func:`encode_line` needs of a :class:`Proposals`, as small numpy
+    arrays (cheap to send to a worker process): scores, boxes and the RLE runs."""
+    out = {"scores": props.scores.cpu().numpy(), "bbox": props.bbox_xywh.cpu().numpy(), "size": props.image_size}
+    if props.rles is None and props.runs is not None:
+        owner, pos = props.runs
+        out["per"] = np.bincount(owner, minlength=len(props)).astype(np.int32)
+        out["pos"] = pos.astype(np.int64)
+    else:
+        out["rles"] = props.to_rles()
+        out["areas"] = props.mask_areas()
+    return out
+
+
+def encode_line(key: str, image_id: int, file_name: str, data: dict[str, Any]) -> str:
+    """The partial-file line of one image from :func:`compact`'s output: RLE
+    strings, records and JSON. Pure and picklable, for worker processes."""
+    from . import rle as rle_utils
+
+    if "rles" in data:
+        rles, areas = data["rles"], data["areas"]
+    else:
+        owner = np.repeat(np.arange(len(data["per"])), data["per"])
+        rles, areas = rle_utils.from_run_starts(owner, data["pos"], len(data["scores"]), *data["size"])
+    recs = _records(rles, data["scores"].tolist(), data["bbox"].tolist(), areas.tolist(), image_id, file_name)
+    return result_line(key, image_id, recs)
+
+
 def partial_path(out: str | Path) -> Path:
     out = Path(out)
     return out.with_name(out.name + PARTIAL_SUFFIX)
 
 
-def read_partial(out: str | Path) -> dict[str, dict[str, Any]]:
-    """Images already done by an interrupted run: ``{key: line}`` where each line
-    is ``{"key", "image_id", "records"}``. A torn last line is ignored."""
-    done: dict[str, dict[str, Any]] = {}
+def read_partial(out: str | Path) -> tuple[dict[str, tuple[int, int]], int]:
+    """Images already done by an interrupted run: ``({key: (offset, length)},
+    end)`` over the complete lines of the partial file; ``end`` is where the
+    last complete line ends (a torn last line is ignored). Reads one line at a
+    time: memory does not grow with the results."""
+    index: dict[str, tuple[int, int]] = {}
     path = partial_path(out)
+    end = 0
     if not path.exists():
-        return done
+        return index, end
     with open(path, "rb") as fh:
         for raw in fh:
             if not raw.endswith(b"\n"):
                 break  # torn write at the kill
             try:
-                line = json.loads(raw)
-            except ValueError:
+                key = json.loads(raw)["key"]
+            except (ValueError, KeyError, TypeError):
                 break
-            done[line["key"]] = line
-    return done
+            index[key] = (end, len(raw))
+            end += len(raw)
+    return index, end
 
 
 class ResultsWriter:
     """Stream per-image records; ``close()`` publishes the final JSON list atomically.
 
     ``resume=True`` keeps what an interrupted run wrote for the same output;
-    otherwise any old partial file is discarded.
+    otherwise any old partial file is discarded. Only each image's offset in
+    the partial file is kept in memory, so memory stays flat however many
+    images a run has.
     """
 
     def __init__(self, out: str | Path, *, resume: bool = False) -> None:
         self.out = Path(out)
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.partial = partial_path(self.out)
-        self.done = read_partial(self.out) if resume else {}
-        # Rewrite the partial file with only complete lines (drops a torn tail).
-        tmp = self.partial.with_name(self.partial.name + ".tmp")
-        with open(tmp, "w") as fh:
-            for line in self.done.values():
-                fh.write(json.dumps(line, separators=(",", ":")) + "\n")
-        os.replace(tmp, self.partial)
-        self._fh = open(self.partial, "a")
+        self._index, end = read_partial(self.out) if resume else ({}, 0)
+        # Keep only complete lines (drops a torn tail) and append after them.
+        with open(self.partial, "ab") as fh:
+            fh.truncate(end)
+        self._fh = open(self.partial, "ab")
+        self._end = end
+
+    @property
+    def done(self):
+        """Keys of the images written so far (a set-like view)."""
+        return self._index.keys()
 
     def add(self, key: str, image_id: int, recs: list[dict[str, Any]]) -> None:
-        line = {"key": key, "image_id": image_id, "records": recs}
-        self._fh.write(json.dumps(line, separators=(",", ":")) + "\n")
+        self.add_line(key, result_line(key, image_id, recs))
+
+    def add_line(self, key: str, line: str) -> None:
+        """Append one image's line (from :func:`result_line` or :func:`encode_line`)."""
+        raw = line.encode()
+        self._fh.write(raw)
         self._fh.flush()
         os.fsync(self._fh.fileno())
-        self.done[key] = line
-
-    def _lines(self) -> Iterator[dict[str, Any]]:
-        with open(self.partial) as fh:
-            for raw in fh:
-                yield json.loads(raw)
+        self._index[key] = (self._end, len(raw))
+        self._end += len(raw)
 
     def close(self, order: list[str] | None = None) -> Path:
-        """Assemble ``OUT`` (images in ``order`` when given, else as written)."""
+        """Assemble ``OUT`` (images in ``order`` when given, then any others as
+        written), reading one image's line at a time."""
         self._fh.close()
-        tmp = self.out.with_name(self.out.name + ".tmp")
+        keys = list(self._index)
         if order is not None:
             rank = {k: i for i, k in enumerate(order)}
-            lines = sorted(self._lines(), key=lambda ln: rank.get(ln["key"], len(rank)))
-        else:
-            lines = self._lines()
-        with open(tmp, "w") as fh:
+            keys.sort(key=lambda k: rank.get(k, len(rank)))
+        tmp = self.out.with_name(self.out.name + ".tmp")
+        with open(self.partial, "rb") as src, open(tmp, "w") as fh:
             fh.write("[")
             first = True
-            for line in lines:
-                for rec in line["records"]:
+            for key in keys:
+                off, n = self._index[key]
+                src.seek(off)
+                for rec in json.loads(src.read(n))["records"]:
                     fh.write(("\n" if first else ",\n") + json.dumps(rec, separators=(",", ":")))
                     first = False
             fh.write("\n]\n")
@@ -126,3 +172,47 @@ class ResultsWriter:
         """Stop writing but keep the partial file for ``--resume``."""
         if not self._fh.closed:
             self._fh.close()
+
+
+class MergeError(ValueError):
+    """Parts that cannot be merged (not results files, or overlapping)."""
+
+
+def merge_results(parts: list[str | Path], out: str | Path) -> int:
+    """Concatenate results files (``propose --shard i/n`` parts, in shard
+    order) into one, written atomically. Refuses parts that share an image.
+    Returns the number of records. Holds one part in memory at a time."""
+    out = Path(out)
+    seen: dict[Any, str] = {}
+    n = 0
+    tmp = out.with_name(out.name + ".tmp")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(tmp, "w") as fh:
+            fh.write("[")
+            for part in parts:
+                try:
+                    recs = json.loads(Path(part).read_text())
+                except FileNotFoundError:
+                    raise MergeError(f"{part}: no such file") from None
+                except (OSError, ValueError) as e:
+                    raise MergeError(f"{part}: not a results JSON file ({e}); merge the .json files propose wrote") from None
+                if not isinstance(recs, list) or any(not isinstance(r, dict) or "image_id" not in r for r in recs):
+                    raise MergeError(f"{part}: not a COCO results list (records with image_id)")
+                ids = {r["image_id"] for r in recs}
+                for i in ids:
+                    if i in seen:
+                        raise MergeError(f"{part}: image_id {i} is also in {seen[i]}; parts must come from "
+                                         "different --shard values of one run")
+                    seen[i] = str(part)
+                for rec in recs:
+                    fh.write(("\n" if n == 0 else ",\n") + json.dumps(rec, separators=(",", ":")))
+                    n += 1
+                del recs
+            fh.write("\n]\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return n

@@ -32,8 +32,11 @@ def test_pil_array_and_tensor_inputs_agree(tiny_config):
     assert torch.all(a.scores[:-1] >= a.scores[1:])
     # RLE mode gives the same masks, encoded
     r = p(arr, rle=True)
-    assert r.masks is None and len(r.rles) == len(a)
+    assert r.masks is None and len(r.to_rles()) == len(a)
     assert r.to_rles() == a.to_rles()
+    # ... by the crop-run path, with the same boxes and areas as the full masks give
+    assert torch.equal(r.boxes_xyxy, a.boxes_xyxy) and torch.equal(r.scores, a.scores)
+    assert np.array_equal(r.mask_areas(), a.masks.sum((1, 2)).numpy())
 
 
 def test_grayscale_and_rgba_arrays(tiny_config):

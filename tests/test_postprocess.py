@@ -15,7 +15,8 @@ from deepmask_cli import rle
 from deepmask_cli.config import InferenceConfig
 from deepmask_cli.inference import Proposer
 from deepmask_cli.model import DeepMask
-from deepmask_cli.postprocess import cluster_nms, logit, masks_to_boxes, paste_masks
+from deepmask_cli.postprocess import (cluster_nms, crop_boxes, crop_run_starts, logit, masks_to_boxes, paste_crops,
+                                     paste_masks)
 
 
 def _reference_paste(logits, x0, y0, size, h, w, t):
@@ -171,3 +172,38 @@ def test_area_of_many_rles():
     for i in range(300):
         masks[i, : i % 8 + 1] = True
     np.testing.assert_array_equal(rle.area(rle.encode(masks)), masks.reshape(300, -1).sum(1))
+
+
+@settings(max_examples=150, deadline=None)
+@given(k=st.integers(0, 6), h=st.integers(1, 50), w=st.integers(1, 50), size=st.floats(1, 90),
+       t=st.floats(-2, 2), seed=st.integers(0, 10**6))
+def test_rle_from_crop_runs_equals_pycocotools_on_whole_masks(k, h, w, size, t, seed):
+    """The fast path (runs found on crops, strings made in numpy) gives
+    byte-identical RLEs, areas and boxes to encoding the pasted whole-image
+    masks with pycocotools: windows inside, across and larger than the image,
+    masks that fill whole columns and the image's last pixel included."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(k, 7, 7, generator=g) * 3 + 1
+    centres = torch.rand(k, 2, generator=g) * torch.tensor([w * 1.4, h * 1.4]) - torch.tensor([w * 0.2, h * 0.2])
+    sizes = size * (0.5 + torch.rand(k, 1, generator=g))
+    windows = torch.cat([centres - sizes / 2, centres + sizes / 2], 1)
+    full = paste_masks(logits, windows, h, w, t)
+    crops, ox, oy = paste_crops(logits, windows, h, w, t)
+    owner, pos = crop_run_starts(crops, ox, oy, h, w)
+    rles, areas = rle.from_run_starts(owner.numpy(), pos.numpy(), k, h, w)
+    assert rles == rle.encode(full)
+    assert np.array_equal(areas, full.sum((1, 2)).numpy().astype(np.float64))
+    assert torch.equal(crop_boxes(crops, ox, oy), masks_to_boxes(full))
+
+
+def test_rle_from_runs_of_full_and_empty_masks():
+    full = torch.zeros(4, 3, 5, dtype=torch.bool)
+    full[0] = True  # every pixel: runs cross every column seam
+    full[1, :, 2:] = True  # ends at the image's last pixel
+    full[2, 0, 0] = True  # starts at the first
+    kwh = full.transpose(1, 2).contiguous()  # (K, W, H): one crop spanning the image
+    zeros = torch.zeros(4, dtype=torch.long)
+    owner, pos = crop_run_starts(kwh, zeros, zeros, 3, 5)
+    rles, areas = rle.from_run_starts(owner.numpy(), pos.numpy(), 4, 3, 5)
+    assert rles == rle.encode(full)
+    assert areas.tolist() == [15, 9, 1, 0]

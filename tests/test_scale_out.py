@@ -1,0 +1,99 @@
+"""Large jobs: shards merge to the unsharded result, worker processes and the
+GPU-sized paste chunks give the same proposals as the plain path, and the
+results writer keeps no records in memory."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from deepmask_cli.cli import main
+from deepmask_cli.propose import load_proposer, run_propose, shard_slice
+from deepmask_cli.results import MergeError, ResultsWriter, merge_results, records
+
+
+def _propose(args, tiny_weights, tmp_path, name):
+    out = tmp_path / name
+    r = CliRunner().invoke(main, ["propose", *args, "-o", str(out), "--weights", str(tiny_weights), "--device", "cpu", "-q"])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_shards_merge_to_the_unsharded_result(synth_coco, tiny_weights, tmp_path):
+    images = str(synth_coco / "images")
+    whole = _propose([images], tiny_weights, tmp_path, "whole.json")
+    parts = [_propose([images, "--shard", f"{i}/3"], tiny_weights, tmp_path, f"part{i}.json") for i in range(3)]
+    assert all(json.loads(p.read_text()) is not None for p in parts)
+    r = CliRunner().invoke(main, ["merge", *map(str, parts), "-o", str(tmp_path / "merged.json")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "merged.json").read_text() == whole.read_text()
+    # the same also with --gt ids
+    gt = ["--gt", str(synth_coco / "instances.json")]
+    whole = _propose([images, *gt], tiny_weights, tmp_path, "whole-gt.json")
+    parts = [_propose([images, *gt, "--shard", f"{i}/2"], tiny_weights, tmp_path, f"gpart{i}.json") for i in range(2)]
+    merge_results(parts, tmp_path / "merged-gt.json")
+    assert (tmp_path / "merged-gt.json").read_text() == whole.read_text()
+
+
+def test_shard_blocks_cover_the_inputs_once():
+    for count in (0, 1, 5, 17):
+        for n in (1, 2, 3, 8):
+            got = [i for k in range(n) for i in shard_slice(count, (k, n))]
+            assert got == list(range(count))
+
+
+def test_merge_refuses_overlapping_or_foreign_parts(synth_coco, tiny_weights, tmp_path):
+    a = _propose([str(synth_coco / "images")], tiny_weights, tmp_path, "a.json")
+    with pytest.raises(MergeError, match="also in"):
+        merge_results([a, a], tmp_path / "m.json")
+    (tmp_path / "x.json").write_text('{"images": []}')
+    r = CliRunner().invoke(main, ["merge", str(a), str(tmp_path / "x.json"), "-o", str(tmp_path / "m.json")])
+    assert r.exit_code == 2 and "x.json" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "m.json").exists()
+
+
+@pytest.mark.parametrize("bad", ["3/3", "a/b", "1"])
+def test_bad_shard_is_a_one_line_error(synth_coco, tiny_weights, tmp_path, bad):
+    r = CliRunner().invoke(main, ["propose", str(synth_coco / "images"), "-o", str(tmp_path / "p.json"),
+                                  "--weights", str(tiny_weights), "--shard", bad])
+    assert r.exit_code == 2 and "--shard" in r.output and "Traceback" not in r.output
+
+
+def test_fp16_on_a_cpu_is_a_clear_error(synth_coco, tiny_weights, tmp_path):
+    r = CliRunner().invoke(main, ["propose", str(synth_coco / "images"), "-o", str(tmp_path / "p.json"),
+                                  "--weights", str(tiny_weights), "--device", "cpu", "--precision", "fp16"])
+    assert r.exit_code == 2 and "fp16 needs a GPU" in r.output
+
+
+def test_worker_processes_write_the_same_file(synth_coco, tiny_weights, tmp_path):
+    proposer = load_proposer(tiny_weights, device="cpu")
+    run_propose([synth_coco / "images"], tmp_path / "plain.json", proposer=proposer, batch_size=3)
+    run_propose([synth_coco / "images"], tmp_path / "pool.json", proposer=proposer, workers=2, batch_size=3)
+    assert (tmp_path / "pool.json").read_text() == (tmp_path / "plain.json").read_text()
+
+
+def test_paste_chunk_size_does_not_change_proposals(synth_coco, tiny_weights):
+    from PIL import Image
+
+    image = Image.open(next((synth_coco / "images").glob("*.jpg")))
+    outs = []
+    for chunk in (1, 7, 1024):
+        p = load_proposer(tiny_weights, device="cpu", overrides={"paste_chunk": chunk})
+        outs.append(records(p(image, rle=True), image_id=1, file_name="x"))
+        full = p(image)  # whole masks, through the other paste path
+        assert [r["segmentation"]["counts"] for r in outs[-1]] == [r["counts"] for r in full.to_rles()]
+    assert outs[0] == outs[1] == outs[2]
+
+
+def test_writer_streams_and_keeps_only_offsets(tmp_path):
+    w = ResultsWriter(tmp_path / "r.json")
+    recs = {f"k{i}": [{"image_id": i, "score": 1.0 / (i + 1), "segmentation": {"size": [2, 2], "counts": "04"}}]
+            for i in range(5)}
+    for i, (k, r) in enumerate(recs.items()):
+        w.add(k, i, r)
+    assert all(isinstance(v, tuple) and len(v) == 2 for v in w._index.values())  # offsets, not records
+    w.close(order=[f"k{i}" for i in (4, 3, 2, 1, 0)])
+    got = json.loads((tmp_path / "r.json").read_text())
+    assert [g["image_id"] for g in got] == [4, 3, 2, 1, 0]
+    assert got == [recs[f"k{i}"][0] for i in (4, 3, 2, 1, 0)]
