@@ -112,6 +112,10 @@ class InferenceConfig(_Serialisable):
     # Windows pasted together (all of one pyramid scale); 0: 64 on a CPU
     # (crops that stay in cache), 1024 on a GPU (few, large launches).
     paste_chunk: int = 0
+    # Canvases are squares whose side is the longest image side rounded up to
+    # this many pixels, so a GPU sees few distinct shapes (each new one costs
+    # cuDNN seconds of planning); 0: tight canvases; -1: 128 on a GPU, 0 on a CPU.
+    shape_bucket: int = -1
     # Network arithmetic: fp32, or on a GPU fp16/bf16 autocast; auto: fp32 on
     # a CPU, fp16 on a GPU.
     precision: str = "auto"

@@ -133,20 +133,22 @@ def image_to_tensor(image: Image.Image | np.ndarray | torch.Tensor) -> torch.Ten
     return t.float()
 
 
-def pyramid_canvas(images: Sequence[torch.Tensor], sizes: Sequence[tuple[int, int]], patch_size: int, normalize) -> torch.Tensor:
+def pyramid_canvas(images: Sequence[torch.Tensor], sizes: Sequence[tuple[int, int]], patch_size: int, normalize,
+                   min_size: tuple[int, int] = (0, 0)) -> torch.Tensor:
     """One pyramid level for the trunk: ``(B, 3, Hc, Wc)``.
 
     Each ``(3, H, W)`` image is resized to its ``(h, w)`` (antialiased when
     shrinking), normalised, and placed half a window in from the top-left
     corner of a zero canvas (zero is the trunk's mean colour after
-    normalisation: the neutral fill). The canvas leaves at least half a window
+    normalisation: the neutral fill), at least as large as an image of
+    ``min_size`` would need. The canvas leaves at least half a window
     beyond every image and its sides are multiples of the trunk's stride, so
     the window whose top-left cell is ``(i, j)`` is centred on resized pixel
     ``(16 i, 16 j)``.
     """
     half = patch_size // 2
-    hc = max(canvas_cells(h, patch_size) for h, _ in sizes) * TRUNK_STRIDE
-    wc = max(canvas_cells(w, patch_size) for _, w in sizes) * TRUNK_STRIDE
+    hc = max(canvas_cells(max(h, min_size[0]), patch_size) for h, _ in sizes) * TRUNK_STRIDE
+    wc = max(canvas_cells(max(w, min_size[1]), patch_size) for _, w in sizes) * TRUNK_STRIDE
     canvas = images[0].new_zeros(len(images), 3, hc, wc)
     for b, (t, (h, w)) in enumerate(zip(images, sizes)):
         down = h < t.shape[1] or w < t.shape[2]
@@ -245,10 +247,13 @@ class Proposer:
     def dense_pass(self, images: list[torch.Tensor]) -> list[_Level]:
         """Trunk and dense score head at every scale; maps are kept for the mask head."""
         levels = []
+        bucket = self.config.shape_bucket if self.config.shape_bucket >= 0 else (128 if self.device.type == "cuda" else 0)
+        longest = max(max(self.level_size(t.shape[1], t.shape[2], 1.0)) for t in images)
         for scale in self.config.scales:
             sizes = [self.level_size(t.shape[1], t.shape[2], scale) for t in images]
+            side = round(math.ceil(longest / bucket) * bucket * scale) if bucket else 0
             with self._stage("pyramid"):
-                canvas = pyramid_canvas(images, sizes, self.patch_size, self.model.normalize)
+                canvas = pyramid_canvas(images, sizes, self.patch_size, self.model.normalize, (side, side))
             with self._stage("trunk"), self._autocast():
                 fmap = self.trunk(canvas.contiguous(memory_format=torch.channels_last))
             with self._stage("score head"), self._autocast():
