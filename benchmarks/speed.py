@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     ap.add_argument("folder", type=Path, help="folder of images, or a COCO folder (images/ + instances.json)")
     ap.add_argument("--weights", default=None)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--precision", default=None, help="auto, fp32, fp16, bf16 (default: the weights' setting)")
+    ap.add_argument("--precision", default=None, help="fp32, fp16, bf16 (default: the weights' setting)")
     ap.add_argument("--limit", type=int, default=30, help="images for the stage breakdown (0: skip it)")
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")

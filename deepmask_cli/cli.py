@@ -69,7 +69,7 @@ def main() -> None:
 @click.option("--max-side", type=int, default=None, help=f"Larger images are run at this longest side (masks stay full size). [default: {_D.max_side}]")
 @click.option("--batch-size", type=int, default=None, help="Images run through the network together. [default: 1 on a CPU, 8 on a GPU]")
 @click.option("--workers", type=int, default=None, help="Processes that RLE-encode and write results beside the network. [default: 0 on a CPU, up to 8 on a GPU]")
-@click.option("--precision", type=click.Choice(PRECISIONS), default=None, help=f"Network arithmetic (fp16/bf16: autocast on a GPU). [default: {_D.precision}: fp32 on a CPU, fp16 on a GPU]")
+@click.option("--precision", type=click.Choice(PRECISIONS), default=None, help=f"Network arithmetic; fp16 (GPU only) and bf16 autocast. [default: {_D.precision}]")
 @click.option("--shard", default=None, help="I/N: run only the I-th of N contiguous parts of the inputs (0-based); join the parts with deepmask merge.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run into the same output, skipping finished images.")
 @click.option("--strict", is_flag=True, help="Stop at the first bad image instead of reporting it and going on.")

@@ -32,8 +32,7 @@ from PIL import Image
 from . import rle as rle_utils
 from .config import TRUNK_STRIDE, InferenceConfig
 from .model import DeepMask
-from .postprocess import (cluster_nms, crop_boxes, crop_run_starts, logit, masks_to_boxes, nms_boxes, paste_crops,
-                          paste_masks)
+from .postprocess import cluster_nms, logit, masks_to_boxes, nms_boxes, paste_masks, window_runs
 
 
 @dataclass
@@ -191,8 +190,6 @@ class Proposer:
         self.trunk = model.trunk.fused().to(memory_format=torch.channels_last)
         self.config = config or InferenceConfig()
         prec = self.config.precision
-        if prec == "auto":
-            prec = "fp16" if self.device.type == "cuda" else "fp32"
         if prec == "fp16" and self.device.type != "cuda":
             raise ValueError("precision fp16 needs a GPU; use fp32 (or bf16) on a CPU")
         #: The autocast dtype of the network, or None for fp32.
@@ -317,12 +314,9 @@ class Proposer:
         for sel in self._paste_chunks(scale_of):
             if rle and not mask_nms:
                 with self._stage("paste"):
-                    crops, ox, oy = paste_crops(mask_logits[sel], windows[sel], height, width, t_logit)
-                    boxes_t[sel] = crop_boxes(crops, ox, oy)
-                with self._stage("rle"):
-                    owner, pos = crop_run_starts(crops, ox, oy, height, width)
-                    run_owner.append(sel[owner])
-                    run_pos.append(pos)
+                    owner, pos, boxes_t[sel] = window_runs(mask_logits[sel], windows[sel], height, width, t_logit)
+                run_owner.append(sel[owner])
+                run_pos.append(pos)
                 continue
             with self._stage("paste"):
                 m = paste_masks(mask_logits[sel], windows[sel], height, width, t_logit)

@@ -15,7 +15,7 @@ from deepmask_cli import rle
 from deepmask_cli.config import InferenceConfig
 from deepmask_cli.inference import Proposer
 from deepmask_cli.model import DeepMask
-from deepmask_cli.postprocess import (cluster_nms, crop_boxes, crop_run_starts, logit, masks_to_boxes, paste_crops,
+from deepmask_cli.postprocess import (cluster_nms, crop_boxes, crop_run_starts, logit, masks_to_boxes, paste_crops, paste_runs,
                                      paste_masks)
 
 
@@ -207,3 +207,28 @@ def test_rle_from_runs_of_full_and_empty_masks():
     rles, areas = rle.from_run_starts(owner.numpy(), pos.numpy(), 4, 3, 5)
     assert rles == rle.encode(full)
     assert areas.tolist() == [15, 9, 1, 0]
+
+
+@settings(max_examples=150, deadline=None)
+@given(k=st.integers(0, 5), h=st.integers(1, 70), w=st.integers(1, 70), size=st.floats(2, 200),
+       t=st.floats(-2, 2), seed=st.integers(0, 10**6))
+def test_runs_by_pieces_equal_pixel_by_pixel_pasting_up_to_rounding(k, h, w, size, t, seed):
+    """paste_runs (the column-piece shortcut) gives the masks of paste_masks
+    except where a pixel's resampled logit is within rounding of the threshold:
+    every pixel above t + 1e-4 is in, every pixel at or below t - 1e-4 is out;
+    boxes and areas are those of the masks it gives."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(k, 9, 9, generator=g) * 3 + 0.5
+    centres = torch.rand(k, 2, generator=g) * torch.tensor([w * 1.4, h * 1.4]) - torch.tensor([w * 0.2, h * 0.2])
+    sizes = size * (0.5 + torch.rand(k, 1, generator=g))
+    windows = torch.cat([centres - sizes / 2, centres + sizes / 2], 1)
+    owner, pos, boxes = paste_runs(logits, windows, h, w, t)
+    rles, areas = rle.from_run_starts(owner.numpy(), pos.numpy(), k, h, w)
+    got = torch.from_numpy(rle.decode(rles)) if k else torch.zeros(0, h, w, dtype=torch.bool)
+    surely_in = paste_masks(logits, windows, h, w, t + 1e-4)
+    maybe_in = paste_masks(logits, windows, h, w, t - 1e-4)
+    assert not (surely_in & ~got).any() and not (got & ~maybe_in).any()
+    assert torch.equal(boxes, masks_to_boxes(got))
+    assert np.array_equal(areas, got.sum((1, 2)).numpy().astype(np.float64))
+    # and the RLEs are pycocotools' own encoding of those masks
+    assert rles == rle.encode(got)
