@@ -97,20 +97,17 @@ def from_run_starts(owner: np.ndarray, pos: np.ndarray, n: int, height: int, wid
     x = counts.copy()
     later = index > 2
     x[later] -= counts[np.nonzero(later)[0] - 2]
-    groups = np.zeros((x.size, 8), np.uint8)
-    valid = np.zeros((x.size, 8), bool)
-    active = np.ones(x.size, bool)
-    for g in range(8):
-        c = x & 0x1F
-        x = x >> 5
-        more = np.where(c & 0x10, x != -1, x != 0) & active
-        groups[:, g] = (c | np.where(more, 0x20, 0)) + 48
-        valid[:, g] = active
-        active = more
-        if not active.any():
-            break
-    text = groups[valid].tobytes().decode("ascii")
-    chars = np.bincount(mask_of, weights=valid.sum(1), minlength=n).astype(np.int64)
+    # groups per value: the fewest 5-bit groups that hold it in two's complement
+    mag = np.where(x >= 0, x, ~x)
+    bits = np.frexp(mag.astype(np.float64))[1]  # bit length (exact below 2**53)
+    ngroups = (bits + 5) // 5
+    first_char = np.zeros(x.size + 1, np.int64)
+    np.cumsum(ngroups, out=first_char[1:])
+    which = np.repeat(np.arange(x.size), ngroups)
+    g = np.arange(first_char[-1]) - first_char[which]
+    chars_arr = ((x[which] >> (5 * g)) & 0x1F) | np.where(g < ngroups[which] - 1, 0x20, 0)
+    text = (chars_arr + 48).astype(np.uint8).tobytes().decode("ascii")
+    chars = np.bincount(mask_of, weights=ngroups, minlength=n).astype(np.int64)
     ends = np.cumsum(chars)
     starts = ends - chars
     size = [height, width]
