@@ -87,6 +87,11 @@ class FeatureCache:
         f = model.config.feat_size
         model = model.eval()
         device = torch.device(device)
+        # the frozen trunk with its batch norms folded: same maps, about 2x
+        # faster (building the folded convolutions draws on the RNG: keep the
+        # run's RNG as if the cache had been loaded from a file)
+        with torch.random.fork_rng(devices=[]):
+            trunk = model.trunk.fused().to(device, memory_format=torch.channels_last)
         for n, rec in enumerate(self.records):
             img = record_image(rec)
             base = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1).to(device)
@@ -96,7 +101,7 @@ class FeatureCache:
                     h, w = max(1, round(rec.height * scale)), max(1, round(rec.width * scale))
                     canvas = pyramid_canvas([t], [(h, w)], p, model.normalize)
                     with torch.no_grad():
-                        fmap = model.trunk(canvas.contiguous(memory_format=torch.channels_last))[0]
+                        fmap = trunk(canvas.contiguous(memory_format=torch.channels_last))[0]
                     ny, nx = fmap.shape[1] - f + 1, fmap.shape[2] - f + 1
                     levels.append(_Level(n, flip, scale, w / rec.width, h / rec.height, fmap.half().cpu().contiguous(), ny, nx))
             if on_image:

@@ -187,7 +187,8 @@ class Proposer:
         # Batch norm folded into the convolutions and channels-last layout:
         # together about 2x faster trunk on a 2-core CPU (a one-off timing of
         # the Lite0 trunk on 32 patches: 0.80 s plain, 0.40 s both).
-        self.trunk = model.trunk.fused().to(memory_format=torch.channels_last)
+        with torch.random.fork_rng(devices=[]):  # folding builds convolutions, which draw on the RNG
+            self.trunk = model.trunk.fused().to(memory_format=torch.channels_last)
         self.config = config or InferenceConfig()
         prec = self.config.precision
         if prec == "fp16" and self.device.type != "cuda":
