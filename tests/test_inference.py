@@ -4,7 +4,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from deepmask_cli import Proposer, load_proposer
+from deepmask_cli import Proposer, load_proposer, rle
 from deepmask_cli.config import InferenceConfig
 from deepmask_cli.model import DeepMask
 
@@ -91,3 +91,21 @@ def test_load_proposer_applies_the_weights_defaults_then_overrides(tiny_weights)
     assert p.config.max_proposals == 50 and p.config.scale_min == -1.0
     p = load_proposer(tiny_weights, device="cpu", overrides={"max_proposals": 9, "mask_thresh": None})
     assert p.config.max_proposals == 9 and p.config.mask_thresh == InferenceConfig().mask_thresh
+
+
+def test_bucketed_square_canvases_propose_the_same_windows(tiny_config):
+    """GPU-style canvases (square, side rounded up to a bucket) only add
+    padding: every window still lies on the image's own grid, none comes from
+    the extra canvas, and the proposals are nearly those of tight canvases
+    (features near the old canvas edge see a little more padding)."""
+    arr = np.random.default_rng(3).integers(0, 255, (70, 110, 3), dtype=np.uint8)
+    tight = _proposer(tiny_config, max_proposals=40, shape_bucket=0)(arr)
+    square = _proposer(tiny_config, max_proposals=40, shape_bucket=128)(arr)
+    assert len(square) == len(tight)
+    every = _proposer(tiny_config, max_proposals=10**6, pre_nms_topk=10**6, mask_thresh=1e-6, shape_bucket=0)(arr)
+    allowed = {tuple(w) for w in every.windows_xyxy.round(decimals=2).tolist()}
+    assert {tuple(w) for w in square.windows_xyxy.round(decimals=2).tolist()} <= allowed
+    same = {tuple(w) for w in tight.windows_xyxy.round().tolist()} & {tuple(w) for w in square.windows_xyxy.round().tolist()}
+    assert len(same) >= 0.8 * len(tight)
+    iou = rle.iou(tight.to_rles()[:10], square.to_rles()[:10]).max(1)
+    assert iou.mean() > 0.8
