@@ -97,3 +97,19 @@ def test_writer_streams_and_keeps_only_offsets(tmp_path):
     got = json.loads((tmp_path / "r.json").read_text())
     assert [g["image_id"] for g in got] == [4, 3, 2, 1, 0]
     assert got == [recs[f"k{i}"][0] for i in (4, 3, 2, 1, 0)]
+
+
+def test_streamed_file_equals_records_made_in_memory(synth_coco, tiny_weights, tmp_path):
+    """What propose streams to disk is what a Python user gets in memory from
+    the straightforward path (whole masks, encoded by pycocotools)."""
+    from PIL import Image
+
+    proposer = load_proposer(tiny_weights, device="cpu")
+    images = sorted((synth_coco / "images").glob("*.jpg"))
+    run_propose(images, tmp_path / "s.json", proposer=proposer)
+    expected = []
+    for n, path in enumerate(images):
+        props = proposer(Image.open(path).convert("RGB"))  # masks, not runs
+        assert props.masks is not None
+        expected += records(props, image_id=n + 1, file_name=str(path))
+    assert json.loads((tmp_path / "s.json").read_text()) == json.loads(json.dumps(expected))
