@@ -104,7 +104,7 @@ def end_to_end(args, images, n_images: int) -> tuple[float, int, int]:
         src.mkdir()
         for k in range(n_images):
             (src / f"{k:06d}_{images[k % len(images)].name}").symlink_to(images[k % len(images)].resolve())
-        proposer = load_proposer(args.weights, device=args.device, overrides={"precision": args.precision})
+        proposer = load_proposer(args.weights, device=args.device, overrides={"precision": args.precision, "runtime": args.runtime})
         on_gpu = proposer.device.type == "cuda"
         batch = args.batch_size or (8 if on_gpu else 1)
         workers = args.workers if args.workers is not None else (min(8, max(0, (os.cpu_count() or 1) - 2)) if on_gpu else 0)
@@ -121,7 +121,7 @@ def end_to_end(args, images, n_images: int) -> tuple[float, int, int]:
 def agreement(args, images, k: int) -> tuple[float, float]:
     """Mean best IoU of fp32's top-100 masks among this precision's top 100,
     and the fraction at or above 0.99."""
-    fast = load_proposer(args.weights, device=args.device, overrides={"precision": args.precision})
+    fast = load_proposer(args.weights, device=args.device, overrides={"precision": args.precision, "runtime": args.runtime})
     ref = load_proposer(args.weights, device=args.device, overrides={"precision": "fp32"})
     best = []
     for path in images[:k]:
@@ -139,6 +139,7 @@ def main(argv=None) -> int:
     ap.add_argument("--weights", default=None)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default=None, help="fp32, fp16, bf16 (default: the weights' setting)")
+    ap.add_argument("--runtime", default=None, help="torch or onnx (default: the weights' setting)")
     ap.add_argument("--limit", type=int, default=30, help="images for the stage breakdown (0: skip it)")
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -157,10 +158,11 @@ def main(argv=None) -> int:
     images = all_images[: args.limit]
     ann = args.folder / "instances.json"
     ids = {im["file_name"]: im["id"] for im in json.loads(ann.read_text())["images"]} if ann.exists() else None
-    proposer = load_proposer(args.weights, device=args.device, overrides={"precision": args.precision})
+    proposer = load_proposer(args.weights, device=args.device, overrides={"precision": args.precision, "runtime": args.runtime})
     dtype = proposer.autocast_dtype or torch.float32
     where = f"{proposer.device}" + (f" ({torch.cuda.get_device_name(proposer.device)})" if proposer.device.type == "cuda" else "")
-    console.print(f"device {where}, {torch.get_num_threads()} torch threads, precision {str(dtype).replace('torch.', '')}")
+    console.print(f"device {where}, {torch.get_num_threads()} torch threads, precision {str(dtype).replace('torch.', '')}, "
+                  f"trunk runtime {proposer.config.runtime}")
     proposer(np.zeros((480, 640, 3), np.uint8))  # warm-up
 
     if images:
@@ -197,7 +199,7 @@ def main(argv=None) -> int:
             for spec in args.scale_sets:
                 lo, hi, st = (float(v) for v in spec.split(","))
                 p = load_proposer(args.weights, device=args.device,
-                                  overrides={"precision": args.precision, "scale_min": lo, "scale_max": hi, "scale_step": st})
+                                  overrides={"precision": args.precision, "runtime": args.runtime, "scale_min": lo, "scale_max": hi, "scale_step": st})
                 p(np.zeros((480, 640, 3), np.uint8))
                 arr_s, _, _, recs_s = per_image_pass(p, images, ids)
                 ar = ar100(recs_s, ann, ids, images) if ids else (float("nan"), float("nan"))

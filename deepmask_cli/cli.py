@@ -18,7 +18,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
 from rich.text import Text
 
 from . import __version__
-from .config import PRECISIONS, TRUNKS, InferenceConfig, ModelConfig, SamplerConfig, TrainConfig
+from .config import PRECISIONS, RUNTIMES, TRUNKS, InferenceConfig, ModelConfig, SamplerConfig, TrainConfig
 
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False)
@@ -70,13 +70,14 @@ def main() -> None:
 @click.option("--batch-size", type=int, default=None, help="Images run through the network together. [default: 1 on a CPU, 8 on a GPU]")
 @click.option("--workers", type=int, default=None, help="Processes that RLE-encode and write results beside the network. [default: 0 on a CPU, up to 8 on a GPU]")
 @click.option("--precision", type=click.Choice(PRECISIONS), default=None, help=f"Network arithmetic; fp16 (GPU only) and bf16 autocast. [default: {_D.precision}]")
+@click.option("--runtime", type=click.Choice(RUNTIMES), default=None, help=f"Run the trunk with torch or ONNX Runtime (CPU only; pip install 'deepmask[onnx]'). [default: {_D.runtime}]")
 @click.option("--shard", default=None, help="I/N: run only the I-th of N contiguous parts of the inputs (0-based); join the parts with deepmask merge.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run into the same output, skipping finished images.")
 @click.option("--strict", is_flag=True, help="Stop at the first bad image instead of reporting it and going on.")
 @click.option("--no-exif", is_flag=True, help="Ignore EXIF orientation (default: masks follow the image as viewers show it).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, only errors.")
 def propose(images, out_path, weights, device, gt, fmt, show, max_proposals, score_thresh, mask_thresh, nms, nms_thresh,
-            pre_nms_topk, scales, max_side, batch_size, workers, precision, shard, resume, strict, no_exif, quiet) -> None:
+            pre_nms_topk, scales, max_side, batch_size, workers, precision, runtime, shard, resume, strict, no_exif, quiet) -> None:
     """Propose object masks for IMAGES (files, folders or globs).
 
     \b
@@ -89,7 +90,7 @@ def propose(images, out_path, weights, device, gt, fmt, show, max_proposals, sco
 
     overrides = dict(max_proposals=max_proposals, score_thresh=score_thresh, mask_thresh=mask_thresh, nms=nms,
                      nms_thresh=nms_thresh, pre_nms_topk=pre_nms_topk, max_side=max_side, precision=precision,
-                     **_parse_scales(scales))
+                     runtime=runtime, **_parse_scales(scales))
     try:
         shard_ = parse_shard(shard) if shard is not None else None
         proposer = load_proposer(weights, device=device, overrides=overrides)

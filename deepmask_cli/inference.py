@@ -190,6 +190,7 @@ class Proposer:
         with torch.random.fork_rng(devices=[]):  # folding builds convolutions, which draw on the RNG
             self.trunk = model.trunk.fused().to(memory_format=torch.channels_last)
         self.config = config or InferenceConfig()
+        self._onnx = _onnx_trunk(self.trunk, self.device) if self.config.runtime == "onnx" else None
         prec = self.config.precision
         if prec == "fp16" and self.device.type != "cuda":
             raise ValueError("precision fp16 needs a GPU; use fp32 (or bf16) on a CPU")
@@ -253,7 +254,11 @@ class Proposer:
             with self._stage("pyramid"):
                 canvas = pyramid_canvas(images, sizes, self.patch_size, self.model.normalize, (side, side))
             with self._stage("trunk"), self._autocast():
-                fmap = self.trunk(canvas.contiguous(memory_format=torch.channels_last))
+                if self._onnx is not None:
+                    fmap = torch.from_numpy(self._onnx.run(None, {"canvas": canvas.contiguous().numpy()})[0]
+                                            ).contiguous(memory_format=torch.channels_last)
+                else:
+                    fmap = self.trunk(canvas.contiguous(memory_format=torch.channels_last))
             with self._stage("score head"), self._autocast():
                 scores = self.model.dense_scores(fmap).float()
             levels.append(_Level(scale, fmap, scores, sizes))
@@ -377,6 +382,32 @@ class Proposer:
         rles = rle_utils.encode(kwh[idx].transpose(1, 2))
         iou = torch.from_numpy(rle_utils.iou(rles, rles)).to(idx.device).float()
         return idx[cluster_nms(iou, cfg.nms_thresh)]
+
+
+def _onnx_trunk(trunk: torch.nn.Module, device: torch.device):
+    """An ONNX Runtime session running ``trunk`` (exported once, here, with
+    any batch, height and width)."""
+    if device.type != "cpu":
+        raise ValueError("runtime onnx runs the trunk on the CPU; use runtime torch with a GPU")
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ValueError("runtime onnx needs ONNX Runtime: pip install 'deepmask[onnx]' (onnxruntime and onnx)") from None
+    import io
+    import warnings
+
+    buf = io.BytesIO()
+    example = torch.zeros(1, 3, 224, 224)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(trunk, (example,), buf, input_names=["canvas"], output_names=["fmap"], opset_version=17,
+                          dynamic_axes={"canvas": {0: "b", 2: "h", 3: "w"}, "fmap": {0: "b", 2: "fh", 3: "fw"}},
+                          dynamo=False)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    # no spinning between runs: the heads run in torch right after, on the same cores
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(buf.getvalue(), options, providers=["CPUExecutionProvider"])
 
 
 def _select_runs(owner: torch.Tensor, pos: torch.Tensor, idx: torch.Tensor, n: int) -> tuple[np.ndarray, np.ndarray]:

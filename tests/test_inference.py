@@ -1,6 +1,7 @@
 """The library entry point: images in, a Proposals dataclass out."""
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -109,3 +110,25 @@ def test_bucketed_square_canvases_propose_the_same_windows(tiny_config):
     assert len(same) >= 0.8 * len(tight)
     iou = rle.iou(tight.to_rles()[:10], square.to_rles()[:10]).max(1)
     assert iou.mean() > 0.8
+
+
+def test_onnx_runtime_trunk_gives_the_same_proposals(tiny_config):
+    """--runtime onnx (the trunk in ONNX Runtime) proposes the same windows
+    in the same order with the same masks as torch, up to float rounding."""
+    pytest.importorskip("onnxruntime")
+    arr = np.random.default_rng(5).integers(0, 255, (70, 90, 3), dtype=np.uint8)
+    ref = _proposer(tiny_config, max_proposals=30)(arr)
+    got = _proposer(tiny_config, max_proposals=30, runtime="onnx")(arr)
+    torch.testing.assert_close(got.scores, ref.scores, atol=1e-4, rtol=1e-4)
+    # near-ties may swap places; each window keeps its score and mask
+    key = lambda p: {tuple(w): (float(s), m) for w, s, m in zip(p.windows_xyxy.round(decimals=2).tolist(), p.scores, p.masks)}
+    a, b = key(ref), key(got)
+    common = a.keys() & b.keys()
+    assert len(common) >= len(a) - 2
+    for w in common:
+        assert abs(a[w][0] - b[w][0]) < 1e-4 and (a[w][1] != b[w][1]).float().mean() < 1e-3
+
+
+def test_onnx_runtime_is_refused_on_a_gpu_device_name(tiny_config):
+    with pytest.raises((ValueError, RuntimeError)):
+        Proposer(DeepMask(tiny_config), InferenceConfig(runtime="onnx"), "cuda")
