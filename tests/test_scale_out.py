@@ -4,7 +4,6 @@ results writer keeps no records in memory."""
 
 import json
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 
