@@ -202,7 +202,7 @@ def run_propose(
             finished(path, count)
 
     try:
-        ahead = deque(decoder.map(load, b) for b in batches[:2])  # decode one batch ahead
+        ahead = deque(decoder.map(load, b) for b in batches[:2])  # decode up to two batches ahead
         for bi in range(len(batches)):
             loaded = list(ahead.popleft())
             if bi + 2 < len(batches):
