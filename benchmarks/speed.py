@@ -41,6 +41,7 @@ from rich.table import Table
 from deepmask_cli import rle
 from deepmask_cli.evaluate import evaluate_recall
 from deepmask_cli.images import load_image
+from deepmask_cli.inference import image_to_tensor
 from deepmask_cli.propose import load_proposer, run_propose
 from deepmask_cli.results import ResultsWriter, records
 
@@ -183,11 +184,21 @@ def main(argv=None) -> int:
         with FlopCounterMode(display=False) as counter:
             proposer(load_image(images[0]), rle=True)
         flops = counter.get_total_flops()
+        with FlopCounterMode(display=False) as c_dense, torch.no_grad():
+            levels = proposer.dense_pass([image_to_tensor(load_image(images[0])).to(proposer.device)])
+        with FlopCounterMode(display=False) as c_score, torch.no_grad():
+            for lv in levels:
+                proposer.model.dense_scores(lv.fmap)
+        windows = sum(int(lv.scores[0].numel()) for lv in levels)
+        del levels
         peak = matmul_rate(proposer.device, dtype)
         net_s = sum(stages.get(k, 0.0) for k in ("trunk", "score head", "mask head")) / n
         console.print(f"{flops / 2e9:.1f} G multiply-adds per image (first image, network only); the network stages run at "
                       f"{flops / max(net_s, 1e-9) / 1e9:.1f} GFLOP/s, {100 * flops / max(net_s, 1e-9) / peak:.1f}% of this "
                       f"machine's measured {str(dtype).replace('torch.', '')} matmul rate ({peak / 1e9:.1f} GFLOP/s)")
+        d, sc = c_dense.get_total_flops(), c_score.get_total_flops()
+        console.print(f"of them: trunk {(d - sc) / 2e9:.1f} G, score head {sc / 2e9:.1f} G (dense over {windows} windows), "
+                      f"mask head {(flops - d) / 2e9:.1f} G")
         if ids:
             m, b = ar100(recs, ann, ids, images)
             console.print(f"mask AR@100 {m:.3f}, box AR@100 {b:.3f} on these {n} images")
