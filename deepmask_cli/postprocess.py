@@ -263,8 +263,9 @@ def paste_runs(
 
 #: Windows at least this many pixels per mask cell take :func:`paste_runs`;
 #: smaller ones are cheaper pixel by pixel (``benchmarks/paste_speed.py`` on
-#: the 2-core CPU, 64 windows of a 56x56 mask: crops 2x faster at 96 px, even
-#: at 192 px, runs 2.1x faster at 400 px and 2.5x at 1000 px).
+#: the 2-core CPU, 64 windows of a 56x56 mask: crops 1.3-1.9x faster at 96 and
+#: 136 px, even at 192 px, runs 1.2x faster at 272 px, 2.1x at 400 px and
+#: about 3x at 640 and 1000 px).
 RUNS_MIN_CELL_PIXELS = 4
 
 
