@@ -13,6 +13,7 @@ from typing import NoReturn
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 from rich.text import Text
@@ -30,7 +31,7 @@ _S = SamplerConfig()
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     sys.exit(code)
 
 
@@ -110,7 +111,7 @@ def propose(images, out_path, weights, device, gt, fmt, show, max_proposals, sco
 
     def on_image(path, n, reason) -> None:
         if reason is not None:
-            progress.console.print(f"[red]✗[/] {path}: {reason}", soft_wrap=True)
+            progress.console.print(f"[red]✗[/] {escape(f'{path}: {reason}')}", soft_wrap=True)
         if task is not None:
             progress.advance(task)
 
@@ -127,7 +128,7 @@ def propose(images, out_path, weights, device, gt, fmt, show, max_proposals, sco
     if summary.skipped:
         done += f", {summary.skipped} already done"
     if not quiet:
-        err.print(f"[green]✓[/] {done} → {summary.out}" + (f"; [red]{len(summary.failures)} failed[/]" if summary.failures else ""))
+        err.print(f"[green]✓[/] {done} → {escape(str(summary.out))}" + (f"; [red]{len(summary.failures)} failed[/]" if summary.failures else ""))
     elif summary.failures:
         err.print(f"{len(summary.failures)} input(s) failed")
     sys.exit(1 if summary.failures else 0)
@@ -160,14 +161,14 @@ def viz(results, out_dir, images_dir, show, quiet) -> None:
 
     def on_image(path, n, reason) -> None:
         if reason is not None:
-            err.print(f"[red]✗[/] {path}: {reason}", soft_wrap=True)
+            err.print(f"[red]✗[/] {escape(f'{path}: {reason}')}", soft_wrap=True)
 
     try:
         summary = run_viz(results, out_dir, images_dir=images_dir, show=show, on_image=on_image)
     except EvalError as e:
         _fail(str(e))
     if not quiet:
-        err.print(f"[green]✓[/] {summary.done} overlay(s) → {out_dir}" + (f"; [red]{len(summary.failures)} failed[/]" if summary.failures else ""))
+        err.print(f"[green]✓[/] {summary.done} overlay(s) → {escape(str(out_dir))}" + (f"; [red]{len(summary.failures)} failed[/]" if summary.failures else ""))
     sys.exit(1 if summary.failures else 0)
 
 
@@ -210,7 +211,7 @@ def merge(parts, out_path) -> None:
         n = merge_results(list(parts), out_path)
     except MergeError as e:
         _fail(str(e))
-    err.print(f"[green]✓[/] {len(parts)} part(s), {n} proposals → {out_path}")
+    err.print(f"[green]✓[/] {len(parts)} part(s), {n} proposals → {escape(str(out_path))}")
 
 
 # --------------------------------------------------------------------- train
@@ -327,7 +328,7 @@ def train(data_dir, out_dir, val_dir, ann, images_dir, val_ann, val_images, trun
         if distributed and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     if not quiet:
-        err.print(f"[green]✓[/] weights → {weights}  (use: deepmask propose IMAGES --weights {weights} -o props.json)")
+        err.print(escape(f"✓ weights → {weights}  (use: deepmask propose IMAGES --weights {weights} -o props.json)"))
 
 
 class _TrainDisplay:
@@ -360,7 +361,7 @@ class _TrainDisplay:
                 + (f"; {r['bad_annotations']} bad annotations skipped" if r["bad_annotations"] else "") + ")"
             )
             for m in (r["missing_images"] + r["bad_images"])[:5]:
-                p.console.print(f"  [yellow]skipped[/] {m}")
+                p.console.print(f"  [yellow]skipped[/] {escape(str(m))}")
         elif kind == "cache":
             if not hasattr(self, "cache_task"):
                 self.cache_task = p.add_task("cache", total=info["total"], stats="trunk maps of the pyramid")
@@ -396,7 +397,7 @@ def export(checkpoint, out_dir, half) -> None:
         folder = export_checkpoint(checkpoint, out_dir, half=half)
     except TrainError as e:
         _fail(str(e))
-    err.print(f"[green]✓[/] {folder}")
+    err.print(f"[green]✓[/] {escape(str(folder))}")
 
 
 if __name__ == "__main__":

@@ -141,3 +141,15 @@ def test_eval_rejects_ids_not_in_gt(runner, synth_coco, tmp_path):
                                                   "bbox": [0, 0, 5, 5], "segmentation": {"size": [128, 160], "counts": "0"}}]))
     r = runner.invoke(main, ["eval", str(tmp_path / "r.json"), "--gt", str(synth_coco / "instances.json")])
     assert r.exit_code == 2 and "999" in r.output
+
+
+def test_messages_keep_brackets_in_file_names(runner, tiny_weights, tmp_path):
+    """Messages go through rich; a name like ``shot[1].jpg`` must not be taken
+    for markup and lose its brackets."""
+    bad = tmp_path / "shot[1].jpg"
+    bad.write_bytes(b"not a jpeg")
+    r = runner.invoke(main, ["propose", str(bad), "-o", str(tmp_path / "p.json"), "--weights", str(tiny_weights),
+                             "--device", "cpu"])
+    assert r.exit_code == 1 and "shot[1].jpg" in r.output
+    r = runner.invoke(main, ["eval", str(tmp_path / "missing[2].json"), "--gt", str(tmp_path / "gt[3].json")])
+    assert r.exit_code == 2 and ("missing[2].json" in r.output or "gt[3].json" in r.output)

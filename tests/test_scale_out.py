@@ -112,3 +112,26 @@ def test_streamed_file_equals_records_made_in_memory(synth_coco, tiny_weights, t
         assert props.masks is not None
         expected += records(props, image_id=n + 1, file_name=str(path))
     assert json.loads((tmp_path / "s.json").read_text()) == json.loads(json.dumps(expected))
+
+
+def test_runtime_option_through_the_cli(synth_coco, tiny_weights, tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    images = str(synth_coco / "images")
+    a = _propose([images, "--runtime", "onnx"], tiny_weights, tmp_path, "onnx.json")
+    b = _propose([images], tiny_weights, tmp_path, "torch.json")
+    ra, rb = json.loads(a.read_text()), json.loads(b.read_text())
+    assert len(ra) == len(rb) and {r["image_id"] for r in ra} == {r["image_id"] for r in rb}
+    # without ONNX Runtime installed: one line that says what to install
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_ort(name, *args, **kwargs):
+        if name == "onnxruntime":
+            raise ImportError("no onnxruntime")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ort)
+    r = CliRunner().invoke(main, ["propose", images, "-o", str(tmp_path / "x.json"), "--weights", str(tiny_weights),
+                                  "--device", "cpu", "--runtime", "onnx"])
+    assert r.exit_code == 2 and "deepmask[onnx]" in r.output and "Traceback" not in r.output
