@@ -151,20 +151,21 @@ def crop_run_starts(crops: torch.Tensor, ox: torch.Tensor, oy: torch.Tensor, hei
     owner, x, j = change.nonzero(as_tuple=True)
     pos = (ox[owner] + x) * height + oy[owner] + j
     # A crop spanning whole columns ends column x at x*H + H, where column
-    # x+1 starts: a run of ones across the seam gives the same position twice
-    # (an end and a start) and neither is a change.
-    n = pos.numel()
-    if n > 1:
-        same = (pos[1:] == pos[:-1]) & (owner[1:] == owner[:-1])
-        drop = torch.zeros(n, dtype=torch.bool, device=dev)
-        drop[1:] |= same
-        drop[:-1] |= same
-        keep = ~drop & (pos < height * width)
-        owner, pos = owner[keep], pos[keep]
-    elif n == 1:
-        keep = pos < height * width
-        owner, pos = owner[keep], pos[keep]
-    return owner, pos
+    # x+1 starts: a run of ones across the seam gives that position twice.
+    return _join_touching(owner, pos, height * width)
+
+
+def _join_touching(owner: torch.Tensor, pos: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run changes sorted by mask then position, where one run may end exactly
+    where the next starts (an end and a start at one position): those two are
+    no change and both go. So does an end at ``size`` (the image's last pixel
+    is in the mask), which COCO's encoder leaves out."""
+    same = (pos[1:] == pos[:-1]) & (owner[1:] == owner[:-1])
+    drop = torch.zeros(pos.numel(), dtype=torch.bool, device=pos.device)
+    drop[1:] |= same
+    drop[:-1] |= same
+    keep = ~drop & (pos < size)
+    return owner[keep], pos[keep]
 
 
 def paste_runs(
@@ -245,20 +246,11 @@ def paste_runs(
     boxes[~cols_any.any(1)] = 0
     # runs: every nonempty range starts and ends one; a range that ends where
     # the next starts (the next piece, or the next column across the seam)
-    # joins it, so both changes go.
+    # joins it.
     owner, col, piece = nonempty.nonzero(as_tuple=True)
     base = (ox[owner] + col) * height
     pos = torch.stack([base + start[owner, col, piece], base + end[owner, col, piece]], 1).view(-1)
-    owner = owner.repeat_interleave(2)
-    n = pos.numel()
-    if n:
-        same = (pos[1:] == pos[:-1]) & (owner[1:] == owner[:-1])
-        drop = torch.zeros(n, dtype=torch.bool, device=dev)
-        drop[1:] |= same
-        drop[:-1] |= same
-        keep = ~drop & (pos < height * width)
-        owner, pos = owner[keep], pos[keep]
-    return owner, pos, boxes
+    return (*_join_touching(owner.repeat_interleave(2), pos, height * width), boxes)
 
 
 #: Windows at least this many pixels per mask cell take :func:`paste_runs`;
