@@ -338,9 +338,13 @@ class Proposer:
 
         # 5. drop empty masks, NMS, cap
         idx = nonempty_t.nonzero().squeeze(1)
+        cand_rles: list[dict] = []  # mask NMS: RLEs of the candidates, made once
+        if mask_nms and idx.numel():
+            with self._stage("rle"):
+                cand_rles = rle_utils.encode(kwh[idx].transpose(1, 2))
         with self._stage("nms"):
-            idx = self._nms(idx, boxes_t, probs, kwh)
-        idx = idx[: cfg.max_proposals]
+            keep = self._nms(idx, boxes_t, probs, cand_rles)[: cfg.max_proposals]
+        idx = idx[keep]
 
         out = Proposals(
             scores=probs[idx],
@@ -353,8 +357,7 @@ class Proposer:
             with self._stage("rle"):
                 out.runs = _select_runs(torch.cat(run_owner), torch.cat(run_pos), idx, n)
         elif rle:
-            with self._stage("rle"):
-                out.rles = rle_utils.encode(kwh[idx].transpose(1, 2)) if idx.numel() else []
+            out.rles = [cand_rles[i] for i in keep.tolist()]
         else:
             kwh = kwh if kwh is not None else torch.zeros(0, width, height, dtype=torch.bool, device=dev)
             out.masks = kwh[idx].transpose(1, 2)
@@ -373,15 +376,16 @@ class Proposer:
             chunks.extend(by_size[i : min(i + self.paste_chunk, b)] for i in range(a, b, self.paste_chunk))
         return chunks
 
-    def _nms(self, idx: torch.Tensor, boxes: torch.Tensor, probs: torch.Tensor, kwh: torch.Tensor | None) -> torch.Tensor:
+    def _nms(self, idx: torch.Tensor, boxes: torch.Tensor, probs: torch.Tensor, rles: list[dict]) -> torch.Tensor:
+        """Positions in ``idx`` (score order) that NMS keeps, best first;
+        ``rles`` are the masks of ``idx`` when NMS is by mask."""
         cfg = self.config
         if cfg.nms_thresh >= 1.0 or idx.numel() == 0:
-            return idx
+            return torch.arange(idx.numel(), device=idx.device)
         if cfg.nms == "box":
-            return idx[nms_boxes(boxes[idx], probs[idx], cfg.nms_thresh)]
-        rles = rle_utils.encode(kwh[idx].transpose(1, 2))
+            return nms_boxes(boxes[idx], probs[idx], cfg.nms_thresh)
         iou = torch.from_numpy(rle_utils.iou(rles, rles)).to(idx.device).float()
-        return idx[cluster_nms(iou, cfg.nms_thresh)]
+        return cluster_nms(iou, cfg.nms_thresh).nonzero().squeeze(1)
 
 
 def _onnx_trunk(trunk: torch.nn.Module, device: torch.device):

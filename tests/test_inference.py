@@ -85,6 +85,8 @@ def test_thresholds_and_cap(tiny_config):
     enc = mask_nms.to_rles()
     m_iou = rle.iou(enc, enc) - np.eye(len(enc))
     assert m_iou.max() <= 0.5 + 1e-6
+    as_rles = _proposer(tiny_config, nms="mask", nms_thresh=0.5)(arr, rle=True)  # RLEs made once, for NMS and output
+    assert as_rles.to_rles() == enc and torch.equal(as_rles.scores, mask_nms.scores)
 
 
 def test_load_proposer_applies_the_weights_defaults_then_overrides(tiny_weights):
