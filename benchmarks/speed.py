@@ -42,7 +42,7 @@ from deepmask_cli import rle
 from deepmask_cli.evaluate import evaluate_recall
 from deepmask_cli.images import load_image
 from deepmask_cli.inference import image_to_tensor
-from deepmask_cli.propose import load_proposer, run_propose
+from deepmask_cli.propose import load_proposer, pipeline_defaults, run_propose
 from deepmask_cli.results import ResultsWriter, records
 
 console = Console(width=200)
@@ -106,9 +106,9 @@ def end_to_end(args, images, n_images: int) -> tuple[float, int, int]:
         for k in range(n_images):
             (src / f"{k:06d}_{images[k % len(images)].name}").symlink_to(images[k % len(images)].resolve())
         proposer = load_proposer(args.weights, device=args.device, overrides={"precision": args.precision, "runtime": args.runtime})
-        on_gpu = proposer.device.type == "cuda"
-        batch = args.batch_size or (8 if on_gpu else 1)
-        workers = args.workers if args.workers is not None else (min(8, max(0, (os.cpu_count() or 1) - 2)) if on_gpu else 0)
+        auto_batch, auto_workers = pipeline_defaults(proposer)
+        batch = args.batch_size or auto_batch
+        workers = auto_workers if args.workers is None else args.workers
         # warm-up run (worker start-up, kernels), then the timed one
         warm = sorted(src.iterdir())[: max(2 * batch, 4)]
         run_propose(warm, Path(tmp) / "warm.json", proposer=proposer, batch_size=batch, workers=workers)

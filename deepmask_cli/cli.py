@@ -86,7 +86,7 @@ def propose(images, out_path, weights, device, gt, fmt, show, max_proposals, sco
     deepmask propose photos/ --format png -o overlays/
     """
     from .images import ImageError
-    from .propose import ProposeError, load_proposer, parse_shard, run_propose
+    from .propose import ProposeError, load_proposer, parse_shard, pipeline_defaults, run_propose
     from .weights import WeightsError
 
     overrides = dict(max_proposals=max_proposals, score_thresh=score_thresh, mask_thresh=mask_thresh, nms=nms,
@@ -97,11 +97,9 @@ def propose(images, out_path, weights, device, gt, fmt, show, max_proposals, sco
         proposer = load_proposer(weights, device=device, overrides=overrides)
     except (WeightsError, ProposeError, RuntimeError, ValueError, ImageError) as e:
         _fail(str(e))
-    on_gpu = proposer.device.type == "cuda"
-    if batch_size is None:
-        batch_size = 8 if on_gpu else 1
-    if workers is None:
-        workers = min(8, max(0, (os.cpu_count() or 1) - 2)) if on_gpu else 0
+    auto_batch, auto_workers = pipeline_defaults(proposer)
+    batch_size = auto_batch if batch_size is None else batch_size
+    workers = auto_workers if workers is None else workers
     progress = _progress(quiet, _RateColumn())
     task = None
 

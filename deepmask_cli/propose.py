@@ -76,6 +76,16 @@ def gt_ids_by_name(gt: str | Path) -> dict[str, int]:
         raise ProposeError(f"{path}: not a COCO instances file ({type(e).__name__}: {e})") from None
 
 
+def pipeline_defaults(proposer: Proposer) -> tuple[int, int]:
+    """``(batch_size, workers)`` for :func:`run_propose` on the proposer's
+    device: one image and no encoding processes on a CPU (the network already
+    uses every core); batches of 8 and up to 8 encoding processes on a GPU,
+    where one CPU core cannot keep up."""
+    if proposer.device.type != "cuda":
+        return 1, 0
+    return 8, min(8, max(0, (os.cpu_count() or 1) - 2))
+
+
 def parse_shard(text: str) -> tuple[int, int]:
     """``"i/n"`` -> ``(i, n)`` with ``0 <= i < n``."""
     try:
