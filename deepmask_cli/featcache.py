@@ -109,17 +109,18 @@ class FeatureCache:
         return levels
 
     # ------------------------------------------------------------ persistence
-    def _meta(self) -> dict:
-        mc = self.model_config
-        return {"version": CACHE_VERSION, "trunk": mc.trunk, "patch_size": mc.patch_size, "scales": list(self.scales),
-                "flips": self.flips, "images": [str(r.path) for r in self.records]}
+    @staticmethod
+    def _meta(mc: ModelConfig, records: list[ImageRecord], scales: tuple[float, ...], flips: bool) -> dict:
+        """What a cache file must match to be reused."""
+        return {"version": CACHE_VERSION, "trunk": mc.trunk, "patch_size": mc.patch_size,
+                "scales": [float(s) for s in scales], "flips": flips, "images": [str(r.path) for r in records]}
 
     def save(self, path: str | Path) -> None:
         """Write the maps (not the labels, which are cheap and depend on the
         sampler) to ``path``, atomically."""
         from .train import atomic_save
 
-        atomic_save({"meta": self._meta(),
+        atomic_save({"meta": self._meta(self.model_config, self.records, self.scales, self.flips),
                      "levels": [(lv.image, lv.flip, lv.scale, lv.sx, lv.sy, lv.ny, lv.nx) for lv in self.levels],
                      "fmaps": [lv.fmap for lv in self.levels]}, Path(path))
 
@@ -133,9 +134,7 @@ class FeatureCache:
         a cache file belongs to one pretrained trunk.)"""
         if path is not None and Path(path).exists():
             blob = torch.load(path, map_location="cpu", weights_only=True)
-            want = cls.__new__(cls)
-            want.model_config, want.records, want.scales, want.flips = model.config, records, tuple(float(s) for s in scales), flips
-            if blob.get("meta") == want._meta():
+            if blob.get("meta") == cls._meta(model.config, records, scales, flips):
                 levels = [_Level(int(i), bool(fl), float(sc), float(sx), float(sy), fm, int(ny), int(nx))
                           for (i, fl, sc, sx, sy, ny, nx), fm in zip(blob["levels"], blob["fmaps"])]
                 return cls(model, records, scales, sampler, flips=flips, levels=levels), True
