@@ -13,6 +13,7 @@ seconds per image for both. Needs the ``bench`` extra (opencv-contrib).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -24,6 +25,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from deepmask_cli.config import InferenceConfig
 from deepmask_cli.evaluate import evaluate_recall
 from deepmask_cli.propose import load_proposer, run_propose
 
@@ -46,6 +48,18 @@ def selective_search(images: list[Path], ids: dict[str, int], max_boxes: int = 1
     return results, (time.perf_counter() - t0) / max(len(images), 1)
 
 
+def parse_overrides(pairs: list[str]) -> dict:
+    """``["mask_thresh=0.3", "precision=bf16"]`` -> typed InferenceConfig overrides."""
+    kinds = {f.name: type(getattr(InferenceConfig(), f.name)) for f in dataclasses.fields(InferenceConfig)}
+    out = {}
+    for kv in pairs:
+        k, _, v = kv.partition("=")
+        if k not in kinds:
+            raise SystemExit(f"--set {kv}: unknown InferenceConfig field {k!r}; fields: {', '.join(kinds)}")
+        out[k] = kinds[k](v)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("folder", type=Path, help="COCO folder: images/ + instances.json")
@@ -63,10 +77,7 @@ def main(argv=None) -> int:
     ids = {im["file_name"]: im["id"] for im in gt["images"]}
     images = sorted(p for p in (args.folder / "images").iterdir() if p.name in ids)[: args.limit]
     subset = [ids[p.name] for p in images]
-    overrides = {}
-    for kv in args.set:
-        k, v = kv.split("=", 1)
-        overrides[k] = v if k == "nms" else float(v) if "." in v or "e" in v else int(v)
+    overrides = parse_overrides(args.set)
     proposer = load_proposer(args.weights, device=args.device, overrides=overrides)
     console = Console(width=200)
     console.print(f"deepmask on {len(images)} images, {proposer.device}; inference: {proposer.config}")

@@ -139,13 +139,16 @@ def main(argv=None) -> int:
     ap.add_argument("folder", type=Path, help="folder of images, or a COCO folder (images/ + instances.json)")
     ap.add_argument("--weights", default=None)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--precision", default=None, help="fp32, fp16, bf16 (default: the weights' setting)")
+    ap.add_argument("--precision", default=None, help="auto, fp32, fp16, bf16 (default: the weights' setting)")
     ap.add_argument("--runtime", default=None, help="torch or onnx (default: the weights' setting)")
     ap.add_argument("--limit", type=int, default=30, help="images for the stage breakdown (0: skip it)")
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--scale-sets", action="append", default=[], metavar="MIN,MAX,STEP",
                     help="also time these pyramids and print their AR@100 (repeatable)")
+    ap.add_argument("--variant", action="append", default=[], metavar="FIELD=VALUE[,FIELD=VALUE]",
+                    help="also time these inference settings and print their AR@100, side by side (repeatable), "
+                         "e.g. --variant precision=fp32")
     ap.add_argument("--e2e", type=int, default=0, metavar="N", help="time the whole propose pipeline over N images")
     ap.add_argument("--batch-size", type=int, default=None, help="--e2e batch (default: the CLI's)")
     ap.add_argument("--workers", type=int, default=None, help="--e2e encoding processes (default: the CLI's)")
@@ -186,7 +189,7 @@ def main(argv=None) -> int:
         flops = counter.get_total_flops()
         with FlopCounterMode(display=False) as c_dense, torch.no_grad():
             levels = proposer.dense_pass([image_to_tensor(load_image(images[0])).to(proposer.device)])
-        with FlopCounterMode(display=False) as c_score, torch.no_grad():
+        with FlopCounterMode(display=False) as c_score, torch.no_grad(), proposer._autocast():
             for lv in levels:
                 proposer.model.dense_scores(lv.fmap)
         windows = sum(int(lv.scores[0].numel()) for lv in levels)
@@ -203,19 +206,26 @@ def main(argv=None) -> int:
             m, b = ar100(recs, ann, ids, images)
             console.print(f"mask AR@100 {m:.3f}, box AR@100 {b:.3f} on these {n} images")
 
-        if args.scale_sets:
-            t = Table(title=f"pyramid scale sets on the same {n} images: recall against time")
-            for col in ("scales (octaves)", "levels", "median s/img", "mask AR@100", "box AR@100"):
+        if args.scale_sets or args.variant:
+            sys.path.insert(0, str(Path(__file__).parent))
+            from recall import parse_overrides
+
+            t = Table(title=f"other settings on the same {n} images: recall against time")
+            for col in ("setting", "levels", "median s/img", "mask AR@100", "box AR@100"):
                 t.add_column(col, justify="right")
+            base = {"precision": args.precision, "runtime": args.runtime}
+            settings = []
             for spec in args.scale_sets:
                 lo, hi, st = (float(v) for v in spec.split(","))
-                p = load_proposer(args.weights, device=args.device,
-                                  overrides={"precision": args.precision, "runtime": args.runtime, "scale_min": lo, "scale_max": hi, "scale_step": st})
+                settings.append((f"scales {lo:g}..{hi:g} step {st:g}", {"scale_min": lo, "scale_max": hi, "scale_step": st}))
+            for spec in args.variant:
+                settings.append((spec, parse_overrides(spec.split(","))))
+            for label, changes in settings:
+                p = load_proposer(args.weights, device=args.device, overrides={**base, **changes})
                 p(np.zeros((480, 640, 3), np.uint8))
                 arr_s, _, _, recs_s = per_image_pass(p, images, ids)
                 ar = ar100(recs_s, ann, ids, images) if ids else (float("nan"), float("nan"))
-                t.add_row(f"{lo:g}..{hi:g} step {st:g}", str(len(p.config.scales)), f"{np.median(arr_s):.3f}",
-                          f"{ar[0]:.3f}", f"{ar[1]:.3f}")
+                t.add_row(label, str(len(p.config.scales)), f"{np.median(arr_s):.3f}", f"{ar[0]:.3f}", f"{ar[1]:.3f}")
             console.print(t)
 
         if not args.no_peer:

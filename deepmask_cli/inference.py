@@ -101,6 +101,22 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(device)
 
 
+def native_bf16() -> bool:
+    """Whether this CPU does bf16 arithmetic in hardware (AVX512-BF16 or AMX);
+    elsewhere bf16 is emulated and slower than fp32."""
+    cpu = torch.cpu
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(cpu, name, lambda: False)() for name in checks)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> ``bf16`` on a CPU with native bf16, else ``fp32``; any other
+    precision is returned as is."""
+    if precision != "auto":
+        return precision
+    return "bf16" if device.type == "cpu" and native_bf16() else "fp32"
+
+
 def image_to_tensor(image: Image.Image | np.ndarray | torch.Tensor) -> torch.Tensor:
     """A PIL image, an ``(H, W[, C])`` uint8/float array or a ``(3, H, W)``
     float tensor in ``[0, 1]`` -> ``(3, H, W)`` float32 in ``[0, 1]``."""
@@ -191,10 +207,12 @@ class Proposer:
             self.trunk = model.trunk.fused().to(memory_format=torch.channels_last)
         self.config = config or InferenceConfig()
         self._onnx = _onnx_trunk(self.trunk, self.device) if self.config.runtime == "onnx" else None
-        prec = self.config.precision
+        prec = resolve_precision(self.config.precision, self.device)
         if prec == "fp16" and self.device.type != "cuda":
             raise ValueError("precision fp16 needs a GPU; use fp32 (or bf16) on a CPU")
         #: The autocast dtype of the network, or None for fp32.
+        #: The resolved precision (``auto`` made concrete for this device).
+        self.precision = prec
         self.autocast_dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[prec]
         self.paste_chunk = self.config.paste_chunk or (1024 if self.device.type == "cuda" else 64)
         #: Seconds spent per stage, accumulated while ``profile`` is on (for benchmarks).

@@ -134,3 +134,26 @@ def test_onnx_runtime_trunk_gives_the_same_proposals(tiny_config):
 def test_onnx_runtime_is_refused_on_a_gpu_device_name(tiny_config):
     with pytest.raises((ValueError, RuntimeError)):
         Proposer(DeepMask(tiny_config), InferenceConfig(runtime="onnx"), "cuda")
+
+
+def test_auto_precision_is_bf16_only_on_a_cpu_with_native_bf16(monkeypatch):
+    from deepmask_cli import inference
+
+    monkeypatch.setattr(inference, "native_bf16", lambda: True)
+    assert inference.resolve_precision("auto", torch.device("cpu")) == "bf16"
+    assert inference.resolve_precision("auto", torch.device("cuda")) == "fp32"
+    assert inference.resolve_precision("fp32", torch.device("cpu")) == "fp32"
+    monkeypatch.setattr(inference, "native_bf16", lambda: False)
+    assert inference.resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert inference.resolve_precision("bf16", torch.device("cpu")) == "bf16"
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_precision_sets_the_networks_arithmetic(tiny_config, precision, dtype):
+    p = _proposer(tiny_config, max_proposals=20, precision=precision)
+    seen = []
+    p.trunk.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+    got = p(np.random.default_rng(3).integers(0, 255, (64, 80, 3), dtype=np.uint8), rle=True)
+    assert p.precision == precision and seen and set(seen) == {dtype}
+    # outputs leave the network as float32 whatever it computed in
+    assert got.scores.dtype == torch.float32 and len(got) == 20
