@@ -1,5 +1,5 @@
 """Pasting and run-finding for one chunk of windows: per-pixel crops
-(``paste_crops`` + ``crop_run_starts``) against per-column pieces
+(``paste_crops`` + ``crop_runs``) against per-column pieces
 (``paste_runs``), by window size, on smooth random 56x56 logit maps.
 
     python benchmarks/paste_speed.py [--device cpu] [--windows 64]
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from deepmask_cli import rle
-from deepmask_cli.postprocess import crop_boxes, crop_run_starts, paste_crops, paste_runs
+from deepmask_cli.postprocess import crop_runs, paste_crops, paste_runs
 
 
 def main(argv=None) -> int:
@@ -44,8 +44,7 @@ def main(argv=None) -> int:
         win = torch.cat([c - size / 2, c + size / 2], 1).to(dev)
 
         def crops():
-            cr = paste_crops(logits, win, h, w, 0.0)
-            return (*crop_run_starts(*cr, h, w), crop_boxes(*cr))
+            return crop_runs(*paste_crops(logits, win, h, w, 0.0), h, w)
 
         def runs():
             return paste_runs(logits, win, h, w, 0.0)

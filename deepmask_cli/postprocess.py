@@ -29,6 +29,17 @@ def _interp_index(coords: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.
     return u0, u1, u - u0
 
 
+def _interp_matrix(coords: torch.Tensor, size: int) -> torch.Tensor:
+    """``(K, n)`` sample positions -> ``(K, n, size)`` bilinear weights, as
+    :func:`_interp_index` taps them (the two weights of a clamped edge
+    sample fall on one cell)."""
+    a0, a1, f = _interp_index(coords, size)
+    w = coords.new_zeros(*coords.shape, size)
+    w.scatter_add_(2, a0[..., None], (1 - f)[..., None])
+    w.scatter_add_(2, a1[..., None], f[..., None])
+    return w
+
+
 def paste_crops(
     mask_logits: torch.Tensor,
     windows_xyxy: torch.Tensor,
@@ -55,7 +66,7 @@ def paste_crops(
 
     Bilinear resampling matches resizing the ``m x m`` map to the window's size
     with ``F.interpolate(mode="bilinear", align_corners=False)`` and placing it
-    at the window's corner: it is separable, done as two gathers.
+    at the window's corner: it is separable, done as two matrix products.
     """
     k, m, _ = mask_logits.shape
     dev = mask_logits.device
@@ -75,14 +86,10 @@ def paste_crops(
     uy = (py + 0.5 - y0[:, None]) * (m / (y1 - y0))[:, None]
     inside_x = (ux >= 0) & (ux < m)
     inside_y = (uy >= 0) & (uy < m)
-    ax0, ax1, fx = _interp_index(ux, m)
-    ay0, ay1, fy = _interp_index(uy, m)
-    # along y first: (K, m, m) -> (K, ch, m), then along x -> (K, cw, ch)
-    rows = torch.gather(logits, 1, ay0[:, :, None].expand(k, ch, m)) * (1 - fy)[:, :, None]
-    rows += torch.gather(logits, 1, ay1[:, :, None].expand(k, ch, m)) * fy[:, :, None]
-    cols_first = rows.transpose(1, 2)  # (K, m, ch)
-    crop = torch.gather(cols_first, 1, ax0[:, :, None].expand(k, cw, ch)) * (1 - fx)[:, :, None]
-    crop += torch.gather(cols_first, 1, ax1[:, :, None].expand(k, cw, ch)) * fx[:, :, None]
+    # Resampling is linear: crop = Ax @ logits^T @ Ay^T, with Ax (K, cw, m) and
+    # Ay (K, ch, m) holding each pixel's two bilinear taps; batched matrix
+    # products beat per-pixel gathers several times over on a CPU.
+    crop = _interp_matrix(ux, m) @ logits.transpose(1, 2) @ _interp_matrix(uy, m).transpose(1, 2)
     crop = (crop > thresh_logit) & inside_x[:, :, None] & inside_y[:, None, :]
     return crop, ox, oy
 
@@ -118,41 +125,44 @@ def paste_masks(
     return out.transpose(1, 2)
 
 
-def crop_boxes(crops: torch.Tensor, ox: torch.Tensor, oy: torch.Tensor) -> torch.Tensor:
-    """Tight ``(K, 4)`` xyxy boxes of the masks of :func:`paste_crops` (as
-    :func:`masks_to_boxes` gives for the whole-image masks)."""
-    boxes = masks_to_boxes(crops.transpose(1, 2))
-    empty = boxes[:, 2] <= boxes[:, 0]
-    boxes += torch.stack([ox, oy, ox, oy], 1).to(boxes.dtype)
-    boxes[empty] = 0
-    return boxes
-
-
-def crop_run_starts(crops: torch.Tensor, ox: torch.Tensor, oy: torch.Tensor, height: int, width: int
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def crop_runs(crops: torch.Tensor, ox: torch.Tensor, oy: torch.Tensor, height: int, width: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Where the runs of each mask of :func:`paste_crops` change value, in
-    column-major pixel order of the whole image (COCO's RLE order).
+    column-major pixel order of the whole image (COCO's RLE order), and the
+    masks' tight boxes.
 
-    Returns ``(owner, pos)``: for every change, the mask it belongs to and the
-    linear index ``x * H + y`` of the first pixel of the new run, sorted by
-    mask then position. Changes come in pairs (a run of ones starts, then
-    ends); an end at ``H * W`` (the image's last pixel is in the mask) is left
-    out, as COCO's encoder does. Work and transfer are proportional to the
-    crops, not to the image.
+    Returns ``(owner, pos, boxes)``: for every change, the mask it belongs to
+    and the linear index ``x * H + y`` of the first pixel of the new run,
+    sorted by mask then position; and ``(K, 4)`` xyxy boxes, as
+    :func:`masks_to_boxes` gives for the whole-image masks (zeros when empty).
+    Changes come in pairs (a run of ones starts, then ends); an end at
+    ``H * W`` (the image's last pixel is in the mask) is left out, as COCO's
+    encoder does. Work and transfer are proportional to the crops, not to the
+    image.
     """
     k, cw, ch = crops.shape
     dev = crops.device
     if k == 0:
         z = torch.zeros(0, dtype=torch.long, device=dev)
-        return z, z
+        return z, z, torch.zeros(0, 4, device=dev)
     # a zero above and below every crop column: the mask is empty there
     padded = F.pad(crops.view(k, cw, ch).to(torch.int8), (1, 1))
     change = padded[:, :, 1:] != padded[:, :, :-1]  # (K, cw, ch + 1)
     owner, x, j = change.nonzero(as_tuple=True)
     pos = (ox[owner] + x) * height + oy[owner] + j
+    # Boxes from the changes: a run of ones starts at its first row and ends
+    # one past its last, so the rows span [min j, max j) and the columns
+    # [min x, max x + 1).
+    lo = torch.full((2, k), cw + ch + 2, dtype=torch.long, device=dev)
+    hi = torch.full((2, k), -1, dtype=torch.long, device=dev)
+    xj = torch.stack([x, j])
+    lo.scatter_reduce_(1, owner.expand(2, -1), xj, "amin")
+    hi.scatter_reduce_(1, owner.expand(2, -1), xj, "amax")
+    boxes = torch.stack([ox + lo[0], oy + lo[1], ox + hi[0] + 1, oy + hi[1]], 1).float()
+    boxes[hi[0] < 0] = 0
     # A crop spanning whole columns ends column x at x*H + H, where column
     # x+1 starts: a run of ones across the seam gives that position twice.
-    return _join_touching(owner, pos, height * width)
+    return (*_join_touching(owner, pos, height * width), boxes)
 
 
 def _join_touching(owner: torch.Tensor, pos: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,8 +185,8 @@ def paste_runs(
     width: int,
     thresh_logit: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`paste_crops` followed by :func:`crop_run_starts` and
-    :func:`crop_boxes`, without resampling every pixel.
+    """:func:`paste_crops` followed by :func:`crop_runs`, without resampling
+    every pixel.
 
     Down one image column the bilinear resampling of a window's mask is
     piecewise linear between the centres of the ``m`` mask rows (and constant
@@ -186,8 +196,7 @@ def paste_runs(
     found by solving for the crossing. The work is ``K x columns x m`` instead
     of ``K x columns x rows``: for a 400-pixel window, 7x less.
 
-    Returns ``(owner, pos, boxes)`` as :func:`crop_run_starts` and
-    :func:`crop_boxes` do. Pixels whose resampled logit is within float
+    Returns ``(owner, pos, boxes)`` as :func:`crop_runs` does. Pixels whose resampled logit is within float
     rounding of the threshold may land on the other side than in
     :func:`paste_crops`.
     """
@@ -255,10 +264,10 @@ def paste_runs(
 
 #: Windows at least this many pixels per mask cell take :func:`paste_runs`;
 #: smaller ones are cheaper pixel by pixel (``benchmarks/paste_speed.py`` on
-#: the 2-core CPU, 64 windows of a 56x56 mask: crops 1.3-1.9x faster at 96 and
-#: 136 px, even at 192 px, runs 1.2x faster at 272 px, 2.1x at 400 px and
-#: about 3x at 640 and 1000 px).
-RUNS_MIN_CELL_PIXELS = 4
+#: the 2-core CPU, 64 windows of a 56x56 mask: crops 2.2-3x faster at 96 to
+#: 192 px, 1.7x at 272 px, 1.1x at 400 px; runs 1.15x faster at 640 and
+#: 1000 px).
+RUNS_MIN_CELL_PIXELS = 8
 
 
 def window_runs(mask_logits: torch.Tensor, windows_xyxy: torch.Tensor, height: int, width: int, thresh_logit: float
@@ -269,9 +278,7 @@ def window_runs(mask_logits: torch.Tensor, windows_xyxy: torch.Tensor, height: i
     m = mask_logits.shape[-1]
     if mask_logits.shape[0] and float(windows_xyxy[0, 3] - windows_xyxy[0, 1]) >= RUNS_MIN_CELL_PIXELS * m:
         return paste_runs(mask_logits, windows_xyxy, height, width, thresh_logit)
-    crops, ox, oy = paste_crops(mask_logits, windows_xyxy, height, width, thresh_logit)
-    owner, pos = crop_run_starts(crops, ox, oy, height, width)
-    return owner, pos, crop_boxes(crops, ox, oy)
+    return crop_runs(*paste_crops(mask_logits, windows_xyxy, height, width, thresh_logit), height, width)
 
 
 def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:

@@ -63,7 +63,7 @@ def iou(rles_a: list[dict], rles_b: list[dict]) -> np.ndarray:
 
 def from_run_starts(owner: np.ndarray, pos: np.ndarray, n: int, height: int, width: int) -> tuple[list[dict], np.ndarray]:
     """COCO RLEs of ``n`` masks from where their runs change value (as
-    :func:`deepmask_cli.postprocess.crop_run_starts` gives them: mask index and
+    :func:`deepmask_cli.postprocess.crop_runs` gives them: mask index and
     column-major pixel index, sorted), without ever building a mask.
 
     Returns ``(rles, areas)``; the ``counts`` strings are byte-for-byte what

@@ -15,7 +15,7 @@ from deepmask_cli import rle
 from deepmask_cli.config import InferenceConfig
 from deepmask_cli.inference import Proposer
 from deepmask_cli.model import DeepMask
-from deepmask_cli.postprocess import (cluster_nms, crop_boxes, crop_run_starts, logit, masks_to_boxes, paste_crops, paste_runs,
+from deepmask_cli.postprocess import (cluster_nms, crop_runs, logit, masks_to_boxes, paste_crops, paste_runs,
                                      paste_masks)
 
 
@@ -189,11 +189,11 @@ def test_rle_from_crop_runs_equals_pycocotools_on_whole_masks(k, h, w, size, t, 
     windows = torch.cat([centres - sizes / 2, centres + sizes / 2], 1)
     full = paste_masks(logits, windows, h, w, t)
     crops, ox, oy = paste_crops(logits, windows, h, w, t)
-    owner, pos = crop_run_starts(crops, ox, oy, h, w)
+    owner, pos, boxes = crop_runs(crops, ox, oy, h, w)
     rles, areas = rle.from_run_starts(owner.numpy(), pos.numpy(), k, h, w)
     assert rles == rle.encode(full)
     assert np.array_equal(areas, full.sum((1, 2)).numpy().astype(np.float64))
-    assert torch.equal(crop_boxes(crops, ox, oy), masks_to_boxes(full))
+    assert torch.equal(boxes, masks_to_boxes(full))
 
 
 def test_rle_from_runs_of_full_and_empty_masks():
@@ -203,9 +203,10 @@ def test_rle_from_runs_of_full_and_empty_masks():
     full[2, 0, 0] = True  # starts at the first
     kwh = full.transpose(1, 2).contiguous()  # (K, W, H): one crop spanning the image
     zeros = torch.zeros(4, dtype=torch.long)
-    owner, pos = crop_run_starts(kwh, zeros, zeros, 3, 5)
+    owner, pos, boxes = crop_runs(kwh, zeros, zeros, 3, 5)
     rles, areas = rle.from_run_starts(owner.numpy(), pos.numpy(), 4, 3, 5)
     assert rles == rle.encode(full)
+    assert torch.equal(boxes, masks_to_boxes(full))
     assert areas.tolist() == [15, 9, 1, 0]
 
 
