@@ -163,7 +163,7 @@ def main(argv=None) -> int:
     ann = args.folder / "instances.json"
     ids = {im["file_name"]: im["id"] for im in json.loads(ann.read_text())["images"]} if ann.exists() else None
     proposer = load_proposer(args.weights, device=args.device, overrides={"precision": args.precision, "runtime": args.runtime})
-    dtype = proposer.autocast_dtype or torch.float32
+    dtype = proposer.dtype
     where = f"{proposer.device}" + (f" ({torch.cuda.get_device_name(proposer.device)})" if proposer.device.type == "cuda" else "")
     console.print(f"device {where}, {torch.get_num_threads()} torch threads, precision {str(dtype).replace('torch.', '')}, "
                   f"trunk runtime {proposer.config.runtime}")
@@ -189,9 +189,9 @@ def main(argv=None) -> int:
         flops = counter.get_total_flops()
         with FlopCounterMode(display=False) as c_dense, torch.no_grad():
             levels = proposer.dense_pass([image_to_tensor(load_image(images[0])).to(proposer.device)])
-        with FlopCounterMode(display=False) as c_score, torch.no_grad(), proposer._autocast():
+        with FlopCounterMode(display=False) as c_score, torch.no_grad():
             for lv in levels:
-                proposer.model.dense_scores(lv.fmap)
+                proposer.net.dense_scores(lv.fmap)
         windows = sum(int(lv.scores[0].numel()) for lv in levels)
         del levels
         peak = matmul_rate(proposer.device, dtype)

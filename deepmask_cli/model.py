@@ -82,20 +82,31 @@ class ScoreHead(nn.Module):
         x = self.dropout(F.relu(self.fc2(x)))
         return self.fc3(x).squeeze(1)
 
-    def _dense_fc(self, pooled: torch.Tensor) -> torch.Tensor:
+    def dense_weights(self, memory_format: torch.memory_format = torch.contiguous_format) -> tuple[torch.Tensor, ...]:
+        """fc1, fc2, fc3 as convolution weights (fc1 a ``pooled`` square
+        kernel, the others 1x1) in ``memory_format``: made once, they spare
+        :meth:`dense` a re-layout of fc1 per call (a channels-last map wants a
+        channels-last kernel)."""
         w1 = self.fc1.weight.view(self.fc1.out_features, -1, self.pooled, self.pooled)
-        x = F.relu(F.conv2d(pooled, w1, self.fc1.bias))
-        x = F.relu(F.conv2d(x, self.fc2.weight[:, :, None, None], self.fc2.bias))
-        return F.conv2d(x, self.fc3.weight[:, :, None, None], self.fc3.bias)[:, 0]
+        w2, w3 = self.fc2.weight[:, :, None, None], self.fc3.weight[:, :, None, None]
+        return tuple(w.contiguous(memory_format=memory_format) for w in (w1, w2, w3))
 
-    def dense(self, fmap: torch.Tensor) -> torch.Tensor:
+    def _dense_fc(self, pooled: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        w1, w2, w3 = weights
+        x = F.relu(F.conv2d(pooled, w1, self.fc1.bias))
+        x = F.relu(F.conv2d(x, w2, self.fc2.bias))
+        return F.conv2d(x, w3, self.fc3.bias)[:, 0]
+
+    def dense(self, fmap: torch.Tensor, weights: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
         """``fmap: (B, C, H, W)`` -> ``score_logits: (B, H-f+1, W-f+1)``, one per window.
 
         The window whose top-left cell is ``(i, j)`` max-pools cells
         ``(i + 2a + {0,1}, j + 2b + {0,1})``: that is the plain stride-2 pooling
         of the map shifted by ``(i % 2, j % 2)``. So the head runs on the four
         shifted poolings and their outputs are interleaved back to stride 1.
+        ``weights``: :meth:`dense_weights`, when the caller keeps them.
         """
+        weights = weights if weights is not None else self.dense_weights()
         b, _, h, w = fmap.shape
         f = 2 * self.pooled
         if h < f or w < f:
@@ -106,7 +117,7 @@ class ScoreHead(nn.Module):
                 ny, nx = len(range(dy, h - f + 1, 2)), len(range(dx, w - f + 1, 2))
                 if ny == 0 or nx == 0:
                     continue
-                s = self._dense_fc(F.max_pool2d(fmap[:, :, dy:, dx:], 2))
+                s = self._dense_fc(F.max_pool2d(fmap[:, :, dy:, dx:], 2), weights)
                 out[:, dy::2, dx::2] = s[:, :ny, :nx]
         return out
 
@@ -146,9 +157,10 @@ class DeepMask(nn.Module):
         return self.heads(patches if from_features else self.features(patches))
 
     # Dense (full-scene) forms of the heads ----------------------------------
-    def dense_scores(self, fmap: torch.Tensor) -> torch.Tensor:
-        """``(B, C, H, W)`` -> ``(B, H-f+1, W-f+1)`` score logits, one per window."""
-        return self.score_head.dense(fmap)
+    def dense_scores(self, fmap: torch.Tensor, weights: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+        """``(B, C, H, W)`` -> ``(B, H-f+1, W-f+1)`` score logits, one per
+        window (``weights``: the score head's :meth:`ScoreHead.dense_weights`)."""
+        return self.score_head.dense(fmap, weights)
 
     def dense_masks(self, fmap: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W)`` -> ``(B, H-f+1, W-f+1, m, m)`` mask logits, one per window.

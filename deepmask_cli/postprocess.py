@@ -32,11 +32,12 @@ def _interp_index(coords: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.
 def _interp_matrix(coords: torch.Tensor, size: int) -> torch.Tensor:
     """``(K, n)`` sample positions -> ``(K, n, size)`` bilinear weights, as
     :func:`_interp_index` taps them (the two weights of a clamped edge
-    sample fall on one cell)."""
+    sample fall on one cell); all zero for a sample outside ``[0, size)``."""
     a0, a1, f = _interp_index(coords, size)
+    inside = ((coords >= 0) & (coords < size)).to(f.dtype)
     w = coords.new_zeros(*coords.shape, size)
-    w.scatter_add_(2, a0[..., None], (1 - f)[..., None])
-    w.scatter_add_(2, a1[..., None], f[..., None])
+    w.scatter_add_(2, a0[..., None], ((1 - f) * inside)[..., None])
+    w.scatter_add_(2, a1[..., None], (f * inside)[..., None])
     return w
 
 
@@ -84,14 +85,14 @@ def paste_crops(
     # pixel centres in mask cells
     ux = (px + 0.5 - x0[:, None]) * (m / (x1 - x0))[:, None]
     uy = (py + 0.5 - y0[:, None]) * (m / (y1 - y0))[:, None]
-    inside_x = (ux >= 0) & (ux < m)
-    inside_y = (uy >= 0) & (uy < m)
-    # Resampling is linear: crop = Ax @ logits^T @ Ay^T, with Ax (K, cw, m) and
-    # Ay (K, ch, m) holding each pixel's two bilinear taps; batched matrix
-    # products beat per-pixel gathers several times over on a CPU.
-    crop = _interp_matrix(ux, m) @ logits.transpose(1, 2) @ _interp_matrix(uy, m).transpose(1, 2)
-    crop = (crop > thresh_logit) & inside_x[:, :, None] & inside_y[:, None, :]
-    return crop, ox, oy
+    # Resampling is linear: crop = Ax @ (logits - t)^T @ Ay^T, with Ax (K, cw,
+    # m) and Ay (K, ch, m) holding each pixel's two bilinear taps (their
+    # weights sum to 1, so subtracting t before equals subtracting it after).
+    # Batched matrix products beat per-pixel gathers several times over on a
+    # CPU; pixels outside the window have no taps, so 0, so are out.
+    centred = (logits - thresh_logit).transpose(1, 2)
+    crop = _interp_matrix(ux, m) @ centred @ _interp_matrix(uy, m).transpose(1, 2)
+    return crop > 0, ox, oy
 
 
 def paste_masks(

@@ -72,7 +72,7 @@ class _OneWindowModel(DeepMask):
         super().__init__(config)
         self.i0, self.j0 = i0, j0
 
-    def dense_scores(self, fmap):
+    def dense_scores(self, fmap, weights=None):
         s = torch.full(fmap.shape[:1] + (fmap.shape[2] - self.config.feat_size + 1, fmap.shape[3] - self.config.feat_size + 1), -5.0)
         s[:, self.i0, self.j0] = 5.0
         return s
