@@ -184,14 +184,27 @@ def main(argv=None) -> int:
                       f"{props_per_img:.0f} proposals/img, peak RSS {peak_mb:.0f} MB")
         from torch.utils.flop_counter import FlopCounterMode
 
-        with FlopCounterMode(display=False) as counter:
+        # The mask head's share is counted inside window_masks alone (pasting
+        # also multiplies matrices, but is not the network).
+        mask_flops, window_masks = [0], proposer.net.window_masks
+
+        def counted(*a, **kw):
+            with FlopCounterMode(display=False) as c:
+                out = window_masks(*a, **kw)
+            mask_flops[0] += c.get_total_flops()
+            return out
+
+        proposer.net.window_masks = counted
+        try:
             proposer(load_image(images[0]), rle=True)
-        flops = counter.get_total_flops()
+        finally:
+            del proposer.net.window_masks
         with FlopCounterMode(display=False) as c_dense, torch.no_grad():
             levels = proposer.dense_pass([image_to_tensor(load_image(images[0])).to(proposer.device)])
         with FlopCounterMode(display=False) as c_score, torch.no_grad():
             for lv in levels:
                 proposer.net.dense_scores(lv.fmap)
+        flops = c_dense.get_total_flops() + mask_flops[0]
         windows = sum(int(lv.scores[0].numel()) for lv in levels)
         del levels
         peak = matmul_rate(proposer.device, dtype)
