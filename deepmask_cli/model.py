@@ -7,10 +7,10 @@ Two ways to run the same weights:
 - densely on a whole feature map, for full-scene inference: the linear layers
   become convolutions over the trunk's map, so every stride-16 window of the map
   gets a mask and a score (:meth:`DeepMask.dense_scores`,
-  :meth:`DeepMask.dense_mask_hidden`). The score head's 2x2 max-pool would
-  otherwise halve the stride; it is evaluated at its four offsets and the four
-  outputs are interleaved (OverFeat's offset pooling), so each window has
-  exactly one score.
+  :meth:`DeepMask.dense_masks`). The score head's 2x2 max-pool would
+  otherwise halve the stride; OverFeat's offset pooling (the pooling at its
+  four offsets, interleaved) keeps one score per window, computed here as one
+  dilated convolution over the stride-1 pooled map.
 
 The model returns logits only; thresholds, NMS and pasting live in
 :mod:`deepmask_cli.postprocess`.
@@ -91,35 +91,24 @@ class ScoreHead(nn.Module):
         w2, w3 = self.fc2.weight[:, :, None, None], self.fc3.weight[:, :, None, None]
         return tuple(w.contiguous(memory_format=memory_format) for w in (w1, w2, w3))
 
-    def _dense_fc(self, pooled: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        w1, w2, w3 = weights
-        x = F.relu(F.conv2d(pooled, w1, self.fc1.bias))
-        x = F.relu(F.conv2d(x, w2, self.fc2.bias))
-        return F.conv2d(x, w3, self.fc3.bias)[:, 0]
-
     def dense(self, fmap: torch.Tensor, weights: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
         """``fmap: (B, C, H, W)`` -> ``score_logits: (B, H-f+1, W-f+1)``, one per window.
 
-        The window whose top-left cell is ``(i, j)`` max-pools cells
-        ``(i + 2a + {0,1}, j + 2b + {0,1})``: that is the plain stride-2 pooling
-        of the map shifted by ``(i % 2, j % 2)``. So the head runs on the four
-        shifted poolings and their outputs are interleaved back to stride 1.
+        The window whose top-left cell is ``(i, j)`` max-pools the 2x2 blocks
+        at cells ``(i + 2a, j + 2b)``: entries of the stride-1 2x2 max-pool
+        of the map, two cells apart. So fc1 over every window is one
+        convolution with dilation 2 over that pooled map, and fc2, fc3 are
+        1x1 convolutions. This is OverFeat's offset pooling (the four stride-2
+        poolings, interleaved) in one pass, with the same arithmetic.
         ``weights``: :meth:`dense_weights`, when the caller keeps them.
         """
-        weights = weights if weights is not None else self.dense_weights()
-        b, _, h, w = fmap.shape
         f = 2 * self.pooled
-        if h < f or w < f:
-            raise ValueError(f"feature map {h}x{w} is smaller than the {f}x{f} window")
-        out = fmap.new_empty(b, h - f + 1, w - f + 1)
-        for dy in (0, 1):
-            for dx in (0, 1):
-                ny, nx = len(range(dy, h - f + 1, 2)), len(range(dx, w - f + 1, 2))
-                if ny == 0 or nx == 0:
-                    continue
-                s = self._dense_fc(F.max_pool2d(fmap[:, :, dy:, dx:], 2), weights)
-                out[:, dy::2, dx::2] = s[:, :ny, :nx]
-        return out
+        if fmap.shape[2] < f or fmap.shape[3] < f:
+            raise ValueError(f"feature map {fmap.shape[2]}x{fmap.shape[3]} is smaller than the {f}x{f} window")
+        w1, w2, w3 = weights if weights is not None else self.dense_weights()
+        x = F.relu(F.conv2d(F.max_pool2d(fmap, 2, stride=1), w1, self.fc1.bias, dilation=2))
+        x = F.relu(F.conv2d(x, w2, self.fc2.bias))
+        return F.conv2d(x, w3, self.fc3.bias)[:, 0]
 
 
 class DeepMask(nn.Module):
