@@ -124,8 +124,10 @@ class InferenceConfig(_Serialisable):
     # elsewhere. On a GPU fp16 stays an option: on an H100 it matched fp32 for
     # a mean best IoU of 0.993 over the top 100 masks (95.5% of them >= 0.99).
     precision: str = "auto"
-    # Where the trunk runs: torch, or onnx (ONNX Runtime, CPU only, the
-    # optional extra [onnx]; the trunk 1.9x faster on the 2-core CPU, README).
+    # Where the trunk runs: torch, or onnx (ONNX Runtime, float32, CPU only,
+    # the optional extra [onnx]). On the 2-core CPU ORT's trunk is about 2x
+    # torch's float32 one, but slower than torch's bf16 one, which precision
+    # auto picks there; onnx is for CPUs without native bf16 (README).
     runtime: str = "torch"
 
     def __post_init__(self) -> None:
