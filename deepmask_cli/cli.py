@@ -71,7 +71,7 @@ def main() -> None:
 @click.option("--batch-size", type=int, default=None, help="Images run through the network together. [default: 1 on a CPU, 8 on a GPU]")
 @click.option("--workers", type=int, default=None, help="Processes that RLE-encode and write results beside the network. [default: 0 on a CPU, up to 8 on a GPU]")
 @click.option("--precision", type=click.Choice(PRECISIONS), default=None, help=f"Network arithmetic: fp32, fp16 (GPU only) or bf16; auto is bf16 on a CPU with native bf16, else fp32. [default: {_D.precision}]")
-@click.option("--runtime", type=click.Choice(RUNTIMES), default=None, help=f"Run the trunk with torch or ONNX Runtime (CPU only; pip install 'deepmask[onnx]'). [default: {_D.runtime}]")
+@click.option("--runtime", type=click.Choice(RUNTIMES), default=None, help=f"Run the trunk with torch, or in ONNX Runtime (CPU only; pip install 'deepmask[onnx]'): onnx in float32, onnx-int8 the weights' int8 trunk (deepmask quantize). [default: {_D.runtime}]")
 @click.option("--shard", default=None, help="I/N: run only the I-th of N contiguous parts of the inputs (0-based); join the parts with deepmask merge.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run into the same output, skipping finished images.")
 @click.option("--strict", is_flag=True, help="Stop at the first bad image instead of reporting it and going on.")
@@ -396,6 +396,39 @@ def export(checkpoint, out_dir, half) -> None:
     except TrainError as e:
         _fail(str(e))
     err.print(f"[green]✓[/] {escape(str(folder))}")
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True)
+@click.option("--weights", type=click.Path(), default=None, help="Weights folder whose trunk to quantize. [default: the shipped weights]")
+@click.option("-o", "--out", "out_path", type=click.Path(), default=None, help="ONNX file to write. [default: WEIGHTS/trunk-int8.onnx]")
+@click.option("--limit", type=int, default=16, show_default=True, help="Calibration photos, spread evenly over IMAGES.")
+def quantize(images, weights, out_path, limit) -> None:
+    """Make an int8 trunk for CPUs (propose --runtime onnx-int8), calibrated on photos.
+
+    \b
+    deepmask quantize coco/train2017/ --weights my-weights/
+    """
+    from .images import collect_images
+    from .propose import default_weights
+    from .quantize import INT8_TRUNK_NAME, QuantizeError, quantize_trunk
+    from .weights import WeightsError, load_weights
+
+    folder = Path(weights) if weights else default_weights()
+    try:
+        model, _, _ = load_weights(folder)
+    except WeightsError as e:
+        _fail(str(e))
+    paths, problems = collect_images(images)
+    for pr in problems:
+        err.print(f"[yellow]![/] {escape(pr.path)}: {escape(pr.reason)}")
+    out = Path(out_path) if out_path else folder / INT8_TRUNK_NAME
+    with err.status(f"calibrating on up to {limit} of {len(paths)} photos"):
+        try:
+            written = quantize_trunk(model, paths, out, limit=limit)
+        except QuantizeError as e:
+            _fail(str(e))
+    err.print(f"[green]✓[/] {escape(str(written))} ({written.stat().st_size / 1e6:.1f} MB)")
 
 
 if __name__ == "__main__":

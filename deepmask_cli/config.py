@@ -23,7 +23,7 @@ from typing import Any, Mapping
 #: The stride of every trunk's output map, in input pixels.
 TRUNK_STRIDE = 16
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-RUNTIMES = ("torch", "onnx")
+RUNTIMES = ("torch", "onnx", "onnx-int8")
 
 TRUNKS = ("efficientnet-lite0", "vgg-a", "resnet50")
 
@@ -129,6 +129,7 @@ class InferenceConfig(_Serialisable):
     # the optional extra [onnx]). On the 2-core CPU ORT's trunk is about 2x
     # torch's float32 one, but slower than torch's bf16 one, which precision
     # auto picks there; onnx is for CPUs without native bf16 (README).
+    # onnx-int8: the weights' int8 trunk (deepmask quantize) in ONNX Runtime.
     runtime: str = "torch"
 
     def __post_init__(self) -> None:

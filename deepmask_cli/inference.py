@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -196,9 +197,12 @@ class Proposer:
         model: a :class:`DeepMask` (moved to ``device`` and put in eval mode).
         config: the inference settings.
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or a ``torch.device``.
+        int8_trunk: the ONNX file of ``deepmask quantize`` (``trunk-int8.onnx``
+            in a weights folder), for ``runtime="onnx-int8"``.
     """
 
-    def __init__(self, model: DeepMask, config: InferenceConfig | None = None, device: str | torch.device = "auto"):
+    def __init__(self, model: DeepMask, config: InferenceConfig | None = None, device: str | torch.device = "auto",
+                 int8_trunk: str | os.PathLike | None = None):
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         # Batch norm folded into the convolutions and channels-last layout:
@@ -207,7 +211,8 @@ class Proposer:
         with torch.random.fork_rng(devices=[]):  # folding builds convolutions, which draw on the RNG
             trunk = model.trunk.fused().to(memory_format=torch.channels_last)
         self.config = config or InferenceConfig()
-        self._onnx = _onnx_trunk(trunk, self.device) if self.config.runtime == "onnx" else None
+        runtime = self.config.runtime
+        self._onnx = _onnx_trunk(trunk, self.device, runtime, int8_trunk) if runtime != "torch" else None
         prec = resolve_precision(self.config.precision, self.device)
         if prec == "fp16" and self.device.type != "cuda":
             raise ValueError("precision fp16 needs a GPU; use fp32 (or bf16) on a CPU")
@@ -413,30 +418,52 @@ class Proposer:
         return cluster_nms(iou, cfg.nms_thresh).nonzero().squeeze(1)
 
 
-def _onnx_trunk(trunk: torch.nn.Module, device: torch.device):
-    """An ONNX Runtime session running ``trunk`` (exported once, here, with
-    any batch, height and width)."""
-    if device.type != "cpu":
-        raise ValueError("runtime onnx runs the trunk on the CPU; use runtime torch with a GPU")
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise ValueError("runtime onnx needs ONNX Runtime: pip install 'deepmask[onnx]' (onnxruntime and onnx)") from None
-    import io
+def export_trunk_onnx(trunk: torch.nn.Module, out) -> None:
+    """Write ``trunk`` (float32) as ONNX to ``out`` (a path or a binary file),
+    for any batch, height and width: input ``canvas``, output ``fmap``."""
     import warnings
 
-    buf = io.BytesIO()
     example = torch.zeros(1, 3, 224, 224)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(trunk, (example,), buf, input_names=["canvas"], output_names=["fmap"], opset_version=17,
+        torch.onnx.export(trunk, (example,), out, input_names=["canvas"], output_names=["fmap"], opset_version=17,
                           dynamic_axes={"canvas": {0: "b", 2: "h", 3: "w"}, "fmap": {0: "b", 2: "fh", 3: "fw"}},
                           dynamo=False)
+
+
+def _onnx_trunk(trunk: torch.nn.Module, device: torch.device, runtime: str, int8_trunk: str | None):
+    """An ONNX Runtime session running the trunk: ``trunk`` exported here
+    (runtime ``onnx``), or the int8 model of ``deepmask quantize``
+    (``onnx-int8``)."""
+    if device.type != "cpu":
+        raise ValueError(f"runtime {runtime} runs the trunk on the CPU; use runtime torch with a GPU")
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ValueError(f"runtime {runtime} needs ONNX Runtime: pip install 'deepmask[onnx]' (onnxruntime and onnx)") from None
+    if runtime == "onnx-int8":
+        if int8_trunk is None or not os.path.isfile(int8_trunk):
+            where = int8_trunk or "the weights folder"
+            raise ValueError(f"runtime onnx-int8 needs an int8 trunk ({where}: not found); "
+                             "make one with: deepmask quantize CALIBRATION_IMAGES --weights DIR")
+        model = os.fspath(int8_trunk)
+    else:
+        import io
+
+        buf = io.BytesIO()
+        export_trunk_onnx(trunk, buf)
+        model = buf.getvalue()
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     # no spinning between runs: the heads run in torch right after, on the same cores
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(buf.getvalue(), options, providers=["CPUExecutionProvider"])
+    if runtime != "onnx-int8":
+        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # ORT raises its own exception types for unreadable models
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{int8_trunk}: not a readable ONNX model ({first}); make it again with deepmask quantize") from None
 
 
 def _select_runs(owner: torch.Tensor, pos: torch.Tensor, idx: torch.Tensor, n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -59,7 +59,9 @@ def load_proposer(
             inference = inference.replace(**overrides)
         except (TypeError, ValueError) as e:
             raise ProposeError(str(e)) from None
-    return Proposer(model, inference, device=device)
+    from .quantize import INT8_TRUNK_NAME
+
+    return Proposer(model, inference, device=device, int8_trunk=folder / INT8_TRUNK_NAME)
 
 
 def gt_ids_by_name(gt: str | Path) -> dict[str, int]:

@@ -119,8 +119,8 @@ def test_onnx_runtime_trunk_gives_the_same_proposals(tiny_config):
     in the same order with the same masks as torch, up to float rounding."""
     pytest.importorskip("onnxruntime")
     arr = np.random.default_rng(5).integers(0, 255, (70, 90, 3), dtype=np.uint8)
-    ref = _proposer(tiny_config, max_proposals=30)(arr)
-    got = _proposer(tiny_config, max_proposals=30, runtime="onnx")(arr)
+    ref = _proposer(tiny_config, max_proposals=30, precision="fp32")(arr)
+    got = _proposer(tiny_config, max_proposals=30, precision="fp32", runtime="onnx")(arr)
     torch.testing.assert_close(got.scores, ref.scores, atol=1e-4, rtol=1e-4)
     # near-ties may swap places; each window keeps its score and mask
     key = lambda p: {tuple(w): (float(s), m) for w, s, m in zip(p.windows_xyxy.round(decimals=2).tolist(), p.scores, p.masks)}

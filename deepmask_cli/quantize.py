@@ -1,0 +1,126 @@
+"""An int8 trunk for CPUs: ``deepmask quantize``.
+
+The trunk is exported to ONNX and quantized statically with ONNX Runtime:
+int8 weights (per output channel) and uint8 activations, whose ranges are
+calibrated on pyramid levels of real photos (entropy calibration: on
+coco-val it cost 0.002 mask AR@100 against float32, where min-max
+calibration cost 0.007; README). The heads stay in torch. The result,
+``trunk-int8.onnx`` in the weights folder, is what ``--runtime onnx-int8``
+runs; its metadata records how it was made.
+
+Calibration reads fixed-size crops of each photo's pyramid levels (so that
+histograms of every activation can be pooled), from photos spread evenly
+over the given list.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .images import load_image
+from .inference import export_trunk_onnx, image_to_tensor, pyramid_canvas
+from .model import DeepMask
+
+#: The int8 trunk's file name in a weights folder.
+INT8_TRUNK_NAME = "trunk-int8.onnx"
+#: Pyramid scales and the side of the square crops calibration reads.
+CALIBRATION_SCALES = (0.5, 1.0, 2.0)
+CALIBRATION_CROP = 448
+
+
+class QuantizeError(Exception):
+    """A quantization the user can fix (missing extra, no readable photo)."""
+
+
+def calibration_canvases(model: DeepMask, images: Sequence[Path], *, scales: Sequence[float] = CALIBRATION_SCALES,
+                         crop: int = CALIBRATION_CROP, max_side: int = 2048):
+    """``(1, 3, crop, crop)`` float32 arrays: the top-left crop of each
+    photo's canvas at each scale, as the proposer builds canvases (resized,
+    normalised, half a window of neutral fill), zero-padded when smaller."""
+    trunk_model = model.eval()
+    for path in images:
+        t = image_to_tensor(load_image(path))
+        h, w = t.shape[1:]
+        cap = min(1.0, max_side / max(h, w))
+        for s in scales:
+            size = (max(1, round(h * s * cap)), max(1, round(w * s * cap)))
+            c = pyramid_canvas([t], [size], trunk_model.config.patch_size, trunk_model.normalize)
+            c = F.pad(c, (0, max(0, crop - c.shape[3]), 0, max(0, crop - c.shape[2])))[:, :, :crop, :crop]
+            yield c.contiguous().numpy()
+
+
+def quantize_trunk(model: DeepMask, images: Sequence[str | Path], out: str | Path, *, limit: int = 16,
+                   on_image: Callable[[], None] | None = None) -> Path:
+    """Write the int8 trunk of ``model``, calibrated on ``limit`` photos
+    spread evenly over ``images``, to ``out`` (atomically).
+
+    Raises :class:`QuantizeError` when ONNX Runtime or ``onnx`` is missing or
+    no photo can be read.
+    """
+    try:
+        import onnx
+        from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                              quantize_static)
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+    except ImportError:
+        raise QuantizeError("quantize needs ONNX Runtime and onnx: pip install 'deepmask[onnx]'") from None
+    images = [Path(p) for p in images]
+    if not images:
+        raise QuantizeError("no calibration photos given")
+    if limit <= 0:
+        raise QuantizeError(f"limit must be positive, got {limit}")
+    step = max(1, len(images) // limit)
+    chosen = images[::step][:limit]
+    readable = []
+    for p in chosen:
+        try:
+            load_image(p)
+            readable.append(p)
+        except Exception:  # unreadable photos are skipped; none at all is an error below
+            continue
+    if not readable:
+        raise QuantizeError(f"none of the {len(chosen)} calibration photos could be read (first: {chosen[0]})")
+
+    with torch.random.fork_rng(devices=[]):  # folding builds convolutions, which draw on the RNG
+        trunk = model.cpu().eval().trunk.fused().to(memory_format=torch.channels_last)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self._it = calibration_canvases(model, readable)
+            self._seen = 0
+
+        def get_next(self):
+            c = next(self._it, None)
+            if c is not None:
+                self._seen += 1
+                if on_image and self._seen % len(CALIBRATION_SCALES) == 0:
+                    on_image()
+            return None if c is None else {"canvas": c}
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        f32, pre, q = Path(tmp) / "trunk.onnx", Path(tmp) / "trunk-pre.onnx", Path(tmp) / "trunk-int8.onnx"
+        export_trunk_onnx(trunk, f32)
+        quant_pre_process(str(f32), str(pre))
+        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):  # ORT prints its progress
+            quantize_static(str(pre), str(q), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=CalibrationMethod.Entropy)
+        m = onnx.load(str(q))
+        meta = {"deepmask_config": json.dumps(model.config.to_dict()),
+                "calibration": json.dumps({"images": [p.name for p in readable], "scales": list(CALIBRATION_SCALES),
+                                           "crop": CALIBRATION_CROP, "method": "entropy"})}
+        onnx.helper.set_model_props(m, meta)
+        tmp_out = out.with_name(out.name + ".tmp")
+        onnx.save(m, str(tmp_out))
+        os.replace(tmp_out, out)
+    return out

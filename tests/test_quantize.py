@@ -1,0 +1,82 @@
+"""deepmask quantize: an int8 trunk in ONNX Runtime (--runtime onnx-int8)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from deepmask_cli.cli import main
+from deepmask_cli.config import InferenceConfig, ModelConfig
+from deepmask_cli.inference import Proposer
+from deepmask_cli.weights import load_weights
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+
+def _photos(folder, n=3):
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(n):
+        # smooth blobs rather than noise: activations with some structure
+        small = rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((120, 90), Image.BILINEAR).save(folder / f"p{k}.png")
+    return folder
+
+
+def test_int8_trunk_is_quantized_calibrated_and_close_to_float(tiny_weights, tmp_path):
+    from deepmask_cli.quantize import quantize_trunk
+
+    model, _, _ = load_weights(tiny_weights)
+    photos = sorted(_photos(tmp_path / "photos").iterdir())
+    out = quantize_trunk(model, photos, tmp_path / "t.onnx", limit=2)
+    m = onnx.load(str(out))
+    ops = {n.op_type for n in m.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
+    assert any(t.data_type == onnx.TensorProto.INT8 for t in m.graph.initializer)  # int8 weights
+    props = {p.key: p.value for p in m.metadata_props}
+    calib = json.loads(props["calibration"])
+    assert calib["images"] == ["p0.png", "p1.png"] and calib["method"] == "entropy"
+    assert ModelConfig.from_dict(json.loads(props["deepmask_config"])) == model.config
+
+    # the int8 trunk's map follows the float one closely
+    cfg = InferenceConfig(scale_min=0, scale_max=0, precision="fp32")
+    f32 = Proposer(model, cfg, "cpu")
+    i8 = Proposer(model, cfg.replace(runtime="onnx-int8"), "cpu", int8_trunk=out)
+    img = torch.from_numpy(np.array(Image.open(photos[2]))).permute(2, 0, 1).float() / 255
+    a, b = f32.dense_pass([img])[0].fmap.flatten(), i8.dense_pass([img])[0].fmap.flatten()
+    assert torch.corrcoef(torch.stack([a, b]))[0, 1] > 0.95
+    assert len(i8(np.asarray(Image.open(photos[2])))) > 0
+
+
+def test_cli_quantize_then_propose_with_the_int8_trunk(tiny_weights, tmp_path):
+    photos = _photos(tmp_path / "photos")
+    runner = CliRunner()
+    # no int8 trunk yet: a one-line error that says how to make one
+    r = runner.invoke(main, ["propose", str(photos), "-o", str(tmp_path / "a.json"), "--weights", str(tiny_weights),
+                             "--device", "cpu", "--runtime", "onnx-int8"])
+    assert r.exit_code == 2 and "deepmask quantize" in r.output and "Traceback" not in r.output
+    r = runner.invoke(main, ["quantize", str(photos), "--weights", str(tiny_weights), "--limit", "2"])
+    assert r.exit_code == 0, r.output
+    assert (tiny_weights / "trunk-int8.onnx").is_file()
+    r = runner.invoke(main, ["propose", str(photos), "-o", str(tmp_path / "b.json"), "--weights", str(tiny_weights),
+                             "--device", "cpu", "--runtime", "onnx-int8"])
+    assert r.exit_code == 0, r.output
+    recs = json.loads((tmp_path / "b.json").read_text())
+    assert {Path(r["file_name"]).name for r in recs} == {"p0.png", "p1.png", "p2.png"}
+
+
+def test_cli_quantize_refuses_unreadable_photos_and_a_broken_model(tiny_weights, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "x.jpg").write_bytes(b"not a jpeg")
+    r = CliRunner().invoke(main, ["quantize", str(bad), "--weights", str(tiny_weights)])
+    assert r.exit_code == 2 and "could be read" in r.output and "Traceback" not in r.output
+    (tiny_weights / "trunk-int8.onnx").write_bytes(b"garbage")
+    r = CliRunner().invoke(main, ["propose", str(_photos(tmp_path / "ok")), "-o", str(tmp_path / "c.json"),
+                                  "--weights", str(tiny_weights), "--device", "cpu", "--runtime", "onnx-int8"])
+    assert r.exit_code == 2 and "deepmask quantize" in r.output and "Traceback" not in r.output
