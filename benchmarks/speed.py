@@ -2,6 +2,7 @@
 
     python benchmarks/speed.py ../shared/data/coco-val --limit 30
     python benchmarks/speed.py ../shared/data/coco-val --limit 20 --scale-sets=-2.5,1,0.5 --scale-sets=-2.5,0.5,0.5
+    python benchmarks/speed.py ../shared/data/coco-val --limit 20 --variant precision=fp32 --variant runtime=onnx-int8
     python benchmarks/speed.py ../shared/data/coco-val --device cuda --limit 0 --e2e 1000 --agree 50
 
 Runs the shipped weights and defaults over the folder's images (after a
@@ -14,7 +15,8 @@ matrix-multiply rate the network reaches, and in the same run Selective Search
 and box AR@100, so that a speed change can be checked against recall.
 
 ``--scale-sets`` repeats the timing and AR@100 for other pyramids (the
-speed/recall trade-off of the scale range). ``--e2e N`` times the whole
+speed/recall trade-off of the scale range), ``--variant`` for any other
+inference settings (``FIELD=VALUE[,FIELD=VALUE]``), side by side. ``--e2e N`` times the whole
 ``deepmask propose`` pipeline (prefetching decoder, batched network, RLE and
 JSON in worker processes) over N images (the folder's, repeated) and prints
 images/s. ``--agree K`` compares the run's precision with fp32 on K images:
