@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import math
 import os
 import time
@@ -212,7 +213,7 @@ class Proposer:
             trunk = model.trunk.fused().to(memory_format=torch.channels_last)
         self.config = config or InferenceConfig()
         runtime = self.config.runtime
-        self._onnx = _onnx_trunk(trunk, self.device, runtime, int8_trunk) if runtime != "torch" else None
+        self._onnx = _onnx_trunk(trunk, self.device, runtime, int8_trunk, model.trunk) if runtime != "torch" else None
         prec = resolve_precision(self.config.precision, self.device)
         if prec == "fp16" and self.device.type != "cuda":
             raise ValueError("precision fp16 needs a GPU; use fp32 (or bf16) on a CPU")
@@ -431,10 +432,22 @@ def export_trunk_onnx(trunk: torch.nn.Module, out) -> None:
                           dynamo=False)
 
 
-def _onnx_trunk(trunk: torch.nn.Module, device: torch.device, runtime: str, int8_trunk: str | None):
+def trunk_fingerprint(trunk: torch.nn.Module) -> str:
+    """SHA-256 of a trunk's weights and statistics (as float32), so that an
+    int8 trunk can tell whether it was made from them."""
+    h = hashlib.sha256()
+    for name, t in sorted(trunk.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _onnx_trunk(trunk: torch.nn.Module, device: torch.device, runtime: str, int8_trunk: str | None,
+                source: torch.nn.Module):
     """An ONNX Runtime session running the trunk: ``trunk`` exported here
     (runtime ``onnx``), or the int8 model of ``deepmask quantize``
-    (``onnx-int8``)."""
+    (``onnx-int8``), which must have been made from ``source`` (the
+    unfolded trunk's weights)."""
     if device.type != "cpu":
         raise ValueError(f"runtime {runtime} runs the trunk on the CPU; use runtime torch with a GPU")
     try:
@@ -460,10 +473,14 @@ def _onnx_trunk(trunk: torch.nn.Module, device: torch.device, runtime: str, int8
     if runtime != "onnx-int8":
         return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     try:
-        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     except Exception as e:  # ORT raises its own exception types for unreadable models
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{int8_trunk}: not a readable ONNX model ({first}); make it again with deepmask quantize") from None
+    if session.get_modelmeta().custom_metadata_map.get("trunk_sha256") != trunk_fingerprint(source):
+        raise ValueError(f"{int8_trunk}: made from other trunk weights than these (or not by deepmask quantize); "
+                         "make it again with: deepmask quantize CALIBRATION_IMAGES --weights DIR")
+    return session
 
 
 def _select_runs(owner: torch.Tensor, pos: torch.Tensor, idx: torch.Tensor, n: int) -> tuple[np.ndarray, np.ndarray]:

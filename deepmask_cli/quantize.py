@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .images import load_image
-from .inference import export_trunk_onnx, image_to_tensor, pyramid_canvas
+from .inference import export_trunk_onnx, image_to_tensor, pyramid_canvas, trunk_fingerprint
 from .model import DeepMask
 
 #: The int8 trunk's file name in a weights folder.
@@ -116,7 +116,7 @@ def quantize_trunk(model: DeepMask, images: Sequence[str | Path], out: str | Pat
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             calibrate_method=CalibrationMethod.Entropy)
         m = onnx.load(str(q))
-        meta = {"deepmask_config": json.dumps(model.config.to_dict()),
+        meta = {"deepmask_config": json.dumps(model.config.to_dict()), "trunk_sha256": trunk_fingerprint(model.trunk),
                 "calibration": json.dumps({"images": [p.name for p in readable], "scales": list(CALIBRATION_SCALES),
                                            "crop": CALIBRATION_CROP, "method": "entropy"})}
         onnx.helper.set_model_props(m, meta)

@@ -80,3 +80,20 @@ def test_cli_quantize_refuses_unreadable_photos_and_a_broken_model(tiny_weights,
     r = CliRunner().invoke(main, ["propose", str(_photos(tmp_path / "ok")), "-o", str(tmp_path / "c.json"),
                                   "--weights", str(tiny_weights), "--device", "cpu", "--runtime", "onnx-int8"])
     assert r.exit_code == 2 and "deepmask quantize" in r.output and "Traceback" not in r.output
+
+
+def test_an_int8_trunk_made_from_other_weights_is_refused(tiny_weights, tmp_path):
+    """A stale trunk-int8.onnx (the weights were retrained or replaced after
+    quantizing) is caught, not silently run."""
+    from deepmask_cli.model import DeepMask
+    from deepmask_cli.quantize import quantize_trunk
+
+    model, _, _ = load_weights(tiny_weights)
+    photos = sorted(_photos(tmp_path / "photos").iterdir())
+    out = quantize_trunk(model, photos, tmp_path / "t.onnx", limit=1)
+    cfg = InferenceConfig(scale_min=0, scale_max=0, runtime="onnx-int8")
+    Proposer(model, cfg, "cpu", int8_trunk=out)  # its own weights: fine
+    torch.manual_seed(1)
+    other = DeepMask(model.config)
+    with pytest.raises(ValueError, match="other trunk weights"):
+        Proposer(other, cfg, "cpu", int8_trunk=out)
