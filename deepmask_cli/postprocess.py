@@ -41,6 +41,30 @@ def _interp_matrix(coords: torch.Tensor, size: int) -> torch.Tensor:
     return w
 
 
+def _support(above: torch.Tensor, dim: int, lo: torch.Tensor, hi: torch.Tensor, size: int
+             ) -> tuple[torch.Tensor, int]:
+    """Crop origins ``(K,)`` and one crop length along one image axis that
+    cover every pixel whose bilinear taps reach a cell of ``above`` (``(K, m,
+    m)`` bool, rows then columns): ``dim`` 1 reduces the rows (so the columns
+    remain: the x axis), 2 the columns. The window spans ``[lo, hi)`` pixels on
+    that axis, of an image ``size`` pixels long."""
+    k, m, _ = above.shape
+    any_ = above.any(dim)  # (K, m): cells of this axis with something above
+    idx = torch.arange(m, device=above.device)
+    c0 = torch.where(any_, idx, m).amin(1).float()
+    c1 = torch.where(any_, idx, -1).amax(1).float() + 1
+    cell = (hi - lo) / m
+    # A pixel's taps reach cells [c0, c1) when its centre, in cells, is in
+    # [c0 - 0.5, c1 + 0.5); one pixel of slack either side for rounding.
+    first = torch.floor(lo + (c0 - 0.5) * cell - 0.5).long() - 1
+    last = torch.ceil(lo + (c1 + 0.5) * cell - 0.5).long() + 1
+    first = first.clamp(0, size)
+    last = torch.minimum(last.clamp(0, size), torch.ceil(hi).long().clamp(0, size))
+    length = int((last - first).clamp(min=1).max()) if k else 1
+    length = min(length, size)
+    return first.clamp(max=size - length), length
+
+
 def paste_crops(
     mask_logits: torch.Tensor,
     windows_xyxy: torch.Tensor,
@@ -76,10 +100,11 @@ def paste_crops(
         return torch.zeros(0, 0, 0, dtype=torch.bool, device=dev), z, z
     logits = mask_logits.float()
     x0, y0, x1, y1 = windows_xyxy.float().unbind(1)
-    cw = min(width, int(math.ceil(float((x1 - x0).max()))) + 2)
-    ch = min(height, int(math.ceil(float((y1 - y0).max()))) + 2)
-    ox = x0.floor().long().clamp(0, width - cw)  # (K,) crop origins
-    oy = y0.floor().long().clamp(0, height - ch)
+    # Only pixels near a cell above the threshold can be in the mask (a
+    # bilinear sample is a convex combination of its cells), so the crop
+    # spans those pixels, not the whole window.
+    (ox, cw), (oy, ch) = (_support(logits > thresh_logit, dim, a, b, size)
+                          for dim, a, b, size in ((1, x0, x1, width), (2, y0, y1, height)))
     px = ox[:, None] + torch.arange(cw, device=dev)  # (K, cw) image columns
     py = oy[:, None] + torch.arange(ch, device=dev)
     # pixel centres in mask cells
@@ -208,8 +233,7 @@ def paste_runs(
         return z, z, torch.zeros(0, 4, device=dev)
     logits = mask_logits.float()
     x0, y0, x1, y1 = windows_xyxy.float().unbind(1)
-    cw = min(width, int(math.ceil(float((x1 - x0).max()))) + 2)
-    ox = x0.floor().long().clamp(0, width - cw)
+    ox, cw = _support(logits > thresh_logit, 1, x0, x1, width)  # the columns that can hold mask pixels
     px = ox[:, None] + torch.arange(cw, device=dev)  # (K, cw)
     ux = (px + 0.5 - x0[:, None]) * (m / (x1 - x0))[:, None]
     inside_x = (ux >= 0) & (ux < m)
@@ -265,9 +289,9 @@ def paste_runs(
 
 #: Windows at least this many pixels per mask cell take :func:`paste_runs`;
 #: smaller ones are cheaper pixel by pixel (``benchmarks/paste_speed.py`` on
-#: the 2-core CPU, 64 windows of a 56x56 mask: crops 2.2-3x faster at 96 to
-#: 192 px, 1.7x at 272 px, 1.1x at 400 px; runs 1.15x faster at 640 and
-#: 1000 px).
+#: the 2-core CPU, 64 windows of a 56x56 mask: crops 3x faster at 96 to 192
+#: px, 2.5x at 272 px, 1.3x at 400 px; column pieces 1.1x faster at 640 px,
+#: even at 1000 px, and they need no crop-sized buffers).
 RUNS_MIN_CELL_PIXELS = 8
 
 
