@@ -16,7 +16,9 @@ and box AR@100, so that a speed change can be checked against recall.
 
 ``--scale-sets`` repeats the timing and AR@100 for other pyramids (the
 speed/recall trade-off of the scale range), ``--variant`` for any other
-inference settings (``FIELD=VALUE[,FIELD=VALUE]``), side by side. ``--e2e N`` times the whole
+inference settings (``FIELD=VALUE[,FIELD=VALUE]``). These run side by side
+with the default again and Selective Search, taking turns image by image,
+so that the ratios between them hold on a machine whose speed drifts. ``--e2e N`` times the whole
 ``deepmask propose`` pipeline (prefetching decoder, batched network, RLE and
 JSON in worker processes) over N images (the folder's, repeated) and prints
 images/s. ``--agree K`` compares the run's precision with fp32 on K images:
@@ -53,29 +55,49 @@ console = Console(width=200)
 def per_image_pass(proposer, images, ids):
     """One image at a time, as a plain loop would: per-image times, stage
     times (decode and write added), proposals per image and the records."""
-    proposer.profile = True
-    proposer.timings.clear()
-    per_image, decode_t, write_t, n_props = [], 0.0, 0.0, 0
+    return interleaved_pass([proposer], images, ids)[0][0]
+
+
+def interleaved_pass(proposers, images, ids, *, peer: bool = False):
+    """:func:`per_image_pass` for several proposers (and Selective Search when
+    ``peer``), taking turns image by image, so that a shared machine's drift
+    falls on all of them alike. Returns one ``(times, stages, proposals per
+    image, records)`` per proposer, and Selective Search's per-image times."""
+    if peer:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from recall import selective_search
+    state = []
+    ss_times = []
     with tempfile.TemporaryDirectory() as tmp:
-        writer = ResultsWriter(Path(tmp) / "props.json")
+        for i, proposer in enumerate(proposers):
+            proposer.profile = True
+            proposer.timings.clear()
+            state.append({"times": [], "decode": 0.0, "write": 0.0, "n": 0,
+                          "writer": ResultsWriter(Path(tmp) / f"props{i}.json")})
         for k, path in enumerate(images):
-            t0 = time.perf_counter()
-            img = load_image(path)
-            t1 = time.perf_counter()
-            props = proposer(img, rle=True)
-            t2 = time.perf_counter()
             iid = ids[path.name] if ids else k + 1
-            writer.add(str(path), iid, records(props, image_id=iid, file_name=path.name))
-            t3 = time.perf_counter()
-            decode_t += t1 - t0
-            write_t += t3 - t2
-            per_image.append(t3 - t0)
-            n_props += len(props)
-        writer.close()
-        recs = json.loads((Path(tmp) / "props.json").read_text())
-    proposer.profile = False
-    stages = {"decode": decode_t, **proposer.timings, "write": write_t}
-    return np.array(per_image), stages, n_props / max(len(images), 1), recs
+            for proposer, st in zip(proposers, state):
+                t0 = time.perf_counter()
+                img = load_image(path)
+                t1 = time.perf_counter()
+                props = proposer(img, rle=True)
+                t2 = time.perf_counter()
+                st["writer"].add(str(path), iid, records(props, image_id=iid, file_name=path.name))
+                t3 = time.perf_counter()
+                st["decode"] += t1 - t0
+                st["write"] += t3 - t2
+                st["times"].append(t3 - t0)
+                st["n"] += len(props)
+            if peer:
+                ss_times.append(selective_search([path], {path.name: iid})[1])
+        out = []
+        for i, (proposer, st) in enumerate(zip(proposers, state)):
+            st["writer"].close()
+            proposer.profile = False
+            stages = {"decode": st["decode"], **proposer.timings, "write": st["write"]}
+            out.append((np.array(st["times"]), stages, st["n"] / max(len(images), 1),
+                        json.loads((Path(tmp) / f"props{i}.json").read_text())))
+    return out, np.array(ss_times)
 
 
 def ar100(recs, ann, ids, images):
@@ -231,25 +253,32 @@ def main(argv=None) -> int:
             sys.path.insert(0, str(Path(__file__).parent))
             from recall import parse_overrides
 
-            t = Table(title=f"other settings on the same {n} images: recall against time")
-            for col in ("setting", "levels", "median s/img", "mask AR@100", "box AR@100"):
-                t.add_column(col, justify="right")
             base = {"precision": args.precision, "runtime": args.runtime}
-            settings = []
+            settings = [("default (this run's settings, again)", {})]
             for spec in args.scale_sets:
                 lo, hi, st = (float(v) for v in spec.split(","))
                 settings.append((f"scales {lo:g}..{hi:g} step {st:g}", {"scale_min": lo, "scale_max": hi, "scale_step": st}))
             for spec in args.variant:
                 settings.append((spec, parse_overrides(spec.split(","))))
-            for label, changes in settings:
+            proposers = []
+            for _, changes in settings:
                 p = load_proposer(args.weights, device=args.device, overrides={**base, **changes})
                 p(np.zeros((480, 640, 3), np.uint8))
-                arr_s, _, _, recs_s = per_image_pass(p, images, ids)
+                proposers.append(p)
+            runs, ss = interleaved_pass(proposers, images, ids, peer=not args.no_peer)
+            t = Table(title=f"settings side by side on the same {n} images, taking turns image by image: recall against time")
+            cols = ["setting", "levels", "median s/img", "mean s/img"] + ([] if args.no_peer else ["x Selective Search"])
+            for col in cols + ["mask AR@100", "box AR@100"]:
+                t.add_column(col, justify="right")
+            for (label, _), p, (arr_s, _, _, recs_s) in zip(settings, proposers, runs):
                 ar = ar100(recs_s, ann, ids, images) if ids else (float("nan"), float("nan"))
-                t.add_row(label, str(len(p.config.scales)), f"{np.median(arr_s):.3f}", f"{ar[0]:.3f}", f"{ar[1]:.3f}")
+                ratio = [] if args.no_peer else [f"{ss.mean() / arr_s.mean():.2f}"]
+                t.add_row(label, str(len(p.config.scales)), f"{np.median(arr_s):.3f}", f"{arr_s.mean():.3f}", *ratio,
+                          f"{ar[0]:.3f}", f"{ar[1]:.3f}")
+            if not args.no_peer:
+                t.add_row("selective search (fast)", "", f"{np.median(ss):.3f}", f"{ss.mean():.3f}", "1.00", "", "")
             console.print(t)
-
-        if not args.no_peer:
+        elif not args.no_peer:
             sys.path.insert(0, str(Path(__file__).parent))
             from recall import selective_search
 
