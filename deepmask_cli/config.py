@@ -120,7 +120,7 @@ class InferenceConfig(_Serialisable):
     # Network arithmetic: fp32, or fp16/bf16 weights and activations (fp16 on
     # a GPU only).
     # auto: bf16 on a CPU with native bf16 instructions (AVX512-BF16 or AMX),
-    # where it is 1.8x faster per image for -0.002 mask AR@100 on coco-val
+    # where it is 1.7x faster per image for -0.002 mask AR@100 on coco-val
     # (within the 0.005 a default may cost; README, Benchmarks); fp32
     # elsewhere. On a GPU fp16 stays an option: on an H100 it matched fp32 for
     # a mean best IoU of 0.993 over the top 100 masks (95.5% of them >= 0.99).
