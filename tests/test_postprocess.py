@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from pycocotools import mask as mask_utils
 from torchvision.ops import box_iou, nms
@@ -37,6 +37,30 @@ def test_paste_matches_interpolate_and_place(x0, y0, size):
     got = paste_masks(logits[None], torch.tensor([[x0, y0, x0 + size, y0 + size]], dtype=torch.float32), h, w, 0.3)[0]
     decisive = (ref_vals - 0.3).abs() > 1e-4
     assert torch.equal(got[decisive], ref[decisive])
+
+
+@settings(max_examples=60, deadline=None)
+@given(x0=st.integers(-60, 60), y0=st.integers(-60, 50), size=st.integers(4, 120), t=st.floats(-1, 1),
+       blobs=st.lists(st.tuples(st.integers(0, 15), st.integers(0, 15)), min_size=0, max_size=3),
+       seed=st.integers(0, 10**6))
+def test_paste_of_sparse_masks_matches_interpolate_and_place(x0, y0, size, t, blobs, seed):
+    """Masks that fill a small part of their window (the crops then span only
+    the pixels near cells above the threshold) paste as resizing the whole map
+    with F.interpolate does, windows partly outside the image included; two
+    windows of different extents share one chunk."""
+    assume(x0 + size > 0 and y0 + size > 0)  # the window meets the image
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.full((2, 16, 16), -4.0) + torch.rand(2, 16, 16, generator=g)
+    for r, c in blobs:
+        logits[0, r, c] = 3.0 + float(torch.rand(1, generator=g))
+    logits[1] = torch.randn(16, 16, generator=g) * 3  # a mask all over its window
+    h, w = 50, 60
+    windows = torch.tensor([[x0, y0, x0 + size, y0 + size]] * 2, dtype=torch.float32)
+    got = paste_masks(logits, windows, h, w, t)
+    for k in range(2):
+        ref_vals, ref = _reference_paste(logits[k], x0, y0, size, h, w, t)
+        decisive = (ref_vals - t).abs() > 1e-4
+        assert torch.equal(got[k][decisive], ref[decisive])
 
 
 @settings(max_examples=40, deadline=None)
