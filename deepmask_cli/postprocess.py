@@ -41,13 +41,15 @@ def _interp_matrix(coords: torch.Tensor, size: int) -> torch.Tensor:
     return w
 
 
-def _support(above: torch.Tensor, dim: int, lo: torch.Tensor, hi: torch.Tensor, size: int
-             ) -> tuple[torch.Tensor, int]:
-    """Crop origins ``(K,)`` and one crop length along one image axis that
-    cover every pixel whose bilinear taps reach a cell of ``above`` (``(K, m,
-    m)`` bool, rows then columns): ``dim`` 1 reduces the rows (so the columns
-    remain: the x axis), 2 the columns. The window spans ``[lo, hi)`` pixels on
-    that axis, of an image ``size`` pixels long."""
+def _axis_samples(above: torch.Tensor, dim: int, lo: torch.Tensor, hi: torch.Tensor, size: int
+                  ) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """The crop along one image axis: origins ``(K,)``, one length, and each
+    crop pixel's centre in mask cells ``(K, length)``.
+
+    The crop covers every pixel whose bilinear taps reach a cell of ``above``
+    (``(K, m, m)`` bool, rows then columns): ``dim`` 1 reduces the rows (so
+    the columns remain: the x axis), 2 the columns. The window spans ``[lo,
+    hi)`` pixels on that axis, of an image ``size`` pixels long."""
     k, m, _ = above.shape
     any_ = above.any(dim)  # (K, m): cells of this axis with something above
     idx = torch.arange(m, device=above.device)
@@ -62,7 +64,9 @@ def _support(above: torch.Tensor, dim: int, lo: torch.Tensor, hi: torch.Tensor, 
     last = torch.minimum(last.clamp(0, size), torch.ceil(hi).long().clamp(0, size))
     length = int((last - first).clamp(min=1).max()) if k else 1
     length = min(length, size)
-    return first.clamp(max=size - length), length
+    origin = first.clamp(max=size - length)
+    pixels = origin[:, None] + torch.arange(length, device=above.device)  # (K, length) image pixels
+    return origin, length, (pixels + 0.5 - lo[:, None]) * (m / (hi - lo))[:, None]
 
 
 def paste_crops(
@@ -103,13 +107,9 @@ def paste_crops(
     # Only pixels near a cell above the threshold can be in the mask (a
     # bilinear sample is a convex combination of its cells), so the crop
     # spans those pixels, not the whole window.
-    (ox, cw), (oy, ch) = (_support(logits > thresh_logit, dim, a, b, size)
-                          for dim, a, b, size in ((1, x0, x1, width), (2, y0, y1, height)))
-    px = ox[:, None] + torch.arange(cw, device=dev)  # (K, cw) image columns
-    py = oy[:, None] + torch.arange(ch, device=dev)
-    # pixel centres in mask cells
-    ux = (px + 0.5 - x0[:, None]) * (m / (x1 - x0))[:, None]
-    uy = (py + 0.5 - y0[:, None]) * (m / (y1 - y0))[:, None]
+    above = logits > thresh_logit
+    ox, cw, ux = _axis_samples(above, 1, x0, x1, width)  # columns: origins, count, centres in mask cells
+    oy, ch, uy = _axis_samples(above, 2, y0, y1, height)
     # Resampling is linear: crop = Ax @ (logits - t)^T @ Ay^T, with Ax (K, cw,
     # m) and Ay (K, ch, m) holding each pixel's two bilinear taps (their
     # weights sum to 1, so subtracting t before equals subtracting it after).
@@ -233,9 +233,7 @@ def paste_runs(
         return z, z, torch.zeros(0, 4, device=dev)
     logits = mask_logits.float()
     x0, y0, x1, y1 = windows_xyxy.float().unbind(1)
-    ox, cw = _support(logits > thresh_logit, 1, x0, x1, width)  # the columns that can hold mask pixels
-    px = ox[:, None] + torch.arange(cw, device=dev)  # (K, cw)
-    ux = (px + 0.5 - x0[:, None]) * (m / (x1 - x0))[:, None]
+    ox, cw, ux = _axis_samples(logits > thresh_logit, 1, x0, x1, width)  # the columns that can hold mask pixels
     inside_x = (ux >= 0) & (ux < m)
     ax0, ax1, fx = _interp_index(ux, m)
     # knots of every column: the logits resampled along x, (K, cw, m)
