@@ -151,6 +151,13 @@ def image_to_tensor(image: Image.Image | np.ndarray | torch.Tensor) -> torch.Ten
     return t.float()
 
 
+def level_size(height: int, width: int, scale: float, max_side: int) -> tuple[int, int]:
+    """The size an image is resized to for pyramid ``scale``, its longer side
+    first capped at ``max_side``."""
+    cap = min(1.0, max_side / max(height, width))
+    return max(1, round(height * scale * cap)), max(1, round(width * scale * cap))
+
+
 def pyramid_canvas(images: Sequence[torch.Tensor], sizes: Sequence[tuple[int, int]], patch_size: int, normalize,
                    min_size: tuple[int, int] = (0, 0)) -> torch.Tensor:
     """One pyramid level for the trunk: ``(B, 3, Hc, Wc)``.
@@ -271,8 +278,7 @@ class Proposer:
     def level_size(self, height: int, width: int, scale: float) -> tuple[int, int]:
         """The size an image is resized to for pyramid ``scale`` (after the
         ``max_side`` cap)."""
-        cap = min(1.0, self.config.max_side / max(height, width))
-        return max(1, round(height * scale * cap)), max(1, round(width * scale * cap))
+        return level_size(height, width, scale, self.config.max_side)
 
     def dense_pass(self, images: list[torch.Tensor]) -> list[_Level]:
         """Trunk and dense score head at every scale; maps are kept for the mask head."""

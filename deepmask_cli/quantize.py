@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from .images import load_image
-from .inference import export_trunk_onnx, image_to_tensor, pyramid_canvas, trunk_fingerprint
+from .config import InferenceConfig
+from .inference import export_trunk_onnx, image_to_tensor, level_size, pyramid_canvas, trunk_fingerprint
 from .model import DeepMask
 
 #: The int8 trunk's file name in a weights folder.
@@ -41,18 +42,15 @@ class QuantizeError(Exception):
 
 
 def calibration_canvases(model: DeepMask, images: Sequence[Path], *, scales: Sequence[float] = CALIBRATION_SCALES,
-                         crop: int = CALIBRATION_CROP, max_side: int = 2048):
+                         crop: int = CALIBRATION_CROP, max_side: int = InferenceConfig.max_side):
     """``(1, 3, crop, crop)`` float32 arrays: the top-left crop of each
     photo's canvas at each scale, as the proposer builds canvases (resized,
     normalised, half a window of neutral fill), zero-padded when smaller."""
-    trunk_model = model.eval()
     for path in images:
         t = image_to_tensor(load_image(path))
-        h, w = t.shape[1:]
-        cap = min(1.0, max_side / max(h, w))
         for s in scales:
-            size = (max(1, round(h * s * cap)), max(1, round(w * s * cap)))
-            c = pyramid_canvas([t], [size], trunk_model.config.patch_size, trunk_model.normalize)
+            size = level_size(t.shape[1], t.shape[2], s, max_side)
+            c = pyramid_canvas([t], [size], model.config.patch_size, model.normalize)
             c = F.pad(c, (0, max(0, crop - c.shape[3]), 0, max(0, crop - c.shape[2])))[:, :, :crop, :crop]
             yield c.contiguous().numpy()
 
