@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -76,6 +76,29 @@ def encode_line(key: str, image_id: int, file_name: str, data: dict[str, Any]) -
         rles, areas = rle_utils.from_run_starts(owner, data["pos"], len(data["scores"]), *data["size"])
     recs = _records(rles, data["scores"].tolist(), data["bbox"].tolist(), areas.tolist(), image_id, file_name)
     return result_line(key, image_id, recs)
+
+
+def write_records(out: str | Path, recs: Iterable[dict[str, Any]]) -> int:
+    """Write result records as ``OUT``'s JSON list (one record a line),
+    atomically: nothing appears at ``out`` unless every record was written.
+    Records are streamed, never held together. Returns their number."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    n = 0
+    try:
+        with open(tmp, "w") as fh:
+            fh.write("[")
+            for rec in recs:
+                fh.write(("\n" if n == 0 else ",\n") + json.dumps(rec, separators=(",", ":")))
+                n += 1
+            fh.write("\n]\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return n
 
 
 def partial_path(out: str | Path) -> Path:
@@ -151,20 +174,15 @@ class ResultsWriter:
         if order is not None:
             rank = {k: i for i, k in enumerate(order)}
             keys.sort(key=lambda k: rank.get(k, len(rank)))
-        tmp = self.out.with_name(self.out.name + ".tmp")
-        with open(self.partial, "rb") as src, open(tmp, "w") as fh:
-            fh.write("[")
-            first = True
-            for key in keys:
-                off, n = self._index[key]
-                src.seek(off)
-                for rec in json.loads(src.read(n))["records"]:
-                    fh.write(("\n" if first else ",\n") + json.dumps(rec, separators=(",", ":")))
-                    first = False
-            fh.write("\n]\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.out)
+        with open(self.partial, "rb") as src:
+
+            def recs():
+                for key in keys:
+                    off, n = self._index[key]
+                    src.seek(off)
+                    yield from json.loads(src.read(n))["records"]
+
+            write_records(self.out, recs())
         self.partial.unlink(missing_ok=True)
         return self.out
 
@@ -182,37 +200,24 @@ def merge_results(parts: list[str | Path], out: str | Path) -> int:
     """Concatenate results files (``propose --shard i/n`` parts, in shard
     order) into one, written atomically. Refuses parts that share an image.
     Returns the number of records. Holds one part in memory at a time."""
-    out = Path(out)
     seen: dict[Any, str] = {}
-    n = 0
-    tmp = out.with_name(out.name + ".tmp")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with open(tmp, "w") as fh:
-            fh.write("[")
-            for part in parts:
-                try:
-                    recs = json.loads(Path(part).read_text())
-                except FileNotFoundError:
-                    raise MergeError(f"{part}: no such file") from None
-                except (OSError, ValueError) as e:
-                    raise MergeError(f"{part}: not a results JSON file ({e}); merge the .json files propose wrote") from None
-                if not isinstance(recs, list) or any(not isinstance(r, dict) or "image_id" not in r for r in recs):
-                    raise MergeError(f"{part}: not a COCO results list (records with image_id)")
-                ids = {r["image_id"] for r in recs}
-                for i in ids:
-                    if i in seen:
-                        raise MergeError(f"{part}: image_id {i} is also in {seen[i]}; parts must come from "
-                                         "different --shard values of one run")
-                    seen[i] = str(part)
-                for rec in recs:
-                    fh.write(("\n" if n == 0 else ",\n") + json.dumps(rec, separators=(",", ":")))
-                    n += 1
-                del recs
-            fh.write("\n]\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return n
+
+    def recs():
+        for part in parts:
+            try:
+                part_recs = json.loads(Path(part).read_text())
+            except FileNotFoundError:
+                raise MergeError(f"{part}: no such file") from None
+            except (OSError, ValueError) as e:
+                raise MergeError(f"{part}: not a results JSON file ({e}); merge the .json files propose wrote") from None
+            if not isinstance(part_recs, list) or any(not isinstance(r, dict) or "image_id" not in r for r in part_recs):
+                raise MergeError(f"{part}: not a COCO results list (records with image_id)")
+            for i in {r["image_id"] for r in part_recs}:
+                if i in seen:
+                    raise MergeError(f"{part}: image_id {i} is also in {seen[i]}; parts must come from "
+                                     "different --shard values of one run")
+                seen[i] = str(part)
+            yield from part_recs
+            del part_recs  # one part in memory at a time
+
+    return write_records(out, recs())
