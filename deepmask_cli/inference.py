@@ -216,8 +216,7 @@ class Proposer:
         # Batch norm folded into the convolutions and channels-last layout:
         # together about 2x faster trunk on a 2-core CPU (a one-off timing of
         # the Lite0 trunk on 32 patches: 0.80 s plain, 0.40 s both).
-        with torch.random.fork_rng(devices=[]):  # folding builds convolutions, which draw on the RNG
-            trunk = model.trunk.fused().to(memory_format=torch.channels_last)
+        trunk = model.trunk.fused().to(memory_format=torch.channels_last)
         self.config = config or InferenceConfig()
         runtime = self.config.runtime
         self._onnx = _onnx_trunk(trunk, self.device, runtime, int8_trunk, model.trunk) if runtime != "torch" else None

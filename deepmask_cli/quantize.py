@@ -87,8 +87,7 @@ def quantize_trunk(model: DeepMask, images: Sequence[str | Path], out: str | Pat
     if not readable:
         raise QuantizeError(f"none of the {len(chosen)} calibration photos could be read (first: {chosen[0]})")
 
-    with torch.random.fork_rng(devices=[]):  # folding builds convolutions, which draw on the RNG
-        trunk = model.cpu().eval().trunk.fused().to(memory_format=torch.channels_last)
+    trunk = model.cpu().eval().trunk.fused().to(memory_format=torch.channels_last)
 
     class Reader(CalibrationDataReader):
         def __init__(self):

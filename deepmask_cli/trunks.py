@@ -59,10 +59,11 @@ class Trunk(nn.Module):
 
 
 def fuse_conv_bn(conv: nn.Conv2d, bn: FrozenBatchNorm2d) -> nn.Conv2d:
-    """``bn(conv(x))`` as one convolution."""
+    """``bn(conv(x))`` as one convolution. Its weights are computed, never
+    randomly initialised, so folding leaves the caller's RNG untouched."""
     scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
-    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                      conv.dilation, conv.groups, bias=True).to(conv.weight.device)
+    fused = torch.nn.utils.skip_init(nn.Conv2d, conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                                     conv.padding, conv.dilation, conv.groups, bias=True, device=conv.weight.device)
     with torch.no_grad():
         fused.weight.copy_(conv.weight * scale[:, None, None, None])
         bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.bias)

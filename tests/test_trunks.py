@@ -100,7 +100,9 @@ def test_fused_trunk_gives_the_same_map(cls):
                 m.weight.uniform_(0.5, 1.5); m.bias.uniform_(-0.2, 0.2)
                 m.running_mean.uniform_(-0.2, 0.2); m.running_var.uniform_(0.5, 1.5)
         x = torch.randn(2, 3, 64, 96)
+        state = torch.get_rng_state()
         fused = trunk.fused()
+        assert torch.equal(torch.get_rng_state(), state)  # folding draws nothing from the RNG
         assert not any(isinstance(m, FrozenBatchNorm2d) for m in fused.modules())
         torch.testing.assert_close(fused(x), trunk(x), rtol=1e-4, atol=1e-4)
     assert any(isinstance(m, FrozenBatchNorm2d) for m in trunk.modules()) or cls is VGGATrunk  # original untouched
