@@ -20,13 +20,13 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .images import load_image
 from .config import InferenceConfig
+from .images import ImageError, load_image
 from .inference import export_trunk_onnx, image_to_tensor, level_size, pyramid_canvas, trunk_fingerprint
 from .model import DeepMask
 
@@ -41,13 +41,13 @@ class QuantizeError(Exception):
     """A quantization the user can fix (missing extra, no readable photo)."""
 
 
-def calibration_canvases(model: DeepMask, images: Sequence[Path], *, scales: Sequence[float] = CALIBRATION_SCALES,
+def calibration_canvases(model: DeepMask, images: Sequence[torch.Tensor], *, scales: Sequence[float] = CALIBRATION_SCALES,
                          crop: int = CALIBRATION_CROP, max_side: int = InferenceConfig.max_side):
     """``(1, 3, crop, crop)`` float32 arrays: the top-left crop of each
-    photo's canvas at each scale, as the proposer builds canvases (resized,
-    normalised, half a window of neutral fill), zero-padded when smaller."""
-    for path in images:
-        t = image_to_tensor(load_image(path))
+    ``(3, H, W)`` photo's canvas at each scale, as the proposer builds
+    canvases (resized, normalised, half a window of neutral fill),
+    zero-padded when smaller."""
+    for t in images:
         for s in scales:
             size = level_size(t.shape[1], t.shape[2], s, max_side)
             c = pyramid_canvas([t], [size], model.config.patch_size, model.normalize)
@@ -55,8 +55,7 @@ def calibration_canvases(model: DeepMask, images: Sequence[Path], *, scales: Seq
             yield c.contiguous().numpy()
 
 
-def quantize_trunk(model: DeepMask, images: Sequence[str | Path], out: str | Path, *, limit: int = 16,
-                   on_image: Callable[[], None] | None = None) -> Path:
+def quantize_trunk(model: DeepMask, images: Sequence[str | Path], out: str | Path, *, limit: int = 16) -> Path:
     """Write the int8 trunk of ``model``, calibrated on ``limit`` photos
     spread evenly over ``images``, to ``out`` (atomically).
 
@@ -77,13 +76,13 @@ def quantize_trunk(model: DeepMask, images: Sequence[str | Path], out: str | Pat
         raise QuantizeError(f"limit must be positive, got {limit}")
     step = max(1, len(images) // limit)
     chosen = images[::step][:limit]
-    readable = []
+    readable, photos = [], []  # unreadable photos are skipped; none at all is an error below
     for p in chosen:
         try:
-            load_image(p)
-            readable.append(p)
-        except Exception:  # unreadable photos are skipped; none at all is an error below
+            photos.append(image_to_tensor(load_image(p)))
+        except ImageError:
             continue
+        readable.append(p)
     if not readable:
         raise QuantizeError(f"none of the {len(chosen)} calibration photos could be read (first: {chosen[0]})")
 
@@ -91,15 +90,10 @@ def quantize_trunk(model: DeepMask, images: Sequence[str | Path], out: str | Pat
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self._it = calibration_canvases(model, readable)
-            self._seen = 0
+            self._it = calibration_canvases(model, photos)
 
         def get_next(self):
             c = next(self._it, None)
-            if c is not None:
-                self._seen += 1
-                if on_image and self._seen % len(CALIBRATION_SCALES) == 0:
-                    on_image()
             return None if c is None else {"canvas": c}
 
     out = Path(out)
