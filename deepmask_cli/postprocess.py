@@ -88,10 +88,11 @@ def paste_crops(
 
     Returns:
         ``(crops, ox, oy)``: ``crops: (K, cw, ch)`` bool, column-major (x then
-        y, as COCO's RLE runs), all of one size (the largest window of the batch,
-        clipped to the image: callers batch windows of one size); pixel
-        ``(x, y)`` of crop ``k`` is image pixel ``(ox[k] + x, oy[k] + y)``, and
-        the mask is empty outside its crop.
+        y, as COCO's RLE runs), all of one size: the largest, over the batch, of
+        the pixels that can be in a mask (those near a cell above the
+        threshold), clipped to the image. Callers batch windows of one size, so
+        that the crops are tight. Pixel ``(x, y)`` of crop ``k`` is image pixel
+        ``(ox[k] + x, oy[k] + y)``, and the mask is empty outside its crop.
 
     Bilinear resampling matches resizing the ``m x m`` map to the window's size
     with ``F.interpolate(mode="bilinear", align_corners=False)`` and placing it
