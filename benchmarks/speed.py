@@ -49,7 +49,17 @@ from deepmask_cli.inference import image_to_tensor
 from deepmask_cli.propose import load_proposer, pipeline_defaults, run_propose
 from deepmask_cli.results import ResultsWriter, records
 
+sys.path.insert(0, str(Path(__file__).parent))
+from recall import parse_overrides, selective_search  # noqa: E402  (the sibling benchmark)
+
 console = Console(width=200)
+
+
+def proposer_for(args, **changes):
+    """The shipped (or --weights) proposer with the run's precision and
+    runtime, and ``changes`` on top."""
+    overrides = {"precision": args.precision, "runtime": args.runtime, **changes}
+    return load_proposer(args.weights, device=args.device, overrides=overrides)
 
 
 def per_image_pass(proposer, images, ids):
@@ -63,9 +73,6 @@ def interleaved_pass(proposers, images, ids, *, peer: bool = False):
     ``peer``), taking turns image by image, so that a shared machine's drift
     falls on all of them alike. Returns one ``(times, stages, proposals per
     image, records)`` per proposer, and Selective Search's per-image times."""
-    if peer:
-        sys.path.insert(0, str(Path(__file__).parent))
-        from recall import selective_search
     state = []
     ss_times = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -129,7 +136,7 @@ def end_to_end(args, images, n_images: int) -> tuple[float, int, int]:
         src.mkdir()
         for k in range(n_images):
             (src / f"{k:06d}_{images[k % len(images)].name}").symlink_to(images[k % len(images)].resolve())
-        proposer = load_proposer(args.weights, device=args.device, overrides={"precision": args.precision, "runtime": args.runtime})
+        proposer = proposer_for(args)
         auto_batch, auto_workers = pipeline_defaults(proposer)
         batch = args.batch_size or auto_batch
         workers = auto_workers if args.workers is None else args.workers
@@ -146,7 +153,7 @@ def end_to_end(args, images, n_images: int) -> tuple[float, int, int]:
 def agreement(args, images, k: int) -> tuple[float, float]:
     """Mean best IoU of fp32's top-100 masks among this precision's top 100,
     and the fraction at or above 0.99."""
-    fast = load_proposer(args.weights, device=args.device, overrides={"precision": args.precision, "runtime": args.runtime})
+    fast = proposer_for(args)
     ref = load_proposer(args.weights, device=args.device, overrides={"precision": "fp32"})
     best = []
     for path in images[:k]:
@@ -164,7 +171,7 @@ def main(argv=None) -> int:
     ap.add_argument("--weights", default=None)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default=None, help="auto, fp32, fp16, bf16 (default: the weights' setting)")
-    ap.add_argument("--runtime", default=None, help="torch or onnx (default: the weights' setting)")
+    ap.add_argument("--runtime", default=None, help="torch, onnx or onnx-int8 (default: the weights' setting)")
     ap.add_argument("--limit", type=int, default=30, help="images for the stage breakdown (0: skip it)")
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -186,7 +193,7 @@ def main(argv=None) -> int:
     images = all_images[: args.limit]
     ann = args.folder / "instances.json"
     ids = {im["file_name"]: im["id"] for im in json.loads(ann.read_text())["images"]} if ann.exists() else None
-    proposer = load_proposer(args.weights, device=args.device, overrides={"precision": args.precision, "runtime": args.runtime})
+    proposer = proposer_for(args)
     dtype = proposer.dtype
     where = f"{proposer.device}" + (f" ({torch.cuda.get_device_name(proposer.device)})" if proposer.device.type == "cuda" else "")
     console.print(f"device {where}, {torch.get_num_threads()} torch threads, precision {str(dtype).replace('torch.', '')}, "
@@ -250,10 +257,6 @@ def main(argv=None) -> int:
             console.print(f"mask AR@100 {m:.3f}, box AR@100 {b:.3f} on these {n} images")
 
         if args.scale_sets or args.variant:
-            sys.path.insert(0, str(Path(__file__).parent))
-            from recall import parse_overrides
-
-            base = {"precision": args.precision, "runtime": args.runtime}
             settings = [("default (this run's settings, again)", {})]
             for spec in args.scale_sets:
                 lo, hi, st = (float(v) for v in spec.split(","))
@@ -262,7 +265,7 @@ def main(argv=None) -> int:
                 settings.append((spec, parse_overrides(spec.split(","))))
             proposers = []
             for _, changes in settings:
-                p = load_proposer(args.weights, device=args.device, overrides={**base, **changes})
+                p = proposer_for(args, **changes)
                 p(np.zeros((480, 640, 3), np.uint8))
                 proposers.append(p)
             runs, ss = interleaved_pass(proposers, images, ids, peer=not args.no_peer)
@@ -279,9 +282,6 @@ def main(argv=None) -> int:
                 t.add_row("selective search (fast)", "", f"{np.median(ss):.3f}", f"{ss.mean():.3f}", "1.00", "", "")
             console.print(t)
         elif not args.no_peer:
-            sys.path.insert(0, str(Path(__file__).parent))
-            from recall import selective_search
-
             _, ss_time = selective_search(images, {p.name: i for i, p in enumerate(images)})
             console.print(f"selective search (fast): {ss_time:.3f} s/img; deepmask is {ss_time / (total / n):.2f}x its speed")
 
