@@ -55,7 +55,7 @@ def parse_overrides(pairs: list[str]) -> dict:
     for kv in pairs:
         k, _, v = kv.partition("=")
         if k not in kinds:
-            raise SystemExit(f"--set {kv}: unknown InferenceConfig field {k!r}; fields: {', '.join(kinds)}")
+            raise SystemExit(f"{kv}: unknown InferenceConfig field {k!r}; fields: {', '.join(kinds)}")
         out[k] = kinds[k](v)
     return out
 

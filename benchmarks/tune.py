@@ -29,11 +29,8 @@ from deepmask_cli.inference import Proposer, image_to_tensor
 from deepmask_cli.propose import load_proposer
 from deepmask_cli.results import records
 
-
-def _parse(v: str):
-    if v in ("box", "mask"):
-        return v
-    return float(v) if any(c in v for c in ".e") else int(v)
+sys.path.insert(0, str(Path(__file__).parent))
+from recall import parse_overrides  # noqa: E402  (the sibling benchmark: values typed by field)
 
 
 def main(argv=None) -> int:
@@ -51,7 +48,7 @@ def main(argv=None) -> int:
     for g in args.grid:
         k, vs = g.split("=", 1)
         names.append(k)
-        values.append([_parse(v) for v in vs.split(",")])
+        values.append([parse_overrides([f"{k}={v}"])[k] for v in vs.split(",")])
     configs = [dataclasses.replace(base.config, **dict(zip(names, combo))) for combo in itertools.product(*values)] or [base.config]
     proposers = [Proposer(base.model, c, device=base.device) for c in configs]
     all_scales = sorted({s for c in configs for s in c.scales})
