@@ -228,14 +228,14 @@ class Proposer:
         #: The dtype the network computes in.
         self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[prec]
         # fp16/bf16: the trunk and a copy of the heads are cast once, here.
-        # (Autocast would re-cast every weight at every pyramid level: about
-        # 50 ms an image on the 2-core CPU, mostly the mask head's 9M-weight
-        # first layer.) The caller's model is left as it is.
+        # (Autocast would re-cast every weight at every pyramid level, the
+        # mask head's 9M-weight first layer included; README, Benchmarks.)
+        # The caller's model is left as it is.
         self.trunk = trunk.to(self.dtype)
         #: The model whose heads run, in ``dtype``.
         self.net = self.model if self.dtype == torch.float32 else copy.deepcopy(self.model).to(self.dtype)
         # The dense score head's kernels, laid out for the channels-last maps
-        # once (re-laid per call they cost 15 ms an image on the 2-core CPU).
+        # once, not re-laid on every call.
         # Proposers are for inference: they do not follow later weight changes.
         self._score_weights = self.net.score_head.dense_weights(torch.channels_last)
         self.paste_chunk = self.config.paste_chunk or (1024 if self.device.type == "cuda" else 64)
