@@ -1,6 +1,7 @@
 """Pasting and run-finding for one chunk of windows: per-pixel crops
-(``paste_crops`` + ``crop_runs``) against per-column pieces
-(``paste_runs``), by window size, on smooth random 56x56 logit maps.
+(``paste_crops`` + ``crop_runs``, the exact path) against per-column
+threshold crossings (``paste_runs``, what ``propose`` uses for RLEs), by
+window size, on smooth random 56x56 logit maps.
 
     python benchmarks/paste_speed.py [--device cpu] [--windows 64]
 

@@ -110,8 +110,8 @@ class InferenceConfig(_Serialisable):
     nms: str = "box"
     nms_thresh: float = 1.0
     max_side: int = 2048
-    # Windows pasted together (all of one pyramid scale); 0: 64 on a CPU
-    # (crops that stay in cache), 1024 on a GPU (few, large launches).
+    # Windows pasted together (all of one pyramid scale); 0: 1024, but 64 for
+    # whole masks on a CPU (crops that stay in cache).
     paste_chunk: int = 0
     # Canvases are squares whose side is the longest image side rounded up to
     # this many pixels, so a GPU sees few distinct shapes (each new one costs

@@ -35,7 +35,7 @@ from PIL import Image
 from . import rle as rle_utils
 from .config import TRUNK_STRIDE, InferenceConfig
 from .model import DeepMask
-from .postprocess import cluster_nms, logit, masks_to_boxes, nms_boxes, paste_masks, window_runs
+from .postprocess import cluster_nms, logit, masks_to_boxes, nms_boxes, paste_masks, paste_runs
 
 
 @dataclass
@@ -238,7 +238,9 @@ class Proposer:
         # once, not re-laid on every call.
         # Proposers are for inference: they do not follow later weight changes.
         self._score_weights = self.net.score_head.dense_weights(torch.channels_last)
-        self.paste_chunk = self.config.paste_chunk or (1024 if self.device.type == "cuda" else 64)
+        #: Windows pasted together: as runs (for RLEs), and as whole masks.
+        self.paste_chunk = self.config.paste_chunk or 1024
+        self.mask_paste_chunk = self.config.paste_chunk or (1024 if self.device.type == "cuda" else 64)
         #: Seconds spent per stage, accumulated while ``profile`` is on (for benchmarks).
         self.profile = False
         self.timings: dict[str, float] = defaultdict(float)
@@ -353,10 +355,11 @@ class Proposer:
         boxes_t = torch.zeros(n, 4, device=dev)
         mask_nms = cfg.nms == "mask" and cfg.nms_thresh < 1.0
         mask_chunks, chunk_index, run_owner, run_pos = [], [], [], []
-        for sel in self._paste_chunks(scale_of):
-            if rle and not mask_nms:
+        runs = rle and not mask_nms
+        for sel in self._paste_chunks(scale_of, self.paste_chunk if runs else self.mask_paste_chunk):
+            if runs:
                 with self._stage("paste"):
-                    owner, pos, boxes_t[sel] = window_runs(mask_logits[sel], windows[sel], height, width, t_logit)
+                    owner, pos, boxes_t[sel] = paste_runs(mask_logits[sel], windows[sel], height, width, t_logit)
                 run_owner.append(sel[owner])
                 run_pos.append(pos)
                 continue
@@ -389,7 +392,7 @@ class Proposer:
             scales=scale_of[idx],
             image_size=(height, width),
         )
-        if rle and not mask_nms:
+        if runs:
             with self._stage("rle"):
                 out.runs = _select_runs(torch.cat(run_owner), torch.cat(run_pos), idx, n)
         elif rle:
@@ -399,9 +402,10 @@ class Proposer:
             out.masks = kwh[idx].transpose(1, 2)
         return out
 
-    def _paste_chunks(self, scale_of: torch.Tensor) -> list[torch.Tensor]:
+    @staticmethod
+    def _paste_chunks(scale_of: torch.Tensor, size: int) -> list[torch.Tensor]:
         """Window indices in chunks of one scale (one window size, so one crop
-        size), at most ``paste_chunk`` each."""
+        size), at most ``size`` each."""
         by_size = torch.argsort(scale_of, stable=True)
         if by_size.numel() == 0:
             return []
@@ -409,7 +413,7 @@ class Proposer:
         bounds = [0, *((sorted_scales[1:] != sorted_scales[:-1]).nonzero().squeeze(1) + 1).tolist(), by_size.numel()]
         chunks = []
         for a, b in zip(bounds[:-1], bounds[1:]):
-            chunks.extend(by_size[i : min(i + self.paste_chunk, b)] for i in range(a, b, self.paste_chunk))
+            chunks.extend(by_size[i : min(i + size, b)] for i in range(a, b, size))
         return chunks
 
     def _nms(self, idx: torch.Tensor, boxes: torch.Tensor, probs: torch.Tensor, rles: list[dict]) -> torch.Tensor:

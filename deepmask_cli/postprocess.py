@@ -218,14 +218,15 @@ def paste_runs(
     Down one image column the bilinear resampling of a window's mask is
     piecewise linear between the centres of the ``m`` mask rows (and constant
     in the half cells at the window's top and bottom). So each column needs
-    only its ``m`` knot values (the ``m x m`` logits resampled along x): in
-    each linear piece the pixels above the threshold are a prefix or a suffix
-    found by solving for the crossing. The work is ``K x columns x m`` instead
-    of ``K x columns x rows``: for a 400-pixel window, 7x less.
+    only its ``m`` knot values (the ``m x m`` logits resampled along x), and
+    its runs change only where consecutive knots lie on either side of the
+    threshold (one crossing in that piece, solved for exactly) or at the
+    window's top and bottom. The work is ``K x columns x m`` plus a little per
+    crossing, instead of ``K x columns x rows``.
 
-    Returns ``(owner, pos, boxes)`` as :func:`crop_runs` does. Pixels whose resampled logit is within float
-    rounding of the threshold may land on the other side than in
-    :func:`paste_crops`.
+    Returns ``(owner, pos, boxes)`` as :func:`crop_runs` does. Pixels whose
+    resampled logit is within float rounding of the threshold may land on the
+    other side than in :func:`paste_crops`.
     """
     k, m, _ = mask_logits.shape
     dev = mask_logits.device
@@ -235,74 +236,54 @@ def paste_runs(
     logits = mask_logits.float()
     x0, y0, x1, y1 = windows_xyxy.float().unbind(1)
     ox, cw, ux = _axis_samples(logits > thresh_logit, 1, x0, x1, width)  # the columns that can hold mask pixels
-    inside_x = (ux >= 0) & (ux < m)
-    ax0, ax1, fx = _interp_index(ux, m)
-    # knots of every column: the logits resampled along x, (K, cw, m)
-    by_col = logits.transpose(1, 2)  # (K, m_x, m_y)
-    g = torch.gather(by_col, 1, ax0[:, :, None].expand(k, cw, m)) * (1 - fx)[:, :, None]
-    g += torch.gather(by_col, 1, ax1[:, :, None].expand(k, cw, m)) * fx[:, :, None]
-    # Pieces in u (mask-row coordinates, centres at 0..m-1): [-0.5, 0) constant
-    # g[0]; [j, j+1) linear g[j] -> g[j+1]; [m-1, m-0.5) constant g[m-1].
-    # Pixel row y sits at u = (y + 0.5 - y0) * m / (y1 - y0) - 0.5, so the
-    # rows of u in [a, b) are [ceil(row(a)), ceil(row(b))).
-    cells = (y1 - y0) / m  # pixels per mask row, (K,)
-    bounds_u = torch.cat([torch.tensor([-0.5], device=dev), torch.arange(m, device=dev, dtype=torch.float32),
-                          torch.tensor([m - 0.5], device=dev)])  # (m + 2,)
-
-    def row(u):  # the continuous pixel row of u
-        return (u + 0.5) * cells[:, None] + y0[:, None] - 0.5
-
-    edges = torch.ceil(row(bounds_u[None, :])).clamp(0, height).long()  # (K, m + 2)
-    lo, hi = edges[:, None, :-1], edges[:, None, 1:]  # (K, 1, m + 1) rows of each piece
-    left = torch.cat([g[:, :, :1], g], 2)  # value at each piece's start, (K, cw, m + 1)
-    right = torch.cat([g, g[:, :, -1:]], 2)  # ... and end
-    d = right - left
-    start = lo.expand(k, cw, m + 1).clone()
-    end = hi.expand(k, cw, m + 1).clone()
-    j = torch.arange(m + 1, device=dev) - 1  # piece index in u: its start is u = j (-0.5 for the first)
-    with torch.no_grad():
-        uc = j.float() + (thresh_logit - left) / torch.where(d == 0, torch.ones_like(d), d)
-        yc = row(uc.view(k, -1)).view(k, cw, m + 1)
-    rising, falling, flat = d > 0, d < 0, d == 0
-    start = torch.where(rising, torch.maximum(start, (torch.floor(yc) + 1).clamp(-1, height).long()), start)
-    end = torch.where(falling, torch.minimum(end, torch.ceil(yc).clamp(-1, height).long()), end)
-    end = torch.where(flat & (left <= thresh_logit), start, end)
-    nonempty = (end > start) & inside_x[:, :, None]
-    # boxes
-    cols_any = nonempty.any(2)  # (K, cw)
-    ar = torch.arange(cw, device=dev)
-    bx0 = torch.where(cols_any, ar, cw).amin(1)
-    bx1 = torch.where(cols_any, ar, -1).amax(1) + 1
-    by0 = torch.where(nonempty, start, height).flatten(1).amin(1)
-    by1 = torch.where(nonempty, end, -1).flatten(1).amax(1)
-    boxes = torch.stack([ox + bx0, by0, ox + bx1, by1], 1).float()
-    boxes[~cols_any.any(1)] = 0
-    # runs: every nonempty range starts and ends one; a range that ends where
-    # the next starts (the next piece, or the next column across the seam)
-    # joins it.
-    owner, col, piece = nonempty.nonzero(as_tuple=True)
-    base = (ox[owner] + col) * height
-    pos = torch.stack([base + start[owner, col, piece], base + end[owner, col, piece]], 1).view(-1)
-    return (*_join_touching(owner.repeat_interleave(2), pos, height * width), boxes)
-
-
-#: Windows at least this many pixels per mask cell take :func:`paste_runs`;
-#: smaller ones are cheaper pixel by pixel (``benchmarks/paste_speed.py`` on
-#: the 2-core CPU, 64 windows of a 56x56 mask: crops 3x faster at 96 to 192
-#: px, 2.5x at 272 px, 1.3x at 400 px; column pieces 1.1x faster at 640 px,
-#: even at 1000 px, and they need no crop-sized buffers).
-RUNS_MIN_CELL_PIXELS = 8
-
-
-def window_runs(mask_logits: torch.Tensor, windows_xyxy: torch.Tensor, height: int, width: int, thresh_logit: float
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(owner, pos, boxes)`` of the thresholded masks of windows of one
-    size, by whichever of :func:`paste_runs` and :func:`paste_crops` is
-    cheaper for that size."""
-    m = mask_logits.shape[-1]
-    if mask_logits.shape[0] and float(windows_xyxy[0, 3] - windows_xyxy[0, 1]) >= RUNS_MIN_CELL_PIXELS * m:
-        return paste_runs(mask_logits, windows_xyxy, height, width, thresh_logit)
-    return crop_runs(*paste_crops(mask_logits, windows_xyxy, height, width, thresh_logit), height, width)
+    # knots of every column, less the threshold: (K, cw, m); zero (so out)
+    # for columns outside the window
+    g = _interp_matrix(ux, m) @ (logits - thresh_logit).transpose(1, 2)
+    above = g > 0
+    # Toggles of each column, by slot: 0 the window's top row (when knot 0 is
+    # above), j + 1 a crossing between knots j and j + 1, m one past the
+    # window's bottom row (when knot m - 1 is above). Going down a column the
+    # mask flips at every toggle; there is an even number of them.
+    toggle = torch.empty(k, cw, m + 1, dtype=torch.bool, device=dev)
+    toggle[:, :, 0] = above[:, :, 0]
+    toggle[:, :, 1:m] = above[:, :, 1:] != above[:, :, :-1]
+    toggle[:, :, m] = above[:, :, m - 1]
+    kk, col, slot = toggle.nonzero(as_tuple=True)
+    # The window's rows in the image: pixel centres in [y0, y1).
+    top = torch.ceil(y0 - 0.5).clamp(0, height)[kk]
+    bottom = torch.ceil(y1 - 0.5).clamp(0, height)[kk]
+    j = (slot - 1).clamp(0, max(m - 2, 0))
+    a = g[kk, col, j]
+    b = g[kk, col, (j + 1).clamp(max=m - 1)]
+    # The crossing in mask-row units u (knot j at u = j), then in pixel rows:
+    # pixel row y sits at u = (y + 0.5 - y0) * m / (y1 - y0) - 0.5. Rising,
+    # the first row in is the first strictly past the crossing; falling, the
+    # first row out is the first at or past it.
+    uc = j + a / (a - b)
+    yc = (uc + 0.5) * ((y1 - y0) / m)[kk] + y0[kk] - 0.5
+    row = torch.where(b > 0, torch.floor(yc) + 1, torch.ceil(yc))
+    row = torch.minimum(torch.maximum(row, top), bottom)
+    row = torch.where(slot == 0, top, torch.where(slot == m, bottom, row)).long()
+    # Two toggles at one row (after clamping to the window, or by rounding)
+    # cancel: keep one of an odd number. Sorting also restores row order
+    # where rounding swapped two nearby crossings.
+    key, _ = torch.sort((kk * cw + col) * (height + 1) + row)
+    key, count = torch.unique_consecutive(key, return_counts=True)
+    key = key[count % 2 == 1]
+    kk = key // (cw * (height + 1))
+    col = key // (height + 1) - kk * cw
+    row = key % (height + 1)
+    # boxes: in each column the first toggle starts a run and the last ends one
+    lo = torch.full((2, k), cw + height + 2, dtype=torch.long, device=dev)
+    hi = torch.full((2, k), -1, dtype=torch.long, device=dev)
+    cr = torch.stack([col, row])
+    lo.scatter_reduce_(1, kk.expand(2, -1), cr, "amin")
+    hi.scatter_reduce_(1, kk.expand(2, -1), cr, "amax")
+    boxes = torch.stack([ox + lo[0], lo[1], ox + hi[0] + 1, hi[1]], 1).float()
+    boxes[hi[0] < 0] = 0
+    # A run that ends at a column's bottom and one that starts at the next
+    # column's top are one run of COCO's column-major order.
+    return (*_join_touching(kk, (ox[kk] + col) * height + row, height * width), boxes)
 
 
 def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
