@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
+import importlib.util
 import math
 import os
 import time
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -120,6 +123,37 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if device.type == "cpu" and native_bf16() else "fp32"
 
 
+@functools.lru_cache(maxsize=1)
+def int8_dot_cpu() -> bool:
+    """Whether this CPU has x86 int8 dot-product instructions (AVX512-VNNI or
+    AVX-VNNI), which ONNX Runtime's int8 convolutions need to be fast. Read
+    from ``/proc/cpuinfo``: elsewhere (other systems, other architectures,
+    where the int8 trunk has not been measured) the answer is no."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_vnni", "avx_vnni"})
+    except OSError:
+        pass
+    return False
+
+
+def resolve_runtime(runtime: str, device: torch.device, int8_trunk: str | os.PathLike | None, precision: str) -> str:
+    """``auto`` -> ``onnx-int8`` on a CPU with int8 dot products
+    (:func:`int8_dot_cpu`) when ``int8_trunk`` exists, ONNX Runtime is
+    installed and ``precision`` is not ``fp32``; else ``torch``. Any other
+    runtime is returned as is."""
+    if runtime != "auto":
+        return runtime
+    if device.type != "cpu" or precision == "fp32" or int8_trunk is None or not os.path.isfile(int8_trunk):
+        return "torch"
+    if importlib.util.find_spec("onnxruntime") is None or not int8_dot_cpu():
+        return "torch"
+    return "onnx-int8"
+
+
 def image_to_tensor(image: Image.Image | np.ndarray | torch.Tensor) -> torch.Tensor:
     """A PIL image, an ``(H, W[, C])`` uint8/float array or a ``(3, H, W)``
     float tensor in ``[0, 1]`` -> ``(3, H, W)`` float32 in ``[0, 1]``."""
@@ -163,8 +197,9 @@ def pyramid_canvas(images: Sequence[torch.Tensor], sizes: Sequence[tuple[int, in
     """One pyramid level for the trunk: ``(B, 3, Hc, Wc)``.
 
     Each ``(3, H, W)`` image is resized to its ``(h, w)`` (antialiased when
-    shrinking), normalised, and placed half a window in from the top-left
-    corner of a zero canvas (zero is the trunk's mean colour after
+    shrinking), normalised (``normalize=None``: the images already are; the
+    two orders agree, as resampling weights sum to one), and placed half a
+    window in from the top-left corner of a zero canvas (zero is the trunk's mean colour after
     normalisation: the neutral fill), at least as large as an image of
     ``min_size`` would need. The canvas leaves at least half a window
     beyond every image and its sides are multiples of the trunk's stride, so
@@ -178,7 +213,7 @@ def pyramid_canvas(images: Sequence[torch.Tensor], sizes: Sequence[tuple[int, in
     for b, (t, (h, w)) in enumerate(zip(images, sizes)):
         down = h < t.shape[1] or w < t.shape[2]
         resized = F.interpolate(t[None], size=(h, w), mode="bilinear", align_corners=False, antialias=down)
-        canvas[b, :, half : half + h, half : half + w] = normalize(resized)[0]
+        canvas[b, :, half : half + h, half : half + w] = resized[0] if normalize is None else normalize(resized)[0]
     return canvas
 
 
@@ -218,8 +253,17 @@ class Proposer:
         # the Lite0 trunk on 32 patches: 0.80 s plain, 0.40 s both).
         trunk = model.trunk.fused().to(memory_format=torch.channels_last)
         self.config = config or InferenceConfig()
-        runtime = self.config.runtime
-        self._onnx = _onnx_trunk(trunk, self.device, runtime, int8_trunk, model.trunk) if runtime != "torch" else None
+        #: The resolved trunk runtime (``auto`` made concrete).
+        self.runtime = resolve_runtime(self.config.runtime, self.device, int8_trunk, self.config.precision)
+        self._onnx = None
+        if self.runtime != "torch":
+            try:
+                self._onnx = _onnx_trunk(trunk, self.device, self.runtime, int8_trunk, model.trunk)
+            except ValueError as e:
+                if self.config.runtime != "auto":
+                    raise
+                warnings.warn(f"{e}; running the trunk in torch meanwhile", stacklevel=2)
+                self.runtime = "torch"
         prec = resolve_precision(self.config.precision, self.device)
         if prec == "fp16" and self.device.type != "cuda":
             raise ValueError("precision fp16 needs a GPU; use fp32 (or bf16) on a CPU")
@@ -238,6 +282,7 @@ class Proposer:
         # once, not re-laid on every call.
         # Proposers are for inference: they do not follow later weight changes.
         self._score_weights = self.net.score_head.dense_weights(torch.channels_last)
+        self._mask_weight = self.net.mask_head.window_weight().contiguous()
         #: Windows pasted together: as runs (for RLEs), and as whole masks.
         self.paste_chunk = self.config.paste_chunk or 1024
         self.mask_paste_chunk = self.config.paste_chunk or (1024 if self.device.type == "cuda" else 64)
@@ -286,11 +331,13 @@ class Proposer:
         levels = []
         bucket = self.config.shape_bucket if self.config.shape_bucket >= 0 else (128 if self.device.type == "cuda" else 0)
         longest = max(max(self.level_size(t.shape[1], t.shape[2], 1.0)) for t in images)
+        with self._stage("pyramid"):  # normalised once, at full size, not at every level
+            images = [self.model.normalize(t[None])[0] for t in images]
         for scale in self.config.scales:
             sizes = [self.level_size(t.shape[1], t.shape[2], scale) for t in images]
             side = round(math.ceil(longest / bucket) * bucket * scale) if bucket else 0
             with self._stage("pyramid"):
-                canvas = pyramid_canvas(images, sizes, self.patch_size, self.model.normalize, (side, side))
+                canvas = pyramid_canvas(images, sizes, self.patch_size, None, (side, side))
             with self._stage("trunk"):
                 if self._onnx is not None:
                     fmap = torch.from_numpy(self._onnx.run(None, {"canvas": canvas.contiguous().numpy()})[0]
@@ -339,8 +386,9 @@ class Proposer:
                 sel = (level == li).nonzero().squeeze(1)
                 if sel.numel() == 0:
                     continue
-                batch = torch.full_like(sel, b)
-                mask_logits[sel] = self.net.window_masks(lv.fmap, batch, ys[sel], xs[sel]).float()
+                # this image's map only: the mask head's 1x1 conv runs on it alone
+                mask_logits[sel] = self.net.window_masks(lv.fmap[b : b + 1], torch.zeros_like(sel), ys[sel], xs[sel],
+                                                         self._mask_weight).float()
                 h, w = lv.sizes[b]
                 sy, sx = h / height, w / width  # resized pixels per image pixel
                 cy = ys[sel].float() * TRUNK_STRIDE
@@ -431,8 +479,6 @@ class Proposer:
 def export_trunk_onnx(trunk: torch.nn.Module, out) -> None:
     """Write ``trunk`` (float32) as ONNX to ``out`` (a path or a binary file),
     for any batch, height and width: input ``canvas``, output ``fmap``."""
-    import warnings
-
     example = torch.zeros(1, 3, 224, 224)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
@@ -462,7 +508,7 @@ def _onnx_trunk(trunk: torch.nn.Module, device: torch.device, runtime: str, int8
     try:
         import onnxruntime as ort
     except ImportError:
-        raise ValueError(f"runtime {runtime} needs ONNX Runtime: pip install 'deepmask[onnx]' (onnxruntime and onnx)") from None
+        raise ValueError(f"runtime {runtime} needs ONNX Runtime: pip install onnxruntime") from None
     if runtime == "onnx-int8":
         if int8_trunk is None or not os.path.isfile(int8_trunk):
             where = int8_trunk or "the weights folder"
@@ -471,6 +517,9 @@ def _onnx_trunk(trunk: torch.nn.Module, device: torch.device, runtime: str, int8
         model = os.fspath(int8_trunk)
     else:
         import io
+
+        if importlib.util.find_spec("onnx") is None:
+            raise ValueError(f"runtime {runtime} exports the trunk, which needs onnx: pip install 'deepmask[onnx]'")
 
         buf = io.BytesIO()
         export_trunk_onnx(trunk, buf)

@@ -52,9 +52,18 @@ class MaskHead(nn.Module):
         w = self.fc1.weight.view(self.fc1.out_features, -1, self.feat_size, self.feat_size)
         return F.conv2d(x, w, self.fc1.bias)
 
-    def window_hidden(self, reduced_windows: torch.Tensor) -> torch.Tensor:
-        """``(K, c, f, f)`` windows of ``relu(reduce(fmap))`` -> ``(K, hidden)``."""
-        return self.fc1(reduced_windows.flatten(1))
+    def window_weight(self) -> torch.Tensor:
+        """fc1's weight in the order of windows gathered channels-last,
+        ``(hidden, f * f * c)``, for :meth:`window_hidden`."""
+        f, c = self.feat_size, self.reduce.out_channels
+        return self.fc1.weight.view(-1, c, f, f).permute(0, 2, 3, 1).reshape(self.fc1.out_features, -1)
+
+    def window_hidden(self, reduced_windows: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """``(K, f, f, c)`` windows of ``relu(reduce(fmap))``, channels last
+        (as a channels-last map is gathered without a copy) -> ``(K, hidden)``.
+        ``weight``: :meth:`window_weight`, when the caller keeps it."""
+        w = weight if weight is not None else self.window_weight()
+        return F.linear(reduced_windows.flatten(1), w, self.fc1.bias)
 
     def from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """``(K, hidden)`` -> ``mask_logits: (K, m, m)``."""
@@ -162,9 +171,12 @@ class DeepMask(nn.Module):
         m = self.mask_head.from_hidden(hid.permute(0, 2, 3, 1).reshape(-1, d))
         return m.view(b, h, w, *m.shape[1:])
 
-    def window_masks(self, fmap: torch.Tensor, batch: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+    def window_masks(self, fmap: torch.Tensor, batch: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor,
+                     fc1_weight: torch.Tensor | None = None) -> torch.Tensor:
         """Mask logits ``(K, m, m)`` for the windows with top-left cells
-        ``(ys[k], xs[k])`` of image ``batch[k]`` in ``fmap: (B, C, H, W)``."""
+        ``(ys[k], xs[k])`` of image ``batch[k]`` in ``fmap: (B, C, H, W)``
+        (``fc1_weight``: the mask head's :meth:`MaskHead.window_weight`, when
+        the caller keeps it)."""
         f = self.config.feat_size
         if batch.numel() == 0:
             return fmap.new_zeros(0, self.config.mask_size, self.config.mask_size)
@@ -173,8 +185,7 @@ class DeepMask(nn.Module):
         rows = (ys[:, None] + ar)[:, :, None]  # (K, f, 1)
         cols = (xs[:, None] + ar)[:, None, :]  # (K, 1, f)
         win = reduced.permute(0, 2, 3, 1)[batch[:, None, None], rows, cols]  # (K, f, f, c)
-        hidden = self.mask_head.window_hidden(win.permute(0, 3, 1, 2))
-        return self.mask_head.from_hidden(hidden)
+        return self.mask_head.from_hidden(self.mask_head.window_hidden(win, fc1_weight))
 
 
 def build_model(config: ModelConfig, *, pretrained_trunk: bool = False, trunk_weights: str | None = None) -> DeepMask:

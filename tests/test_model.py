@@ -51,6 +51,8 @@ def test_dense_equals_patch_by_patch(h, w):
         # the gathered windows of the inference path agree too
         b = torch.tensor([0, 1, 1]); ys = torch.tensor([0, h - f, min(1, h - f)]); xs = torch.tensor([w - f, 0, min(1, w - f)])
         torch.testing.assert_close(model.window_masks(fmap, b, ys, xs), dense_m[b, ys, xs], rtol=1e-4, atol=1e-5)
+        kept = model.mask_head.window_weight().contiguous()  # as a Proposer keeps it
+        torch.testing.assert_close(model.window_masks(fmap, b, ys, xs, kept), dense_m[b, ys, xs], rtol=1e-4, atol=1e-5)
 
 
 def test_interleaving_on_hand_built_map():
