@@ -171,7 +171,7 @@ def main(argv=None) -> int:
     ap.add_argument("--weights", default=None)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default=None, help="auto, fp32, fp16, bf16 (default: the weights' setting)")
-    ap.add_argument("--runtime", default=None, help="torch, onnx or onnx-int8 (default: the weights' setting)")
+    ap.add_argument("--runtime", default=None, help="auto, torch, onnx or onnx-int8 (default: the weights' setting)")
     ap.add_argument("--limit", type=int, default=30, help="images for the stage breakdown (0: skip it)")
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -197,7 +197,7 @@ def main(argv=None) -> int:
     dtype = proposer.dtype
     where = f"{proposer.device}" + (f" ({torch.cuda.get_device_name(proposer.device)})" if proposer.device.type == "cuda" else "")
     console.print(f"device {where}, {torch.get_num_threads()} torch threads, precision {str(dtype).replace('torch.', '')}, "
-                  f"trunk runtime {proposer.config.runtime}")
+                  f"trunk runtime {proposer.runtime}")
     proposer(np.zeros((480, 640, 3), np.uint8))  # warm-up
 
     if images:

@@ -23,7 +23,7 @@ from typing import Any, Mapping
 #: The stride of every trunk's output map, in input pixels.
 TRUNK_STRIDE = 16
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-RUNTIMES = ("torch", "onnx", "onnx-int8")
+RUNTIMES = ("auto", "torch", "onnx", "onnx-int8")
 
 TRUNKS = ("efficientnet-lite0", "vgg-a", "resnet50")
 
@@ -125,12 +125,15 @@ class InferenceConfig(_Serialisable):
     # elsewhere. On a GPU fp16 stays an option: on an H100 it matched fp32 for
     # a mean best IoU of 0.993 over the top 100 masks (95.5% of them >= 0.99).
     precision: str = "auto"
-    # Where the trunk runs: torch, or onnx (ONNX Runtime, float32, CPU only,
-    # the optional extra [onnx]). On the 2-core CPU ORT's trunk is about 2x
-    # torch's float32 one, but slower than torch's bf16 one, which precision
-    # auto picks there; onnx is for CPUs without native bf16 (README).
-    # onnx-int8: the weights' int8 trunk (deepmask quantize) in ONNX Runtime.
-    runtime: str = "torch"
+    # Where the trunk runs: torch; onnx (ONNX Runtime, float32, CPU only:
+    # about 2x torch's float32 trunk on the 2-core CPU, for CPUs without
+    # native bf16); onnx-int8: the weights' int8 trunk (deepmask quantize) in
+    # ONNX Runtime, CPU only.
+    # auto: onnx-int8 on a CPU with int8 dot products (VNNI) when the weights
+    # have an int8 trunk and precision is not fp32 (fp32 means fp32
+    # throughout); there it is 1.8x faster than torch's bf16 trunk for the
+    # same coco-val recall (README, Benchmarks). torch elsewhere, GPUs included.
+    runtime: str = "auto"
 
     def __post_init__(self) -> None:
         if self.scale_step <= 0:

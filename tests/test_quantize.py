@@ -97,3 +97,47 @@ def test_an_int8_trunk_made_from_other_weights_is_refused(tiny_weights, tmp_path
     other = DeepMask(model.config)
     with pytest.raises(ValueError, match="other trunk weights"):
         Proposer(other, cfg, "cpu", int8_trunk=out)
+
+
+def test_runtime_auto_takes_the_int8_trunk_only_where_it_pays(tiny_weights, tmp_path, monkeypatch):
+    """auto: the int8 trunk on a CPU with int8 dot products when the weights
+    have one and fp32 was not asked for; torch otherwise, and torch with a
+    warning (not a failure) when the weights' int8 trunk is stale."""
+    import deepmask_cli.inference as inference
+    from deepmask_cli.model import DeepMask
+    from deepmask_cli.quantize import quantize_trunk
+
+    model, _, _ = load_weights(tiny_weights)
+    out = quantize_trunk(model, sorted(_photos(tmp_path / "photos").iterdir()), tmp_path / "t.onnx", limit=1)
+    cfg = InferenceConfig(scale_min=0, scale_max=0)
+    assert cfg.runtime == "auto"
+    monkeypatch.setattr(inference, "int8_dot_cpu", lambda: True)
+    assert Proposer(model, cfg, "cpu", int8_trunk=out).runtime == "onnx-int8"
+    assert Proposer(model, cfg.replace(precision="fp32"), "cpu", int8_trunk=out).runtime == "torch"
+    assert Proposer(model, cfg, "cpu", int8_trunk=tmp_path / "none.onnx").runtime == "torch"
+    assert Proposer(model, cfg, "cpu").runtime == "torch"
+    assert inference.resolve_runtime("auto", torch.device("cuda"), out, "auto") == "torch"
+    assert inference.resolve_runtime("torch", torch.device("cpu"), out, "auto") == "torch"
+    torch.manual_seed(1)
+    with pytest.warns(UserWarning, match="other trunk weights"):
+        assert Proposer(DeepMask(model.config), cfg, "cpu", int8_trunk=out).runtime == "torch"
+    monkeypatch.setattr(inference, "int8_dot_cpu", lambda: False)
+    assert Proposer(model, cfg, "cpu", int8_trunk=out).runtime == "torch"
+
+
+def test_cli_auto_runtime_warns_in_one_line_and_goes_on_without_a_stale_int8_trunk(tiny_weights, tmp_path, monkeypatch):
+    import deepmask_cli.inference as inference
+    from deepmask_cli.model import DeepMask
+    from deepmask_cli.quantize import quantize_trunk
+
+    monkeypatch.setattr(inference, "int8_dot_cpu", lambda: True)
+    photos = _photos(tmp_path / "photos")
+    torch.manual_seed(1)
+    quantize_trunk(DeepMask(load_weights(tiny_weights)[0].config), sorted(photos.iterdir()),
+                   tiny_weights / "trunk-int8.onnx", limit=1)  # made from other weights
+    r = CliRunner().invoke(main, ["propose", str(photos), "-o", str(tmp_path / "a.json"), "--weights", str(tiny_weights),
+                                  "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    warning = [line for line in r.output.splitlines() if "warning:" in line]
+    assert len(warning) == 1 and "deepmask quantize" in warning[0] and "Traceback" not in r.output
+    assert len(json.loads((tmp_path / "a.json").read_text())) > 0

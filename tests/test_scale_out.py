@@ -121,8 +121,10 @@ def test_runtime_option_through_the_cli(synth_coco, tiny_weights, tmp_path, monk
     b = _propose([images], tiny_weights, tmp_path, "torch.json")
     ra, rb = json.loads(a.read_text()), json.loads(b.read_text())
     assert len(ra) == len(rb) and {r["image_id"] for r in ra} == {r["image_id"] for r in rb}
-    # without ONNX Runtime installed: one line that says what to install
+    # without ONNX Runtime (or onnx, to export the trunk) installed: one line
+    # that says what to install
     import builtins
+    import importlib.util
 
     real_import = builtins.__import__
 
@@ -133,5 +135,11 @@ def test_runtime_option_through_the_cli(synth_coco, tiny_weights, tmp_path, monk
 
     monkeypatch.setattr(builtins, "__import__", no_ort)
     r = CliRunner().invoke(main, ["propose", images, "-o", str(tmp_path / "x.json"), "--weights", str(tiny_weights),
+                                  "--device", "cpu", "--runtime", "onnx"])
+    assert r.exit_code == 2 and "pip install onnxruntime" in r.output and "Traceback" not in r.output
+    monkeypatch.setattr(builtins, "__import__", real_import)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnx" else real_find_spec(name, *a))
+    r = CliRunner().invoke(main, ["propose", images, "-o", str(tmp_path / "y.json"), "--weights", str(tiny_weights),
                                   "--device", "cpu", "--runtime", "onnx"])
     assert r.exit_code == 2 and "deepmask[onnx]" in r.output and "Traceback" not in r.output
