@@ -232,12 +232,14 @@ def main(argv=None) -> int:
             del proposer.net.window_masks
         # An ONNX Runtime trunk is invisible to the counter: count the torch
         # trunk it was made from instead (the same convolutions).
-        onnx, proposer._onnx = proposer._onnx, None
+        # (An int8 network holds the score head too.)
+        onnx, runtime = proposer._onnx, proposer.runtime
+        proposer._onnx, proposer.runtime = None, "torch"
         try:
             with FlopCounterMode(display=False) as c_dense, torch.no_grad():
                 levels = proposer.dense_pass([image_to_tensor(load_image(images[0])).to(proposer.device)])
         finally:
-            proposer._onnx = onnx
+            proposer._onnx, proposer.runtime = onnx, runtime
         with FlopCounterMode(display=False) as c_score, torch.no_grad():
             for lv in levels:
                 proposer.net.dense_scores(lv.fmap)
@@ -245,7 +247,7 @@ def main(argv=None) -> int:
         windows = sum(int(lv.scores[0].numel()) for lv in levels)
         del levels
         peak = matmul_rate(proposer.device, dtype)
-        net_s = sum(stages.get(k, 0.0) for k in ("trunk", "score head", "mask head")) / n
+        net_s = sum(stages.get(k, 0.0) for k in ("trunk", "score head", "trunk + score head", "mask head")) / n
         console.print(f"{flops / 2e9:.1f} G multiply-adds per image (first image, network only); the network stages run at "
                       f"{flops / max(net_s, 1e-9) / 1e9:.1f} GFLOP/s, {100 * flops / max(net_s, 1e-9) / peak:.1f}% of this "
                       f"machine's measured {str(dtype).replace('torch.', '')} matmul rate ({peak / 1e9:.1f} GFLOP/s)")

@@ -258,7 +258,7 @@ class Proposer:
         self._onnx = None
         if self.runtime != "torch":
             try:
-                self._onnx = _onnx_trunk(trunk, self.device, self.runtime, int8_trunk, model.trunk)
+                self._onnx = _onnx_trunk(trunk, self.device, self.runtime, int8_trunk, model)
             except ValueError as e:
                 if self.config.runtime != "auto":
                     raise
@@ -338,9 +338,15 @@ class Proposer:
             side = round(math.ceil(longest / bucket) * bucket * scale) if bucket else 0
             with self._stage("pyramid"):
                 canvas = pyramid_canvas(images, sizes, self.patch_size, None, (side, side))
+            if self.runtime == "onnx-int8":  # the int8 network holds the score head too
+                with self._stage("trunk + score head"):
+                    fmap, scores = (torch.from_numpy(a) for a in self._onnx.run(None, {"canvas": canvas.numpy()}))
+                    fmap = fmap.to(self.dtype).contiguous(memory_format=torch.channels_last)
+                levels.append(_Level(scale, fmap, scores, sizes))
+                continue
             with self._stage("trunk"):
                 if self._onnx is not None:
-                    fmap = torch.from_numpy(self._onnx.run(None, {"canvas": canvas.contiguous().numpy()})[0]
+                    fmap = torch.from_numpy(self._onnx.run(None, {"canvas": canvas.numpy()})[0]
                                             ).to(self.dtype).contiguous(memory_format=torch.channels_last)
                 else:
                     fmap = self.trunk(canvas.to(self.dtype).contiguous(memory_format=torch.channels_last))
@@ -476,33 +482,52 @@ class Proposer:
         return cluster_nms(iou, cfg.nms_thresh).nonzero().squeeze(1)
 
 
-def export_trunk_onnx(trunk: torch.nn.Module, out) -> None:
+class _TrunkAndScores(torch.nn.Module):
+    """The trunk followed by the dense score head: ``canvas -> (fmap, scores)``."""
+
+    def __init__(self, trunk: torch.nn.Module, score_head: torch.nn.Module):
+        super().__init__()
+        self.trunk, self.score_head = trunk, score_head
+
+    def forward(self, canvas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        fmap = self.trunk(canvas)
+        return fmap, self.score_head.dense(fmap)
+
+
+def export_trunk_onnx(trunk: torch.nn.Module, out, score_head: torch.nn.Module | None = None) -> None:
     """Write ``trunk`` (float32) as ONNX to ``out`` (a path or a binary file),
-    for any batch, height and width: input ``canvas``, output ``fmap``."""
+    for any batch, height and width: input ``canvas``, output ``fmap``, and
+    with ``score_head`` (a :class:`~deepmask_cli.model.ScoreHead`) also its
+    dense ``scores``."""
     example = torch.zeros(1, 3, 224, 224)
+    net, names = trunk, ["fmap"]
+    axes = {"canvas": {0: "b", 2: "h", 3: "w"}, "fmap": {0: "b", 2: "fh", 3: "fw"}}
+    if score_head is not None:
+        net, names = _TrunkAndScores(trunk, score_head).eval(), ["fmap", "scores"]
+        axes["scores"] = {0: "b", 1: "sh", 2: "sw"}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(trunk, (example,), out, input_names=["canvas"], output_names=["fmap"], opset_version=17,
-                          dynamic_axes={"canvas": {0: "b", 2: "h", 3: "w"}, "fmap": {0: "b", 2: "fh", 3: "fw"}},
-                          dynamo=False)
+        torch.onnx.export(net, (example,), out, input_names=["canvas"], output_names=names, opset_version=17,
+                          dynamic_axes=axes, dynamo=False)
 
 
-def trunk_fingerprint(trunk: torch.nn.Module) -> str:
-    """SHA-256 of a trunk's weights and statistics (as float32), so that an
-    int8 trunk can tell whether it was made from them."""
+def network_fingerprint(*modules: torch.nn.Module) -> str:
+    """SHA-256 of the modules' weights and statistics (as float32), so that an
+    int8 network can tell whether it was made from them."""
     h = hashlib.sha256()
-    for name, t in sorted(trunk.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    for i, module in enumerate(modules):
+        for name, t in sorted(module.state_dict().items()):
+            h.update(f"{i}.{name}".encode())
+            h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
 def _onnx_trunk(trunk: torch.nn.Module, device: torch.device, runtime: str, int8_trunk: str | None,
-                source: torch.nn.Module):
+                source: DeepMask):
     """An ONNX Runtime session running the trunk: ``trunk`` exported here
-    (runtime ``onnx``), or the int8 model of ``deepmask quantize``
-    (``onnx-int8``), which must have been made from ``source`` (the
-    unfolded trunk's weights)."""
+    (runtime ``onnx``), or the int8 trunk and score head of ``deepmask
+    quantize`` (``onnx-int8``), which must have been made from ``source``'s
+    weights (the unfolded trunk's and the score head's)."""
     if device.type != "cpu":
         raise ValueError(f"runtime {runtime} runs the trunk on the CPU; use runtime torch with a GPU")
     try:
@@ -535,8 +560,9 @@ def _onnx_trunk(trunk: torch.nn.Module, device: torch.device, runtime: str, int8
     except Exception as e:  # ORT raises its own exception types for unreadable models
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{int8_trunk}: not a readable ONNX model ({first}); make it again with deepmask quantize") from None
-    if session.get_modelmeta().custom_metadata_map.get("trunk_sha256") != trunk_fingerprint(source):
-        raise ValueError(f"{int8_trunk}: made from other trunk weights than these (or not by deepmask quantize); "
+    meta = session.get_modelmeta().custom_metadata_map
+    if meta.get("network_sha256") != network_fingerprint(source.trunk, source.score_head):
+        raise ValueError(f"{int8_trunk}: made from other weights than these (or by another version of deepmask quantize); "
                          "make it again with: deepmask quantize CALIBRATION_IMAGES --weights DIR")
     return session
 

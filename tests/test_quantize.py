@@ -32,6 +32,11 @@ def test_int8_trunk_is_quantized_calibrated_and_close_to_float(tiny_weights, tmp
     from deepmask_cli.quantize import quantize_trunk
 
     model, _, _ = load_weights(tiny_weights)
+    torch.manual_seed(0)
+    with torch.no_grad():  # features and scores that vary (the tiny random model's are near zero and flat)
+        [m for m in model.trunk.modules() if isinstance(m, torch.nn.Conv2d)][-1].weight.mul_(1e7)
+        for fc in (model.score_head.fc1, model.score_head.fc2, model.score_head.fc3):
+            fc.weight.normal_(0, 2 / fc.in_features**0.5)
     photos = sorted(_photos(tmp_path / "photos").iterdir())
     out = quantize_trunk(model, photos, tmp_path / "t.onnx", limit=2)
     m = onnx.load(str(out))
@@ -48,8 +53,12 @@ def test_int8_trunk_is_quantized_calibrated_and_close_to_float(tiny_weights, tmp
     f32 = Proposer(model, cfg, "cpu")
     i8 = Proposer(model, cfg.replace(runtime="onnx-int8"), "cpu", int8_trunk=out)
     img = torch.from_numpy(np.array(Image.open(photos[2]))).permute(2, 0, 1).float() / 255
-    a, b = f32.dense_pass([img])[0].fmap.flatten(), i8.dense_pass([img])[0].fmap.flatten()
-    assert torch.corrcoef(torch.stack([a, b]))[0, 1] > 0.95
+    lf, li = f32.dense_pass([img])[0], i8.dense_pass([img])[0]
+    assert torch.corrcoef(torch.stack([lf.fmap.flatten(), li.fmap.flatten()]))[0, 1] > 0.95
+    # ... and so do the scores, which it computes too (the score head is in it)
+    assert li.scores.shape == lf.scores.shape
+    assert lf.scores.std() > 0.1
+    assert torch.corrcoef(torch.stack([lf.scores.flatten(), li.scores.flatten()]))[0, 1] > 0.9
     assert len(i8(np.asarray(Image.open(photos[2])))) > 0
 
 
@@ -95,7 +104,7 @@ def test_an_int8_trunk_made_from_other_weights_is_refused(tiny_weights, tmp_path
     Proposer(model, cfg, "cpu", int8_trunk=out)  # its own weights: fine
     torch.manual_seed(1)
     other = DeepMask(model.config)
-    with pytest.raises(ValueError, match="other trunk weights"):
+    with pytest.raises(ValueError, match="other weights"):
         Proposer(other, cfg, "cpu", int8_trunk=out)
 
 
@@ -119,7 +128,7 @@ def test_runtime_auto_takes_the_int8_trunk_only_where_it_pays(tiny_weights, tmp_
     assert inference.resolve_runtime("auto", torch.device("cuda"), out, "auto") == "torch"
     assert inference.resolve_runtime("torch", torch.device("cpu"), out, "auto") == "torch"
     torch.manual_seed(1)
-    with pytest.warns(UserWarning, match="other trunk weights"):
+    with pytest.warns(UserWarning, match="other weights"):
         assert Proposer(DeepMask(model.config), cfg, "cpu", int8_trunk=out).runtime == "torch"
     monkeypatch.setattr(inference, "int8_dot_cpu", lambda: False)
     assert Proposer(model, cfg, "cpu", int8_trunk=out).runtime == "torch"
@@ -141,3 +150,27 @@ def test_cli_auto_runtime_warns_in_one_line_and_goes_on_without_a_stale_int8_tru
     warning = [line for line in r.output.splitlines() if "warning:" in line]
     assert len(warning) == 1 and "deepmask quantize" in warning[0] and "Traceback" not in r.output
     assert len(json.loads((tmp_path / "a.json").read_text())) > 0
+
+
+def test_trunk_and_score_head_export_computes_what_torch_does(tiny_weights):
+    """The float network that quantize starts from: the trunk and the dense
+    score head as one ONNX graph give torch's map and scores."""
+    import io
+
+    import onnxruntime as ort
+
+    from deepmask_cli.inference import export_trunk_onnx
+
+    model, _, _ = load_weights(tiny_weights)
+    model.eval()
+    trunk = model.trunk.fused()
+    buf = io.BytesIO()
+    export_trunk_onnx(trunk, buf, model.score_head)
+    session = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
+    canvas = torch.randn(2, 3, 96, 128)
+    fmap, scores = (torch.from_numpy(a) for a in session.run(None, {"canvas": canvas.numpy()}))
+    with torch.no_grad():
+        want_fmap = trunk(canvas)
+        want = model.dense_scores(want_fmap)
+    torch.testing.assert_close(fmap, want_fmap, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(scores, want, rtol=1e-4, atol=1e-4)
