@@ -151,7 +151,7 @@ def end_to_end(args, images, n_images: int) -> tuple[float, int, int]:
 
 
 def agreement(args, images, k: int) -> tuple[float, float]:
-    """Mean best IoU of fp32's top-100 masks among this precision's top 100,
+    """Mean best IoU of fp32's top-100 masks (torch) among this run's top 100,
     and the fraction at or above 0.99."""
     fast = proposer_for(args)
     ref = load_proposer(args.weights, device=args.device, overrides={"precision": "fp32"})
@@ -289,7 +289,7 @@ def main(argv=None) -> int:
 
     if args.agree:
         mean, frac = agreement(args, all_images, args.agree)
-        console.print(f"{str(dtype).replace('torch.', '')} vs fp32 on {args.agree} images: each fp32 top-100 mask's best IoU "
+        console.print(f"{str(dtype).replace('torch.', '')} (trunk runtime {proposer.runtime}) vs fp32 torch on {args.agree} images: each fp32 top-100 mask's best IoU "
                       f"among the top 100: mean {mean:.4f}, {100 * frac:.1f}% >= 0.99")
     if args.e2e:
         rate, batch, workers = end_to_end(args, all_images, args.e2e)
