@@ -125,14 +125,16 @@ class InferenceConfig(_Serialisable):
     # elsewhere. On a GPU fp16 stays an option: on an H100 it matched fp32 for
     # a mean best IoU of 0.993 over the top 100 masks (95.5% of them >= 0.99).
     precision: str = "auto"
-    # Where the trunk runs: torch; onnx (ONNX Runtime, float32, CPU only:
-    # about 2x torch's float32 trunk on the 2-core CPU, for CPUs without
-    # native bf16); onnx-int8: the weights' int8 trunk (deepmask quantize) in
-    # ONNX Runtime, CPU only.
+    # Where the trunk (and, in int8, the dense score head) runs: torch; onnx
+    # (ONNX Runtime, float32 trunk, CPU only: about 2x torch's float32 trunk
+    # on the 2-core CPU, for CPUs without native bf16); onnx-int8: the
+    # weights' int8 trunk + score head (deepmask quantize) in ONNX Runtime,
+    # CPU only.
     # auto: onnx-int8 on a CPU with int8 dot products (VNNI) when the weights
-    # have an int8 trunk and precision is not fp32 (fp32 means fp32
-    # throughout); there it is 1.8x faster than torch's bf16 trunk for the
-    # same coco-val recall (README, Benchmarks). torch elsewhere, GPUs included.
+    # have an int8 network and precision is not fp32 (fp32 means fp32
+    # throughout); on the 2-core CPU that makes proposals 1.55x faster than
+    # the torch bf16 network, with mask AR@100 0.002 under fp32's on coco-val
+    # (README, Benchmarks). torch elsewhere, GPUs included.
     runtime: str = "auto"
 
     def __post_init__(self) -> None:
