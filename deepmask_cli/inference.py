@@ -126,17 +126,23 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 @functools.lru_cache(maxsize=1)
 def int8_dot_cpu() -> bool:
     """Whether this CPU has x86 int8 dot-product instructions (AVX512-VNNI or
-    AVX-VNNI), which ONNX Runtime's int8 convolutions need to be fast. Read
-    from ``/proc/cpuinfo``: elsewhere (other systems, other architectures,
-    where the int8 trunk has not been measured) the answer is no."""
+    AVX-VNNI), which ONNX Runtime's int8 convolutions need to be fast and
+    exact. Read from ``/proc/cpuinfo``: elsewhere (other systems, other
+    architectures, where the int8 network has not been measured) the answer
+    is no."""
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_vnni", "avx_vnni"})
+            return cpuinfo_has_int8_dot(f.read())
     except OSError:
-        pass
+        return False
+
+
+def cpuinfo_has_int8_dot(cpuinfo: str) -> bool:
+    """Whether the first ``flags`` line of a ``/proc/cpuinfo`` text names
+    AVX512-VNNI or AVX-VNNI."""
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            return bool(set(line.split(":", 1)[1].split()) & {"avx512_vnni", "avx_vnni"})
     return False
 
 

@@ -157,3 +157,13 @@ def test_precision_sets_the_networks_arithmetic(tiny_config, precision, dtype):
     assert p.precision == precision and seen and set(seen) == {dtype}
     # outputs leave the network as float32 whatever it computed in
     assert got.scores.dtype == torch.float32 and len(got) == 20
+
+
+def test_int8_dot_products_are_read_from_cpu_flags():
+    from deepmask_cli.inference import cpuinfo_has_int8_dot
+
+    assert cpuinfo_has_int8_dot("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni avx512_bf16\n")
+    assert cpuinfo_has_int8_dot("flags\t: fpu avx2 avx_vnni\n")
+    assert not cpuinfo_has_int8_dot("flags\t: fpu sse2 avx2 fma avx512f avx512bw\n")  # AVX512 without VNNI
+    assert not cpuinfo_has_int8_dot("Features\t: fp asimd asimddp\n")  # an ARM CPU: not measured, so no
+    assert not cpuinfo_has_int8_dot("")
