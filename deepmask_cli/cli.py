@@ -407,11 +407,14 @@ def export(checkpoint, out_dir, half) -> None:
 
 @main.command()
 @click.argument("images", nargs=-1, required=True)
-@click.option("--weights", type=click.Path(), default=None, help="Weights folder whose trunk to quantize. [default: the shipped weights]")
+@click.option("--weights", type=click.Path(), default=None, help="Weights folder whose trunk and score head to quantize. [default: the shipped weights]")
 @click.option("-o", "--out", "out_path", type=click.Path(), default=None, help="ONNX file to write. [default: WEIGHTS/trunk-int8.onnx]")
 @click.option("--limit", type=int, default=16, show_default=True, help="Calibration photos, spread evenly over IMAGES.")
 def quantize(images, weights, out_path, limit) -> None:
-    """Make an int8 trunk for CPUs (propose --runtime onnx-int8), calibrated on photos.
+    """Make an int8 trunk + score head for CPUs, calibrated on photos.
+
+    propose runs it with --runtime onnx-int8, and by default (auto) on CPUs
+    with VNNI.
 
     \b
     deepmask quantize coco/train2017/ --weights my-weights/

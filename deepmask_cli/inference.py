@@ -205,8 +205,8 @@ def pyramid_canvas(images: Sequence[torch.Tensor], sizes: Sequence[tuple[int, in
     Each ``(3, H, W)`` image is resized to its ``(h, w)`` (antialiased when
     shrinking), normalised (``normalize=None``: the images already are; the
     two orders agree, as resampling weights sum to one), and placed half a
-    window in from the top-left corner of a zero canvas (zero is the trunk's mean colour after
-    normalisation: the neutral fill), at least as large as an image of
+    window in from the top-left corner of a zero canvas (zero is the trunk's
+    mean colour after normalisation: the neutral fill), at least as large as an image of
     ``min_size`` would need. The canvas leaves at least half a window
     beyond every image and its sides are multiples of the trunk's stride, so
     the window whose top-left cell is ``(i, j)`` is centred on resized pixel
@@ -247,7 +247,8 @@ class Proposer:
         config: the inference settings.
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or a ``torch.device``.
         int8_trunk: the ONNX file of ``deepmask quantize`` (``trunk-int8.onnx``
-            in a weights folder), for ``runtime="onnx-int8"``.
+            in a weights folder: the int8 trunk and score head), for
+            ``runtime="onnx-int8"``, and for ``"auto"`` where it pays.
     """
 
     def __init__(self, model: DeepMask, config: InferenceConfig | None = None, device: str | torch.device = "auto",
