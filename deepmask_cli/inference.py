@@ -415,8 +415,11 @@ class Proposer:
         n = order.numel()
         boxes_t = torch.zeros(n, 4, device=dev)
         mask_nms = cfg.nms == "mask" and cfg.nms_thresh < 1.0
-        mask_chunks, chunk_index, run_owner, run_pos = [], [], [], []
+        run_owner, run_pos = [], []
         runs = rle and not mask_nms
+        # whole masks, (n, W, H) so each is contiguous in COCO's column order;
+        # every chunk is pasted straight into it (one image-sized mask per window)
+        kwh = None if runs else torch.empty(n, width, height, dtype=torch.bool, device=dev)
         for sel in self._paste_chunks(scale_of, self.paste_chunk if runs else self.mask_paste_chunk):
             if runs:
                 with self._stage("paste"):
@@ -427,14 +430,9 @@ class Proposer:
             with self._stage("paste"):
                 m = paste_masks(mask_logits[sel], windows[sel], height, width, t_logit)
                 boxes_t[sel] = masks_to_boxes(m)
-            mask_chunks.append(m.transpose(1, 2))  # (k, W, H) contiguous
-            chunk_index.append(sel)
+                kwh[sel] = m.transpose(1, 2)  # (k, W, H) contiguous
         nonempty_t = boxes_t[:, 2] > boxes_t[:, 0]
         probs = torch.sigmoid(top_scores)
-        kwh = None
-        if mask_chunks:
-            kwh = torch.empty(n, width, height, dtype=torch.bool, device=dev)
-            kwh[torch.cat(chunk_index)] = torch.cat(mask_chunks)
 
         # 5. drop empty masks, NMS, cap
         idx = nonempty_t.nonzero().squeeze(1)
@@ -459,8 +457,9 @@ class Proposer:
         elif rle:
             out.rles = [cand_rles[i] for i in keep.tolist()]
         else:
-            kwh = kwh if kwh is not None else torch.zeros(0, width, height, dtype=torch.bool, device=dev)
-            out.masks = kwh[idx].transpose(1, 2)
+            # no copy when every window is kept in order (no NMS, no empty mask)
+            every = idx.numel() == n and bool((idx == torch.arange(n, device=dev)).all())
+            out.masks = (kwh if every else kwh[idx]).transpose(1, 2)
         return out
 
     @staticmethod
