@@ -52,7 +52,10 @@ def main(argv=None) -> int:
     configs = [dataclasses.replace(base.config, **dict(zip(names, combo))) for combo in itertools.product(*values)] or [base.config]
     proposers = [Proposer(base.model, c, device=base.device) for c in configs]
     all_scales = sorted({s for c in configs for s in c.scales})
-    union = Proposer(base.model, base.config, device=base.device)
+    # The dense pass runs on the loaded proposer itself, so it is the network
+    # the defaults pick (the int8 one where runtime auto takes it), over the
+    # union of the settings' scales.
+    union = base
     union.config = dataclasses.replace(base.config, scale_min=min(map(_log2, all_scales)), scale_max=max(map(_log2, all_scales)),
                                        scale_step=min(c.scale_step for c in configs))
 
