@@ -177,19 +177,27 @@ def crop_runs(crops: torch.Tensor, ox: torch.Tensor, oy: torch.Tensor, height: i
     change = padded[:, :, 1:] != padded[:, :, :-1]  # (K, cw, ch + 1)
     owner, x, j = change.nonzero(as_tuple=True)
     pos = (ox[owner] + x) * height + oy[owner] + j
-    # Boxes from the changes: a run of ones starts at its first row and ends
-    # one past its last, so the rows span [min j, max j) and the columns
-    # [min x, max x + 1).
-    lo = torch.full((2, k), cw + ch + 2, dtype=torch.long, device=dev)
-    hi = torch.full((2, k), -1, dtype=torch.long, device=dev)
-    xj = torch.stack([x, j])
-    lo.scatter_reduce_(1, owner.expand(2, -1), xj, "amin")
-    hi.scatter_reduce_(1, owner.expand(2, -1), xj, "amax")
-    boxes = torch.stack([ox + lo[0], oy + lo[1], ox + hi[0] + 1, oy + hi[1]], 1).float()
-    boxes[hi[0] < 0] = 0
+    boxes = _change_boxes(owner, x, j, k, ox, oy)
     # A crop spanning whole columns ends column x at x*H + H, where column
     # x+1 starts: a run of ones across the seam gives that position twice.
     return (*_join_touching(owner, pos, height * width), boxes)
+
+
+def _change_boxes(owner: torch.Tensor, x: torch.Tensor, y: torch.Tensor, k: int, ox: torch.Tensor, oy
+                  ) -> torch.Tensor:
+    """``(k, 4)`` xyxy boxes from the run changes of each mask, column by
+    column (crop column ``x``, row ``y``; the crop's origin ``ox``, ``oy``):
+    a run of ones starts at its first row and ends one past its last, so the
+    rows span ``[min y, max y)`` and the columns ``[min x, max x + 1)``.
+    Zeros for a mask without changes (empty)."""
+    lo = torch.zeros(2, k, dtype=torch.long, device=x.device)
+    hi = torch.full((2, k), -1, dtype=torch.long, device=x.device)
+    xy, index = torch.stack([x, y]), owner.expand(2, -1)
+    lo.scatter_reduce_(1, index, xy, "amin", include_self=False)
+    hi.scatter_reduce_(1, index, xy, "amax", include_self=False)
+    boxes = torch.stack([ox + lo[0], oy + lo[1], ox + hi[0] + 1, oy + hi[1]], 1).float()
+    boxes[hi[0] < 0] = 0
+    return boxes
 
 
 def _join_touching(owner: torch.Tensor, pos: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -274,13 +282,7 @@ def paste_runs(
     col = key // (height + 1) - kk * cw
     row = key % (height + 1)
     # boxes: in each column the first toggle starts a run and the last ends one
-    lo = torch.full((2, k), cw + height + 2, dtype=torch.long, device=dev)
-    hi = torch.full((2, k), -1, dtype=torch.long, device=dev)
-    cr = torch.stack([col, row])
-    lo.scatter_reduce_(1, kk.expand(2, -1), cr, "amin")
-    hi.scatter_reduce_(1, kk.expand(2, -1), cr, "amax")
-    boxes = torch.stack([ox + lo[0], lo[1], ox + hi[0] + 1, hi[1]], 1).float()
-    boxes[hi[0] < 0] = 0
+    boxes = _change_boxes(kk, col, row, k, ox, 0)
     # A run that ends at a column's bottom and one that starts at the next
     # column's top are one run of COCO's column-major order.
     return (*_join_touching(kk, (ox[kk] + col) * height + row, height * width), boxes)
