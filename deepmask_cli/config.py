@@ -133,8 +133,9 @@ class InferenceConfig(_Serialisable):
     # auto: onnx-int8 on a CPU with int8 dot products (VNNI) when the weights
     # have an int8 network and precision is not fp32 (fp32 means fp32
     # throughout); on the 2-core CPU that makes proposals 1.55-1.66x faster
-    # than the torch bf16 network (two side-by-side runs), with mask AR@100 0.002 under fp32's on coco-val
-    # (README, Benchmarks). torch elsewhere, GPUs included.
+    # than the torch bf16 network (two side-by-side runs), with mask AR@100
+    # 0.002 under fp32's on coco-val (README, Benchmarks). torch elsewhere,
+    # GPUs included.
     runtime: str = "auto"
 
     def __post_init__(self) -> None:

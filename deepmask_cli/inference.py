@@ -206,8 +206,8 @@ def pyramid_canvas(images: Sequence[torch.Tensor], sizes: Sequence[tuple[int, in
     shrinking), normalised (``normalize=None``: the images already are; the
     two orders agree, as resampling weights sum to one), and placed half a
     window in from the top-left corner of a zero canvas (zero is the trunk's
-    mean colour after normalisation: the neutral fill), at least as large as an image of
-    ``min_size`` would need. The canvas leaves at least half a window
+    mean colour after normalisation: the neutral fill), at least as large as
+    an image of ``min_size`` would need. The canvas leaves at least half a window
     beyond every image and its sides are multiples of the trunk's stride, so
     the window whose top-left cell is ``(i, j)`` is centred on resized pixel
     ``(16 i, 16 j)``.
