@@ -41,7 +41,7 @@ def _interp_matrix(coords: torch.Tensor, size: int) -> torch.Tensor:
     return w
 
 
-def _axis_samples(above: torch.Tensor, dim: int, lo: torch.Tensor, hi: torch.Tensor, size: int
+def _axis_samples(above: torch.Tensor, dim: int, lo: torch.Tensor, hi: torch.Tensor, size: int | torch.Tensor
                   ) -> tuple[torch.Tensor, int, torch.Tensor]:
     """The crop along one image axis: origins ``(K,)``, one length, and each
     crop pixel's centre in mask cells ``(K, length)``.
@@ -49,7 +49,9 @@ def _axis_samples(above: torch.Tensor, dim: int, lo: torch.Tensor, hi: torch.Ten
     The crop covers every pixel whose bilinear taps reach a cell of ``above``
     (``(K, m, m)`` bool, rows then columns): ``dim`` 1 reduces the rows (so
     the columns remain: the x axis), 2 the columns. The window spans ``[lo,
-    hi)`` pixels on that axis, of an image ``size`` pixels long."""
+    hi)`` pixels on that axis, of an image ``size`` pixels long (an int, or
+    ``(K,)`` for windows of several images: a crop may then run past the end
+    of a shorter image, and the caller drops those pixels)."""
     k, m, _ = above.shape
     any_ = above.any(dim)  # (K, m): cells of this axis with something above
     idx = torch.arange(m, device=above.device)
@@ -60,11 +62,13 @@ def _axis_samples(above: torch.Tensor, dim: int, lo: torch.Tensor, hi: torch.Ten
     # [c0 - 0.5, c1 + 0.5); one pixel of slack either side for rounding.
     first = torch.floor(lo + (c0 - 0.5) * cell - 0.5).long() - 1
     last = torch.ceil(lo + (c1 + 0.5) * cell - 0.5).long() + 1
-    first = first.clamp(0, size)
-    last = torch.minimum(last.clamp(0, size), torch.ceil(hi).long().clamp(0, size))
+    limit = torch.as_tensor(size, device=above.device).expand(k)
+    first = torch.minimum(first.clamp(min=0), limit)
+    last = torch.minimum(torch.minimum(last.clamp(min=0), limit), torch.ceil(hi).long().clamp(min=0))
+    longest = size if isinstance(size, int) else int(limit.max()) if k else 1
     length = int((last - first).clamp(min=1).max()) if k else 1
-    length = min(length, size)
-    origin = first.clamp(max=size - length)
+    length = min(length, longest)
+    origin = torch.minimum(first, limit - length).clamp(min=0)
     pixels = origin[:, None] + torch.arange(length, device=above.device)  # (K, length) image pixels
     return origin, length, (pixels + 0.5 - lo[:, None]) * (m / (hi - lo))[:, None]
 
@@ -200,11 +204,12 @@ def _change_boxes(owner: torch.Tensor, x: torch.Tensor, y: torch.Tensor, k: int,
     return boxes
 
 
-def _join_touching(owner: torch.Tensor, pos: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _join_touching(owner: torch.Tensor, pos: torch.Tensor, size: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Run changes sorted by mask then position, where one run may end exactly
     where the next starts (an end and a start at one position): those two are
     no change and both go. So does an end at ``size`` (the image's last pixel
-    is in the mask), which COCO's encoder leaves out."""
+    is in the mask; an int, or each change's own image's), which COCO's
+    encoder leaves out."""
     same = (pos[1:] == pos[:-1]) & (owner[1:] == owner[:-1])
     drop = torch.zeros(pos.numel(), dtype=torch.bool, device=pos.device)
     drop[1:] |= same
@@ -216,8 +221,8 @@ def _join_touching(owner: torch.Tensor, pos: torch.Tensor, size: int) -> tuple[t
 def paste_runs(
     mask_logits: torch.Tensor,
     windows_xyxy: torch.Tensor,
-    height: int,
-    width: int,
+    height: int | torch.Tensor,
+    width: int | torch.Tensor,
     thresh_logit: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`paste_crops` followed by :func:`crop_runs`, without resampling
@@ -232,6 +237,10 @@ def paste_runs(
     window's top and bottom. The work is ``K x columns x m`` plus a little per
     crossing, instead of ``K x columns x rows``.
 
+    ``height`` and ``width`` are the image's, or ``(K,)`` tensors: each
+    window's own image, so that one call pastes the windows of a whole batch
+    of images (each window's runs are in its own image's pixel order).
+
     Returns ``(owner, pos, boxes)`` as :func:`crop_runs` does. Pixels whose
     resampled logit is within float rounding of the threshold may land on the
     other side than in :func:`paste_crops`.
@@ -243,7 +252,10 @@ def paste_runs(
         return z, z, torch.zeros(0, 4, device=dev)
     logits = mask_logits.float()
     x0, y0, x1, y1 = windows_xyxy.float().unbind(1)
+    hgt = torch.as_tensor(height, device=dev).expand(k)
     ox, cw, ux = _axis_samples(logits > thresh_logit, 1, x0, x1, width)  # the columns that can hold mask pixels
+    if not isinstance(width, int):  # no columns past the end of a narrower image of the batch
+        ux = torch.where(ox[:, None] + torch.arange(cw, device=dev) < width[:, None], ux, -1.0)
     # knots of every column, less the threshold: (K, cw, m); zero (so out)
     # for columns outside the window
     g = _interp_matrix(ux, m) @ (logits - thresh_logit).transpose(1, 2)
@@ -258,8 +270,8 @@ def paste_runs(
     toggle[:, :, m] = above[:, :, m - 1]
     kk, col, slot = toggle.nonzero(as_tuple=True)
     # The window's rows in the image: pixel centres in [y0, y1).
-    top = torch.ceil(y0 - 0.5).clamp(0, height)[kk]
-    bottom = torch.ceil(y1 - 0.5).clamp(0, height)[kk]
+    top = torch.minimum(torch.ceil(y0 - 0.5).clamp(min=0), hgt)[kk]
+    bottom = torch.minimum(torch.ceil(y1 - 0.5).clamp(min=0), hgt)[kk]
     j = (slot - 1).clamp(0, max(m - 2, 0))
     a = g[kk, col, j]
     b = g[kk, col, (j + 1).clamp(max=m - 1)]
@@ -275,17 +287,20 @@ def paste_runs(
     # Two toggles at one row (after clamping to the window, or by rounding)
     # cancel: keep one of an odd number. Sorting also restores row order
     # where rounding swapped two nearby crossings.
-    key, _ = torch.sort((kk * cw + col) * (height + 1) + row)
+    rows = (height if isinstance(height, int) else int(hgt.max())) + 1
+    key, _ = torch.sort((kk * cw + col) * rows + row)
     key, count = torch.unique_consecutive(key, return_counts=True)
     key = key[count % 2 == 1]
-    kk = key // (cw * (height + 1))
-    col = key // (height + 1) - kk * cw
-    row = key % (height + 1)
+    kk = key // (cw * rows)
+    col = key // rows - kk * cw
+    row = key % rows
     # boxes: in each column the first toggle starts a run and the last ends one
     boxes = _change_boxes(kk, col, row, k, ox, 0)
     # A run that ends at a column's bottom and one that starts at the next
     # column's top are one run of COCO's column-major order.
-    return (*_join_touching(kk, (ox[kk] + col) * height + row, height * width), boxes)
+    hk = hgt[kk]
+    size = height * width if isinstance(height, int) and isinstance(width, int) else hk * torch.as_tensor(width, device=dev).expand(k)[kk]
+    return (*_join_touching(kk, (ox[kk] + col) * hk + row, size), boxes)
 
 
 def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:

@@ -257,3 +257,27 @@ def test_runs_by_pieces_equal_pixel_by_pixel_pasting_up_to_rounding(k, h, w, siz
     assert np.array_equal(areas, got.sum((1, 2)).numpy().astype(np.float64))
     # and the RLEs are pycocotools' own encoding of those masks
     assert rles == rle.encode(got)
+
+
+@settings(max_examples=60, deadline=None)
+@given(sizes=st.lists(st.tuples(st.integers(1, 60), st.integers(1, 60)), min_size=1, max_size=4),
+       k=st.integers(1, 12), seed=st.integers(0, 10**6))
+def test_runs_of_windows_of_several_images_equal_each_image_alone(sizes, k, seed):
+    """One paste_runs call over windows of images of different sizes (each
+    window with its own image's height and width) gives every window the runs
+    and box it gets when its image's windows are pasted alone."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(k, 9, 9, generator=g) * 3
+    img = torch.randint(len(sizes), (k,), generator=g)
+    hw = torch.tensor(sizes)[img]
+    centres = torch.rand(k, 2, generator=g) * hw.flip(1) * 1.4 - hw.flip(1) * 0.2
+    half = (8 + torch.rand(k, 1, generator=g) * 60) / 2
+    windows = torch.cat([centres - half, centres + half], 1)
+    owner, pos, boxes = paste_runs(logits, windows, hw[:, 0], hw[:, 1], 0.3)
+    for b, (h, w) in enumerate(sizes):
+        sel = (img == b).nonzero().squeeze(1)
+        o, p, bx = paste_runs(logits[sel], windows[sel], h, w, 0.3)
+        assert torch.equal(boxes[sel], bx)
+        for j, i in enumerate(sel.tolist()):
+            assert pos[owner == i].tolist() == p[o == j].tolist()
+        assert bool((pos[torch.isin(owner, sel)] < h * w).all())
