@@ -80,3 +80,26 @@ def test_interleaving_on_hand_built_map():
             for j in range(s.shape[1]):
                 expected[i, j] = float(i <= hy <= i + 1 and j <= hx <= j + 1)
         torch.testing.assert_close(s, expected)
+
+
+@pytest.mark.parametrize("f", [2, 4, 12])
+@pytest.mark.parametrize("h,w", [(0, 0), (1, 3), (8, 5)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_score_fc1_by_parity_equals_the_dilated_convolution(f, h, w, channels_last):
+    """The GPU's form of the dense score head's first layer (four plain
+    convolutions, one per output parity, interleaved) gives the dilated
+    convolution's sums, on maps of any size down to one window."""
+    import torch.nn.functional as F
+
+    from deepmask_cli.model import ScoreHead
+
+    torch.manual_seed(f + h + w)
+    head = ScoreHead(in_channels=8, feat_size=f, hidden=(16, 8), dropout=0.0).eval()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    pooled = F.max_pool2d(torch.randn(2, 8, f + h, f + w), 2, stride=1).contiguous(memory_format=fmt)
+    w1 = head.dense_weights(fmt)[0]
+    with torch.no_grad():
+        want = F.conv2d(pooled, w1, head.fc1.bias, dilation=2)
+        got = head._fc1_by_parity(pooled, w1)
+    assert got.shape == want.shape == (2, 16, h + 1, w + 1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
