@@ -76,7 +76,7 @@ def main(argv=None) -> int:
             for c, (cfg, p) in enumerate(zip(configs, proposers)):
                 want = {round(_log2(s), 4) for s in cfg.scales}
                 sub = [lv for lv in levels if round(_log2(lv.scale), 4) in want]
-                props = p._proposals_for(0, img.shape[1], img.shape[2], sub, True)
+                props = p.proposals_from_levels(sub, [(img.shape[1], img.shape[2])], True)[0]
                 results[c] += records(props, image_id=ids[path.name], file_name=path.name)
             if (n + 1) % 10 == 0:
                 console.print(f"{n + 1}/{len(images)} images, {time.perf_counter() - t0:.0f} s")

@@ -77,7 +77,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 @click.option("--max-side", type=int, default=None, help=f"Larger images are run at this longest side (masks stay full size). [default: {_D.max_side}]")
 @click.option("--batch-size", type=int, default=None, help="Images run through the network together. [default: 1 on a CPU, 8 on a GPU]")
 @click.option("--workers", type=int, default=None, help="Processes that RLE-encode and write results beside the network. [default: 0 on a CPU, up to 8 on a GPU]")
-@click.option("--precision", type=click.Choice(PRECISIONS), default=None, help=f"Network arithmetic: fp32, fp16 (GPU only) or bf16; auto is bf16 on a CPU with native bf16, else fp32. [default: {_D.precision}]")
+@click.option("--precision", type=click.Choice(PRECISIONS), default=None, help=f"Network arithmetic: fp32, fp16 (GPU only) or bf16; auto is fp16 on a GPU, bf16 on a CPU with native bf16, else fp32. [default: {_D.precision}]")
 @click.option("--runtime", type=click.Choice(RUNTIMES), default=None, help=f"Where the trunk runs: torch, or ONNX Runtime on a CPU: onnx in float32 (pip install 'deepmask[onnx]'), onnx-int8 the weights' int8 trunk (deepmask quantize). auto: onnx-int8 on CPUs with VNNI when the weights have one and --precision is not fp32, else torch. [default: {_D.runtime}]")
 @click.option("--shard", default=None, help="I/N: run only the I-th of N contiguous parts of the inputs (0-based); join the parts with deepmask merge.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run into the same output, skipping finished images.")

@@ -110,8 +110,8 @@ class InferenceConfig(_Serialisable):
     nms: str = "box"
     nms_thresh: float = 1.0
     max_side: int = 2048
-    # Windows pasted together (all of one pyramid scale); 0: 1024, but 64 for
-    # whole masks on a CPU (crops that stay in cache).
+    # Windows pasted together; 0: 1024 of one pyramid scale on a CPU (64 for
+    # whole masks: crops that stay in cache), 4096 of neighbouring scales on a GPU.
     paste_chunk: int = 0
     # Canvases are squares whose side is the longest image side rounded up to
     # this many pixels, so a GPU sees few distinct shapes (each new one costs
@@ -121,9 +121,9 @@ class InferenceConfig(_Serialisable):
     # a GPU only).
     # auto: bf16 on a CPU with native bf16 instructions (AVX512-BF16 or AMX),
     # where it is 1.7x faster per image for -0.002 mask AR@100 on coco-val
-    # (within the 0.005 a default may cost; README, Benchmarks); fp32
-    # elsewhere. On a GPU fp16 stays an option: on an H100 it matched fp32 for
-    # a mean best IoU of 0.993 over the top 100 masks (95.5% of them >= 0.99).
+    # (within the 0.005 a default may cost; README, Benchmarks); fp16 on a
+    # GPU, where fp32's proposals are matched best (README, Speed on a GPU);
+    # fp32 elsewhere.
     precision: str = "auto"
     # Where the trunk (and, in int8, the dense score head) runs: torch; onnx
     # (ONNX Runtime, float32 trunk, CPU only: about 2x torch's float32 trunk

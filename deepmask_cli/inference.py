@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torchvision.ops import batched_nms
 
 from . import rle as rle_utils
 from .config import TRUNK_STRIDE, InferenceConfig
@@ -116,10 +117,14 @@ def native_bf16() -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` -> ``bf16`` on a CPU with native bf16, else ``fp32``; any other
-    precision is returned as is."""
+    """``auto`` -> ``fp16`` on a GPU, ``bf16`` on a CPU with native bf16, else
+    ``fp32``; any other precision is returned as is. (On a GPU fp16 keeps
+    fp32's proposals closer than bf16, with 3 more mantissa bits, at the same
+    speed: README, Speed on a GPU.)"""
     if precision != "auto":
         return precision
+    if device.type == "cuda":
+        return "fp16"
     return "bf16" if device.type == "cpu" and native_bf16() else "fp32"
 
 
@@ -160,11 +165,13 @@ def resolve_runtime(runtime: str, device: torch.device, int8_trunk: str | os.Pat
     return "onnx-int8"
 
 
-def image_to_tensor(image: Image.Image | np.ndarray | torch.Tensor) -> torch.Tensor:
+def image_to_tensor(image: Image.Image | np.ndarray | torch.Tensor, device: torch.device | str | None = None
+                    ) -> torch.Tensor:
     """A PIL image, an ``(H, W[, C])`` uint8/float array or a ``(3, H, W)``
-    float tensor in ``[0, 1]`` -> ``(3, H, W)`` float32 in ``[0, 1]``."""
+    float tensor in ``[0, 1]`` -> ``(3, H, W)`` float32 in ``[0, 1]``, on
+    ``device`` (8-bit pixels travel there as bytes, a quarter of the floats)."""
     if isinstance(image, torch.Tensor):
-        t = image.float()
+        t = image.to(device).float()
         if t.dim() == 2:
             t = t[None].expand(3, -1, -1)
         if t.dim() != 3 or t.shape[0] != 3:
@@ -185,10 +192,10 @@ def image_to_tensor(image: Image.Image | np.ndarray | torch.Tensor) -> torch.Ten
         arr = arr.copy()
     t = torch.from_numpy(arr).permute(2, 0, 1)
     if t.dtype == torch.uint8:
-        return t.float().div_(255)
+        return t.to(device).float().div_(255)
     if t.dtype == torch.uint16:
-        return t.float().div_(65535)
-    return t.float()
+        return t.float().div_(65535).to(device)
+    return t.float().to(device)
 
 
 def level_size(height: int, width: int, scale: float, max_side: int) -> tuple[int, int]:
@@ -291,7 +298,7 @@ class Proposer:
         self._score_weights = self.net.score_head.dense_weights(torch.channels_last)
         self._mask_weight = self.net.mask_head.window_weight().contiguous()
         #: Windows pasted together: as runs (for RLEs), and as whole masks.
-        self.paste_chunk = self.config.paste_chunk or 1024
+        self.paste_chunk = self.config.paste_chunk or (4096 if self.device.type == "cuda" else 1024)
         self.mask_paste_chunk = self.config.paste_chunk or (1024 if self.device.type == "cuda" else 64)
         #: Seconds spent per stage, accumulated while ``profile`` is on (for benchmarks).
         self.profile = False
@@ -320,12 +327,12 @@ class Proposer:
     @torch.no_grad()
     def propose_batch(self, images: Sequence, *, rle: bool = False) -> list[Proposals]:
         """Proposals for several images, run through the trunk together at each scale."""
-        tensors = [image_to_tensor(im).to(self.device) for im in images]
+        tensors = [image_to_tensor(im, self.device) for im in images]
         for t in tensors:
             if t.shape[1] < 1 or t.shape[2] < 1:
                 raise ValueError(f"empty image of size {tuple(t.shape[1:])}")
         levels = self.dense_pass(tensors)
-        return [self._proposals_for(b, t.shape[1], t.shape[2], levels, rle) for b, t in enumerate(tensors)]
+        return self.proposals_from_levels(levels, [(t.shape[1], t.shape[2]) for t in tensors], rle)
 
     # ------------------------------------------------------------------ stages
     def level_size(self, height: int, width: int, scale: float) -> tuple[int, int]:
@@ -333,6 +340,7 @@ class Proposer:
         ``max_side`` cap)."""
         return level_size(height, width, scale, self.config.max_side)
 
+    @torch.no_grad()
     def dense_pass(self, images: list[torch.Tensor]) -> list[_Level]:
         """Trunk and dense score head at every scale; maps are kept for the mask head."""
         levels = []
@@ -362,80 +370,129 @@ class Proposer:
             levels.append(_Level(scale, fmap, scores, sizes))
         return levels
 
-    def _proposals_for(self, b: int, height: int, width: int, levels: list[_Level], rle: bool) -> Proposals:
+    @torch.no_grad()
+    def proposals_from_levels(self, levels: list[_Level], sizes: Sequence[tuple[int, int]], rle: bool = False
+                              ) -> list[Proposals]:
+        """The proposals of every image of a :meth:`dense_pass`, whose
+        original ``(H, W)`` are ``sizes``.
+
+        The whole batch is done together: one ranking, one mask-head call per
+        pyramid level and pasting in chunks of windows from any of the images,
+        not a loop over images (on a GPU the per-image loop's small kernels
+        and synchronisations cost more than the work)."""
         cfg = self.config
         p = self.patch_size
-        f = self.model.config.feat_size
         dev = self.device
-        # 1. every valid window of this image at every scale
-        all_scores, all_level, all_y, all_x = [], [], [], []
-        for li, lv in enumerate(levels):
-            h, w = lv.sizes[b]
-            ny, nx = canvas_cells(h, p) - f + 1, canvas_cells(w, p) - f + 1
-            s = lv.scores[b, :ny, :nx].reshape(-1)
-            yy, xx = torch.meshgrid(torch.arange(ny, device=dev), torch.arange(nx, device=dev), indexing="ij")
-            all_scores.append(s)
-            all_level.append(torch.full_like(s, li, dtype=torch.long))
-            all_y.append(yy.reshape(-1))
-            all_x.append(xx.reshape(-1))
-        scores = torch.cat(all_scores)
-        level = torch.cat(all_level)
-        ys, xs = torch.cat(all_y), torch.cat(all_x)
-
-        # 2. pre-NMS top-k (only max_proposals when NMS is off) and score threshold
-        k = cfg.pre_nms_topk if cfg.nms_thresh < 1.0 else min(cfg.pre_nms_topk, cfg.max_proposals)
-        top_scores, order = scores.topk(min(k, scores.numel()))
-        if cfg.score_thresh > 0:
-            keep = top_scores > logit(cfg.score_thresh)
-            top_scores, order = top_scores[keep], order[keep]
-        level, ys, xs = level[order], ys[order], xs[order]
-
-        # 3. mask head on the kept windows only, level by level
+        # 1. the best windows of each image over all scales
+        img, level, ys, xs, top_scores = self._select(levels, sizes)
+        n = img.numel()
+        # 2. mask head on the kept windows only, one call per level
         with self._stage("mask head"):
-            mask_logits = torch.empty(order.numel(), self.model.config.mask_size, self.model.config.mask_size, device=dev)
-            windows = torch.empty(order.numel(), 4, device=dev)
-            scale_of = torch.empty(order.numel(), device=dev)
+            mask_logits = torch.empty(n, self.model.config.mask_size, self.model.config.mask_size, device=dev)
             for li, lv in enumerate(levels):
                 sel = (level == li).nonzero().squeeze(1)
-                if sel.numel() == 0:
-                    continue
-                # this image's map only: the mask head's 1x1 conv runs on it alone
-                mask_logits[sel] = self.net.window_masks(lv.fmap[b : b + 1], torch.zeros_like(sel), ys[sel], xs[sel],
-                                                         self._mask_weight).float()
-                h, w = lv.sizes[b]
-                sy, sx = h / height, w / width  # resized pixels per image pixel
-                cy = ys[sel].float() * TRUNK_STRIDE
-                cx = xs[sel].float() * TRUNK_STRIDE
-                windows[sel] = torch.stack([(cx - p / 2) / sx, (cy - p / 2) / sy, (cx + p / 2) / sx, (cy + p / 2) / sy], 1)
-                scale_of[sel] = lv.scale
-        # 4. paste, threshold, boxes. Chunks hold windows of one size (sorted
-        # by scale) so each pastes on a small crop; results go back to score
-        # order. For RLEs only the run changes inside each crop are kept.
+                if sel.numel():
+                    mask_logits[sel] = self.net.window_masks(lv.fmap, img[sel], ys[sel], xs[sel], self._mask_weight).float()
+            # each window in its image's pixels: resized pixels per image pixel, by level and image
+            ratio = torch.tensor([[(h / hh, w / ww) for (h, w), (hh, ww) in zip(lv.sizes, sizes)] for lv in levels],
+                                 dtype=torch.float32).to(dev)[level, img]
+            cy, cx = ys.float() * TRUNK_STRIDE, xs.float() * TRUNK_STRIDE
+            windows = torch.stack([(cx - p / 2) / ratio[:, 1], (cy - p / 2) / ratio[:, 0],
+                                   (cx + p / 2) / ratio[:, 1], (cy + p / 2) / ratio[:, 0]], 1)
+            scale_of = torch.tensor([lv.scale for lv in levels], dtype=torch.float32).to(dev)[level]
+        probs = torch.sigmoid(top_scores)
         t_logit = logit(cfg.mask_thresh)
-        n = order.numel()
+        if not rle or (cfg.nms == "mask" and cfg.nms_thresh < 1.0):
+            # whole masks (the Python API, and mask NMS): image by image
+            counts = torch.bincount(img, minlength=len(sizes)).tolist()
+            bounds = np.cumsum([0, *counts]).tolist()
+            return [self._whole_masks(mask_logits[a:b], windows[a:b], scale_of[a:b], probs[a:b], hw, t_logit, rle)
+                    for (a, b), hw in zip(zip(bounds[:-1], bounds[1:]), sizes)]
+        # 3. paste as runs, thresholded, with boxes, in chunks across images
         boxes_t = torch.zeros(n, 4, device=dev)
-        mask_nms = cfg.nms == "mask" and cfg.nms_thresh < 1.0
         run_owner, run_pos = [], []
-        runs = rle and not mask_nms
+        same = len(set(sizes)) == 1
+        hw = torch.tensor(sizes, dtype=torch.long).to(dev)[img]
+        for sel in self._paste_chunks(scale_of, self.paste_chunk, mixed=dev.type == "cuda"):
+            with self._stage("paste"):
+                height, width = sizes[0] if same else (hw[sel, 0], hw[sel, 1])
+                owner, pos, boxes_t[sel] = paste_runs(mask_logits[sel], windows[sel], height, width, t_logit)
+            run_owner.append(sel[owner])
+            run_pos.append(pos)
+        # 4. drop empty masks, box NMS within each image, max_proposals each
+        with self._stage("nms"):
+            idx = (boxes_t[:, 2] > boxes_t[:, 0]).nonzero().squeeze(1)
+            if cfg.nms_thresh < 1.0 and idx.numel():  # box NMS; the kept stay in (image, score) order
+                idx = idx[torch.sort(batched_nms(boxes_t[idx], probs[idx], img[idx], cfg.nms_thresh)).values]
+            counts = torch.bincount(img[idx], minlength=len(sizes))
+            first = torch.cumsum(counts, 0) - counts
+            idx = idx[torch.arange(idx.numel(), device=dev) - first[img[idx]] < cfg.max_proposals]
+            counts = torch.bincount(img[idx], minlength=len(sizes)).tolist()
+        with self._stage("rle"):
+            owner, pos = _select_runs(torch.cat(run_owner), torch.cat(run_pos), idx, n)
+        # 5. one Proposals per image, each with its own runs
+        out = []
+        starts = np.cumsum([0, *counts])
+        cut = np.searchsorted(owner, starts)
+        scores, boxes, wins, scales = probs[idx], boxes_t[idx], windows[idx], scale_of[idx]
+        for b, hw_b in enumerate(sizes):
+            a, e = int(starts[b]), int(starts[b + 1])
+            r = slice(cut[b], cut[b + 1])
+            out.append(Proposals(scores=scores[a:e], boxes_xyxy=boxes[a:e], windows_xyxy=wins[a:e], scales=scales[a:e],
+                                 image_size=hw_b, runs=(owner[r] - a, pos[r])))
+        return out
+
+    def _select(self, levels: list[_Level], sizes: Sequence[tuple[int, int]]) -> tuple[torch.Tensor, ...]:
+        """The windows every image keeps before masks: ``(image, level, y,
+        x, score logit)`` of each, image by image and best first within an
+        image (ties in level, then row-major order): the ``pre_nms_topk`` best
+        over all scales (only ``max_proposals`` when NMS is off) above
+        ``score_thresh``."""
+        cfg = self.config
+        p, f = self.patch_size, self.model.config.feat_size
+        dev = self.device
+        flat, lvl, yy, xx = [], [], [], []
+        for li, lv in enumerate(levels):
+            _, sy, sx = lv.scores.shape
+            # windows inside each image (the canvas is the batch's largest)
+            ny = torch.tensor([canvas_cells(h, p) - f + 1 for h, _ in lv.sizes]).to(dev)
+            nx = torch.tensor([canvas_cells(w, p) - f + 1 for _, w in lv.sizes]).to(dev)
+            ar_y, ar_x = torch.arange(sy, device=dev), torch.arange(sx, device=dev)
+            inside = (ar_y[None, :, None] < ny[:, None, None]) & (ar_x[None, None, :] < nx[:, None, None])
+            flat.append(torch.where(inside, lv.scores.float(), -math.inf).flatten(1))
+            lvl.append(torch.full((sy * sx,), li, dtype=torch.long, device=dev))
+            yy.append(ar_y.repeat_interleave(sx))
+            xx.append(ar_x.repeat(sy))
+        scores = torch.cat(flat, 1)  # (B, windows of every level)
+        k = cfg.pre_nms_topk if cfg.nms_thresh < 1.0 else min(cfg.pre_nms_topk, cfg.max_proposals)
+        top, order = torch.sort(scores, dim=1, descending=True, stable=True)
+        top, order = top[:, :k], order[:, :k]
+        floor = logit(cfg.score_thresh) if cfg.score_thresh > 0 else -math.inf
+        img, rank = (top > floor).nonzero(as_tuple=True)
+        w = order[img, rank]
+        return img, torch.cat(lvl)[w], torch.cat(yy)[w], torch.cat(xx)[w], top[img, rank]
+
+    def _whole_masks(self, mask_logits: torch.Tensor, windows: torch.Tensor, scale_of: torch.Tensor, probs: torch.Tensor,
+                     size: tuple[int, int], t_logit: float, rle: bool) -> Proposals:
+        """One image's proposals with whole masks (``rle``: then as RLEs,
+        after mask NMS), from its kept windows in score order."""
+        cfg = self.config
+        height, width = size
+        n = mask_logits.shape[0]
+        dev = self.device
+        boxes_t = torch.zeros(n, 4, device=dev)
         # whole masks, (n, W, H) so each is contiguous in COCO's column order;
-        # every chunk is pasted straight into it (one image-sized mask per window)
-        kwh = None if runs else torch.empty(n, width, height, dtype=torch.bool, device=dev)
-        for sel in self._paste_chunks(scale_of, self.paste_chunk if runs else self.mask_paste_chunk):
-            if runs:
-                with self._stage("paste"):
-                    owner, pos, boxes_t[sel] = paste_runs(mask_logits[sel], windows[sel], height, width, t_logit)
-                run_owner.append(sel[owner])
-                run_pos.append(pos)
-                continue
+        # every chunk is pasted straight into it (one image-sized mask per
+        # window). Chunks hold windows of one size (sorted by scale) so each
+        # pastes on a small crop.
+        kwh = torch.empty(n, width, height, dtype=torch.bool, device=dev)
+        for sel in self._paste_chunks(scale_of, self.mask_paste_chunk):
             with self._stage("paste"):
                 m = paste_masks(mask_logits[sel], windows[sel], height, width, t_logit)
                 boxes_t[sel] = masks_to_boxes(m)
                 kwh[sel] = m.transpose(1, 2)  # (k, W, H) contiguous
-        nonempty_t = boxes_t[:, 2] > boxes_t[:, 0]
-        probs = torch.sigmoid(top_scores)
-
-        # 5. drop empty masks, NMS, cap
-        idx = nonempty_t.nonzero().squeeze(1)
+        idx = (boxes_t[:, 2] > boxes_t[:, 0]).nonzero().squeeze(1)
+        mask_nms = cfg.nms == "mask" and cfg.nms_thresh < 1.0
         cand_rles: list[dict] = []  # mask NMS: RLEs of the candidates, made once
         if mask_nms and idx.numel():
             with self._stage("rle"):
@@ -443,18 +500,9 @@ class Proposer:
         with self._stage("nms"):
             keep = self._nms(idx, boxes_t, probs, cand_rles)[: cfg.max_proposals]
         idx = idx[keep]
-
-        out = Proposals(
-            scores=probs[idx],
-            boxes_xyxy=boxes_t[idx],
-            windows_xyxy=windows[idx],
-            scales=scale_of[idx],
-            image_size=(height, width),
-        )
-        if runs:
-            with self._stage("rle"):
-                out.runs = _select_runs(torch.cat(run_owner), torch.cat(run_pos), idx, n)
-        elif rle:
+        out = Proposals(scores=probs[idx], boxes_xyxy=boxes_t[idx], windows_xyxy=windows[idx], scales=scale_of[idx],
+                        image_size=size)
+        if rle:
             out.rles = [cand_rles[i] for i in keep.tolist()]
         else:
             # no copy when every window is kept in order (no NMS, no empty mask)
@@ -463,12 +511,15 @@ class Proposer:
         return out
 
     @staticmethod
-    def _paste_chunks(scale_of: torch.Tensor, size: int) -> list[torch.Tensor]:
-        """Window indices in chunks of one scale (one window size, so one crop
-        size), at most ``size`` each."""
+    def _paste_chunks(scale_of: torch.Tensor, size: int, mixed: bool = False) -> list[torch.Tensor]:
+        """Window indices in chunks of at most ``size``, by scale (so by
+        window size, so by crop size): each chunk of one scale, or (``mixed``,
+        on a GPU, where fewer and larger calls pay) of neighbouring ones."""
         by_size = torch.argsort(scale_of, stable=True)
         if by_size.numel() == 0:
             return []
+        if mixed:
+            return list(by_size.split(size))
         sorted_scales = scale_of[by_size]
         bounds = [0, *((sorted_scales[1:] != sorted_scales[:-1]).nonzero().squeeze(1) + 1).tolist(), by_size.numel()]
         chunks = []

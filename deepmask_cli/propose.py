@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .images import ImageError, InputProblem, collect_images, load_image
-from .inference import Proposer
-from .results import ResultsWriter, compact, encode_line, records
+from .inference import Proposer, image_to_tensor
+from .results import ResultsWriter, compact, encode_line
 from .weights import DEFAULT_WEIGHTS, WeightsError, load_weights
 
 
@@ -213,31 +213,43 @@ def run_propose(
             writer.add_line(key, fut.result())
             finished(path, count)
 
+    def launch(bi: int):
+        """Batch ``bi``'s decoded images (bad ones reported) and its dense pass,
+        started: on a GPU the network runs on while the caller does CPU work."""
+        loaded = list(ahead.popleft())
+        if bi + 2 < len(batches):
+            ahead.append(decoder.map(load, batches[bi + 2]))
+        batch = []
+        for n, path, image, reason in loaded:
+            if reason is not None:
+                fail(path, reason)
+            else:
+                batch.append((n, path, image))
+        tensors = [image_to_tensor(im, proposer.device) for _, _, im in batch]
+        return batch, tensors, (proposer.dense_pass(tensors) if batch else None)
+
     try:
         ahead = deque(decoder.map(load, b) for b in batches[:2])  # decode up to two batches ahead
+        nxt = launch(0) if batches else None
         for bi in range(len(batches)):
-            loaded = list(ahead.popleft())
-            if bi + 2 < len(batches):
-                ahead.append(decoder.map(load, batches[bi + 2]))
-            batch = []
-            for n, path, image, reason in loaded:
-                if reason is not None:
-                    fail(path, reason)
-                else:
-                    batch.append((n, path, image))
-            if not batch:
-                continue
-            props_list = proposer.propose_batch([im for _, _, im in batch], rle=True)
-            for (n, path, image), props in zip(batch, props_list):
+            batch, tensors, levels = nxt
+            done = []
+            if batch:
+                props_list = proposer.proposals_from_levels(levels, [tuple(t.shape[1:]) for t in tensors], rle=True)
+                del levels, tensors
+                # results to the CPU before the next batch is queued on the device
+                done = [(n, path, image, props, compact(props) if writer is not None else None)
+                        for (n, path, image), props in zip(batch, props_list)]
+            nxt = launch(bi + 1) if bi + 1 < len(batches) else None
+            for n, path, image, props, packed in done:
                 key = keys[n]
                 image_id = ids[path.name] if ids is not None else n + 1
                 if encoder is not None:
-                    pending.append((key, path, len(props),
-                                    encoder.submit(encode_line, key, image_id, str(path), compact(props))))
+                    pending.append((key, path, len(props), encoder.submit(encode_line, key, image_id, str(path), packed)))
                     drain(4 * workers)
                     continue
                 if writer is not None:
-                    writer.add(key, image_id, records(props, image_id=image_id, file_name=str(path)))
+                    writer.add_line(key, encode_line(key, image_id, str(path), packed))
                 else:
                     drawn = draw_rles(image, props.to_rles()[:show], props.scores[:show].cpu().numpy(), show=show)
                     save_overlay(drawn, Path(out) / png_names[key])

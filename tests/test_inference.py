@@ -64,6 +64,28 @@ def test_batch_of_same_size_images_equals_one_by_one(tiny_config):
             assert (got.masks[ia] ^ want.masks[ib]).float().mean() < 0.01
 
 
+@pytest.mark.parametrize("mixed", [False, True])
+@pytest.mark.parametrize("nms_thresh", [1.0, 0.6])
+def test_batch_of_different_sizes_gives_each_image_its_own_runs(tiny_config, monkeypatch, mixed, nms_thresh):
+    """RLE proposals of a batch of images of different sizes (ranked, masks
+    pasted and box NMS done for the whole batch at once; ``mixed``: pasted in
+    small chunks that mix images and scales, as on a GPU) are each image's own:
+    those of the same batch made whole-mask image by image."""
+    p = _proposer(tiny_config, max_proposals=25, nms_thresh=nms_thresh)
+    chunks = Proposer._paste_chunks
+    monkeypatch.setattr(Proposer, "_paste_chunks", staticmethod(lambda s, size, **kw: chunks(s, 7, mixed)))
+    rng = np.random.default_rng(5)
+    ims = [rng.integers(0, 255, size, dtype=np.uint8) for size in ((64, 80, 3), (37, 50, 3), (90, 41, 3))]
+    runs = p.propose_batch(ims, rle=True)
+    whole = p.propose_batch(ims)
+    for im, r, w in zip(ims, runs, whole):
+        assert r.image_size == w.image_size == im.shape[:2]
+        assert 0 < len(r) <= 25 and len(r) == len(w)
+        assert torch.equal(r.scores, w.scores) and torch.equal(r.windows_xyxy, w.windows_xyxy)
+        assert torch.equal(r.boxes_xyxy, w.boxes_xyxy)
+        assert r.to_rles() == w.to_rles()
+
+
 def test_thresholds_and_cap(tiny_config):
     arr = np.random.default_rng(2).integers(0, 255, (64, 64, 3), dtype=np.uint8)
     loose = _proposer(tiny_config, max_proposals=1000)(arr)
@@ -141,7 +163,7 @@ def test_auto_precision_is_bf16_only_on_a_cpu_with_native_bf16(monkeypatch):
 
     monkeypatch.setattr(inference, "native_bf16", lambda: True)
     assert inference.resolve_precision("auto", torch.device("cpu")) == "bf16"
-    assert inference.resolve_precision("auto", torch.device("cuda")) == "fp32"
+    assert inference.resolve_precision("auto", torch.device("cuda")) == "fp16"
     assert inference.resolve_precision("fp32", torch.device("cpu")) == "fp32"
     monkeypatch.setattr(inference, "native_bf16", lambda: False)
     assert inference.resolve_precision("auto", torch.device("cpu")) == "fp32"
