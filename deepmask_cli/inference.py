@@ -236,6 +236,10 @@ def canvas_cells(size: int, patch_size: int) -> int:
     return math.ceil((size + patch_size) / TRUNK_STRIDE)
 
 
+#: ``shape_bucket`` on a GPU when the config says -1 (see :class:`InferenceConfig`).
+GPU_SHAPE_BUCKET = 320
+
+
 @dataclass
 class _Level:
     """One pyramid level of one batch: the trunk's map and per-image geometry."""
@@ -341,10 +345,16 @@ class Proposer:
         return level_size(height, width, scale, self.config.max_side)
 
     @torch.no_grad()
-    def dense_pass(self, images: list[torch.Tensor]) -> list[_Level]:
-        """Trunk and dense score head at every scale; maps are kept for the mask head."""
+    def dense_pass(self, images: list[torch.Tensor], pad_to: int = 0) -> list[_Level]:
+        """Trunk and dense score head at every scale; maps are kept for the mask head.
+
+        ``pad_to``: run the network on at least this many images, blank ones
+        added (and dropped from the result), so that a short last batch has
+        the shapes the others had (a new shape costs seconds of cuDNN planning
+        on a GPU)."""
         levels = []
-        bucket = self.config.shape_bucket if self.config.shape_bucket >= 0 else (128 if self.device.type == "cuda" else 0)
+        real = len(images)
+        bucket = self.config.shape_bucket if self.config.shape_bucket >= 0 else (GPU_SHAPE_BUCKET if self.device.type == "cuda" else 0)
         longest = max(max(self.level_size(t.shape[1], t.shape[2], 1.0)) for t in images)
         with self._stage("pyramid"):  # normalised once, at full size, not at every level
             images = [self.model.normalize(t[None])[0] for t in images]
@@ -353,11 +363,13 @@ class Proposer:
             side = round(math.ceil(longest / bucket) * bucket * scale) if bucket else 0
             with self._stage("pyramid"):
                 canvas = pyramid_canvas(images, sizes, self.patch_size, None, (side, side))
+                if pad_to > real:
+                    canvas = torch.cat([canvas, canvas.new_zeros(pad_to - real, *canvas.shape[1:])])
             if self.runtime == "onnx-int8":  # the int8 network holds the score head too
                 with self._stage("trunk + score head"):
                     fmap, scores = (torch.from_numpy(a) for a in self._onnx.run(None, {"canvas": canvas.numpy()}))
                     fmap = fmap.to(self.dtype).contiguous(memory_format=torch.channels_last)
-                levels.append(_Level(scale, fmap, scores, sizes))
+                levels.append(_Level(scale, fmap[:real], scores[:real], sizes))
                 continue
             with self._stage("trunk"):
                 if self._onnx is not None:
@@ -367,7 +379,7 @@ class Proposer:
                     fmap = self.trunk(canvas.to(self.dtype).contiguous(memory_format=torch.channels_last))
             with self._stage("score head"):
                 scores = self.net.dense_scores(fmap, self._score_weights).float()
-            levels.append(_Level(scale, fmap, scores, sizes))
+            levels.append(_Level(scale, fmap[:real], scores[:real], sizes))
         return levels
 
     @torch.no_grad()
@@ -626,11 +638,26 @@ def _onnx_trunk(trunk: torch.nn.Module, device: torch.device, runtime: str, int8
 
 def _select_runs(owner: torch.Tensor, pos: torch.Tensor, idx: torch.Tensor, n: int) -> tuple[np.ndarray, np.ndarray]:
     """The run changes of windows ``idx`` (of ``n``), renumbered ``0..len(idx)-1``
-    in that order and sorted by it, as numpy arrays on the CPU."""
+    in that order and sorted by it, as numpy arrays on the CPU (int32 where
+    they fit: from a GPU these are the bulk of what comes back, about a
+    million changes per photo)."""
     rank = torch.full((n,), -1, dtype=torch.long, device=owner.device)
     rank[idx] = torch.arange(idx.numel(), device=owner.device)
     new = rank[owner]
     keep = new >= 0
     new, pos = new[keep], pos[keep]
     order = torch.argsort(new, stable=True)
-    return new[order].cpu().numpy(), pos[order].cpu().numpy()
+    return _to_host(new[order]), _to_host(pos[order])
+
+
+def _to_host(t: torch.Tensor) -> np.ndarray:
+    """A long tensor as a numpy array on the CPU, narrowed to int32 where its
+    values fit, through pinned memory from a GPU (pageable copies are slower)."""
+    if t.numel() and int(t.max()) >= 2**31:
+        return t.cpu().numpy()
+    t = t.to(torch.int32)
+    if t.device.type != "cuda":
+        return t.numpy()
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t)
+    return host.numpy()

@@ -226,7 +226,9 @@ def run_propose(
             else:
                 batch.append((n, path, image))
         tensors = [image_to_tensor(im, proposer.device) for _, _, im in batch]
-        return batch, tensors, (proposer.dense_pass(tensors) if batch else None)
+        # a GPU's short last batch runs padded to the others' shapes
+        pad = bs if proposer.device.type == "cuda" else 0
+        return batch, tensors, (proposer.dense_pass(tensors, pad_to=pad) if batch else None)
 
     try:
         ahead = deque(decoder.map(load, b) for b in batches[:2])  # decode up to two batches ahead

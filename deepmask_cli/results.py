@@ -57,7 +57,7 @@ def compact(props: Proposals) -> dict[str, Any]:
     if props.rles is None and props.runs is not None:
         owner, pos = props.runs
         out["per"] = np.bincount(owner, minlength=len(props)).astype(np.int32)
-        out["pos"] = pos.astype(np.int64)
+        out["pos"] = np.asarray(pos)
     else:
         out["rles"] = props.to_rles()
         out["areas"] = props.mask_areas()

@@ -86,6 +86,36 @@ def test_batch_of_different_sizes_gives_each_image_its_own_runs(tiny_config, mon
         assert r.to_rles() == w.to_rles()
 
 
+def test_padded_batch_gives_the_real_images_levels(tiny_config):
+    """dense_pass(pad_to=N) runs blank images after the real ones (a GPU's
+    short last batch keeps the other batches' shapes) and returns the real
+    images' maps and scores alone, as the unpadded pass gives them."""
+    from deepmask_cli.inference import image_to_tensor
+
+    p = _proposer(tiny_config, shape_bucket=64)
+    rng = np.random.default_rng(7)
+    ts = [image_to_tensor(rng.integers(0, 255, size, dtype=np.uint8)) for size in ((64, 80, 3), (50, 33, 3))]
+    plain, padded = p.dense_pass(ts), p.dense_pass(ts, pad_to=4)
+    assert len(plain) == len(padded)
+    for a, b in zip(plain, padded):
+        assert b.fmap.shape[0] == b.scores.shape[0] == 2 and b.sizes == a.sizes
+        torch.testing.assert_close(b.scores, a.scores, rtol=1e-4, atol=1e-4)
+    want = p.propose_batch([t for t in ts], rle=True)
+    got = p.proposals_from_levels(padded, [tuple(t.shape[1:]) for t in ts], rle=True)
+    for g, w in zip(got, want):
+        assert g.to_rles()[:10] == w.to_rles()[:10]
+
+
+def test_runs_come_back_as_int32_unless_they_need_more():
+    from deepmask_cli.inference import _to_host
+
+    small = _to_host(torch.tensor([0, 5, 2**31 - 1]))
+    assert small.dtype == np.int32 and small.tolist() == [0, 5, 2**31 - 1]
+    big = _to_host(torch.tensor([0, 2**31]))
+    assert big.dtype == np.int64 and big.tolist() == [0, 2**31]
+    assert _to_host(torch.zeros(0, dtype=torch.long)).size == 0
+
+
 def test_thresholds_and_cap(tiny_config):
     arr = np.random.default_rng(2).integers(0, 255, (64, 64, 3), dtype=np.uint8)
     loose = _proposer(tiny_config, max_proposals=1000)(arr)
