@@ -123,10 +123,11 @@ class ScoreHead(nn.Module):
     def _fc1_by_parity(self, pooled: torch.Tensor, w1: torch.Tensor) -> torch.Tensor:
         """fc1's dilation-2 convolution over ``pooled`` as four plain ones,
         one per (row, column) parity of the output, interleaved: the same
-        sums. cuDNN's heuristics run the dilated form with a direct kernel
-        that took 46 ms per level of 8 COCO photos on an H100 (0.5 ms for the
-        plain ones); its autotuner finds better, but spends seconds on every
-        new shape."""
+        sums. On an H100, cuDNN's heuristics ran the dilated form with a
+        direct kernel: the score head took 46 ms per COCO photo, 8 ms in this
+        form (benchmarks/results/h100-2026-11-26). Its autotuner finds a fast
+        kernel for the dilated form, but plans for seconds on every new
+        shape."""
         f = 2 * self.pooled
         b, _, h, w = pooled.shape
         ho, wo = h + 1 - f + 1, w + 1 - f + 1
