@@ -242,7 +242,10 @@ def run_propose(
                 # results to the CPU before the next batch is queued on the device
                 done = [(n, path, image, props, compact(props) if writer is not None else None)
                         for (n, path, image), props in zip(batch, props_list)]
-            nxt = launch(bi + 1) if bi + 1 < len(batches) else None
+            try:
+                nxt, error = (launch(bi + 1) if bi + 1 < len(batches) else None), None
+            except Exception as e:  # raised once this batch's results are written
+                nxt, error = None, e
             for n, path, image, props, packed in done:
                 key = keys[n]
                 image_id = ids[path.name] if ids is not None else n + 1
@@ -256,6 +259,9 @@ def run_propose(
                     drawn = draw_rles(image, props.to_rles()[:show], props.scores[:show].cpu().numpy(), show=show)
                     save_overlay(drawn, Path(out) / png_names[key])
                 finished(path, len(props))
+            if error is not None:
+                drain(0)
+                raise error
         drain(0)
     except BaseException:
         if writer is not None:

@@ -234,3 +234,27 @@ def test_train_lists_and_skips_undecodable_images(tmp_path, synth_coco):
     assert len(recs) == 3 and len(report["bad_images"]) == 1 and "img001.jpg" in report["bad_images"][0]
     with pytest.raises(DataError, match="img001.jpg"):
         load_coco(synth_coco / "instances.json", synth_coco / "images", check_decode=True, skip_bad_images=False)
+
+
+def test_network_failure_keeps_the_batches_before_it(synth_coco, tiny_weights, tmp_path):
+    """The next batch's network is started before this batch's results are
+    written; if it fails, this batch's results still reach the partial file
+    (for --resume) before the error comes out."""
+    from deepmask_cli.propose import load_proposer, run_propose
+
+    proposer = load_proposer(tiny_weights, device="cpu")
+    real, calls = proposer.dense_pass, []
+
+    def dense_pass(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory (simulated)")
+        return real(*a, **kw)
+
+    proposer.dense_pass = dense_pass
+    images = sorted((synth_coco / "images").iterdir())[:3]
+    out = tmp_path / "p.json"
+    with pytest.raises(RuntimeError, match="simulated"):
+        run_propose(images, out, proposer=proposer, batch_size=1)
+    lines = (tmp_path / "p.json.partial.jsonl").read_bytes().splitlines()
+    assert [json.loads(line)["key"] for line in lines] == [str(images[0])]
