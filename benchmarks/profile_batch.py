@@ -1,0 +1,64 @@
+"""Where one warm batch spends its time: the network and post-processing of
+``--batch-size`` photos, results copied to the CPU (no encoding or writing),
+timed serially and then under torch's profiler (GPU kernels and CPU ops).
+
+    python benchmarks/profile_batch.py ../shared/data/coco-val --device cuda --batch-size 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from deepmask_cli.images import load_image
+from deepmask_cli.inference import image_to_tensor
+from deepmask_cli.propose import load_proposer
+from deepmask_cli.results import compact
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("folder", type=Path, help="folder of images, or a COCO folder (images/ + instances.json)")
+    ap.add_argument("--weights", default=None)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--rows", type=int, default=20, help="rows of each profiler table")
+    args = ap.parse_args(argv)
+    img_dir = args.folder / "images" if (args.folder / "images").is_dir() else args.folder
+    paths = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[: args.batch_size]
+    proposer = load_proposer(args.weights, device=args.device)
+    cuda = proposer.device.type == "cuda"
+    images = [load_image(p) for p in paths]
+
+    def one():
+        ts = [image_to_tensor(im, proposer.device) for im in images]
+        props = proposer.proposals_from_levels(proposer.dense_pass(ts), [tuple(t.shape[1:]) for t in ts], rle=True)
+        return [compact(p) for p in props]
+
+    for _ in range(3):  # shapes planned, kernels loaded
+        one()
+    t0 = time.perf_counter()
+    for _ in range(args.reps):
+        one()
+    per = (time.perf_counter() - t0) / args.reps / len(images)
+    print(f"{proposer.device}, precision {proposer.precision}, runtime {proposer.runtime}: batch of {len(images)}, "
+          f"{1000 * per:.2f} ms per image serially ({1 / per:.1f} images/s)", flush=True)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        one()
+    table = prof.key_averages()
+    print(table.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=args.rows,
+                      max_name_column_width=70))
+    print(table.table(sort_by="cpu_time_total", row_limit=args.rows // 2, max_name_column_width=70))
+    print(f"command: {' '.join(sys.argv)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
