@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
 from deepmask_cli.images import load_image
