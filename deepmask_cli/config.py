@@ -116,8 +116,9 @@ class InferenceConfig(_Serialisable):
     # Canvases are squares whose side is the longest image side rounded up to
     # this many pixels, so a GPU sees few distinct shapes: on an H100 each new
     # shape cost about 7 s of cuDNN planning over the pyramid's 8 levels
-    # (README, Speed on a GPU). 0: tight canvases; -1: 320 on a GPU (COCO's
-    # photos, 640 pixels or less, then share one shape), 0 on a CPU.
+    # (README, Speed on a GPU). 0: tight canvases; -1: on a GPU 128 with a
+    # side of at least 640 (COCO's photos, 640 pixels or less, then share one
+    # shape), 0 on a CPU.
     shape_bucket: int = -1
     # Network arithmetic: fp32, or fp16/bf16 weights and activations (fp16 on
     # a GPU only).

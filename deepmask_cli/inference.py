@@ -236,8 +236,17 @@ def canvas_cells(size: int, patch_size: int) -> int:
     return math.ceil((size + patch_size) / TRUNK_STRIDE)
 
 
-#: ``shape_bucket`` on a GPU when the config says -1 (see :class:`InferenceConfig`).
-GPU_SHAPE_BUCKET = 320
+#: Canvas buckets on a GPU when ``shape_bucket`` is -1 (see
+#: :class:`InferenceConfig`): 128-pixel steps, at least 640 (COCO's photos,
+#: 640 pixels or less, then share one shape; 2048-pixel ones get their own).
+GPU_SHAPE_BUCKET, GPU_MIN_SIDE = 128, 640
+
+
+def canvas_side(longest: int, bucket: int, min_side: int = 0) -> int:
+    """The side of the square canvas (at scale 1) for a batch whose longest
+    image side is ``longest``: rounded up to a multiple of ``bucket``, at
+    least ``min_side``; 0 (canvases fit to the images) without a bucket."""
+    return max(min_side, math.ceil(longest / bucket) * bucket) if bucket else 0
 
 
 @dataclass
@@ -354,13 +363,16 @@ class Proposer:
         on a GPU)."""
         levels = []
         real = len(images)
-        bucket = self.config.shape_bucket if self.config.shape_bucket >= 0 else (GPU_SHAPE_BUCKET if self.device.type == "cuda" else 0)
-        longest = max(max(self.level_size(t.shape[1], t.shape[2], 1.0)) for t in images)
+        if self.config.shape_bucket >= 0:
+            bucket, floor = self.config.shape_bucket, 0
+        else:
+            bucket, floor = (GPU_SHAPE_BUCKET, GPU_MIN_SIDE) if self.device.type == "cuda" else (0, 0)
+        full = canvas_side(max(max(self.level_size(t.shape[1], t.shape[2], 1.0)) for t in images), bucket, floor)
         with self._stage("pyramid"):  # normalised once, at full size, not at every level
             images = [self.model.normalize(t[None])[0] for t in images]
         for scale in self.config.scales:
             sizes = [self.level_size(t.shape[1], t.shape[2], scale) for t in images]
-            side = round(math.ceil(longest / bucket) * bucket * scale) if bucket else 0
+            side = round(full * scale)
             with self._stage("pyramid"):
                 canvas = pyramid_canvas(images, sizes, self.patch_size, None, (side, side))
                 if pad_to > real:

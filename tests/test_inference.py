@@ -219,3 +219,14 @@ def test_int8_dot_products_are_read_from_cpu_flags():
     assert not cpuinfo_has_int8_dot("flags\t: fpu sse2 avx2 fma avx512f avx512bw\n")  # AVX512 without VNNI
     assert not cpuinfo_has_int8_dot("Features\t: fp asimd asimddp\n")  # an ARM CPU: not measured, so no
     assert not cpuinfo_has_int8_dot("")
+
+
+def test_canvas_sides_share_few_shapes():
+    """GPU canvases: 128-pixel steps from 640 up, so every photo of 640
+    pixels or less (all of COCO) shares one shape and 2048 stays 2048."""
+    from deepmask_cli.inference import GPU_MIN_SIDE, GPU_SHAPE_BUCKET, canvas_side
+
+    gpu = lambda longest: canvas_side(longest, GPU_SHAPE_BUCKET, GPU_MIN_SIDE)
+    assert {gpu(n) for n in (1, 200, 384, 500, 512, 612, 640)} == {640}
+    assert [gpu(n) for n in (641, 768, 769, 2047, 2048)] == [768, 768, 896, 2048, 2048]
+    assert canvas_side(500, 128) == 512 and canvas_side(500, 0) == 0
