@@ -453,7 +453,8 @@ class Proposer:
             idx = idx[torch.arange(idx.numel(), device=dev) - first[img[idx]] < cfg.max_proposals]
             counts = torch.bincount(img[idx], minlength=len(sizes)).tolist()
         with self._stage("rle"):
-            owner, pos = _select_runs(torch.cat(run_owner), torch.cat(run_pos), idx, n)
+            none = torch.zeros(0, dtype=torch.long, device=dev)  # no window kept at all
+            owner, pos = _select_runs(torch.cat(run_owner or [none]), torch.cat(run_pos or [none]), idx, n)
         # 5. one Proposals per image, each with its own runs
         out = []
         starts = np.cumsum([0, *counts])
@@ -651,8 +652,8 @@ def _onnx_trunk(trunk: torch.nn.Module, device: torch.device, runtime: str, int8
 def _select_runs(owner: torch.Tensor, pos: torch.Tensor, idx: torch.Tensor, n: int) -> tuple[np.ndarray, np.ndarray]:
     """The run changes of windows ``idx`` (of ``n``), renumbered ``0..len(idx)-1``
     in that order and sorted by it, as numpy arrays on the CPU (int32 where
-    they fit: from a GPU these are the bulk of what comes back, about a
-    million changes per photo)."""
+    they fit: from a GPU these are the bulk of what comes back, hundreds of
+    thousands of changes per photo)."""
     rank = torch.full((n,), -1, dtype=torch.long, device=owner.device)
     rank[idx] = torch.arange(idx.numel(), device=owner.device)
     new = rank[owner]

@@ -116,6 +116,15 @@ def test_runs_come_back_as_int32_unless_they_need_more():
     assert _to_host(torch.zeros(0, dtype=torch.long)).size == 0
 
 
+def test_a_score_threshold_that_keeps_nothing_gives_empty_proposals(tiny_config):
+    p = _proposer(tiny_config, score_thresh=1 - 1e-9)
+    ims = [np.zeros((40, 50, 3), np.uint8), np.zeros((30, 20, 3), np.uint8)]
+    for rle_mode in (True, False):
+        out = p.propose_batch(ims, rle=rle_mode)
+        assert [len(r) for r in out] == [0, 0] and [r.to_rles() for r in out] == [[], []]
+        assert [r.image_size for r in out] == [(40, 50), (30, 20)]
+
+
 def test_thresholds_and_cap(tiny_config):
     arr = np.random.default_rng(2).integers(0, 255, (64, 64, 3), dtype=np.uint8)
     loose = _proposer(tiny_config, max_proposals=1000)(arr)
