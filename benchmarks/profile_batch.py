@@ -48,10 +48,20 @@ def main(argv=None) -> int:
     per = (time.perf_counter() - t0) / args.reps / len(images)
     print(f"{proposer.device}, precision {proposer.precision}, runtime {proposer.runtime}: batch of {len(images)}, "
           f"{1000 * per:.2f} ms per image serially ({1 / per:.1f} images/s)", flush=True)
+    proposer.profile = True  # stage by stage, synchronised: each stage's own time
+    one()
+    proposer.profile = False
+    print("stages, synchronised, ms per image: " + ", ".join(
+        f"{k} {1000 * v / len(images):.2f}" for k, v in proposer.timings.items()), flush=True)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=acts) as prof:
         one()
     table = prof.key_averages()
+    stages = [e for e in table if e.key.startswith("deepmask::")]
+    device_time = lambda e: getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0.0))
+    print("stage            CPU ms   device ms   (per batch)")
+    for e in sorted(stages, key=lambda e: -e.cpu_time_total):
+        print(f"{e.key[len('deepmask::'):]:<16} {e.cpu_time_total / 1000:6.2f}   {device_time(e) / 1000:9.2f}")
     print(table.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=args.rows,
                       max_name_column_width=70))
     print(table.table(sort_by="cpu_time_total", row_limit=args.rows // 2, max_name_column_width=70))

@@ -319,16 +319,20 @@ class Proposer:
 
     @contextlib.contextmanager
     def _stage(self, name: str):
-        if not self.profile:
+        """A named stage: a range ``deepmask::NAME`` for torch's profiler
+        (which then sums the stage's GPU kernels), and its wall time in
+        ``timings`` while ``profile`` is on."""
+        with torch.profiler.record_function(f"deepmask::{name}"):
+            if not self.profile:
+                yield
+                return
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            t0 = time.perf_counter()
             yield
-            return
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        t0 = time.perf_counter()
-        yield
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.timings[name] += time.perf_counter() - t0
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.timings[name] += time.perf_counter() - t0
 
     @property
     def patch_size(self) -> int:
