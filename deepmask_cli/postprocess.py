@@ -218,6 +218,12 @@ def _join_touching(owner: torch.Tensor, pos: torch.Tensor, size: int | torch.Ten
     return owner[keep], pos[keep]
 
 
+#: Most floats in one call's ``(windows, columns, m)`` knot tensors (it makes
+#: two, the knots and their resampling weights): 256 MB each. Bigger calls,
+#: which large windows on big photos make, are split.
+PASTE_BUDGET = 2**26
+
+
 def paste_runs(
     mask_logits: torch.Tensor,
     windows_xyxy: torch.Tensor,
@@ -254,6 +260,12 @@ def paste_runs(
     x0, y0, x1, y1 = windows_xyxy.float().unbind(1)
     hgt = torch.as_tensor(height, device=dev).expand(k)
     ox, cw, ux = _axis_samples(logits > thresh_logit, 1, x0, x1, width)  # the columns that can hold mask pixels
+    if k > 1 and k * cw * m > PASTE_BUDGET:  # large windows (big photos): half the windows at a time
+        half = k // 2
+        part = lambda s: paste_runs(mask_logits[s], windows_xyxy[s], height if isinstance(height, int) else height[s],
+                                    width if isinstance(width, int) else width[s], thresh_logit)
+        (o1, p1, b1), (o2, p2, b2) = part(slice(0, half)), part(slice(half, k))
+        return torch.cat([o1, o2 + half]), torch.cat([p1, p2]), torch.cat([b1, b2])
     if not isinstance(width, int):  # no columns past the end of a narrower image of the batch
         ux = torch.where(ox[:, None] + torch.arange(cw, device=dev) < width[:, None], ux, -1.0)
     # knots of every column, less the threshold: (K, cw, m); zero (so out)

@@ -281,3 +281,23 @@ def test_runs_of_windows_of_several_images_equal_each_image_alone(sizes, k, seed
         for j, i in enumerate(sel.tolist()):
             assert pos[owner == i].tolist() == p[o == j].tolist()
         assert bool((pos[torch.isin(owner, sel)] < h * w).all())
+
+
+def test_runs_pasted_in_parts_when_over_budget_equal_one_call(monkeypatch):
+    """Calls over PASTE_BUDGET (large windows on big photos) are split into
+    halves; the result is that of one call."""
+    from deepmask_cli import postprocess
+
+    g = torch.Generator().manual_seed(3)
+    k = 9
+    logits = torch.randn(k, 9, 9, generator=g) * 3
+    hw = torch.tensor([[50, 70], [64, 40], [50, 70]])[torch.randint(3, (k,), generator=g)]
+    centres = torch.rand(k, 2, generator=g) * hw.flip(1)
+    half = (10 + torch.rand(k, 1, generator=g) * 80) / 2
+    windows = torch.cat([centres - half, centres + half], 1)
+    whole = paste_runs(logits, windows, hw[:, 0], hw[:, 1], 0.2), paste_runs(logits, windows, 50, 70, 0.2)
+    monkeypatch.setattr(postprocess, "PASTE_BUDGET", 9 * 40)  # about one window a call
+    parts = paste_runs(logits, windows, hw[:, 0], hw[:, 1], 0.2), paste_runs(logits, windows, 50, 70, 0.2)
+    for w, p in zip(whole, parts):
+        assert w[0].numel() > 0
+        assert all(torch.equal(a, b) for a, b in zip(w, p))
