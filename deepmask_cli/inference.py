@@ -674,7 +674,7 @@ def _to_host(t: torch.Tensor) -> np.ndarray:
         return t.cpu().numpy()
     t = t.to(torch.int32)
     if t.device.type != "cuda":
-        return t.numpy()
+        return t.cpu().numpy()
     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     host.copy_(t)
     return host.numpy()

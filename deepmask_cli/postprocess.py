@@ -256,6 +256,8 @@ def paste_runs(
     if k == 0:
         z = torch.zeros(0, dtype=torch.long, device=dev)
         return z, z, torch.zeros(0, 4, device=dev)
+    # one size (a Python or numpy int, or a 0-d tensor), or one per window
+    height, width = (int(v) if not torch.is_tensor(v) or v.dim() == 0 else v.to(dev) for v in (height, width))
     logits = mask_logits.float()
     x0, y0, x1, y1 = windows_xyxy.float().unbind(1)
     hgt = torch.as_tensor(height, device=dev).expand(k)

@@ -227,7 +227,7 @@ def run_propose(
                 batch.append((n, path, image))
         tensors = [image_to_tensor(im, proposer.device) for _, _, im in batch]
         # a GPU's short last batch runs padded to the others' shapes
-        pad = bs if proposer.device.type == "cuda" else 0
+        pad = bs if proposer.device.type == "cuda" and bi > 0 else 0
         return batch, tensors, (proposer.dense_pass(tensors, pad_to=pad) if batch else None)
 
     try:
@@ -235,6 +235,7 @@ def run_propose(
         nxt = launch(0) if batches else None
         for bi in range(len(batches)):
             batch, tensors, levels = nxt
+            nxt = None  # so that this batch's maps can go once its proposals are made
             done = []
             if batch:
                 props_list = proposer.proposals_from_levels(levels, [tuple(t.shape[1:]) for t in tensors], rle=True)

@@ -301,3 +301,13 @@ def test_runs_pasted_in_parts_when_over_budget_equal_one_call(monkeypatch):
     for w, p in zip(whole, parts):
         assert w[0].numel() > 0
         assert all(torch.equal(a, b) for a, b in zip(w, p))
+
+
+def test_paste_runs_takes_numpy_and_tensor_sizes():
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(3, 9, 9, generator=g)
+    windows = torch.tensor([[0.0, 0, 30, 30], [5, 5, 40, 40], [-5, 10, 20, 50]])
+    want = paste_runs(logits, windows, 40, 45, 0.0)
+    for h, w in ((np.int64(40), np.int32(45)), (torch.tensor(40), torch.tensor(45)),
+                 (torch.full((3,), 40), torch.full((3,), 45))):
+        assert all(torch.equal(a, b) for a, b in zip(want, paste_runs(logits, windows, h, w, 0.0)))

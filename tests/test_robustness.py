@@ -258,3 +258,27 @@ def test_network_failure_keeps_the_batches_before_it(synth_coco, tiny_weights, t
         run_propose(images, out, proposer=proposer, batch_size=1)
     lines = (tmp_path / "p.json.partial.jsonl").read_bytes().splitlines()
     assert [json.loads(line)["key"] for line in lines] == [str(images[0])]
+
+
+def test_a_batch_is_freed_before_the_next_one_runs(synth_coco, tiny_weights, tmp_path):
+    """With the look-ahead, batch i's maps are gone by the time batch i + 1's
+    network starts (they are not held on to through the loop's variables)."""
+    import gc
+    import weakref
+
+    from deepmask_cli.propose import load_proposer, run_propose
+
+    proposer = load_proposer(tiny_weights, device="cpu")
+    real, refs, alive = proposer.dense_pass, [], []
+
+    def dense_pass(*a, **kw):
+        gc.collect()
+        alive.append(sum(r() is not None for r in refs))
+        levels = real(*a, **kw)
+        refs.append(weakref.ref(levels[0].fmap))
+        return levels
+
+    proposer.dense_pass = dense_pass
+    images = sorted((synth_coco / "images").iterdir())[:4]
+    run_propose(images, tmp_path / "p.json", proposer=proposer, batch_size=1)
+    assert alive == [0, 0, 0, 0]
