@@ -26,12 +26,15 @@ def main(argv=None) -> int:
     ap.add_argument("--weights", default=None)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--precision", default=None, help="auto, fp32, fp16, bf16 (default: the weights' setting)")
+    ap.add_argument("--runtime", default=None, help="auto, torch, onnx or onnx-int8 (default: the weights' setting)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--rows", type=int, default=20, help="rows of each profiler table")
     args = ap.parse_args(argv)
     img_dir = args.folder / "images" if (args.folder / "images").is_dir() else args.folder
     paths = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[: args.batch_size]
-    proposer = load_proposer(args.weights, device=args.device)
+    proposer = load_proposer(args.weights, device=args.device,
+                             overrides={"precision": args.precision, "runtime": args.runtime})
     cuda = proposer.device.type == "cuda"
     images = [load_image(p) for p in paths]
 
@@ -54,7 +57,7 @@ def main(argv=None) -> int:
     print("stages, synchronised, ms per image: " + ", ".join(
         f"{k} {1000 * v / len(images):.2f}" for k, v in proposer.timings.items()), flush=True)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=acts) as prof:
+    with profile(activities=acts, record_shapes=True) as prof:
         one()
     table = prof.key_averages()
     stages = [e for e in table if e.key.startswith("deepmask::")]
@@ -65,6 +68,13 @@ def main(argv=None) -> int:
     print(table.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=args.rows,
                       max_name_column_width=70))
     print(table.table(sort_by="cpu_time_total", row_limit=args.rows // 2, max_name_column_width=70))
+    # which layers: the convolutions by input and weight shapes
+    by_shape = prof.key_averages(group_by_input_shape=True)
+    cost = device_time if cuda else (lambda e: e.cpu_time_total)
+    convs = sorted((e for e in by_shape if e.key == "aten::convolution"), key=lambda e: -cost(e))
+    print(f"torch convolutions by shapes (input, weight), slowest first: {'device' if cuda else 'CPU'} ms per batch, calls")
+    for e in convs[: args.rows]:
+        print(f"  {cost(e) / 1000:8.2f}  {e.count:4d}  {str(e.input_shapes[:2])[:120]}")
     print(f"command: {' '.join(sys.argv)}")
     return 0
 
