@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import warnings
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
+
+import torch
 
 from .images import ImageError, InputProblem, collect_images, load_image
 from .inference import Proposer, image_to_tensor
@@ -226,19 +229,45 @@ def run_propose(
             else:
                 batch.append((n, path, image))
         tensors = [image_to_tensor(im, proposer.device) for _, _, im in batch]
-        # a GPU's short last batch runs padded to the others' shapes
-        pad = bs if proposer.device.type == "cuda" and bi > 0 else 0
-        return batch, tensors, (proposer.dense_pass(tensors, pad_to=pad) if batch else None)
+        return batch, tensors, dense(tensors, bi)
+
+    group = [bs]  # images per dense pass: the batch size, less after running out of GPU memory
+
+    def dense(tensors, bi: int) -> list[tuple[slice, Any]]:
+        """Dense passes over ``tensors``, ``group[0]`` images at a time: on a
+        GPU that runs out of memory (big photos, a small card) the group is
+        halved, for the rest of the run, and the pass retried."""
+        parts, i = [], 0
+        while i < len(tensors):
+            n = min(group[0], len(tensors) - i)
+            # a GPU's short last group runs padded to the others' shapes
+            pad = group[0] if proposer.device.type == "cuda" and (bi > 0 or i > 0) else 0
+            try:
+                parts.append((slice(i, i + n), proposer.dense_pass(tensors[i : i + n], pad_to=pad)))
+            except torch.OutOfMemoryError:
+                if group[0] == 1:
+                    raise
+                group[0] //= 2
+                if proposer.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                warnings.warn(f"out of GPU memory with {n} images at a time: running {group[0]} at a time "
+                              "(set --batch-size to choose)", stacklevel=2)
+                continue
+            i += n
+        return parts
 
     try:
         ahead = deque(decoder.map(load, b) for b in batches[:2])  # decode up to two batches ahead
         nxt = launch(0) if batches else None
         for bi in range(len(batches)):
-            batch, tensors, levels = nxt
+            batch, tensors, parts = nxt
             nxt = None  # so that this batch's maps can go once its proposals are made
             done = []
             if batch:
-                props_list = proposer.proposals_from_levels(levels, [tuple(t.shape[1:]) for t in tensors], rle=True)
+                props_list = []
+                while parts:
+                    sl, levels = parts.pop(0)
+                    props_list += proposer.proposals_from_levels(levels, [tuple(t.shape[1:]) for t in tensors[sl]], rle=True)
                 del levels, tensors
                 # results to the CPU before the next batch is queued on the device
                 done = [(n, path, image, props, compact(props) if writer is not None else None)

@@ -282,3 +282,37 @@ def test_a_batch_is_freed_before_the_next_one_runs(synth_coco, tiny_weights, tmp
     images = sorted((synth_coco / "images").iterdir())[:4]
     run_propose(images, tmp_path / "p.json", proposer=proposer, batch_size=1)
     assert alive == [0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("batch, fallback, calls", [(4, 2, [4, 2, 2]), (3, 1, [3, 1, 1, 1, 1])])
+def test_out_of_gpu_memory_halves_the_group_and_loses_nothing(synth_coco, tiny_weights, tmp_path, batch, fallback,
+                                                               calls):
+    """A dense pass that runs out of memory is retried on half as many images
+    and the rest of the run stays at that size, with a one-line warning: the
+    results are those of a run at that batch size."""
+    import torch
+
+    from deepmask_cli.propose import load_proposer, run_propose
+
+    images = sorted((synth_coco / "images").iterdir())
+    assert len(images) == 4
+    proposer = load_proposer(tiny_weights, device="cpu")
+    want = tmp_path / "want.json"
+    run_propose(images, want, proposer=proposer, batch_size=fallback)
+    real, sizes = proposer.dense_pass, []
+
+    def dense_pass(tensors, **kw):
+        sizes.append(len(tensors))
+        if len(tensors) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(tensors, **kw)
+
+    proposer.dense_pass = dense_pass
+    got = tmp_path / "got.json"
+    with pytest.warns(UserWarning, match=f"out of GPU memory with {batch} images at a time: running {fallback}"):
+        summary = run_propose(images, got, proposer=proposer, batch_size=batch)
+    assert summary.done == 4 and sizes == calls
+    assert json.loads(got.read_text()) == json.loads(want.read_text())
+    proposer.dense_pass = lambda tensors, **kw: (_ for _ in ()).throw(torch.OutOfMemoryError("simulated"))
+    with pytest.raises(torch.OutOfMemoryError):
+        run_propose(images[:1], tmp_path / "one.json", proposer=proposer, batch_size=1)
