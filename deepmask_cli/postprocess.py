@@ -260,7 +260,7 @@ def paste_runs(
     height, width = (int(v) if not torch.is_tensor(v) or v.dim() == 0 else v.to(dev) for v in (height, width))
     logits = mask_logits.float()
     x0, y0, x1, y1 = windows_xyxy.float().unbind(1)
-    hgt = torch.as_tensor(height, device=dev).expand(k)
+    hgt, wid = (torch.as_tensor(v, device=dev).expand(k) for v in (height, width))
     ox, cw, ux = _axis_samples(logits > thresh_logit, 1, x0, x1, width)  # the columns that can hold mask pixels
     if k > 1 and k * cw * m > PASTE_BUDGET:  # large windows (big photos): half the windows at a time
         half = k // 2
@@ -313,8 +313,7 @@ def paste_runs(
     # A run that ends at a column's bottom and one that starts at the next
     # column's top are one run of COCO's column-major order.
     hk = hgt[kk]
-    size = height * width if isinstance(height, int) and isinstance(width, int) else hk * torch.as_tensor(width, device=dev).expand(k)[kk]
-    return (*_join_touching(kk, (ox[kk] + col) * hk + row, size), boxes)
+    return (*_join_touching(kk, (ox[kk] + col) * hk + row, hk * wid[kk]), boxes)
 
 
 def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
