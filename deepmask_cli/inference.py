@@ -335,6 +335,11 @@ class Proposer:
             self.timings[name] += time.perf_counter() - t0
 
     @property
+    def _mask_nms(self) -> bool:
+        """Whether NMS is on and by mask IoU (it then needs whole masks)."""
+        return self.config.nms == "mask" and self.config.nms_thresh < 1.0
+
+    @property
     def patch_size(self) -> int:
         return self.model.config.patch_size
 
@@ -430,7 +435,7 @@ class Proposer:
             scale_of = torch.tensor([lv.scale for lv in levels], dtype=torch.float32).to(dev)[level]
         probs = torch.sigmoid(top_scores)
         t_logit = logit(cfg.mask_thresh)
-        if not rle or (cfg.nms == "mask" and cfg.nms_thresh < 1.0):
+        if not rle or self._mask_nms:
             # whole masks (the Python API, and mask NMS): image by image
             counts = torch.bincount(img, minlength=len(sizes)).tolist()
             bounds = np.cumsum([0, *counts]).tolist()
@@ -521,9 +526,8 @@ class Proposer:
                 boxes_t[sel] = masks_to_boxes(m)
                 kwh[sel] = m.transpose(1, 2)  # (k, W, H) contiguous
         idx = (boxes_t[:, 2] > boxes_t[:, 0]).nonzero().squeeze(1)
-        mask_nms = cfg.nms == "mask" and cfg.nms_thresh < 1.0
         cand_rles: list[dict] = []  # mask NMS: RLEs of the candidates, made once
-        if mask_nms and idx.numel():
+        if self._mask_nms and idx.numel():
             with self._stage("rle"):
                 cand_rles = rle_utils.encode(kwh[idx].transpose(1, 2))
         with self._stage("nms"):
