@@ -56,7 +56,12 @@ def parse_overrides(pairs: list[str]) -> dict:
         k, _, v = kv.partition("=")
         if k not in kinds:
             raise SystemExit(f"{kv}: unknown InferenceConfig field {k!r}; fields: {', '.join(kinds)}")
-        out[k] = kinds[k](v)
+        if kinds[k] is bool:  # bool("false") is True
+            if v.lower() not in ("true", "false", "1", "0"):
+                raise SystemExit(f"{kv}: {k} takes true or false")
+            out[k] = v.lower() in ("true", "1")
+        else:
+            out[k] = kinds[k](v)
     return out
 
 
