@@ -2,6 +2,7 @@
 
     python benchmarks/tune.py ../shared/data/coco-val --weights W \
         --grid mask_thresh=0.3,0.4,0.5 --grid nms_thresh=1.0,0.8 --grid scale_max=0.5,1.0
+    python benchmarks/tune.py ../shared/data/coco-val --grid nms_thresh=0.8 --grid nms_demote=true,false
 
 The trunk and score head run once per image over the union of the scales the
 grid asks for; each combination of settings then re-runs only the

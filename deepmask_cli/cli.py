@@ -72,6 +72,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 @click.option("--mask-thresh", type=float, default=None, help=f"Probability above which a pixel is in a mask. [default: {_D.mask_thresh}, or the weights' tuned value]")
 @click.option("--nms", type=click.Choice(["box", "mask"]), default=None, help=f"Overlap measure for NMS. [default: {_D.nms}]")
 @click.option("--nms-thresh", type=float, default=None, help=f"NMS IoU threshold; 1.0 turns NMS off. [default: {_D.nms_thresh}]")
+@click.option("--nms-demote/--nms-drop", "nms_demote", default=None, help=f"What NMS does with a proposal it suppresses: demote it (its score times 1 - its IoU with the kept one) or drop it. [default: {'demote' if _D.nms_demote else 'drop'}]")
 @click.option("--pre-nms-topk", type=int, default=None, help=f"Windows kept by score before masks are computed. [default: {_D.pre_nms_topk}]")
 @click.option("--scales", default=None, help=f"Pyramid MIN,MAX,STEP in octaves (scales 2^MIN..2^MAX). [default: {_D.scale_min},{_D.scale_max},{_D.scale_step}]")
 @click.option("--max-side", type=int, default=None, help=f"Larger images are run at this longest side (masks stay full size). [default: {_D.max_side}]")
@@ -85,7 +86,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 @click.option("--no-exif", is_flag=True, help="Ignore EXIF orientation (default: masks follow the image as viewers show it).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, only errors.")
 def propose(images, out_path, weights, device, gt, fmt, show, max_proposals, score_thresh, mask_thresh, nms, nms_thresh,
-            pre_nms_topk, scales, max_side, batch_size, workers, precision, runtime, shard, resume, strict, no_exif, quiet) -> None:
+            nms_demote, pre_nms_topk, scales, max_side, batch_size, workers, precision, runtime, shard, resume, strict, no_exif, quiet) -> None:
     """Propose object masks for IMAGES (files, folders or globs).
 
     \b
@@ -97,7 +98,7 @@ def propose(images, out_path, weights, device, gt, fmt, show, max_proposals, sco
     from .weights import WeightsError
 
     overrides = dict(max_proposals=max_proposals, score_thresh=score_thresh, mask_thresh=mask_thresh, nms=nms,
-                     nms_thresh=nms_thresh, pre_nms_topk=pre_nms_topk, max_side=max_side, precision=precision,
+                     nms_thresh=nms_thresh, nms_demote=nms_demote, pre_nms_topk=pre_nms_topk, max_side=max_side, precision=precision,
                      runtime=runtime, **_parse_scales(scales))
     try:
         shard_ = parse_shard(shard) if shard is not None else None

@@ -98,17 +98,27 @@ class InferenceConfig(_Serialisable):
     about ``object_size / 2**s`` pixels in the original image.
     """
 
-    # scale_min, scale_step: the official code's; scale_max and mask_thresh:
-    # tuned on coco-val for the shipped weights (weights/.../MODEL_CARD.md).
+    # scale_min, scale_step: the official code's; scale_max, mask_thresh and
+    # the NMS: tuned on coco-val for the shipped weights (weights/.../MODEL_CARD.md).
     scale_min: float = -2.5
     scale_max: float = 1.0
     scale_step: float = 0.5
-    pre_nms_topk: int = 2000
+    # Windows kept by score before masks are computed (only max_proposals of
+    # them when NMS is off). With NMS these are the candidates it ranks, so
+    # the first N proposals of a run with max_proposals N are the first N of
+    # any longer run.
+    pre_nms_topk: int = 1000
     max_proposals: int = 1000
     score_thresh: float = 0.0
     mask_thresh: float = 0.4
     nms: str = "box"
-    nms_thresh: float = 1.0
+    nms_thresh: float = 0.8
+    # What NMS does with a proposal it suppresses: demote it (True: its score
+    # times 1 - its IoU with the better kept proposal that suppressed it; the
+    # linear Soft-NMS decay, once) or drop it. Demoting reorders the same
+    # pre_nms_topk best windows, so the top of the list is diverse and
+    # nothing is lost further down.
+    nms_demote: bool = True
     max_side: int = 2048
     # Windows pasted together; 0: 1024 of one pyramid scale on a CPU (64 for
     # whole masks: crops that stay in cache), 4096 of neighbouring scales on a GPU.

@@ -10,9 +10,9 @@ For each image and each scale ``s`` of the pyramid the image is resized by
 mean colour, zero after normalisation) so that windows centred near the border
 exist, and run through the trunk once. The score head runs densely on the whole
 map (one score per stride-16 window, thanks to the interleaved max-pool); the
-best ``pre_nms_topk`` windows over all scales are kept, and only those get their
-mask head evaluated, pasted back into the image and thresholded. NMS and
-``max_proposals`` finish the job.
+best ``pre_nms_topk`` windows over all scales are kept, and only those get
+their mask head evaluated, pasted back into the image and thresholded. Box NMS then demotes (or drops) near-duplicates
+and ``max_proposals`` finishes the job.
 """
 
 from __future__ import annotations
@@ -34,12 +34,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torchvision.ops import batched_nms
+from torchvision.ops import batched_nms, box_iou
 
 from . import rle as rle_utils
 from .config import TRUNK_STRIDE, InferenceConfig
 from .model import DeepMask
-from .postprocess import cluster_nms, logit, masks_to_boxes, nms_boxes, paste_masks, paste_runs
+from .postprocess import cluster_nms, demotion, logit, masks_to_boxes, nms_boxes, paste_masks, paste_runs
 
 
 @dataclass
@@ -47,7 +47,8 @@ class Proposals:
     """Ranked object proposals for one image.
 
     Attributes:
-        scores: ``(N,)`` objectness probabilities, decreasing.
+        scores: ``(N,)`` objectness probabilities, decreasing (a proposal
+            that NMS demoted: times 1 - its IoU with the better one kept).
         boxes_xyxy: ``(N, 4)`` tight boxes of the masks, in pixels.
         windows_xyxy: ``(N, 4)`` the network windows the proposals come from.
         scales: ``(N,)`` the pyramid scale of each window.
@@ -456,7 +457,18 @@ class Proposer:
         with self._stage("nms"):
             idx = (boxes_t[:, 2] > boxes_t[:, 0]).nonzero().squeeze(1)
             if cfg.nms_thresh < 1.0 and idx.numel():  # box NMS; the kept stay in (image, score) order
-                idx = idx[torch.sort(batched_nms(boxes_t[idx], probs[idx], img[idx], cfg.nms_thresh)).values]
+                keep = batched_nms(boxes_t[idx], probs[idx], img[idx], cfg.nms_thresh)
+                if cfg.nms_demote:  # the suppressed rescored, then all back in (image, score) order
+                    kept = torch.zeros(idx.numel(), dtype=torch.bool, device=dev)
+                    kept[keep] = True
+                    probs = probs.clone()
+                    bounds = [0, *torch.cumsum(torch.bincount(img[idx], minlength=len(sizes)), 0).tolist()]
+                    for a, b in zip(bounds[:-1], bounds[1:]):
+                        probs[idx[a:b]] *= demotion(box_iou(boxes_t[idx[a:b]], boxes_t[idx[a:b]]), kept[a:b])
+                    idx = idx[torch.argsort(probs[idx], descending=True, stable=True)]
+                    idx = idx[torch.sort(img[idx], stable=True).indices]
+                else:
+                    idx = idx[torch.sort(keep).values]
             counts = torch.bincount(img[idx], minlength=len(sizes))
             first = torch.cumsum(counts, 0) - counts
             idx = idx[torch.arange(idx.numel(), device=dev) - first[img[idx]] < cfg.max_proposals]
@@ -531,7 +543,16 @@ class Proposer:
             with self._stage("rle"):
                 cand_rles = rle_utils.encode(kwh[idx].transpose(1, 2))
         with self._stage("nms"):
-            keep = self._nms(idx, boxes_t, probs, cand_rles)[: cfg.max_proposals]
+            keep = self._nms(idx, boxes_t, probs, cand_rles)
+            if cfg.nms_demote and cfg.nms_thresh < 1.0 and keep.numel() < idx.numel():
+                kept = torch.zeros(idx.numel(), dtype=torch.bool, device=dev)
+                kept[keep] = True
+                iou = (box_iou(boxes_t[idx], boxes_t[idx]) if cfg.nms == "box"
+                       else torch.from_numpy(rle_utils.iou(cand_rles, cand_rles)).to(dev))
+                probs = probs.clone()
+                probs[idx] *= demotion(iou, kept)
+                keep = torch.argsort(probs[idx], descending=True, stable=True)
+            keep = keep[: cfg.max_proposals]
         idx = idx[keep]
         out = Proposals(scores=probs[idx], boxes_xyxy=boxes_t[idx], windows_xyxy=windows[idx], scales=scale_of[idx],
                         image_size=size)

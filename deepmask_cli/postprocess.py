@@ -365,3 +365,13 @@ def nms_boxes(boxes_xyxy: torch.Tensor, scores: torch.Tensor, thresh: float) -> 
     if thresh >= 1.0:
         return torch.argsort(scores, descending=True)
     return box_nms(boxes_xyxy.float(), scores.float(), thresh)
+
+
+def demotion(iou: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """Score factors that demote what greedy NMS suppressed instead of
+    dropping it: ``1 - `` its largest IoU with a better kept proposal (the
+    linear decay of Soft-NMS, Bodla et al. 2017, applied once), 1 for the
+    kept. ``iou: (K, K)`` and ``kept: (K,)`` bool, by decreasing score."""
+    better = torch.ones_like(iou, dtype=torch.bool).triu(1) & kept[:, None]  # [i, j]: kept i better than j
+    worst = torch.where(better, iou.float(), 0.0).amax(0) if iou.numel() else iou.new_zeros(0)
+    return torch.where(kept, 1.0, 1.0 - worst)

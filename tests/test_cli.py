@@ -53,6 +53,24 @@ def test_ids_in_order_without_gt_and_options_override(runner, tiny_weights, synt
     assert all(sum(rec["image_id"] == i for rec in recs) <= 7 for i in (1, 2))
 
 
+def test_nms_drop_and_demote(runner, tiny_weights, synth_coco, tmp_path):
+    """--nms-drop removes what NMS suppresses; the default, demote, keeps it
+    behind with a lower score."""
+    f = str(sorted((synth_coco / "images").glob("*.jpg"))[0])
+    got = {}
+    for flag in ("--nms-drop", "--nms-demote"):
+        out = tmp_path / f"{flag}.json"
+        r = runner.invoke(main, ["propose", f, "-o", str(out), "--weights", str(tiny_weights), "--device", "cpu",
+                                 "--max-proposals", "40", "--nms-thresh", "0.5", flag, "-q"])
+        assert r.exit_code == 0, r.output
+        got[flag] = json.loads(out.read_text())
+    dropped, demoted = got["--nms-drop"], got["--nms-demote"]
+    assert 0 < len(dropped) < len(demoted) == 40
+    assert [r["score"] for r in demoted] == sorted((r["score"] for r in demoted), reverse=True)
+    kept = {json.dumps(r["segmentation"]) for r in dropped}
+    assert all(json.dumps(r["segmentation"]) in kept for r in demoted[:1])
+
+
 def test_png_format_and_viz_write_images_of_the_right_size(runner, tiny_weights, synth_coco, tmp_path):
     pngs = tmp_path / "pngs"
     r = runner.invoke(main, ["propose", str(synth_coco / "images" / "*.jpg"), "--format", "png", "-o", str(pngs),

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.ops import box_iou
 
 from deepmask_cli import Proposer, load_proposer, rle
 from deepmask_cli.config import InferenceConfig
@@ -65,13 +66,13 @@ def test_batch_of_same_size_images_equals_one_by_one(tiny_config):
 
 
 @pytest.mark.parametrize("mixed", [False, True])
-@pytest.mark.parametrize("nms_thresh", [1.0, 0.6])
-def test_batch_of_different_sizes_gives_each_image_its_own_runs(tiny_config, monkeypatch, mixed, nms_thresh):
+@pytest.mark.parametrize("nms_thresh, demote", [(1.0, True), (0.6, False), (0.6, True)])
+def test_batch_of_different_sizes_gives_each_image_its_own_runs(tiny_config, monkeypatch, mixed, nms_thresh, demote):
     """RLE proposals of a batch of images of different sizes (ranked, masks
-    pasted and box NMS done for the whole batch at once; ``mixed``: pasted in
-    small chunks that mix images and scales, as on a GPU) are each image's own:
-    those of the same batch made whole-mask image by image."""
-    p = _proposer(tiny_config, max_proposals=25, nms_thresh=nms_thresh)
+    pasted and box NMS done for the whole batch at once; ``mixed``:
+    pasted in small chunks that mix images and scales, as on a GPU) are each
+    image's own: those of the same batch made whole-mask image by image."""
+    p = _proposer(tiny_config, max_proposals=25, nms_thresh=nms_thresh, nms_demote=demote)
     chunks = Proposer._paste_chunks
     monkeypatch.setattr(Proposer, "_paste_chunks", staticmethod(lambda s, size, **kw: chunks(s, 7, mixed)))
     rng = np.random.default_rng(5)
@@ -135,19 +136,44 @@ def test_thresholds_and_cap(tiny_config):
     cut = _proposer(tiny_config, score_thresh=t)(arr)
     assert bool((cut.scores >= t - 1e-6).all())
     assert int((loose.scores > t + 1e-6).sum()) <= len(cut) <= int((loose.scores >= t - 1e-6).sum())
-    nms = _proposer(tiny_config, nms_thresh=0.5)(arr)
+    nms = _proposer(tiny_config, nms_thresh=0.5, nms_demote=False)(arr)
     from torchvision.ops import box_iou
 
     iou = box_iou(nms.boxes_xyxy, nms.boxes_xyxy) - torch.eye(len(nms))
     assert float(iou.max()) <= 0.5 + 1e-6
-    mask_nms = _proposer(tiny_config, nms="mask", nms_thresh=0.5)(arr)
+    mask_nms = _proposer(tiny_config, nms="mask", nms_thresh=0.5, nms_demote=False)(arr)
     from deepmask_cli import rle
 
     enc = mask_nms.to_rles()
     m_iou = rle.iou(enc, enc) - np.eye(len(enc))
     assert m_iou.max() <= 0.5 + 1e-6
-    as_rles = _proposer(tiny_config, nms="mask", nms_thresh=0.5)(arr, rle=True)  # RLEs made once, for NMS and output
+    as_rles = _proposer(tiny_config, nms="mask", nms_thresh=0.5, nms_demote=False)(arr, rle=True)  # RLEs made once, for NMS and output
     assert as_rles.to_rles() == enc and torch.equal(as_rles.scores, mask_nms.scores)
+
+
+@pytest.mark.parametrize("rle_mode", [False, True])
+@pytest.mark.parametrize("kind", ["box", "mask"])
+def test_nms_demote_keeps_the_suppressed_behind_their_suppressor(tiny_config, rle_mode, kind):
+    """nms_demote: NMS's survivors with their scores, and every proposal it
+    suppressed too, its score times (1 - its IoU with the best survivor that
+    suppressed it): the same set as without NMS, ranked by those scores."""
+    from deepmask_cli.postprocess import demotion
+
+    arr = np.random.default_rng(3).integers(0, 255, (72, 64, 3), dtype=np.uint8)
+    k = 40
+    kw = dict(max_proposals=k, pre_nms_topk=k, nms=kind)
+    plain = _proposer(tiny_config, nms_thresh=1.0, **kw)(arr, rle=rle_mode)
+    drop = _proposer(tiny_config, nms_thresh=0.5, nms_demote=False, **kw)(arr, rle=rle_mode)
+    demote = _proposer(tiny_config, nms_thresh=0.5, nms_demote=True, **kw)(arr, rle=rle_mode)
+    assert 0 < len(drop) < len(demote) == len(plain) == k
+    rles = plain.to_rles()
+    iou = box_iou(plain.boxes_xyxy, plain.boxes_xyxy) if kind == "box" else torch.from_numpy(rle.iou(rles, rles))
+    kept = torch.tensor([tuple(w) in set(map(tuple, drop.windows_xyxy.tolist())) for w in plain.windows_xyxy.tolist()])
+    want = plain.scores * demotion(iou, kept)
+    order = torch.argsort(want, descending=True, stable=True)
+    torch.testing.assert_close(demote.scores, want[order])
+    assert torch.equal(demote.windows_xyxy, plain.windows_xyxy[order])
+    assert demote.to_rles() == [rles[i] for i in order.tolist()]
 
 
 def test_load_proposer_applies_the_weights_defaults_then_overrides(tiny_weights):

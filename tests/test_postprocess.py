@@ -15,8 +15,8 @@ from deepmask_cli import rle
 from deepmask_cli.config import InferenceConfig
 from deepmask_cli.inference import Proposer
 from deepmask_cli.model import DeepMask
-from deepmask_cli.postprocess import (cluster_nms, crop_runs, logit, masks_to_boxes, paste_crops, paste_runs,
-                                     paste_masks)
+from deepmask_cli.postprocess import (cluster_nms, crop_runs, demotion, logit, masks_to_boxes, paste_crops,
+                                     paste_runs, paste_masks)
 
 
 def _reference_paste(logits, x0, y0, size, h, w, t):
@@ -167,6 +167,21 @@ def test_cluster_nms_equals_greedy(seed):
         kept = cluster_nms(iou, t).nonzero().squeeze(1).tolist()
         assert kept == _greedy(iou, t)
         assert sorted(order[kept].tolist()) == sorted(nms(boxes, scores, t).tolist())
+
+
+def test_demotion_scales_the_suppressed_by_their_overlap_with_a_better_kept_one():
+    g = torch.Generator().manual_seed(4)
+    xy = torch.rand(50, 2, generator=g) * 60
+    boxes = torch.cat([xy, xy + torch.rand(50, 2, generator=g) * 30 + 5], 1)
+    iou = box_iou(boxes, boxes)
+    kept = cluster_nms(iou, 0.5)
+    assert 0 < int(kept.sum()) < 50
+    got = demotion(iou, kept)
+    for j in range(50):
+        want = 1.0 if kept[j] else 1.0 - max(float(iou[i, j]) for i in range(j) if kept[i])
+        assert got[j].item() == pytest.approx(want, abs=1e-6)
+    assert bool((got[~kept] < 0.5).all())  # suppressed: overlapped by more than the threshold
+    assert demotion(iou[:0, :0], kept[:0]).shape == (0,)
 
 
 @settings(max_examples=30, deadline=None)
