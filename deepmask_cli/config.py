@@ -111,6 +111,9 @@ class InferenceConfig(_Serialisable):
     max_proposals: int = 1000
     score_thresh: float = 0.0
     mask_thresh: float = 0.4
+    # Multiply each score by its mask's maskness, the mean probability over
+    # the pixels the mask keeps (SOLOv2's mask-quality rescoring).
+    maskness: bool = False
     nms: str = "box"
     nms_thresh: float = 0.8
     # What NMS does with a proposal it suppresses: demote it (True: its score

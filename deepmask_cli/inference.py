@@ -436,6 +436,12 @@ class Proposer:
             scale_of = torch.tensor([lv.scale for lv in levels], dtype=torch.float32).to(dev)[level]
         probs = torch.sigmoid(top_scores)
         t_logit = logit(cfg.mask_thresh)
+        if cfg.maskness:  # rescored by mask confidence, then back in (image, score) order
+            soft, hard = torch.sigmoid(mask_logits), mask_logits > t_logit
+            probs = probs * (soft * hard).sum((1, 2)) / hard.sum((1, 2)).clamp(min=1)
+            order = torch.argsort(probs, descending=True, stable=True)
+            order = order[torch.sort(img[order], stable=True).indices]
+            img, mask_logits, windows, scale_of, probs = img[order], mask_logits[order], windows[order], scale_of[order], probs[order]
         if not rle or self._mask_nms:
             # whole masks (the Python API, and mask NMS): image by image
             counts = torch.bincount(img, minlength=len(sizes)).tolist()
@@ -464,7 +470,8 @@ class Proposer:
                     probs = probs.clone()
                     bounds = [0, *torch.cumsum(torch.bincount(img[idx], minlength=len(sizes)), 0).tolist()]
                     for a, b in zip(bounds[:-1], bounds[1:]):
-                        probs[idx[a:b]] *= demotion(box_iou(boxes_t[idx[a:b]], boxes_t[idx[a:b]]), kept[a:b])
+                        own, k = idx[a:b], kept[a:b]
+                        probs[own] *= demotion(box_iou(boxes_t[own[k]], boxes_t[own[~k]]), k)
                     idx = idx[torch.argsort(probs[idx], descending=True, stable=True)]
                     idx = idx[torch.sort(img[idx], stable=True).indices]
                 else:
@@ -547,8 +554,11 @@ class Proposer:
             if cfg.nms_demote and cfg.nms_thresh < 1.0 and keep.numel() < idx.numel():
                 kept = torch.zeros(idx.numel(), dtype=torch.bool, device=dev)
                 kept[keep] = True
-                iou = (box_iou(boxes_t[idx], boxes_t[idx]) if cfg.nms == "box"
-                       else torch.from_numpy(rle_utils.iou(cand_rles, cand_rles)).to(dev))
+                if cfg.nms == "box":
+                    iou = box_iou(boxes_t[idx[kept]], boxes_t[idx[~kept]])
+                else:
+                    ks, ss = kept.nonzero().squeeze(1).tolist(), (~kept).nonzero().squeeze(1).tolist()
+                    iou = torch.from_numpy(rle_utils.iou([cand_rles[i] for i in ks], [cand_rles[i] for i in ss])).to(dev)
                 probs = probs.clone()
                 probs[idx] *= demotion(iou, kept)
                 keep = torch.argsort(probs[idx], descending=True, stable=True)

@@ -371,7 +371,15 @@ def demotion(iou: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     """Score factors that demote what greedy NMS suppressed instead of
     dropping it: ``1 - `` its largest IoU with a better kept proposal (the
     linear decay of Soft-NMS, Bodla et al. 2017, applied once), 1 for the
-    kept. ``iou: (K, K)`` and ``kept: (K,)`` bool, by decreasing score."""
-    better = torch.ones_like(iou, dtype=torch.bool).triu(1) & kept[:, None]  # [i, j]: kept i better than j
-    worst = torch.where(better, iou.float(), 0.0).amax(0) if iou.numel() else iou.new_zeros(0)
-    return torch.where(kept, 1.0, 1.0 - worst)
+    kept.
+
+    ``kept: (K,)`` bool, by decreasing score; ``iou: (n_kept, K - n_kept)``,
+    each kept proposal's IoU (rows, in order) with each suppressed one
+    (columns, in order): all that is needed, a fraction of the K x K matrix.
+    """
+    out = torch.ones(kept.shape[0], device=kept.device)
+    pos_k, pos_s = kept.nonzero().squeeze(1), (~kept).nonzero().squeeze(1)
+    if pos_s.numel():
+        better = pos_k[:, None] < pos_s[None, :]
+        out[pos_s] = 1.0 - torch.where(better, iou.float(), 0.0).amax(0)
+    return out

@@ -169,7 +169,7 @@ def test_nms_demote_keeps_the_suppressed_behind_their_suppressor(tiny_config, rl
     rles = plain.to_rles()
     iou = box_iou(plain.boxes_xyxy, plain.boxes_xyxy) if kind == "box" else torch.from_numpy(rle.iou(rles, rles))
     kept = torch.tensor([tuple(w) in set(map(tuple, drop.windows_xyxy.tolist())) for w in plain.windows_xyxy.tolist()])
-    want = plain.scores * demotion(iou, kept)
+    want = plain.scores * demotion(iou[kept][:, ~kept], kept)
     order = torch.argsort(want, descending=True, stable=True)
     torch.testing.assert_close(demote.scores, want[order])
     assert torch.equal(demote.windows_xyxy, plain.windows_xyxy[order])

@@ -176,12 +176,13 @@ def test_demotion_scales_the_suppressed_by_their_overlap_with_a_better_kept_one(
     iou = box_iou(boxes, boxes)
     kept = cluster_nms(iou, 0.5)
     assert 0 < int(kept.sum()) < 50
-    got = demotion(iou, kept)
+    got = demotion(iou[kept][:, ~kept], kept)
     for j in range(50):
         want = 1.0 if kept[j] else 1.0 - max(float(iou[i, j]) for i in range(j) if kept[i])
         assert got[j].item() == pytest.approx(want, abs=1e-6)
     assert bool((got[~kept] < 0.5).all())  # suppressed: overlapped by more than the threshold
     assert demotion(iou[:0, :0], kept[:0]).shape == (0,)
+    assert torch.equal(demotion(iou[:3, :0], torch.ones(3, dtype=torch.bool)), torch.ones(3))  # nothing suppressed
 
 
 @settings(max_examples=30, deadline=None)
