@@ -68,10 +68,11 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 @click.option("--format", "fmt", type=click.Choice(["coco", "png"]), default="coco", show_default=True, help="COCO results JSON, or one overlay PNG per image.")
 @click.option("--show", type=int, default=20, show_default=True, help="Proposals drawn per overlay (--format png).")
 @click.option("--max-proposals", type=int, default=None, help=f"Proposals kept per image, best first. [default: {_D.max_proposals}]")
-@click.option("--score-thresh", type=float, default=None, help=f"Drop proposals whose objectness probability is below this. [default: {_D.score_thresh}]")
+@click.option("--score-thresh", type=float, default=None, help=f"Drop proposals whose score (objectness, after rescoring and NMS) is below this. [default: {_D.score_thresh}]")
 @click.option("--mask-thresh", type=float, default=None, help=f"Probability above which a pixel is in a mask. [default: {_D.mask_thresh}, or the weights' tuned value]")
 @click.option("--nms", type=click.Choice(["box", "mask"]), default=None, help=f"Overlap measure for NMS. [default: {_D.nms}]")
 @click.option("--nms-thresh", type=float, default=None, help=f"NMS IoU threshold; 1.0 turns NMS off. [default: {_D.nms_thresh}]")
+@click.option("--maskness/--no-maskness", default=None, help=f"Multiply each score by its mask's mean probability over the pixels it keeps, before NMS. [default: {'on' if _D.maskness else 'off'}]")
 @click.option("--nms-demote/--nms-drop", "nms_demote", default=None, help=f"What NMS does with a proposal it suppresses: demote it (its score times 1 - its IoU with the kept one) or drop it. [default: {'demote' if _D.nms_demote else 'drop'}]")
 @click.option("--pre-nms-topk", type=int, default=None, help=f"Windows kept by score before masks are computed. [default: {_D.pre_nms_topk}]")
 @click.option("--scales", default=None, help=f"Pyramid MIN,MAX,STEP in octaves (scales 2^MIN..2^MAX). [default: {_D.scale_min},{_D.scale_max},{_D.scale_step}]")
@@ -86,7 +87,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 @click.option("--no-exif", is_flag=True, help="Ignore EXIF orientation (default: masks follow the image as viewers show it).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, only errors.")
 def propose(images, out_path, weights, device, gt, fmt, show, max_proposals, score_thresh, mask_thresh, nms, nms_thresh,
-            nms_demote, pre_nms_topk, scales, max_side, batch_size, workers, precision, runtime, shard, resume, strict, no_exif, quiet) -> None:
+            maskness, nms_demote, pre_nms_topk, scales, max_side, batch_size, workers, precision, runtime, shard, resume, strict, no_exif, quiet) -> None:
     """Propose object masks for IMAGES (files, folders or globs).
 
     \b
@@ -98,7 +99,7 @@ def propose(images, out_path, weights, device, gt, fmt, show, max_proposals, sco
     from .weights import WeightsError
 
     overrides = dict(max_proposals=max_proposals, score_thresh=score_thresh, mask_thresh=mask_thresh, nms=nms,
-                     nms_thresh=nms_thresh, nms_demote=nms_demote, pre_nms_topk=pre_nms_topk, max_side=max_side, precision=precision,
+                     nms_thresh=nms_thresh, maskness=maskness, nms_demote=nms_demote, pre_nms_topk=pre_nms_topk, max_side=max_side, precision=precision,
                      runtime=runtime, **_parse_scales(scales))
     try:
         shard_ = parse_shard(shard) if shard is not None else None

@@ -112,10 +112,10 @@ class InferenceConfig(_Serialisable):
     score_thresh: float = 0.0
     mask_thresh: float = 0.4
     # Multiply each score by its mask's maskness, the mean probability over
-    # the pixels the mask keeps (SOLOv2's mask-quality rescoring).
-    maskness: bool = False
+    # the pixels the mask keeps (SOLOv2's mask-quality rescoring), before NMS.
+    maskness: bool = True
     nms: str = "box"
-    nms_thresh: float = 0.8
+    nms_thresh: float = 0.7
     # What NMS does with a proposal it suppresses: demote it (True: its score
     # times 1 - its IoU with the better kept proposal that suppressed it; the
     # linear Soft-NMS decay, once) or drop it. Demoting reorders the same

@@ -39,7 +39,7 @@ from torchvision.ops import batched_nms, box_iou
 from . import rle as rle_utils
 from .config import TRUNK_STRIDE, InferenceConfig
 from .model import DeepMask
-from .postprocess import cluster_nms, demotion, logit, masks_to_boxes, nms_boxes, paste_masks, paste_runs
+from .postprocess import cluster_nms, demotion, logit, masks_to_boxes, maskness, nms_boxes, paste_masks, paste_runs
 
 
 @dataclass
@@ -434,14 +434,14 @@ class Proposer:
             windows = torch.stack([(cx - p / 2) / ratio[:, 1], (cy - p / 2) / ratio[:, 0],
                                    (cx + p / 2) / ratio[:, 1], (cy + p / 2) / ratio[:, 0]], 1)
             scale_of = torch.tensor([lv.scale for lv in levels], dtype=torch.float32).to(dev)[level]
-        probs = torch.sigmoid(top_scores)
-        t_logit = logit(cfg.mask_thresh)
-        if cfg.maskness:  # rescored by mask confidence, then back in (image, score) order
-            soft, hard = torch.sigmoid(mask_logits), mask_logits > t_logit
-            probs = probs * (soft * hard).sum((1, 2)) / hard.sum((1, 2)).clamp(min=1)
-            order = torch.argsort(probs, descending=True, stable=True)
-            order = order[torch.sort(img[order], stable=True).indices]
-            img, mask_logits, windows, scale_of, probs = img[order], mask_logits[order], windows[order], scale_of[order], probs[order]
+            probs = torch.sigmoid(top_scores)
+            t_logit = logit(cfg.mask_thresh)
+            if cfg.maskness:  # rescored by mask confidence, then back in (image, score) order
+                probs = probs * maskness(mask_logits, t_logit)
+                order = torch.argsort(probs, descending=True, stable=True)
+                order = order[torch.sort(img[order], stable=True).indices]
+                img, mask_logits, windows, scale_of, probs = (img[order], mask_logits[order], windows[order],
+                                                              scale_of[order], probs[order])
         if not rle or self._mask_nms:
             # whole masks (the Python API, and mask NMS): image by image
             counts = torch.bincount(img, minlength=len(sizes)).tolist()
@@ -476,6 +476,8 @@ class Proposer:
                     idx = idx[torch.sort(img[idx], stable=True).indices]
                 else:
                     idx = idx[torch.sort(keep).values]
+            if cfg.score_thresh > 0:  # on the final scores (the windows were cut on objectness alone)
+                idx = idx[probs[idx] > cfg.score_thresh]
             counts = torch.bincount(img[idx], minlength=len(sizes))
             first = torch.cumsum(counts, 0) - counts
             idx = idx[torch.arange(idx.numel(), device=dev) - first[img[idx]] < cfg.max_proposals]
@@ -500,7 +502,8 @@ class Proposer:
         x, score logit)`` of each, image by image and best first within an
         image (ties in level, then row-major order): the ``pre_nms_topk`` best
         over all scales (only ``max_proposals`` when NMS is off) above
-        ``score_thresh``."""
+        ``score_thresh`` (objectness can only fall in rescoring and NMS, so
+        the final scores are cut again)."""
         cfg = self.config
         p, f = self.patch_size, self.model.config.feat_size
         dev = self.device
@@ -562,6 +565,8 @@ class Proposer:
                 probs = probs.clone()
                 probs[idx] *= demotion(iou, kept)
                 keep = torch.argsort(probs[idx], descending=True, stable=True)
+            if cfg.score_thresh > 0:
+                keep = keep[probs[idx[keep]] > cfg.score_thresh]
             keep = keep[: cfg.max_proposals]
         idx = idx[keep]
         out = Proposals(scores=probs[idx], boxes_xyxy=boxes_t[idx], windows_xyxy=windows[idx], scales=scale_of[idx],

@@ -383,3 +383,11 @@ def demotion(iou: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
         better = pos_k[:, None] < pos_s[None, :]
         out[pos_s] = 1.0 - torch.where(better, iou.float(), 0.0).amax(0)
     return out
+
+
+def maskness(mask_logits: torch.Tensor, thresh_logit: float) -> torch.Tensor:
+    """Mask quality, for rescoring (SOLOv2, Wang et al. 2020): the mean
+    probability over the pixels above the threshold, 0 when none is.
+    ``mask_logits: (N, h, w)``; returns ``(N,)``."""
+    hard = mask_logits > thresh_logit
+    return (torch.sigmoid(mask_logits) * hard).sum((1, 2)) / hard.sum((1, 2)).clamp(min=1)

@@ -61,7 +61,7 @@ def test_nms_drop_and_demote(runner, tiny_weights, synth_coco, tmp_path):
     for flag in ("--nms-drop", "--nms-demote"):
         out = tmp_path / f"{flag}.json"
         r = runner.invoke(main, ["propose", f, "-o", str(out), "--weights", str(tiny_weights), "--device", "cpu",
-                                 "--max-proposals", "40", "--nms-thresh", "0.5", flag, "-q"])
+                                 "--max-proposals", "40", "--nms-thresh", "0.5", "--no-maskness", flag, "-q"])
         assert r.exit_code == 0, r.output
         got[flag] = json.loads(out.read_text())
     dropped, demoted = got["--nms-drop"], got["--nms-demote"]
@@ -69,6 +69,22 @@ def test_nms_drop_and_demote(runner, tiny_weights, synth_coco, tmp_path):
     assert [r["score"] for r in demoted] == sorted((r["score"] for r in demoted), reverse=True)
     kept = {json.dumps(r["segmentation"]) for r in dropped}
     assert all(json.dumps(r["segmentation"]) in kept for r in demoted[:1])
+
+
+def test_maskness_flag(runner, tiny_weights, synth_coco, tmp_path):
+    """--maskness (the default) lowers each score by its mask's confidence;
+    --no-maskness leaves the objectness probability."""
+    f = str(sorted((synth_coco / "images").glob("*.jpg"))[0])
+    got = {}
+    for flag in ("--maskness", "--no-maskness"):
+        out = tmp_path / f"{flag}.json"
+        r = runner.invoke(main, ["propose", f, "-o", str(out), "--weights", str(tiny_weights), "--device", "cpu",
+                                 "--nms-thresh", "1.0", flag, "-q"])
+        assert r.exit_code == 0, r.output
+        got[flag] = json.loads(out.read_text())
+    on, off = got["--maskness"], got["--no-maskness"]
+    assert len(on) == len(off) > 0
+    assert max(r["score"] for r in on) < max(r["score"] for r in off)
 
 
 def test_png_format_and_viz_write_images_of_the_right_size(runner, tiny_weights, synth_coco, tmp_path):

@@ -66,13 +66,13 @@ def test_batch_of_same_size_images_equals_one_by_one(tiny_config):
 
 
 @pytest.mark.parametrize("mixed", [False, True])
-@pytest.mark.parametrize("nms_thresh, demote", [(1.0, True), (0.6, False), (0.6, True)])
-def test_batch_of_different_sizes_gives_each_image_its_own_runs(tiny_config, monkeypatch, mixed, nms_thresh, demote):
+@pytest.mark.parametrize("nms_thresh, demote, rescore", [(1.0, True, False), (0.6, False, False), (0.6, True, True)])
+def test_batch_of_different_sizes_gives_each_image_its_own_runs(tiny_config, monkeypatch, mixed, nms_thresh, demote, rescore):
     """RLE proposals of a batch of images of different sizes (ranked, masks
     pasted and box NMS done for the whole batch at once; ``mixed``:
     pasted in small chunks that mix images and scales, as on a GPU) are each
     image's own: those of the same batch made whole-mask image by image."""
-    p = _proposer(tiny_config, max_proposals=25, nms_thresh=nms_thresh, nms_demote=demote)
+    p = _proposer(tiny_config, max_proposals=25, nms_thresh=nms_thresh, nms_demote=demote, maskness=rescore)
     chunks = Proposer._paste_chunks
     monkeypatch.setattr(Proposer, "_paste_chunks", staticmethod(lambda s, size, **kw: chunks(s, 7, mixed)))
     rng = np.random.default_rng(5)
@@ -174,6 +174,27 @@ def test_nms_demote_keeps_the_suppressed_behind_their_suppressor(tiny_config, rl
     torch.testing.assert_close(demote.scores, want[order])
     assert torch.equal(demote.windows_xyxy, plain.windows_xyxy[order])
     assert demote.to_rles() == [rles[i] for i in order.tolist()]
+
+
+@pytest.mark.parametrize("rle_mode", [False, True])
+def test_maskness_rescores_the_same_windows(tiny_config, rle_mode):
+    """maskness: the same windows as without it, each score times its mask's
+    mean probability over the kept pixels (in (mask_thresh, 1]: an empty mask
+    is dropped), ranked by the new scores."""
+    arr = np.random.default_rng(3).integers(0, 255, (72, 64, 3), dtype=np.uint8)
+    kw = dict(max_proposals=40, nms_thresh=1.0, mask_thresh=0.4)
+    model = _proposer(tiny_config).model
+    with torch.no_grad():  # masks that differ from window to window (the random trunk's maps are ~1e-6)
+        model.mask_head.reduce.weight.mul_(1e6)
+        model.mask_head.reduce.bias.zero_()
+        model.mask_head.fc2.weight.mul_(10)
+    plain = Proposer(model, InferenceConfig(scale_min=-1, scale_max=0, maskness=False, **kw), "cpu")(arr, rle=rle_mode)
+    rescored = Proposer(model, InferenceConfig(scale_min=-1, scale_max=0, maskness=True, **kw), "cpu")(arr, rle=rle_mode)
+    assert len(rescored) == len(plain) > 0
+    assert torch.all(rescored.scores[:-1] >= rescored.scores[1:])
+    before = {tuple(w): float(sc) for w, sc in zip(plain.windows_xyxy.tolist(), plain.scores)}
+    ratio = torch.tensor([float(sc) / before[tuple(w)] for w, sc in zip(rescored.windows_xyxy.tolist(), rescored.scores)])
+    assert bool(((ratio > 0.4) & (ratio < 1)).all()) and float(ratio.std()) > 0.01, ratio
 
 
 def test_load_proposer_applies_the_weights_defaults_then_overrides(tiny_weights):

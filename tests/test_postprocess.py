@@ -15,7 +15,7 @@ from deepmask_cli import rle
 from deepmask_cli.config import InferenceConfig
 from deepmask_cli.inference import Proposer
 from deepmask_cli.model import DeepMask
-from deepmask_cli.postprocess import (cluster_nms, crop_runs, demotion, logit, masks_to_boxes, paste_crops,
+from deepmask_cli.postprocess import (cluster_nms, crop_runs, demotion, logit, masks_to_boxes, maskness, paste_crops,
                                      paste_runs, paste_masks)
 
 
@@ -167,6 +167,16 @@ def test_cluster_nms_equals_greedy(seed):
         kept = cluster_nms(iou, t).nonzero().squeeze(1).tolist()
         assert kept == _greedy(iou, t)
         assert sorted(order[kept].tolist()) == sorted(nms(boxes, scores, t).tolist())
+
+
+def test_maskness_is_the_mean_probability_of_the_kept_pixels():
+    t = logit(0.4)
+    m = torch.full((3, 4, 4), logit(0.1))
+    m[0] = logit(0.9)  # every pixel kept, each at 0.9
+    m[1, :2] = logit(0.6)  # half the pixels kept, at 0.6
+    m[1, 2:, :2] = logit(0.8)  # a quarter more, at 0.8
+    got = maskness(m, t)  # m[2]: no pixel above 0.4
+    torch.testing.assert_close(got, torch.tensor([0.9, (8 * 0.6 + 4 * 0.8) / 12, 0.0]))
 
 
 def test_demotion_scales_the_suppressed_by_their_overlap_with_a_better_kept_one():
