@@ -47,8 +47,9 @@ class Proposals:
     """Ranked object proposals for one image.
 
     Attributes:
-        scores: ``(N,)`` objectness probabilities, decreasing (a proposal
-            that NMS demoted: times 1 - its IoU with the better one kept).
+        scores: ``(N,)`` decreasing: objectness probabilities, times the
+            mask's maskness (``InferenceConfig.maskness``) and, for a
+            proposal NMS demoted, times 1 - its IoU with the better one kept.
         boxes_xyxy: ``(N, 4)`` tight boxes of the masks, in pixels.
         windows_xyxy: ``(N, 4)`` the network windows the proposals come from.
         scales: ``(N,)`` the pyramid scale of each window.
