@@ -11,8 +11,9 @@ mean colour, zero after normalisation) so that windows centred near the border
 exist, and run through the trunk once. The score head runs densely on the whole
 map (one score per stride-16 window, thanks to the interleaved max-pool); the
 best ``pre_nms_topk`` windows over all scales are kept, and only those get
-their mask head evaluated, pasted back into the image and thresholded. Box NMS then demotes (or drops) near-duplicates
-and ``max_proposals`` finishes the job.
+their mask head evaluated, rescored by mask quality, pasted back into the
+image and thresholded. Box NMS then demotes (or drops) near-duplicates, and
+``max_proposals`` finishes the job.
 """
 
 from __future__ import annotations
