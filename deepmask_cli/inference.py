@@ -440,8 +440,7 @@ class Proposer:
             t_logit = logit(cfg.mask_thresh)
             if cfg.maskness:  # rescored by mask confidence, then back in (image, score) order
                 probs = probs * maskness(mask_logits, t_logit)
-                order = torch.argsort(probs, descending=True, stable=True)
-                order = order[torch.sort(img[order], stable=True).indices]
+                order = _image_major(img, probs)
                 img, mask_logits, windows, scale_of, probs = (img[order], mask_logits[order], windows[order],
                                                               scale_of[order], probs[order])
         if not rle or self._mask_nms:
@@ -474,8 +473,7 @@ class Proposer:
                     for a, b in zip(bounds[:-1], bounds[1:]):
                         own, k = idx[a:b], kept[a:b]
                         probs[own] *= demotion(box_iou(boxes_t[own[k]], boxes_t[own[~k]]), k)
-                    idx = idx[torch.argsort(probs[idx], descending=True, stable=True)]
-                    idx = idx[torch.sort(img[idx], stable=True).indices]
+                    idx = idx[_image_major(img[idx], probs[idx])]
                 else:
                     idx = idx[torch.sort(keep).values]
             if cfg.score_thresh > 0:  # on the final scores (the windows were cut on objectness alone)
@@ -555,15 +553,13 @@ class Proposer:
             with self._stage("rle"):
                 cand_rles = rle_utils.encode(kwh[idx].transpose(1, 2))
         with self._stage("nms"):
-            keep = self._nms(idx, boxes_t, probs, cand_rles)
+            # mask IoU of the candidates, made once for NMS and demotion
+            mask_iou = torch.from_numpy(rle_utils.iou(cand_rles, cand_rles)).to(dev).float() if cand_rles else None
+            keep = self._nms(idx, boxes_t, probs, mask_iou)
             if cfg.nms_demote and cfg.nms_thresh < 1.0 and keep.numel() < idx.numel():
                 kept = torch.zeros(idx.numel(), dtype=torch.bool, device=dev)
                 kept[keep] = True
-                if cfg.nms == "box":
-                    iou = box_iou(boxes_t[idx[kept]], boxes_t[idx[~kept]])
-                else:
-                    ks, ss = kept.nonzero().squeeze(1).tolist(), (~kept).nonzero().squeeze(1).tolist()
-                    iou = torch.from_numpy(rle_utils.iou([cand_rles[i] for i in ks], [cand_rles[i] for i in ss])).to(dev)
+                iou = box_iou(boxes_t[idx[kept]], boxes_t[idx[~kept]]) if mask_iou is None else mask_iou[kept][:, ~kept]
                 probs = probs.clone()
                 probs[idx] *= demotion(iou, kept)
                 keep = torch.argsort(probs[idx], descending=True, stable=True)
@@ -598,16 +594,17 @@ class Proposer:
             chunks.extend(by_size[i : min(i + size, b)] for i in range(a, b, size))
         return chunks
 
-    def _nms(self, idx: torch.Tensor, boxes: torch.Tensor, probs: torch.Tensor, rles: list[dict]) -> torch.Tensor:
+    def _nms(self, idx: torch.Tensor, boxes: torch.Tensor, probs: torch.Tensor, mask_iou: torch.Tensor | None
+             ) -> torch.Tensor:
         """Positions in ``idx`` (score order) that NMS keeps, best first;
-        ``rles`` are the masks of ``idx`` when NMS is by mask."""
+        ``mask_iou`` is the pairwise IoU of the masks of ``idx`` when NMS is
+        by mask."""
         cfg = self.config
         if cfg.nms_thresh >= 1.0 or idx.numel() == 0:
             return torch.arange(idx.numel(), device=idx.device)
         if cfg.nms == "box":
             return nms_boxes(boxes[idx], probs[idx], cfg.nms_thresh)
-        iou = torch.from_numpy(rle_utils.iou(rles, rles)).to(idx.device).float()
-        return cluster_nms(iou, cfg.nms_thresh).nonzero().squeeze(1)
+        return cluster_nms(mask_iou, cfg.nms_thresh).nonzero().squeeze(1)
 
 
 class _TrunkAndScores(torch.nn.Module):
@@ -693,6 +690,13 @@ def _onnx_trunk(trunk: torch.nn.Module, device: torch.device, runtime: str, int8
         raise ValueError(f"{int8_trunk}: made from other weights than these (or by another version of deepmask quantize); "
                          "make it again with: deepmask quantize CALIBRATION_IMAGES --weights DIR")
     return session
+
+
+def _image_major(img: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+    """The order that sorts windows by image, then by decreasing score
+    (stable: ties keep their order)."""
+    order = torch.argsort(score, descending=True, stable=True)
+    return order[torch.sort(img[order], stable=True).indices]
 
 
 def _select_runs(owner: torch.Tensor, pos: torch.Tensor, idx: torch.Tensor, n: int) -> tuple[np.ndarray, np.ndarray]:
