@@ -468,11 +468,12 @@ class Proposer:
                 if cfg.nms_demote:  # the suppressed rescored, then all back in (image, score) order
                     kept = torch.zeros(idx.numel(), dtype=torch.bool, device=dev)
                     kept[keep] = True
+                    # one IoU matrix for the whole batch, pairs from different
+                    # images zeroed: no per-image loop (a sync each on a GPU)
+                    ik, isup = img[idx[kept]], img[idx[~kept]]
+                    iou = box_iou(boxes_t[idx[kept]], boxes_t[idx[~kept]]) * (ik[:, None] == isup[None, :])
                     probs = probs.clone()
-                    bounds = [0, *torch.cumsum(torch.bincount(img[idx], minlength=len(sizes)), 0).tolist()]
-                    for a, b in zip(bounds[:-1], bounds[1:]):
-                        own, k = idx[a:b], kept[a:b]
-                        probs[own] *= demotion(box_iou(boxes_t[own[k]], boxes_t[own[~k]]), k)
+                    probs[idx] *= demotion(iou, kept)
                     idx = idx[_image_major(img[idx], probs[idx])]
                 else:
                     idx = idx[torch.sort(keep).values]
