@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -35,6 +36,8 @@ from .weights import save_weights
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
 CHECKPOINT_VERSION = 1
+# what a resumed run takes from the command line rather than its checkpoint
+RESUME_MAY_CHANGE = ("steps", "sampler", "checkpoint_every", "val_every", "workers")
 
 
 class TrainError(RuntimeError):
@@ -191,9 +194,14 @@ def train(
         ck = load_checkpoint(out_dir / CHECKPOINT)
         model_config = ModelConfig.from_dict(ck["model_config"])
         saved = ck["train_config"]
+        given = config
         config = replace(config, **{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()
-                                    if k not in ("steps", "sampler", "checkpoint_every", "val_every", "workers")},
+                                    if k not in RESUME_MAY_CHANGE},
                          sampler=SamplerConfig(**saved["sampler"]))
+        overridden = _overridden(given, config)
+        if overridden and rank == 0:
+            warnings.warn(f"--resume continues {out_dir} with the settings it was started with: "
+                          f"{', '.join(overridden)} (start a new run folder to train with other settings)", stacklevel=2)
     sampler_cfg = config.sampler
 
     records, report = load_coco(train_data.ann, train_data.images, sampler=sampler_cfg, skip_bad_images=skip_bad_images,
@@ -357,6 +365,18 @@ def train(
     weights = export_checkpoint(src, out_dir / "weights")
     emit("done", {"weights": str(weights), "from": src.name, "step": step})
     return weights
+
+
+def _overridden(given: TrainConfig, kept: TrainConfig) -> list[str]:
+    """``"name VALUE (not GIVEN)"`` for each setting of ``given`` that a
+    resumed run replaces with its saved one (``kept``)."""
+    def flat(cfg: TrainConfig) -> dict[str, Any]:
+        d = cfg.to_dict()
+        d.update({f"sampler.{k}": v for k, v in d.pop("sampler").items()})
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+    a, b = flat(given), flat(kept)
+    return [f"{k} {b[k]} (not {a[k]})" for k in a if a[k] != b[k]]
 
 
 def _append_metrics(path: Path, info: dict) -> None:

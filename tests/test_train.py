@@ -230,3 +230,25 @@ def test_feature_dropout_needs_cached_features(synth_coco, tmp_path):
     with pytest.raises(TrainError, match="--cache-features"):
         train(TrainData(synth_coco / "instances.json", synth_coco / "images"), tmp_path / "r", model_config=TINY,
               config=_tiny_train_config(feature_dropout=0.2), pretrained=False)
+
+
+def test_resume_with_other_settings_says_which_it_keeps(synth_coco, tmp_path):
+    """--resume continues with the settings the run was started with; the
+    ones given differently are named in a warning (not silently dropped),
+    and a resume with the same settings says nothing."""
+    import warnings
+
+    data = TrainData(synth_coco / "instances.json", synth_coco / "images")
+    cfg = _tiny_train_config(steps=2)
+    train(data, tmp_path / "run", model_config=TINY, config=cfg, pretrained=False)
+    with warnings.catch_warnings(record=True) as same:
+        warnings.simplefilter("always")
+        train(data, tmp_path / "run", model_config=TINY, config=dataclasses.replace(cfg, steps=3), pretrained=False,
+              resume=True)
+    assert not [w for w in same if "--resume" in str(w.message)]
+    other = dataclasses.replace(cfg, steps=4, lr=cfg.lr * 2, sampler=dataclasses.replace(cfg.sampler, neg_scale=0.5))
+    with pytest.warns(UserWarning, match="--resume") as got:
+        train(data, tmp_path / "run", model_config=TINY, config=other, pretrained=False, resume=True)
+    msg = str(got[0].message)
+    assert f"lr {cfg.lr} (not {cfg.lr * 2})" in msg and "sampler.neg_scale 1.0 (not 0.5)" in msg
+    assert "steps" not in msg
