@@ -39,4 +39,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from _script import run
+
+    sys.exit(run(main))

@@ -110,4 +110,6 @@ def _log2(s: float) -> float:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from _script import run
+
+    sys.exit(run(main))

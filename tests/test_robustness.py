@@ -316,3 +316,20 @@ def test_out_of_gpu_memory_halves_the_group_and_loses_nothing(synth_coco, tiny_w
     proposer.dense_pass = lambda tensors, **kw: (_ for _ in ()).throw(torch.OutOfMemoryError("simulated"))
     with pytest.raises(torch.OutOfMemoryError):
         run_propose(images[:1], tmp_path / "one.json", proposer=proposer, batch_size=1)
+
+
+@pytest.mark.parametrize("script, args", [
+    ("recall.py", ["{data}", "--weights", "{missing}", "--no-peer"]),
+    ("tune.py", ["{missing}", "--limit", "1"]),
+])
+def test_benchmark_scripts_name_a_users_mistake_in_one_line(synth_coco, tmp_path, script, args):
+    """benchmarks/*.py end a run with a missing weights folder or data folder
+    with exit status 2 and one ``error:`` line naming it, not a traceback."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    missing = str(tmp_path / "nowhere")
+    argv = [a.format(data=synth_coco, missing=missing) for a in args]
+    res = subprocess.run([sys.executable, os.path.join(root, "benchmarks", script), *argv],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "nowhere" in lines[0], res.stderr
