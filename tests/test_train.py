@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from deepmask_cli.config import SamplerConfig, TrainConfig
 from deepmask_cli.data import DataError, PatchDataset, load_coco, resolve_coco
 from deepmask_cli.model import DeepMask
-from deepmask_cli.train import TrainData, deepmask_loss, train
+from deepmask_cli.train import TrainData, deepmask_loss, lr_factor, train
 
 from conftest import TINY
 
@@ -252,3 +252,8 @@ def test_resume_with_other_settings_says_which_it_keeps(synth_coco, tmp_path):
     msg = str(got[0].message)
     assert f"lr {cfg.lr} (not {cfg.lr * 2})" in msg and "sampler.neg_scale 1.0 (not 0.5)" in msg
     assert "steps" not in msg
+
+
+def test_lr_schedule_steps_down_at_the_milestones():
+    cfg = TrainConfig(steps=600, lr_milestones=(1 / 6, 0.4), lr_factors=(0.5, 0.1))
+    assert [lr_factor(t, cfg) for t in (0, 99, 100, 239, 240, 599)] == [1, 1, 0.5, 0.5, 0.1, 0.1]
