@@ -387,7 +387,8 @@ class _TrainDisplay:
             self.val = f" | val IoU {info['iou_mean']:.3f} @.7 {info['iou@0.7']:.2f} acc {info['score_acc']:.2f}"
             p.console.print(
                 f"step {info['step']}: val IoU mean {info['iou_mean']:.3f} median {info['iou_median']:.3f} "
-                f"@0.5 {info['iou@0.5']:.3f} @0.7 {info['iou@0.7']:.3f} score acc {info['score_acc']:.3f}"
+                f"@0.5 {info['iou@0.5']:.3f} @0.7 {info['iou@0.7']:.3f} score acc {info['score_acc']:.3f} "
+                f"live score units {info['score_live']:.2f}"
             )
 
 

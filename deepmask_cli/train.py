@@ -73,10 +73,19 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 @torch.no_grad()
 def patch_metrics(model: DeepMask, batches: list[tuple[torch.Tensor, ...]], device: torch.device) -> dict[str, float]:
     """The official per-patch measures: mask IoU of positives (mean, median,
-    share >= 0.5 and >= 0.7) and score accuracy."""
+    share >= 0.5 and >= 0.7) and score accuracy; and ``score_live``, the
+    share of the score head's first-layer units that some patch turns on (a
+    too-high learning rate silences most of them for good in the first
+    steps: ReLUs that no input brings back)."""
     was_training = model.training
     model.eval()
     ious, correct, total = [], 0, 0
+    live = torch.zeros(model.score_head.fc1.out_features, dtype=torch.bool, device=device)
+
+    def on_fc1(module, inputs, out):
+        live.logical_or_(((out > 0).any(0)))
+
+    hook = model.score_head.fc1.register_forward_hook(on_fc1)
     for x, mask, label in batches:
         x, mask, label = x.to(device), mask.to(device), label.to(device)
         mlog, slog = model(x)
@@ -89,6 +98,7 @@ def patch_metrics(model: DeepMask, batches: list[tuple[torch.Tensor, ...]], devi
             ious.append(torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union)).cpu())
         correct += int(((slog > 0) == pos).sum())
         total += int(label.numel())
+    hook.remove()
     model.train(was_training)
     iou = torch.cat(ious) if ious else torch.zeros(0)
     return {
@@ -97,6 +107,7 @@ def patch_metrics(model: DeepMask, batches: list[tuple[torch.Tensor, ...]], devi
         "iou@0.5": float((iou >= 0.5).float().mean()) if iou.numel() else 0.0,
         "iou@0.7": float((iou >= 0.7).float().mean()) if iou.numel() else 0.0,
         "score_acc": correct / max(total, 1),
+        "score_live": float(live.float().mean()),
     }
 
 

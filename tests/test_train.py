@@ -257,3 +257,22 @@ def test_resume_with_other_settings_says_which_it_keeps(synth_coco, tmp_path):
 def test_lr_schedule_steps_down_at_the_milestones():
     cfg = TrainConfig(steps=600, lr_milestones=(1 / 6, 0.4), lr_factors=(0.5, 0.1))
     assert [lr_factor(t, cfg) for t in (0, 99, 100, 239, 240, 599)] == [1, 1, 0.5, 0.5, 0.1, 0.1]
+
+
+def test_validation_reports_the_share_of_live_score_units():
+    """score_live: the share of the score head's first-layer ReLUs that some
+    validation patch turns on; silenced units (the failure a too-high lr
+    causes) count as dead."""
+    from deepmask_cli.train import patch_metrics
+
+    torch.manual_seed(0)
+    model = DeepMask(TINY)
+    p = TINY.patch_size
+    batches = [(torch.rand(4, 3, p, p), torch.zeros(4, TINY.mask_size, TINY.mask_size), torch.tensor([1.0, -1, -1, 1]))]
+    assert 0 < patch_metrics(model, batches, torch.device("cpu"))["score_live"] <= 1
+    with torch.no_grad():
+        model.score_head.fc1.bias[: model.score_head.fc1.out_features // 4] = -1e6
+    live = patch_metrics(model, batches, torch.device("cpu"))["score_live"]
+    assert live <= 0.75 + 1e-6
+    model.score_head.fc1.bias.data.fill_(-1e6)
+    assert patch_metrics(model, batches, torch.device("cpu"))["score_live"] == 0.0
