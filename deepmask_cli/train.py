@@ -36,8 +36,8 @@ from .weights import save_weights
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
 CHECKPOINT_VERSION = 1
-# what a resumed run takes from the command line rather than its checkpoint
-RESUME_MAY_CHANGE = ("steps", "sampler", "checkpoint_every", "val_every", "workers")
+# what a resumed run takes from the command line; the rest comes from its checkpoint
+RESUME_FROM_COMMAND_LINE = ("steps", "checkpoint_every", "val_every", "workers")
 
 
 class TrainError(RuntimeError):
@@ -83,7 +83,7 @@ def patch_metrics(model: DeepMask, batches: list[tuple[torch.Tensor, ...]], devi
     live = torch.zeros(model.score_head.fc1.out_features, dtype=torch.bool, device=device)
 
     def on_fc1(module, inputs, out):
-        live.logical_or_(((out > 0).any(0)))
+        live.logical_or_((out > 0).any(0))
 
     hook = model.score_head.fc1.register_forward_hook(on_fc1)
     for x, mask, label in batches:
@@ -207,7 +207,7 @@ def train(
         saved = ck["train_config"]
         given = config
         config = replace(config, **{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()
-                                    if k not in RESUME_MAY_CHANGE},
+                                    if k not in RESUME_FROM_COMMAND_LINE and k != "sampler"},
                          sampler=SamplerConfig(**saved["sampler"]))
         overridden = _overridden(given, config)
         if overridden and rank == 0:
