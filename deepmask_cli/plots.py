@@ -58,8 +58,10 @@ def plot_curves(history: list[dict], path: str | Path) -> Path:
             ema = h[key] if ema is None else 0.98 * ema + 0.02 * h[key]
             smooth[key].append((h["step"], ema))
     vals = [h for h in history if "val" in h]
-    val_series = {k: [(h["step"], h["val"][k]) for h in vals] for k in ("iou_mean", "iou@0.5", "iou@0.7", "score_acc")}
-    palette = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
+    # score_live: validations since it was added (a resumed older run's earlier ones lack it)
+    val_series = {k: [(h["step"], h["val"][k]) for h in vals if k in h["val"]]
+                  for k in ("iou_mean", "iou@0.5", "iou@0.7", "score_acc", "score_live")}
+    palette = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
     _panel(draw, (5, 5, 445, 355), smooth, "training loss (EMA)", palette)
     _panel(draw, (455, 5, 895, 355), val_series, "validation (per patch)", palette)
     tmp = path.with_name(path.name + ".tmp.png")
