@@ -384,7 +384,7 @@ def _overridden(given: TrainConfig, kept: TrainConfig) -> list[str]:
     def flat(cfg: TrainConfig) -> dict[str, Any]:
         d = cfg.to_dict()
         d.update({f"sampler.{k}": v for k, v in d.pop("sampler").items()})
-        return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return d
 
     a, b = flat(given), flat(kept)
     return [f"{k} {b[k]} (not {a[k]})" for k in a if a[k] != b[k]]
