@@ -13,9 +13,10 @@ from deepmask_cli.evaluate import EvalError
 from deepmask_cli.images import ImageError
 from deepmask_cli.propose import ProposeError
 from deepmask_cli.quantize import QuantizeError
+from deepmask_cli.train import TrainError
 from deepmask_cli.weights import WeightsError
 
-USER_ERRORS = (DataError, EvalError, ImageError, ProposeError, QuantizeError, WeightsError, FileNotFoundError)
+USER_ERRORS = (DataError, EvalError, ImageError, ProposeError, QuantizeError, TrainError, WeightsError, FileNotFoundError)
 
 
 def run(main: Callable[[], int | None]) -> int:

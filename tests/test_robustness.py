@@ -321,6 +321,7 @@ def test_out_of_gpu_memory_halves_the_group_and_loses_nothing(synth_coco, tiny_w
 @pytest.mark.parametrize("script, args", [
     ("recall.py", ["{data}", "--weights", "{missing}", "--no-peer"]),
     ("tune.py", ["{missing}", "--limit", "1"]),
+    ("live_units.py", ["{data}", "{missing}"]),
 ])
 def test_benchmark_scripts_name_a_users_mistake_in_one_line(synth_coco, tmp_path, script, args):
     """benchmarks/*.py end a run with a missing weights folder or data folder
