@@ -45,7 +45,7 @@ from rich.table import Table
 from deepmask_cli import rle
 from deepmask_cli.evaluate import evaluate_recall
 from deepmask_cli.images import load_image
-from deepmask_cli.inference import image_to_tensor
+from deepmask_cli.inference import describe_cpu, image_to_tensor
 from deepmask_cli.propose import load_proposer, pipeline_defaults, run_propose
 from deepmask_cli.results import ResultsWriter, records
 
@@ -295,7 +295,9 @@ def main(argv=None) -> int:
         rate, batch, workers = end_to_end(args, all_images, args.e2e)
         console.print(f"end to end (deepmask propose: decode, network, paste, RLE, JSON): {rate:.1f} img/s over "
                       f"{args.e2e} images, batch {batch}, {workers} encoding workers")
-    console.print(f"machine: {platform.machine()}, {os.cpu_count()} cores; command: {' '.join(sys.argv)}")
+    limits = " ".join(f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if os.environ.get(k))
+    console.print(f"machine: {platform.machine()}, {os.cpu_count()} cores, CPU {describe_cpu()}"
+                  f"{f' (limited: {limits})' if limits else ''}; command: {' '.join(sys.argv)}")
     return 0
 
 

@@ -35,12 +35,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torchvision.ops import batched_nms, box_iou
+from torchvision.ops import box_iou
 
 from . import rle as rle_utils
 from .config import TRUNK_STRIDE, InferenceConfig
 from .model import DeepMask
-from .postprocess import cluster_nms, demotion, logit, masks_to_boxes, maskness, nms_boxes, paste_masks, paste_runs
+from .postprocess import (batched_nms_rank, cluster_nms, demotion, image_major, logit, masks_to_boxes, maskness, nms_boxes,
+                          paste_masks, paste_runs)
 
 
 @dataclass
@@ -148,10 +149,38 @@ def int8_dot_cpu() -> bool:
 def cpuinfo_has_int8_dot(cpuinfo: str) -> bool:
     """Whether the first ``flags`` line of a ``/proc/cpuinfo`` text names
     AVX512-VNNI or AVX-VNNI."""
+    return bool(cpu_flags(cpuinfo) & {"avx512_vnni", "avx_vnni"})
+
+
+def cpu_flags(cpuinfo: str) -> set[str]:
+    """The flags of the first ``flags`` line of a ``/proc/cpuinfo`` text."""
     for line in cpuinfo.splitlines():
         if line.startswith("flags"):
-            return bool(set(line.split(":", 1)[1].split()) & {"avx512_vnni", "avx_vnni"})
-    return False
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+#: The instruction sets that decide which network is fast on an x86 CPU.
+CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile")
+
+
+def describe_cpu(cpuinfo: str | None = None) -> str:
+    """The CPU model and which of :data:`CPU_FEATURES` it has, in one line,
+    for every speed figure (read from ``/proc/cpuinfo`` unless given)."""
+    import platform
+
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            cpuinfo = ""
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
+                 platform.processor() or platform.machine())
+    flags = cpu_flags(cpuinfo)
+    has = [f for f in CPU_FEATURES if f in flags]
+    lacks = [f for f in CPU_FEATURES if f not in flags]
+    return f"{model}; has: {' '.join(has) or 'none'}; lacks: {' '.join(lacks) or 'none'}"
 
 
 def resolve_runtime(runtime: str, device: torch.device, int8_trunk: str | os.PathLike | None, precision: str) -> str:
@@ -440,7 +469,7 @@ class Proposer:
             t_logit = logit(cfg.mask_thresh)
             if cfg.maskness:  # rescored by mask confidence, then back in (image, score) order
                 probs = probs * maskness(mask_logits, t_logit)
-                order = _image_major(img, probs)
+                order = image_major(img, probs)
                 img, mask_logits, windows, scale_of, probs = (img[order], mask_logits[order], windows[order],
                                                               scale_of[order], probs[order])
         if not rle or self._mask_nms:
@@ -463,20 +492,11 @@ class Proposer:
         # 4. drop empty masks, box NMS within each image, max_proposals each
         with self._stage("nms"):
             idx = (boxes_t[:, 2] > boxes_t[:, 0]).nonzero().squeeze(1)
-            if cfg.nms_thresh < 1.0 and idx.numel():  # box NMS; the kept stay in (image, score) order
-                keep = batched_nms(boxes_t[idx], probs[idx], img[idx], cfg.nms_thresh)
-                if cfg.nms_demote:  # the suppressed rescored, then all back in (image, score) order
-                    kept = torch.zeros(idx.numel(), dtype=torch.bool, device=dev)
-                    kept[keep] = True
-                    # one IoU matrix for the whole batch, pairs from different
-                    # images zeroed: no per-image loop (a sync each on a GPU)
-                    ik, isup = img[idx[kept]], img[idx[~kept]]
-                    iou = box_iou(boxes_t[idx[kept]], boxes_t[idx[~kept]]) * (ik[:, None] == isup[None, :])
-                    probs = probs.clone()
-                    probs[idx] *= demotion(iou, kept)
-                    idx = idx[_image_major(img[idx], probs[idx])]
-                else:
-                    idx = idx[torch.sort(keep).values]
+            if cfg.nms_thresh < 1.0 and idx.numel():  # box NMS within each image, in (image, score) order
+                pos, new_scores = batched_nms_rank(boxes_t[idx], probs[idx], img[idx], cfg.nms_thresh, cfg.nms_demote)
+                probs = probs.clone()
+                probs[idx] = new_scores
+                idx = idx[pos]
             if cfg.score_thresh > 0:  # on the final scores (the windows were cut on objectness alone)
                 idx = idx[probs[idx] > cfg.score_thresh]
             counts = torch.bincount(img[idx], minlength=len(sizes))
@@ -691,13 +711,6 @@ def _onnx_trunk(trunk: torch.nn.Module, device: torch.device, runtime: str, int8
         raise ValueError(f"{int8_trunk}: made from other weights than these (or by another version of deepmask quantize); "
                          "make it again with: deepmask quantize CALIBRATION_IMAGES --weights DIR")
     return session
-
-
-def _image_major(img: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
-    """The order that sorts windows by image, then by decreasing score
-    (stable: ties keep their order)."""
-    order = torch.argsort(score, descending=True, stable=True)
-    return order[torch.sort(img[order], stable=True).indices]
 
 
 def _select_runs(owner: torch.Tensor, pos: torch.Tensor, idx: torch.Tensor, n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -10,6 +10,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torchvision.ops import batched_nms, box_iou
 from torchvision.ops import nms as box_nms
 
 
@@ -383,6 +384,35 @@ def demotion(iou: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
         better = pos_k[:, None] < pos_s[None, :]
         out[pos_s] = 1.0 - torch.where(better, iou.float(), 0.0).amax(0)
     return out
+
+
+def image_major(img: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+    """The order that sorts proposals by image, then by decreasing score
+    (stable: ties keep their order)."""
+    order = torch.argsort(score, descending=True, stable=True)
+    return order[torch.sort(img[order], stable=True).indices]
+
+
+def batched_nms_rank(boxes_xyxy: torch.Tensor, scores: torch.Tensor, img: torch.Tensor, thresh: float, demote: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy box NMS within each image of a batch: ``(positions, scores)``.
+
+    The inputs are in (image, decreasing score) order. Without ``demote``
+    ``positions`` are the survivors, in that order, and the scores are
+    unchanged; with it every proposal stays, each suppressed one's score
+    times :func:`demotion`'s factor (its overlap with the better survivor
+    of its image), and ``positions`` order them all by image, then by the
+    new score. One IoU matrix serves the whole batch, pairs of different
+    images zeroed: no loop over images (a device sync each on a GPU).
+    """
+    keep = batched_nms(boxes_xyxy.float(), scores.float(), img, thresh)
+    if not demote:
+        return torch.sort(keep).values, scores
+    kept = torch.zeros(scores.shape[0], dtype=torch.bool, device=scores.device)
+    kept[keep] = True
+    same = img[kept][:, None] == img[~kept][None, :]
+    scores = scores * demotion(box_iou(boxes_xyxy[kept], boxes_xyxy[~kept]) * same, kept)
+    return image_major(img, scores), scores
 
 
 def maskness(mask_logits: torch.Tensor, thresh_logit: float) -> torch.Tensor:

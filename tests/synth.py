@@ -56,3 +56,72 @@ def make_coco(root: Path, n_images: int = 6, size: tuple[int, int] = (128, 160),
     data = {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "thing"}]}
     (root / "instances.json").write_text(json.dumps(data))
     return root
+
+
+def unit_scale_(model, *, seed: int = 0, batch: int = 8):
+    """Give a randomly initialised DeepMask activations of unit scale, in place.
+
+    PyTorch's default initialisation shrinks the signal at each of the
+    trunk's layers, so a random Lite0 gives a map with a standard deviation
+    near 1e-6: every window then scores the same and ties decide the tests.
+    Each convolution and linear layer, in the order the data meets them, is
+    rescaled so that its output has unit standard deviation on smooth random
+    patches (the layer-sequential unit-variance init of Mishkin and Matas,
+    2016, without its orthogonal start), in one pass: a hook rescales the
+    layer and hands the rescaled output on. The last layer of each head
+    (the logits) is centred too, so that scores and mask pixels fall on both
+    sides of any threshold. Deterministic for a given seed.
+    """
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    g = torch.Generator().manual_seed(seed)
+    p = model.config.patch_size
+    small = torch.rand(batch, 3, max(2, p // 8), max(2, p // 8), generator=g)
+    patches = F.interpolate(small, size=(p, p), mode="bilinear", align_corners=False)
+    logits = {model.mask_head.fc2, model.score_head.fc3}
+
+    def rescale(layer, _inputs, out):
+        with torch.no_grad():
+            std = out.std()
+            if std > 0:
+                layer.weight.div_(std)
+                if layer.bias is not None:
+                    layer.bias.div_(std)
+                out = out / std
+            if layer in logits:
+                mean = out.mean()
+                layer.bias.sub_(mean)
+                out = out - mean
+        return out
+
+    handles = [m.register_forward_hook(rescale) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(patches)
+    finally:
+        for h in handles:
+            h.remove()
+    return model
+
+
+def tiny_config():
+    """A tiny DeepMask: 64-pixel patches, 4x4 feature windows, 16x16 masks."""
+    from deepmask_cli.config import ModelConfig
+
+    return ModelConfig(trunk="efficientnet-lite0", patch_size=64, object_size=40, mask_size=16,
+                       mask_channels=8, mask_hidden=32, score_hidden=(16, 16), dropout=0.0)
+
+
+def tiny_model(config=None, seed: int = 0):
+    """A random tiny DeepMask (``config``: :func:`tiny_config`) with
+    activations of unit scale (:func:`unit_scale_`), so that its windows'
+    scores differ."""
+    import torch
+
+    from deepmask_cli.model import DeepMask
+
+    torch.manual_seed(seed)
+    return unit_scale_(DeepMask(config or tiny_config()), seed=seed)

@@ -9,15 +9,13 @@ from torchvision.ops import box_iou
 from deepmask_cli import Proposer, load_proposer, rle
 from deepmask_cli.config import InferenceConfig
 from deepmask_cli.model import DeepMask
+from conftest import PINNED
+from synth import tiny_model
 
 
 def _proposer(cfg, **kw):
-    torch.manual_seed(0)
-    model = DeepMask(cfg)
-    with torch.no_grad():  # spread the random scores so that no two windows tie
-        for lin in (model.score_head.fc1, model.score_head.fc2, model.score_head.fc3):
-            lin.weight.mul_(8)
-    return Proposer(model, InferenceConfig(scale_min=-1, scale_max=0, scale_step=0.5, **kw), "cpu")
+    """A tiny model's proposer, in fp32 torch unless the test asks otherwise."""
+    return Proposer(tiny_model(cfg), InferenceConfig(scale_min=-1, scale_max=0, scale_step=0.5, **{**PINNED, **kw}), "cpu")
 
 
 def test_pil_array_and_tensor_inputs_agree(tiny_config):
@@ -183,13 +181,8 @@ def test_maskness_rescores_the_same_windows(tiny_config, rle_mode):
     is dropped), ranked by the new scores."""
     arr = np.random.default_rng(3).integers(0, 255, (72, 64, 3), dtype=np.uint8)
     kw = dict(max_proposals=40, nms_thresh=1.0, mask_thresh=0.4)
-    model = _proposer(tiny_config).model
-    with torch.no_grad():  # masks that differ from window to window (the random trunk's maps are ~1e-6)
-        model.mask_head.reduce.weight.mul_(1e6)
-        model.mask_head.reduce.bias.zero_()
-        model.mask_head.fc2.weight.mul_(10)
-    plain = Proposer(model, InferenceConfig(scale_min=-1, scale_max=0, maskness=False, **kw), "cpu")(arr, rle=rle_mode)
-    rescored = Proposer(model, InferenceConfig(scale_min=-1, scale_max=0, maskness=True, **kw), "cpu")(arr, rle=rle_mode)
+    plain = _proposer(tiny_config, maskness=False, **kw)(arr, rle=rle_mode)
+    rescored = _proposer(tiny_config, maskness=True, **kw)(arr, rle=rle_mode)
     assert len(rescored) == len(plain) > 0
     assert torch.all(rescored.scores[:-1] >= rescored.scores[1:])
     before = {tuple(w): float(sc) for w, sc in zip(plain.windows_xyxy.tolist(), plain.scores)}
@@ -275,6 +268,15 @@ def test_int8_dot_products_are_read_from_cpu_flags():
     assert not cpuinfo_has_int8_dot("flags\t: fpu sse2 avx2 fma avx512f avx512bw\n")  # AVX512 without VNNI
     assert not cpuinfo_has_int8_dot("Features\t: fp asimd asimddp\n")  # an ARM CPU: not measured, so no
     assert not cpuinfo_has_int8_dot("")
+
+
+def test_describe_cpu_names_the_model_and_the_instruction_sets_that_matter():
+    from deepmask_cli.inference import describe_cpu
+
+    text = describe_cpu("model name\t: AMD EPYC\nflags\t\t: fpu sse2 avx2 fma\n")
+    assert text == "AMD EPYC; has: avx2 fma; lacks: avx512f avx512_vnni avx_vnni avx512_bf16 amx_tile"
+    assert "has: avx2 fma avx512f avx512_vnni avx512_bf16" in describe_cpu(
+        "model name : Xeon\nflags : avx2 fma avx512f avx512_vnni avx512_bf16\n")
 
 
 def test_canvas_sides_share_few_shapes():

@@ -15,7 +15,7 @@ from deepmask_cli import rle
 from deepmask_cli.config import InferenceConfig
 from deepmask_cli.inference import Proposer
 from deepmask_cli.model import DeepMask
-from deepmask_cli.postprocess import (cluster_nms, crop_runs, demotion, logit, masks_to_boxes, maskness, paste_crops,
+from deepmask_cli.postprocess import (batched_nms_rank, cluster_nms, crop_runs, demotion, logit, masks_to_boxes, maskness, paste_crops,
                                      paste_runs, paste_masks)
 
 
@@ -193,6 +193,24 @@ def test_demotion_scales_the_suppressed_by_their_overlap_with_a_better_kept_one(
     assert bool((got[~kept] < 0.5).all())  # suppressed: overlapped by more than the threshold
     assert demotion(iou[:0, :0], kept[:0]).shape == (0,)
     assert torch.equal(demotion(iou[:3, :0], torch.ones(3, dtype=torch.bool)), torch.ones(3))  # nothing suppressed
+
+
+def test_batched_nms_rank_drops_or_demotes_within_each_image_only():
+    """Hand-built boxes whose outcome is known. Image 0: A (score 0.9), B
+    (0.8) overlapping A by IoU 0.6, C (0.7) apart. Image 1: D (0.6), which is
+    B's box in another image, so it must not be suppressed by A."""
+    a, b, c = [0, 0, 10, 10], [0, 0, 10, 6], [50, 50, 60, 60]
+    boxes = torch.tensor([a, b, c, b], dtype=torch.float32)
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6])
+    img = torch.tensor([0, 0, 0, 1])
+    pos, got = batched_nms_rank(boxes, scores, img, 0.5, demote=False)
+    assert pos.tolist() == [0, 2, 3] and torch.equal(got, scores)
+    pos, got = batched_nms_rank(boxes, scores, img, 0.5, demote=True)
+    # B demoted to 0.8 * (1 - 0.6) = 0.32, behind C in its image; D untouched
+    torch.testing.assert_close(got, torch.tensor([0.9, 0.32, 0.7, 0.6]))
+    assert pos.tolist() == [0, 2, 1, 3]
+    pos, got = batched_nms_rank(boxes, scores, img, 0.7, demote=True)  # IoU 0.6 < 0.7: nothing suppressed
+    assert pos.tolist() == [0, 1, 2, 3] and torch.equal(got, scores)
 
 
 @settings(max_examples=30, deadline=None)
