@@ -32,11 +32,6 @@ def test_int8_trunk_is_quantized_calibrated_and_close_to_float(tiny_weights, tmp
     from deepmask_cli.quantize import quantize_trunk
 
     model, _, _ = load_weights(tiny_weights)
-    torch.manual_seed(0)
-    with torch.no_grad():  # features and scores that vary (the tiny random model's are near zero and flat)
-        [m for m in model.trunk.modules() if isinstance(m, torch.nn.Conv2d)][-1].weight.mul_(1e7)
-        for fc in (model.score_head.fc1, model.score_head.fc2, model.score_head.fc3):
-            fc.weight.normal_(0, 2 / fc.in_features**0.5)
     photos = sorted(_photos(tmp_path / "photos").iterdir())
     out = quantize_trunk(model, photos, tmp_path / "t.onnx", limit=2)
     m = onnx.load(str(out))
@@ -46,6 +41,9 @@ def test_int8_trunk_is_quantized_calibrated_and_close_to_float(tiny_weights, tmp
     props = {p.key: p.value for p in m.metadata_props}
     calib = json.loads(props["calibration"])
     assert calib["images"] == ["p0.png", "p1.png"] and calib["method"] == "entropy"
+    assert props["weight_bits"] == "7"  # exact without VNNI too (no int16 saturation)
+    w = [onnx.numpy_helper.to_array(t) for t in m.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert max(int(np.abs(a).max()) for a in w) <= 64
     assert ModelConfig.from_dict(json.loads(props["deepmask_config"])) == model.config
 
     # the int8 trunk's map follows the float one closely
@@ -54,11 +52,12 @@ def test_int8_trunk_is_quantized_calibrated_and_close_to_float(tiny_weights, tmp
     i8 = Proposer(model, cfg.replace(runtime="onnx-int8"), "cpu", int8_trunk=out)
     img = torch.from_numpy(np.array(Image.open(photos[2]))).permute(2, 0, 1).float() / 255
     lf, li = f32.dense_pass([img])[0], i8.dense_pass([img])[0]
-    assert torch.corrcoef(torch.stack([lf.fmap.flatten(), li.fmap.flatten()]))[0, 1] > 0.95
+    # (8-bit weights saturate on a CPU without VNNI: 0.94 there, against 0.997 with 7)
+    assert torch.corrcoef(torch.stack([lf.fmap.flatten(), li.fmap.flatten()]))[0, 1] > 0.98
     # ... and so do the scores, which it computes too (the score head is in it)
     assert li.scores.shape == lf.scores.shape
     assert lf.scores.std() > 0.1
-    assert torch.corrcoef(torch.stack([lf.scores.flatten(), li.scores.flatten()]))[0, 1] > 0.9
+    assert torch.corrcoef(torch.stack([lf.scores.flatten(), li.scores.flatten()]))[0, 1] > 0.95
     assert len(i8(np.asarray(Image.open(photos[2])))) > 0
 
 
@@ -145,7 +144,7 @@ def test_cli_auto_runtime_warns_in_one_line_and_goes_on_without_a_stale_int8_tru
     quantize_trunk(DeepMask(load_weights(tiny_weights)[0].config), sorted(photos.iterdir()),
                    tiny_weights / "trunk-int8.onnx", limit=1)  # made from other weights
     r = CliRunner().invoke(main, ["propose", str(photos), "-o", str(tmp_path / "a.json"), "--weights", str(tiny_weights),
-                                  "--device", "cpu"])
+                                  "--device", "cpu", "--precision", "auto", "--runtime", "auto"])
     assert r.exit_code == 0, r.output
     warning = [line for line in r.output.splitlines() if "warning:" in line]
     assert len(warning) == 1 and "deepmask quantize" in warning[0] and "Traceback" not in r.output
