@@ -80,7 +80,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 @click.option("--batch-size", type=int, default=None, help="Images run through the network together. [default: 1 on a CPU, 8 on a GPU]")
 @click.option("--workers", type=int, default=None, help="Processes that RLE-encode and write results beside the network. [default: 0 on a CPU, up to 8 on a GPU]")
 @click.option("--precision", type=click.Choice(PRECISIONS), default=None, help=f"Network arithmetic: fp32, fp16 (GPU only) or bf16; auto is fp16 on a GPU, bf16 on a CPU with native bf16, else fp32. [default: {_D.precision}]")
-@click.option("--runtime", type=click.Choice(RUNTIMES), default=None, help=f"Where the trunk runs: torch, or ONNX Runtime on a CPU: onnx in float32 (pip install 'deepmask[onnx]'), onnx-int8 the weights' int8 trunk (deepmask quantize). auto: onnx-int8 on CPUs with VNNI when the weights have one and --precision is not fp32, else torch. [default: {_D.runtime}]")
+@click.option("--runtime", type=click.Choice(RUNTIMES), default=None, help=f"Where the trunk runs: torch, or ONNX Runtime on a CPU: onnx in float32 (pip install 'deepmask[onnx]'), onnx-int8 the weights' int8 trunk (deepmask quantize). auto: onnx-int8 on x86-64 CPUs with AVX2 when the weights have one and --precision is not fp32, else torch. [default: {_D.runtime}]")
 @click.option("--shard", default=None, help="I/N: run only the I-th of N contiguous parts of the inputs (0-based); join the parts with deepmask merge.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run into the same output, skipping finished images.")
 @click.option("--strict", is_flag=True, help="Stop at the first bad image instead of reporting it and going on.")
@@ -416,8 +416,8 @@ def export(checkpoint, out_dir, half) -> None:
 def quantize(images, weights, out_path, limit) -> None:
     """Make an int8 trunk + score head for CPUs, calibrated on photos.
 
-    propose runs it with --runtime onnx-int8, and by default (auto) on CPUs
-    with VNNI.
+    propose runs it with --runtime onnx-int8, and by default (auto) on x86-64
+    CPUs (AVX2 or better).
 
     \b
     deepmask quantize coco/train2017/ --weights my-weights/
@@ -443,6 +443,44 @@ def quantize(images, weights, out_path, limit) -> None:
             _fail(str(e))
     err.print(f"[green]✓[/] {escape(str(written))} ({written.stat().st_size / 1e6:.1f} MB)")
 
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True)
+@click.option("--weights", type=click.Path(), default=None, help="Weights folder to compress. [default: the shipped weights]")
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(), help="Weights folder to write.")
+@click.option("--score-rank", type=int, default=0, show_default=True,
+              help="Width of the bottleneck put before the score head's first layer (0: leave it).")
+@click.option("--mask-rank", type=int, default=0, show_default=True, help="The mask head's new hidden width (0: leave it).")
+@click.option("--limit", type=int, default=16, show_default=True, help="Calibration photos, spread evenly over IMAGES.")
+@click.option("--half", is_flag=True, help="Store the tensors as float16 (half the size).")
+def compress(images, weights, out_dir, score_rank, mask_rank, limit, half) -> None:
+    """Thinner heads, fewer multiply-adds per window: each layer replaced by
+    its projection on its outputs' principal directions over photos.
+
+    Measure the result's recall before using it (benchmarks/recall.py), and
+    quantize it for CPUs (deepmask quantize --weights OUT).
+
+    \b
+    deepmask compress coco/train2017/ -o small-weights/ --score-rank 128 --mask-rank 128
+    """
+    from .compress import CompressError, compress_weights
+    from .images import collect_images
+    from .propose import default_weights
+    from .weights import WeightsError
+
+    folder = Path(weights) if weights else default_weights()
+    paths, problems = collect_images(images)
+    for pr in problems:
+        err.print(f"[yellow]![/] {escape(pr.path)}: {escape(pr.reason)}")
+    with err.status(f"measuring the heads on up to {limit} of {len(paths)} photos"):
+        try:
+            written, kept = compress_weights(folder, paths, out_dir, score_rank=score_rank, mask_rank=mask_rank,
+                                             limit=limit, half=half)
+        except (CompressError, WeightsError) as e:
+            _fail(str(e))
+    shares = ", ".join(f"{k} head {v:.1%}" for k, v in kept.items())
+    err.print(f"[green]✓[/] {escape(str(written))} (output variance kept: {shares or 'nothing compressed'})")
 
 if __name__ == "__main__":
     main()

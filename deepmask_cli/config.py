@@ -64,6 +64,9 @@ class ModelConfig(_Serialisable):
     mask_channels: int = 128
     mask_hidden: int = 512
     score_hidden: tuple[int, int] = (512, 1024)
+    # A linear projection of each window's pooled features to this many
+    # values before the score head's first layer; 0: none (the paper's head).
+    score_bottleneck: int = 0
     dropout: float = 0.5
 
     def __post_init__(self) -> None:
@@ -78,6 +81,8 @@ class ModelConfig(_Serialisable):
             raise ValueError(f"object_size must be in (0, patch_size], got {self.object_size}")
         if len(self.score_hidden) != 2:
             raise ValueError("score_hidden takes exactly two widths")
+        if self.score_bottleneck < 0:
+            raise ValueError(f"score_bottleneck must be >= 0 (0: none), got {self.score_bottleneck}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
@@ -142,15 +147,13 @@ class InferenceConfig(_Serialisable):
     # fp32 elsewhere.
     precision: str = "auto"
     # Where the trunk (and, in int8, the dense score head) runs: torch; onnx
-    # (ONNX Runtime, float32 trunk, CPU only: about 2x torch's float32 trunk
-    # on the 2-core CPU, for CPUs without native bf16); onnx-int8: the
-    # weights' int8 trunk + score head (deepmask quantize) in ONNX Runtime,
-    # CPU only.
-    # auto: onnx-int8 on a CPU with int8 dot products (VNNI) when the weights
-    # have an int8 network and precision is not fp32 (fp32 means fp32
-    # throughout); on the 2-core CPU that makes proposals 1.55-1.66x faster
-    # than the torch bf16 network (two side-by-side runs), with mask AR@100
-    # 0.002 under fp32's on coco-val (README, Benchmarks). torch elsewhere,
+    # (ONNX Runtime, float32 trunk, CPU only); onnx-int8: the weights' int8
+    # trunk + score head (deepmask quantize) in ONNX Runtime, CPU only.
+    # auto: onnx-int8 on an x86-64 CPU with AVX2 (VNNI or not: its 7-bit
+    # weights are exact on both) when the weights have an int8 network and
+    # precision is not fp32 (fp32 means fp32 throughout): the fastest CPU
+    # path measured on both kinds of x86 CPU, with recall within 0.005 mask
+    # AR@100 of fp32's on coco-val (docs/benchmarks.md). torch elsewhere,
     # GPUs included.
     runtime: str = "auto"
 

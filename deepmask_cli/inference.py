@@ -132,18 +132,30 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if device.type == "cpu" and native_bf16() else "fp32"
 
 
+def _cpuinfo() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
 @functools.lru_cache(maxsize=1)
 def int8_dot_cpu() -> bool:
     """Whether this CPU has x86 int8 dot-product instructions (AVX512-VNNI or
-    AVX-VNNI), which ONNX Runtime's int8 convolutions need to be fast and
-    exact. Read from ``/proc/cpuinfo``: elsewhere (other systems, other
-    architectures, where the int8 network has not been measured) the answer
-    is no."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return cpuinfo_has_int8_dot(f.read())
-    except OSError:
-        return False
+    AVX-VNNI), with which ONNX Runtime's int8 convolutions are exact with
+    8-bit weights too. Read from ``/proc/cpuinfo``: elsewhere the answer is
+    no."""
+    return cpuinfo_has_int8_dot(_cpuinfo())
+
+
+@functools.lru_cache(maxsize=1)
+def int8_cpu() -> bool:
+    """Whether this is an x86-64 CPU on which the int8 network has been
+    measured to be fast and exact: AVX2 at least (with or without VNNI,
+    thanks to its 7-bit weights). Elsewhere (other architectures, where it
+    has not been measured, or other systems) the answer is no."""
+    return "avx2" in cpu_flags(_cpuinfo())
 
 
 def cpuinfo_has_int8_dot(cpuinfo: str) -> bool:
@@ -184,15 +196,14 @@ def describe_cpu(cpuinfo: str | None = None) -> str:
 
 
 def resolve_runtime(runtime: str, device: torch.device, int8_trunk: str | os.PathLike | None, precision: str) -> str:
-    """``auto`` -> ``onnx-int8`` on a CPU with int8 dot products
-    (:func:`int8_dot_cpu`) when ``int8_trunk`` exists, ONNX Runtime is
-    installed and ``precision`` is not ``fp32``; else ``torch``. Any other
-    runtime is returned as is."""
+    """``auto`` -> ``onnx-int8`` on an x86-64 CPU with AVX2 (:func:`int8_cpu`)
+    when ``int8_trunk`` exists, ONNX Runtime is installed and ``precision``
+    is not ``fp32``; else ``torch``. Any other runtime is returned as is."""
     if runtime != "auto":
         return runtime
     if device.type != "cpu" or precision == "fp32" or int8_trunk is None or not os.path.isfile(int8_trunk):
         return "torch"
-    if importlib.util.find_spec("onnxruntime") is None or not int8_dot_cpu():
+    if importlib.util.find_spec("onnxruntime") is None or not int8_cpu():
         return "torch"
     return "onnx-int8"
 
@@ -710,6 +721,9 @@ def _onnx_trunk(trunk: torch.nn.Module, device: torch.device, runtime: str, int8
     if meta.get("network_sha256") != network_fingerprint(source.trunk, source.score_head):
         raise ValueError(f"{int8_trunk}: made from other weights than these (or by another version of deepmask quantize); "
                          "make it again with: deepmask quantize CALIBRATION_IMAGES --weights DIR")
+    if meta.get("weight_bits") != "7" and not int8_dot_cpu():
+        raise ValueError(f"{int8_trunk}: its 8-bit weights saturate on a CPU without VNNI (wrong maps); "
+                         "make it again (7-bit) with: deepmask quantize CALIBRATION_IMAGES --weights DIR")
     return session
 
 

@@ -11,7 +11,7 @@ multiply uint8 activations by int8 weights in pairs summed into int16
 127 > 32767) and corrupts the maps; with 7-bit weights (2 x 255 x 63) it
 cannot, so one file is exact on every x86-64 CPU. The mask head, which runs on the kept windows
 only, stays in torch. The result, ``trunk-int8.onnx`` in the weights folder,
-is what ``--runtime onnx-int8`` (and ``auto`` on CPUs with VNNI) runs; its
+is what ``--runtime onnx-int8`` (and ``auto`` on x86-64 CPUs) runs; its
 metadata records how it was made. Its cost in recall for the shipped weights
 is in their model card.
 

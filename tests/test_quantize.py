@@ -108,7 +108,7 @@ def test_an_int8_trunk_made_from_other_weights_is_refused(tiny_weights, tmp_path
 
 
 def test_runtime_auto_takes_the_int8_trunk_only_where_it_pays(tiny_weights, tmp_path, monkeypatch):
-    """auto: the int8 trunk on a CPU with int8 dot products when the weights
+    """auto: the int8 trunk on an x86-64 CPU with AVX2 when the weights
     have one and fp32 was not asked for; torch otherwise, and torch with a
     warning (not a failure) when the weights' int8 trunk is stale."""
     import deepmask_cli.inference as inference
@@ -119,7 +119,7 @@ def test_runtime_auto_takes_the_int8_trunk_only_where_it_pays(tiny_weights, tmp_
     out = quantize_trunk(model, sorted(_photos(tmp_path / "photos").iterdir()), tmp_path / "t.onnx", limit=1)
     cfg = InferenceConfig(scale_min=0, scale_max=0)
     assert cfg.runtime == "auto"
-    monkeypatch.setattr(inference, "int8_dot_cpu", lambda: True)
+    monkeypatch.setattr(inference, "int8_cpu", lambda: True)
     assert Proposer(model, cfg, "cpu", int8_trunk=out).runtime == "onnx-int8"
     assert Proposer(model, cfg.replace(precision="fp32"), "cpu", int8_trunk=out).runtime == "torch"
     assert Proposer(model, cfg, "cpu", int8_trunk=tmp_path / "none.onnx").runtime == "torch"
@@ -129,7 +129,7 @@ def test_runtime_auto_takes_the_int8_trunk_only_where_it_pays(tiny_weights, tmp_
     torch.manual_seed(1)
     with pytest.warns(UserWarning, match="other weights"):
         assert Proposer(DeepMask(model.config), cfg, "cpu", int8_trunk=out).runtime == "torch"
-    monkeypatch.setattr(inference, "int8_dot_cpu", lambda: False)
+    monkeypatch.setattr(inference, "int8_cpu", lambda: False)
     assert Proposer(model, cfg, "cpu", int8_trunk=out).runtime == "torch"
 
 
@@ -138,7 +138,7 @@ def test_cli_auto_runtime_warns_in_one_line_and_goes_on_without_a_stale_int8_tru
     from deepmask_cli.model import DeepMask
     from deepmask_cli.quantize import quantize_trunk
 
-    monkeypatch.setattr(inference, "int8_dot_cpu", lambda: True)
+    monkeypatch.setattr(inference, "int8_cpu", lambda: True)
     photos = _photos(tmp_path / "photos")
     torch.manual_seed(1)
     quantize_trunk(DeepMask(load_weights(tiny_weights)[0].config), sorted(photos.iterdir()),
@@ -173,3 +173,27 @@ def test_trunk_and_score_head_export_computes_what_torch_does(tiny_weights):
         want = model.dense_scores(want_fmap)
     torch.testing.assert_close(fmap, want_fmap, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(scores, want, rtol=1e-4, atol=1e-4)
+
+
+def test_an_8bit_int8_trunk_is_refused_on_a_cpu_without_vnni(tiny_weights, tmp_path, monkeypatch):
+    """A file from before 7-bit weights would give wrong maps without VNNI:
+    refused there with the fix, and auto goes on in torch with a warning."""
+    import deepmask_cli.inference as inference
+    from deepmask_cli.quantize import quantize_trunk
+
+    model, _, _ = load_weights(tiny_weights)
+    out = quantize_trunk(model, sorted(_photos(tmp_path / "photos").iterdir()), tmp_path / "t.onnx", limit=1)
+    m = onnx.load(str(out))
+    props = {p.key: p.value for p in m.metadata_props}
+    del props["weight_bits"]
+    del m.metadata_props[:]
+    onnx.helper.set_model_props(m, props)
+    onnx.save(m, str(out))
+    monkeypatch.setattr(inference, "int8_cpu", lambda: True)
+    monkeypatch.setattr(inference, "int8_dot_cpu", lambda: False)
+    with pytest.raises(ValueError, match="saturate.*deepmask quantize"):
+        Proposer(model, InferenceConfig(scale_min=0, scale_max=0, runtime="onnx-int8"), "cpu", int8_trunk=out)
+    with pytest.warns(UserWarning, match="saturate"):
+        assert Proposer(model, InferenceConfig(scale_min=0, scale_max=0), "cpu", int8_trunk=out).runtime == "torch"
+    monkeypatch.setattr(inference, "int8_dot_cpu", lambda: True)  # exact with VNNI: run
+    assert Proposer(model, InferenceConfig(scale_min=0, scale_max=0), "cpu", int8_trunk=out).runtime == "onnx-int8"
