@@ -72,14 +72,26 @@ class MaskHead(nn.Module):
 
 class ScoreHead(nn.Module):
     """2x2 max-pool, two fully connected layers with ReLU (and dropout in
-    training), one objectness logit."""
+    training), one objectness logit.
 
-    def __init__(self, *, in_channels: int, feat_size: int, hidden: tuple[int, int], dropout: float) -> None:
+    ``bottleneck`` > 0 puts a linear layer of that width (``fc0``, no
+    non-linearity after it) before the first fully connected layer: the
+    window's pooled features are projected to ``bottleneck`` values and fc1
+    reads those. fc1 over every window is most of the head's cost (and of
+    the whole network's on a CPU); the projection divides it by about
+    ``in / bottleneck``. :mod:`deepmask_cli.compress` makes one from a
+    trained head's fc1 (its principal subspace on real windows).
+    """
+
+    def __init__(self, *, in_channels: int, feat_size: int, hidden: tuple[int, int], dropout: float,
+                 bottleneck: int = 0) -> None:
         super().__init__()
         if feat_size % 2:
             raise ValueError("the score head needs an even feature window")
         self.pooled = feat_size // 2
-        self.fc1 = nn.Linear(in_channels * self.pooled * self.pooled, hidden[0])
+        n_in = in_channels * self.pooled * self.pooled
+        self.fc0 = nn.Linear(n_in, bottleneck) if bottleneck else None
+        self.fc1 = nn.Linear(bottleneck or n_in, hidden[0])
         self.fc2 = nn.Linear(hidden[0], hidden[1])
         self.fc3 = nn.Linear(hidden[1], 1)
         self.dropout = nn.Dropout(dropout)
@@ -87,18 +99,21 @@ class ScoreHead(nn.Module):
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         """``feats: (B, C, f, f)`` -> ``score_logits: (B,)``."""
         x = F.max_pool2d(feats, 2).flatten(1)
+        if self.fc0 is not None:
+            x = self.fc0(x)
         x = self.dropout(F.relu(self.fc1(x)))
         x = self.dropout(F.relu(self.fc2(x)))
         return self.fc3(x).squeeze(1)
 
     def dense_weights(self, memory_format: torch.memory_format = torch.contiguous_format) -> tuple[torch.Tensor, ...]:
-        """fc1, fc2, fc3 as convolution weights (fc1 a ``pooled`` square
+        """The layers as convolution weights (the first a ``pooled`` square
         kernel, the others 1x1) in ``memory_format``: made once, they spare
-        :meth:`dense` a re-layout of fc1 per call (a channels-last map wants a
-        channels-last kernel)."""
-        w1 = self.fc1.weight.view(self.fc1.out_features, -1, self.pooled, self.pooled)
-        w2, w3 = self.fc2.weight[:, :, None, None], self.fc3.weight[:, :, None, None]
-        return tuple(w.contiguous(memory_format=memory_format) for w in (w1, w2, w3))
+        :meth:`dense` a re-layout of the first per call (a channels-last map
+        wants a channels-last kernel)."""
+        first = self.fc0 if self.fc0 is not None else self.fc1
+        rest = [fc for fc in (self.fc1, self.fc2, self.fc3) if fc is not first]
+        w1 = first.weight.view(first.out_features, -1, self.pooled, self.pooled)
+        return tuple(w.contiguous(memory_format=memory_format) for w in (w1, *(fc.weight[:, :, None, None] for fc in rest)))
 
     def dense(self, fmap: torch.Tensor, weights: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
         """``fmap: (B, C, H, W)`` -> ``score_logits: (B, H-f+1, W-f+1)``, one per window.
@@ -114,13 +129,18 @@ class ScoreHead(nn.Module):
         f = 2 * self.pooled
         if fmap.shape[2] < f or fmap.shape[3] < f:
             raise ValueError(f"feature map {fmap.shape[2]}x{fmap.shape[3]} is smaller than the {f}x{f} window")
-        w1, w2, w3 = weights if weights is not None else self.dense_weights()
+        weights = weights if weights is not None else self.dense_weights()
+        first = self.fc0 if self.fc0 is not None else self.fc1
         pooled = F.max_pool2d(fmap, 2, stride=1)
-        x = F.relu(self._fc1_by_parity(pooled, w1) if fmap.is_cuda else F.conv2d(pooled, w1, self.fc1.bias, dilation=2))
-        x = F.relu(F.conv2d(x, w2, self.fc2.bias))
-        return F.conv2d(x, w3, self.fc3.bias)[:, 0]
+        w1 = weights[0]
+        x = self._fc1_by_parity(pooled, w1, first.bias) if fmap.is_cuda else F.conv2d(pooled, w1, first.bias, dilation=2)
+        if self.fc0 is not None:  # the bottleneck: fc1 as a 1x1 convolution, no ReLU between
+            weights = weights[1:]
+            x = F.conv2d(x, weights[0], self.fc1.bias)
+        x = F.relu(F.conv2d(F.relu(x), weights[1], self.fc2.bias))
+        return F.conv2d(x, weights[2], self.fc3.bias)[:, 0]
 
-    def _fc1_by_parity(self, pooled: torch.Tensor, w1: torch.Tensor) -> torch.Tensor:
+    def _fc1_by_parity(self, pooled: torch.Tensor, w1: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """fc1's dilation-2 convolution over ``pooled`` as four plain ones,
         one per (row, column) parity of the output, interleaved: the same
         sums. On an H100, cuDNN's heuristics ran the dilated form with a
@@ -138,7 +158,7 @@ class ScoreHead(nn.Module):
                                                                   else torch.contiguous_format)
         for dy in range(min(2, ho)):
             for dx in range(min(2, wo)):
-                part = F.conv2d(pooled[:, :, dy::2, dx::2], w1, self.fc1.bias)
+                part = F.conv2d(pooled[:, :, dy::2, dx::2], w1, bias)
                 out[:, :, dy::2, dx::2] = part[:, :, : (ho - dy + 1) // 2, : (wo - dx + 1) // 2]
         return out
 
@@ -159,7 +179,8 @@ class DeepMask(nn.Module):
         self.mask_head = MaskHead(
             in_channels=c, channels=config.mask_channels, feat_size=f, hidden=config.mask_hidden, mask_size=config.mask_size
         )
-        self.score_head = ScoreHead(in_channels=c, feat_size=f, hidden=config.score_hidden, dropout=config.dropout)
+        self.score_head = ScoreHead(in_channels=c, feat_size=f, hidden=config.score_hidden, dropout=config.dropout,
+                                    bottleneck=config.score_bottleneck)
         self.register_buffer("mean", torch.tensor(self.trunk.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(self.trunk.std).view(1, 3, 1, 1), persistent=False)
 

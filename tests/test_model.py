@@ -29,12 +29,14 @@ def test_config_rejects_bad_patch_size():
         ModelConfig(patch_size=48)
 
 
+@pytest.mark.parametrize("bottleneck", [0, 5])
 @pytest.mark.parametrize("h,w", [(9, 10), (10, 11), (6, 6), (7, 6), (13, 9)])
-def test_dense_equals_patch_by_patch(h, w):
-    """Every window of a random map: dense heads == heads on the cropped window."""
+def test_dense_equals_patch_by_patch(h, w, bottleneck):
+    """Every window of a random map: dense heads == heads on the cropped
+    window (with and without the score head's bottleneck)."""
     torch.manual_seed(h * 100 + w)
     cfg = ModelConfig(trunk="efficientnet-lite0", patch_size=96, object_size=60, mask_size=8, mask_channels=6,
-                      mask_hidden=10, score_hidden=(7, 9), dropout=0.5)
+                      mask_hidden=10, score_hidden=(7, 9), score_bottleneck=bottleneck, dropout=0.5)
     model = DeepMask(cfg).eval()
     f = cfg.feat_size
     fmap = torch.randn(2, 112, h, w)
@@ -100,6 +102,6 @@ def test_score_fc1_by_parity_equals_the_dilated_convolution(f, h, w, channels_la
     w1 = head.dense_weights(fmt)[0]
     with torch.no_grad():
         want = F.conv2d(pooled, w1, head.fc1.bias, dilation=2)
-        got = head._fc1_by_parity(pooled, w1)
+        got = head._fc1_by_parity(pooled, w1, head.fc1.bias)
     assert got.shape == want.shape == (2, 16, h + 1, w + 1)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
