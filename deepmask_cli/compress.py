@@ -34,8 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import InferenceConfig
-from .images import ImageError, load_image
-from .inference import Proposer, image_to_tensor
+from .inference import Proposer
 from .model import DeepMask
 
 
@@ -164,27 +163,17 @@ def compress_weights(folder: str | Path, images: Sequence[str | Path], out: str 
     records how it was made. Returns ``(out, kept variance shares)``."""
     from .weights import load_weights, read_config, save_weights
 
-    if limit <= 0:
-        raise CompressError(f"limit must be positive, got {limit}")
-    images = [Path(p) for p in images]
-    if not images:
-        raise CompressError("no calibration photos given")
-    step = max(1, len(images) // max(1, limit))
-    chosen, photos = [], []
-    for p in images[::step][:limit]:
-        try:
-            photos.append(image_to_tensor(load_image(p)))
-        except ImageError:
-            continue
-        chosen.append(p)
-    if not photos:
-        raise CompressError(f"none of the calibration photos could be read (first: {images[0]})")
+    from .quantize import calibration_photos
+
+    chosen, photos = calibration_photos(images, limit, CompressError)
     model, inference, _ = load_weights(folder)
     score, mask = head_statistics(model, photos, inference)
     small, kept = compress_heads(model, score, mask, score_rank=score_rank, mask_rank=mask_rank)
-    meta = dict(read_config(folder).get("meta") or {})
+    source = read_config(folder)
+    meta = dict(source.get("meta") or {})
     meta["compressed"] = {"from": Path(folder).name, "score_rank": score_rank, "mask_rank": mask_rank,
                           "variance_kept": {k: round(v, 5) for k, v in kept.items()},
                           "calibration": [p.name for p in chosen]}
-    save_weights(small, out, inference=inference, meta=meta, half=half)
+    # the source's own inference settings, as written (unset fields keep following the library's defaults)
+    save_weights(small, out, inference=source.get("inference") or {}, meta=meta, half=half)
     return Path(out), kept

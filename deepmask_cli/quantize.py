@@ -44,6 +44,15 @@ CALIBRATION_SCALES = (0.5, 1.0, 2.0)
 CALIBRATION_CROP = 448
 
 
+def _bottleneck_nodes(graph_model) -> list[str]:
+    """The score head's bottleneck convolutions (fc0 and the fc1 after it),
+    found by their bias initialisers, to keep in float: the bottleneck's
+    values are signed and few, and uint8 steps over them cost recall, while
+    these two layers are a small part of the work."""
+    wanted = {"score_head.fc0.bias", "score_head.fc1.bias"}
+    return [n.name for n in graph_model.graph.node if n.op_type == "Conv" and wanted & set(n.input)]
+
+
 class QuantizeError(Exception):
     """A quantization the user can fix (missing extra, no readable photo)."""
 
@@ -62,6 +71,29 @@ def calibration_canvases(model: DeepMask, images: Sequence[torch.Tensor], *, sca
             yield c.contiguous().numpy()
 
 
+def calibration_photos(images: Sequence[str | Path], limit: int, error: type[Exception] = ValueError
+                       ) -> tuple[list[Path], list[torch.Tensor]]:
+    """``limit`` photos spread evenly over ``images``, read as ``(3, H, W)``
+    tensors: ``(their paths, the tensors)``. Unreadable photos are skipped;
+    none at all, no photo or a bad ``limit`` raise ``error``."""
+    images = [Path(p) for p in images]
+    if not images:
+        raise error("no calibration photos given")
+    if limit <= 0:
+        raise error(f"limit must be positive, got {limit}")
+    chosen = images[:: max(1, len(images) // limit)][:limit]
+    readable, photos = [], []
+    for p in chosen:
+        try:
+            photos.append(image_to_tensor(load_image(p)))
+        except ImageError:
+            continue
+        readable.append(p)
+    if not readable:
+        raise error(f"none of the {len(chosen)} calibration photos could be read (first: {chosen[0]})")
+    return readable, photos
+
+
 def quantize_trunk(model: DeepMask, images: Sequence[str | Path], out: str | Path, *, limit: int = 16) -> Path:
     """Write the int8 trunk and score head of ``model``, calibrated on ``limit`` photos
     spread evenly over ``images``, to ``out`` (atomically).
@@ -76,22 +108,7 @@ def quantize_trunk(model: DeepMask, images: Sequence[str | Path], out: str | Pat
         from onnxruntime.quantization.shape_inference import quant_pre_process
     except ImportError:
         raise QuantizeError("quantize needs ONNX Runtime and onnx: pip install 'deepmask[onnx]'") from None
-    images = [Path(p) for p in images]
-    if not images:
-        raise QuantizeError("no calibration photos given")
-    if limit <= 0:
-        raise QuantizeError(f"limit must be positive, got {limit}")
-    step = max(1, len(images) // limit)
-    chosen = images[::step][:limit]
-    readable, photos = [], []  # unreadable photos are skipped; none at all is an error below
-    for p in chosen:
-        try:
-            photos.append(image_to_tensor(load_image(p)))
-        except ImageError:
-            continue
-        readable.append(p)
-    if not readable:
-        raise QuantizeError(f"none of the {len(chosen)} calibration photos could be read (first: {chosen[0]})")
+    readable, photos = calibration_photos(images, limit, QuantizeError)
 
     model = model.cpu().eval()
     trunk = model.trunk.fused().to(memory_format=torch.channels_last)
@@ -110,10 +127,12 @@ def quantize_trunk(model: DeepMask, images: Sequence[str | Path], out: str | Pat
         f32, pre, q = Path(tmp) / "trunk.onnx", Path(tmp) / "trunk-pre.onnx", Path(tmp) / "trunk-int8.onnx"
         export_trunk_onnx(trunk, f32, model.score_head)
         quant_pre_process(str(f32), str(pre))
+        float_nodes = _bottleneck_nodes(onnx.load(str(pre))) if model.score_head.fc0 is not None else []
         with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):  # ORT prints its progress
             quantize_static(str(pre), str(q), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=CalibrationMethod.Entropy, reduce_range=True)
+                            calibrate_method=CalibrationMethod.Entropy, reduce_range=True,
+                            nodes_to_exclude=float_nodes)
         m = onnx.load(str(q))
         meta = {"deepmask_config": json.dumps(model.config.to_dict()), "network_sha256": network_fingerprint(model.trunk, model.score_head),
                 "calibration": json.dumps({"images": [p.name for p in readable], "scales": list(CALIBRATION_SCALES),
