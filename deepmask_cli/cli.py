@@ -63,7 +63,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 @click.argument("images", nargs=-1, required=True)
 @click.option("-o", "--out", "out_path", required=True, type=click.Path(), help="Results JSON file (--format coco) or folder of PNGs (--format png).")
 @click.option("--weights", type=click.Path(), default=None, help="Weights folder (config.json + model.safetensors). [default: the shipped weights/deepmask-lite0-coco]")
-@click.option("--device", default="auto", show_default=True, help="auto (the GPU when there is one), cpu, cuda or cuda:N.")
+@click.option("--device", default="auto", show_default=True, help="auto (the GPU when there is one), cpu, cuda or cuda:N (under torchrun: each process's own GPU).")
 @click.option("--gt", type=click.Path(), default=None, help="COCO instances JSON: take image ids from it by file name, so `deepmask eval` can score the results.")
 @click.option("--format", "fmt", type=click.Choice(["coco", "png"]), default="coco", show_default=True, help="COCO results JSON, or one overlay PNG per image.")
 @click.option("--show", type=int, default=20, show_default=True, help="Proposals drawn per overlay (--format png).")
@@ -95,7 +95,8 @@ def propose(images, out_path, weights, device, gt, fmt, show, max_proposals, sco
     deepmask propose photos/ --format png -o overlays/
     """
     from .images import ImageError
-    from .propose import ProposeError, load_proposer, parse_shard, pipeline_defaults, run_propose
+    from .propose import (ProposeError, load_proposer, parse_shard, pipeline_defaults, run_propose, run_propose_launched,
+                          torchrun_launch)
     from .weights import WeightsError
 
     overrides = dict(max_proposals=max_proposals, score_thresh=score_thresh, mask_thresh=mask_thresh, nms=nms,
@@ -103,6 +104,15 @@ def propose(images, out_path, weights, device, gt, fmt, show, max_proposals, sco
                      runtime=runtime, **_parse_scales(scales))
     try:
         shard_ = parse_shard(shard) if shard is not None else None
+        launch = torchrun_launch()  # under torchrun: this rank's block, its own GPU, rank 0 merges
+        if launch is not None:
+            import torch
+
+            if shard_ is not None:
+                raise ProposeError("--shard is set by torchrun (RANK/WORLD_SIZE) in a launch; drop it")
+            if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+                device = f"cuda:{launch.local_rank}"
+            quiet = quiet or launch.rank != 0  # one progress bar; every rank still names its failures
         proposer = load_proposer(weights, device=device, overrides=overrides)
     except (WeightsError, ProposeError, RuntimeError, ValueError, ImageError) as e:
         _fail(str(e))
@@ -124,9 +134,10 @@ def propose(images, out_path, weights, device, gt, fmt, show, max_proposals, sco
 
     try:
         with progress:
-            summary = run_propose(images, out_path, proposer=proposer, fmt=fmt, gt=gt, show=show, batch_size=batch_size,
-                                  resume=resume, strict=strict, exif=not no_exif, shard=shard_, workers=workers,
-                                  on_start=on_start, on_image=on_image)
+            kwargs = dict(proposer=proposer, fmt=fmt, gt=gt, show=show, batch_size=batch_size, resume=resume, strict=strict,
+                          exif=not no_exif, workers=workers, on_start=on_start, on_image=on_image)
+            summary = (run_propose(images, out_path, shard=shard_, **kwargs) if launch is None
+                       else run_propose_launched(images, out_path, launch=launch, **kwargs))
     except KeyboardInterrupt:
         _fail("interrupted; finished images are kept: run the same command with --resume to continue", 130)
     except ProposeError as e:

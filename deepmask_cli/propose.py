@@ -15,7 +15,7 @@ import torch
 
 from .images import ImageError, InputProblem, collect_images, load_image
 from .inference import Proposer, image_to_tensor
-from .results import ResultsWriter, compact, encode_line
+from .results import ResultsWriter, compact, encode_line, merge_results, partial_path
 from .weights import DEFAULT_WEIGHTS, WeightsError, load_weights
 
 
@@ -361,3 +361,72 @@ def run_viz(
         if on_image:
             on_image(path, len(group), None)
     return summary
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Where this process stands in a ``torchrun`` launch."""
+
+    rank: int
+    world: int
+    local_rank: int
+
+
+def torchrun_launch(env: dict[str, str] | None = None) -> Launch | None:
+    """The launch ``torchrun`` describes in ``RANK``, ``WORLD_SIZE`` and
+    ``LOCAL_RANK``, or ``None`` outside one (or in a launch of one process)."""
+    env = os.environ if env is None else env
+    try:
+        world = int(env.get("WORLD_SIZE", "1"))
+        launch = Launch(int(env.get("RANK", "0")), world, int(env.get("LOCAL_RANK", "0")))
+    except ValueError:
+        raise ProposeError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (as torchrun sets them)") from None
+    return launch if world > 1 else None
+
+
+def rank_part(out: str | Path, launch: Launch) -> Path:
+    """The results file one rank writes, beside ``out``."""
+    out = Path(out)
+    return out.with_name(f"{out.name}.rank{launch.rank}-of-{launch.world}")
+
+
+#: How long a rank that has finished waits for the others at the end.
+LAUNCH_TIMEOUT_S = 7 * 24 * 3600
+
+
+def run_propose_launched(inputs: Sequence[str | Path], out: str | Path, *, launch: Launch, fmt: str = "coco",
+                         resume: bool = False, **kwargs) -> ProposeSummary:
+    """:func:`run_propose` as one rank of a ``torchrun`` launch: this rank
+    proposes for its contiguous block of the inputs (``shard=(rank,
+    world)``) into its own file (:func:`rank_part`; PNG overlays go straight
+    into ``out``), all ranks meet at a barrier (gloo), and rank 0 then joins
+    the parts into ``out`` with :func:`merge_results` and removes them: the
+    same file as one process would write. ``resume`` continues each rank's
+    own part, and keeps a part its rank had finished. ``kwargs`` go to
+    :func:`run_propose`."""
+    import datetime
+
+    import torch.distributed as dist
+
+    if kwargs.get("shard") is not None:
+        raise ProposeError("--shard is set by torchrun (RANK/WORLD_SIZE) in a launch; drop it")
+    own = not dist.is_initialized()
+    if own:
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=LAUNCH_TIMEOUT_S))
+    try:
+        target = out if fmt == "png" else rank_part(out, launch)
+        if fmt == "coco" and resume and target.exists() and not partial_path(target).exists():
+            summary = ProposeSummary()  # this rank's part was finished by the interrupted launch
+        else:
+            summary = run_propose(inputs, target, fmt=fmt, resume=resume, shard=(launch.rank, launch.world), **kwargs)
+        dist.barrier()
+        if launch.rank == 0 and fmt == "coco":
+            parts = [rank_part(out, Launch(r, launch.world, 0)) for r in range(launch.world)]
+            merge_results(parts, out)
+            for p in parts:
+                p.unlink()
+        summary.out = Path(out)
+        return summary
+    finally:
+        if own:
+            dist.destroy_process_group()

@@ -143,3 +143,49 @@ def test_runtime_option_through_the_cli(synth_coco, tiny_weights, tmp_path, monk
     r = CliRunner().invoke(main, ["propose", images, "-o", str(tmp_path / "y.json"), "--weights", str(tiny_weights),
                                   "--device", "cpu", "--runtime", "onnx"])
     assert r.exit_code == 2 and "deepmask[onnx]" in r.output and "Traceback" not in r.output
+
+
+def test_propose_under_torchrun_writes_what_one_process_writes(synth_coco, tiny_weights, tmp_path):
+    """torchrun: each rank proposes for its block of the inputs, rank 0
+    joins the parts after a barrier; the file is byte for byte the
+    single-process one, and no part is left behind. --resume continues each
+    rank's own part."""
+    import os
+    import subprocess
+    import sys
+
+    images = str(synth_coco / "images")
+    out, whole = tmp_path / "launched.json", tmp_path / "whole.json"
+    args = ["-m", "deepmask_cli", "propose", images, "--weights", str(tiny_weights), "--device", "cpu", "-q"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # one thread in both runs: the same float rounding
+    r = subprocess.run([sys.executable, *args, "-o", str(whole)], env=env, timeout=300, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29573", *args,
+           "-o", str(out)]
+    r = subprocess.run(cmd, env=env, timeout=300, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[:3000]
+    assert out.read_bytes() == whole.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("launched")) == ["launched.json"]
+    # --resume keeps a part its rank finished before the launch died (here
+    # rank 1's, written empty so that keeping it shows), and redoes the rest
+    from deepmask_cli.propose import Launch, rank_part
+
+    rank_part(out, Launch(1, 2, 1)).write_text("[]")
+    out.unlink()
+    r = subprocess.run(cmd + ["--resume"], env=env, timeout=300, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    files = {rec["file_name"] for rec in json.loads(out.read_text())}
+    assert files == {rec["file_name"] for rec in json.loads(whole.read_text())[:1]} | files and len(files) == 2
+    assert not rank_part(out, Launch(1, 2, 1)).exists()
+    r = subprocess.run(cmd + ["--shard", "0/2"], env=env, timeout=300, capture_output=True, text=True)
+    # each rank's one-line error (torchrun then prints its own traceback of the launch)
+    assert r.returncode != 0 and "error: --shard is set by torchrun" in r.stderr and "deepmask_cli/" not in r.stderr
+
+
+def test_torchrun_launch_reads_torchruns_variables():
+    from deepmask_cli.propose import Launch, ProposeError, torchrun_launch
+
+    assert torchrun_launch({}) is None and torchrun_launch({"WORLD_SIZE": "1", "RANK": "0"}) is None
+    assert torchrun_launch({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1"}) == Launch(3, 4, 1)
+    with pytest.raises(ProposeError, match="integers"):
+        torchrun_launch({"WORLD_SIZE": "two"})
