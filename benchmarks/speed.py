@@ -271,8 +271,7 @@ def main(argv=None) -> int:
                 settings.append((spec, {**changes, **({"weights": weights[-1]} if weights else {})}))
             proposers = []
             for _, changes in settings:
-                changes = dict(changes)
-                p = proposer_for(args, weights=changes.pop("weights", args.weights), **changes)
+                p = proposer_for(args, **changes)
                 p(np.zeros((480, 640, 3), np.uint8))
                 proposers.append(p)
             runs, ss = interleaved_pass(proposers, images, ids, peer=not args.no_peer)

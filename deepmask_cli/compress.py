@@ -14,8 +14,8 @@ in two thin layers:
   principal directions of ``W1 x`` and ``μ`` its mean;
 - **mask head**: its two linear layers have nothing between them, so the
   mask logits are one linear map ``y = W x + b`` (``W = W2 W1``,
-  ``b = W2 b1 + b2``); it becomes ``P (Pᵀ (W x - μ)) + μ + b``, ``P`` the top
-  principal directions of ``W x`` and ``μ`` its mean: the same structure,
+  ``b = W2 b1 + b2``); it becomes ``P (Pᵀ (y - μ)) + μ``, ``P`` the top
+  principal directions of ``y`` and ``μ`` its mean: the same structure,
   with a hidden width of ``mask_hidden`` = the rank.
 
 Statistics come from the dense pass over calibration photos, as inference
@@ -27,6 +27,7 @@ says what was done; its recall is measured like any weights'
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Sequence
 
@@ -73,8 +74,8 @@ def head_statistics(model: DeepMask, images: Sequence[torch.Tensor], config: Inf
     """The moments of the score head's first layer (``W1 x``, before bias
     and ReLU) over the windows of every pyramid level (at most
     ``windows_per_level`` of each, drawn at random), and of the mask logits
-    (``W2 W1 x``, before the biases) over the windows inference keeps, for
-    ``(3, H, W)`` photos in ``[0, 1]``, in fp32 torch."""
+    over the windows inference keeps, for ``(3, H, W)`` photos in
+    ``[0, 1]``, in fp32 torch."""
     cfg = (config or InferenceConfig()).replace(precision="fp32", runtime="torch")
     proposer = Proposer(model, cfg, device="cpu")
     sh, mh = model.score_head, model.mask_head
@@ -83,28 +84,21 @@ def head_statistics(model: DeepMask, images: Sequence[torch.Tensor], config: Inf
     score = _Moments(sh.fc1.out_features)
     mask = _Moments(mh.fc2.out_features)
     g = torch.Generator().manual_seed(seed)
-    w1 = sh.fc1.weight.view(sh.fc1.out_features, -1, sh.pooled, sh.pooled)
-    w_mask = mh.fc2.weight @ mh.fc1.weight  # (m*m, C f f) in (c, y, x) order
+    w1 = sh.dense_weights()[0]
     for t in images:
         levels = proposer.dense_pass([t])
         for lv in levels:
             pooled = F.max_pool2d(lv.fmap.float(), 2, stride=1)
-            h = F.conv2d(pooled, w1, None, dilation=2)  # (1, hidden, sy, sx)
+            h = F.conv2d(pooled, w1, None, dilation=2)  # (1, hidden, sy, sx): fc1 before bias and ReLU
             rows = h.flatten(2)[0].T
             if rows.shape[0] > windows_per_level:
                 rows = rows[torch.randperm(rows.shape[0], generator=g)[:windows_per_level]]
             score.add(rows)
         img, level, ys, xs, _ = proposer._select(levels, [tuple(t.shape[1:])])
-        f = model.config.feat_size
-        ar = torch.arange(f)
         for li, lv in enumerate(levels):
             sel = (level == li).nonzero().squeeze(1)
-            if not sel.numel():
-                continue
-            reduced = F.relu(mh.reduce(lv.fmap.float()))
-            win = reduced[img[sel][:, None, None], :, (ys[sel][:, None] + ar)[:, :, None], (xs[sel][:, None] + ar)[:, None, :]]
-            # (K, f, f, c) -> (K, c, f, f), the order of fc1's inputs
-            mask.add(win.permute(0, 3, 1, 2).flatten(1) @ w_mask.T)
+            if sel.numel():
+                mask.add(model.window_masks(lv.fmap.float(), img[sel], ys[sel], xs[sel]).flatten(1))
     return score, mask
 
 
@@ -124,7 +118,7 @@ def compress_heads(model: DeepMask, score: _Moments, mask: _Moments, *, score_ra
         raise CompressError(f"a rank must be under the layer's width (score < {c.score_hidden[0]}, "
                             f"mask < {min(c.mask_hidden, c.mask_size ** 2)}), or it saves nothing")
     config = dataclasses.replace(c, score_bottleneck=score_rank or c.score_bottleneck, mask_hidden=mask_rank or c.mask_hidden)
-    out = DeepMask(config, trunk=_copy(model.trunk))
+    out = DeepMask(config, trunk=copy.deepcopy(model.trunk))
     out.load_state_dict({k: v for k, v in model.state_dict().items()
                          if not (score_rank and k.startswith("score_head.fc1.")) and not (mask_rank and k.startswith("mask_head.fc"))},
                         strict=False)
@@ -139,20 +133,14 @@ def compress_heads(model: DeepMask, score: _Moments, mask: _Moments, *, score_ra
         new.fc1.bias.copy_(b1 + mean - p @ (p.T @ mean))
     mh, newm = model.mask_head, out.mask_head
     if mask_rank:
-        mean, p, kept["mask"] = mask.mean_and_top(mask_rank)  # of W x, x the windows, without the biases
+        mean, p, kept["mask"] = mask.mean_and_top(mask_rank)  # of the logits y = W x + b
         w = mh.fc2.weight.double() @ mh.fc1.weight.double()
         b = mh.fc2.weight.double() @ mh.fc1.bias.double() + mh.fc2.bias.double()
         newm.fc1.weight.copy_(p.T @ w)
-        newm.fc1.bias.copy_(-(p.T @ mean))
+        newm.fc1.bias.copy_(p.T @ (b - mean))
         newm.fc2.weight.copy_(p)
-        newm.fc2.bias.copy_(mean + b)
+        newm.fc2.bias.copy_(mean)
     return out.eval(), kept
-
-
-def _copy(module):
-    import copy
-
-    return copy.deepcopy(module)
 
 
 def compress_weights(folder: str | Path, images: Sequence[str | Path], out: str | Path, *, score_rank: int,

@@ -181,12 +181,7 @@ def describe_cpu(cpuinfo: str | None = None) -> str:
     for every speed figure (read from ``/proc/cpuinfo`` unless given)."""
     import platform
 
-    if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo") as f:
-                cpuinfo = f.read()
-        except OSError:
-            cpuinfo = ""
+    cpuinfo = _cpuinfo() if cpuinfo is None else cpuinfo
     model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
                  platform.processor() or platform.machine())
     flags = cpu_flags(cpuinfo)

@@ -403,13 +403,11 @@ def run_propose_launched(inputs: Sequence[str | Path], out: str | Path, *, launc
     the parts into ``out`` with :func:`merge_results` and removes them: the
     same file as one process would write. ``resume`` continues each rank's
     own part, and keeps a part its rank had finished. ``kwargs`` go to
-    :func:`run_propose`."""
+    :func:`run_propose` (all but ``shard``, which the launch sets)."""
     import datetime
 
     import torch.distributed as dist
 
-    if kwargs.get("shard") is not None:
-        raise ProposeError("--shard is set by torchrun (RANK/WORLD_SIZE) in a launch; drop it")
     own = not dist.is_initialized()
     if own:
         dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=LAUNCH_TIMEOUT_S))
