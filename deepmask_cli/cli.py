@@ -62,7 +62,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 @main.command()
 @click.argument("images", nargs=-1, required=True)
 @click.option("-o", "--out", "out_path", required=True, type=click.Path(), help="Results JSON file (--format coco) or folder of PNGs (--format png).")
-@click.option("--weights", type=click.Path(), default=None, help="Weights folder (config.json + model.safetensors). [default: the shipped weights/deepmask-lite0-coco]")
+@click.option("--weights", type=click.Path(), default=None, help="Weights folder (config.json + model.safetensors), or a shipped one's name. [default: deepmask-lite0-coco, shipped]")
 @click.option("--device", default="auto", show_default=True, help="auto (the GPU when there is one), cpu, cuda or cuda:N (under torchrun: each process's own GPU).")
 @click.option("--gt", type=click.Path(), default=None, help="COCO instances JSON: take image ids from it by file name, so `deepmask eval` can score the results.")
 @click.option("--format", "fmt", type=click.Choice(["coco", "png"]), default="coco", show_default=True, help="COCO results JSON, or one overlay PNG per image.")
@@ -85,9 +85,11 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 @click.option("--resume", is_flag=True, help="Continue an interrupted run into the same output, skipping finished images.")
 @click.option("--strict", is_flag=True, help="Stop at the first bad image instead of reporting it and going on.")
 @click.option("--no-exif", is_flag=True, help="Ignore EXIF orientation (default: masks follow the image as viewers show it).")
+@click.option("--release-memory/--keep-memory", default=True, show_default=True, help="Give the memory each image freed back to the OS, so resident memory stays flat over a long run (costs a little speed).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, only errors.")
 def propose(images, out_path, weights, device, gt, fmt, show, max_proposals, score_thresh, mask_thresh, nms, nms_thresh,
-            maskness, nms_demote, pre_nms_topk, scales, max_side, batch_size, workers, precision, runtime, shard, resume, strict, no_exif, quiet) -> None:
+            maskness, nms_demote, pre_nms_topk, scales, max_side, batch_size, workers, precision, runtime, shard, resume, strict, no_exif,
+            release_memory, quiet) -> None:
     """Propose object masks for IMAGES (files, folders or globs).
 
     \b
@@ -135,7 +137,7 @@ def propose(images, out_path, weights, device, gt, fmt, show, max_proposals, sco
     try:
         with progress:
             kwargs = dict(proposer=proposer, fmt=fmt, gt=gt, show=show, batch_size=batch_size, resume=resume, strict=strict,
-                          exif=not no_exif, workers=workers, on_start=on_start, on_image=on_image)
+                          exif=not no_exif, workers=workers, release_memory=release_memory, on_start=on_start, on_image=on_image)
             summary = (run_propose(images, out_path, shard=shard_, **kwargs) if launch is None
                        else run_propose_launched(images, out_path, launch=launch, **kwargs))
     except KeyboardInterrupt:
@@ -168,14 +170,21 @@ def _progress(quiet: bool, info_column: ProgressColumn) -> Progress:
 # ----------------------------------------------------------------------- viz
 @main.command()
 @click.argument("results", type=click.Path())
-@click.option("-o", "--out", "out_dir", required=True, type=click.Path(), help="Folder for the overlay PNGs.")
+@click.option("-o", "--out", "out_dir", type=click.Path(), default=None, help="Folder for the overlay PNGs. [default: beside RESULTS, props.json -> props_viz/]")
 @click.option("--images", "images_dir", type=click.Path(), default=None, help="Folder holding the images (default: the paths stored in RESULTS).")
 @click.option("--show", type=int, default=20, show_default=True, help="Proposals drawn per image.")
 @click.option("-q", "--quiet", is_flag=True)
 def viz(results, out_dir, images_dir, show, quiet) -> None:
-    """Draw overlays of an existing results file."""
+    """Draw overlays of an existing results file.
+
+    \b
+    deepmask viz props.json                  (overlays in props_viz/)
+    deepmask viz props.json -o overlays/ --show 50
+    """
     from .evaluate import EvalError
-    from .propose import run_viz
+    from .propose import default_viz_dir, run_viz
+
+    out_dir = out_dir or default_viz_dir(results)
 
     def on_image(path, n, reason) -> None:
         if reason is not None:
@@ -235,8 +244,8 @@ def merge(parts, out_path) -> None:
 # --------------------------------------------------------------------- train
 @main.command()
 @click.argument("data_dir", required=False, type=click.Path())
-@click.option("-o", "--out", "out_dir", required=True, type=click.Path(), help="Run folder: checkpoints, metrics.jsonl, curves.png, weights/.")
-@click.option("--val", "val_dir", type=click.Path(), default=None, help="Validation dataset folder (same layouts as DATA_DIR).")
+@click.option("-o", "--out", "out_dir", type=click.Path(), default=None, help="Run folder: checkpoints, metrics.jsonl, curves.png, weights/. [default: the next runs/train-N; with --resume, the last one]")
+@click.option("--val", "val_dir", type=click.Path(), default=None, help="Validation dataset folder (same layouts as DATA_DIR). [default: DATA_DIR's val split in COCO's own layout]")
 @click.option("--ann", type=click.Path(), default=None, help="Training annotation file (instead of DATA_DIR).")
 @click.option("--images", "images_dir", type=click.Path(), default=None, help="Training images folder (with --ann).")
 @click.option("--val-ann", type=click.Path(), default=None, help="Validation annotation file.")
@@ -246,8 +255,8 @@ def merge(parts, out_path) -> None:
 @click.option("--batch-size", type=int, default=None, help=f"Patches per step, over all processes. [default: {_T.batch_size}]")
 @click.option("--lr", type=float, default=None, help=f"Learning rate (the official step schedule is applied to it). [default: {_T.lr}]")
 @click.option("--trunk-lr-mult", type=float, default=None, help=f"Learning-rate multiplier for the trunk. [default: {_T.trunk_lr_mult}]")
-@click.option("--freeze-trunk", is_flag=True, default=None, help="Train the heads only (much faster on a CPU).")
-@click.option("--cache-features", is_flag=True, default=None, help="With --freeze-trunk: train the heads on the trunk's maps of the inference pyramid, cached once (fastest on a CPU).")
+@click.option("--freeze-trunk/--train-trunk", default=None, help="Train the heads only, or the trunk too. [default: frozen on a CPU, trained on a GPU]")
+@click.option("--cache-features/--no-cache-features", default=None, help="With --freeze-trunk: train the heads on the trunk's maps of the inference pyramid, cached once (fastest on a CPU). [default: on with a frozen trunk on a CPU]")
 @click.option("--cache-scales", default=None, help="With --cache-features: pyramid MIN,MAX,STEP in octaves. [default: the inference scales]")
 @click.option("--cache-file", type=click.Path(dir_okay=False), default=None, help="With --cache-features: save the cache to this file, or reuse it when it holds the same images, trunk and scales.")
 @click.option("--feature-dropout", type=float, default=None, help=f"With --cache-features: dropout on the cached maps before the heads. [default: {_T.feature_dropout:g}]")
@@ -276,6 +285,7 @@ def train(data_dir, out_dir, val_dir, ann, images_dir, val_ann, val_images, trun
     """Train DeepMask on a COCO-format dataset (DATA_DIR or --ann/--images).
 
     \b
+    deepmask train coco/
     deepmask train ../shared/data/coco-train --val ../shared/data/coco-val -o runs/lite0
     torchrun --nproc-per-node 8 -m deepmask_cli train coco/ -o runs/r50 --trunk resnet50
     """
@@ -283,7 +293,7 @@ def train(data_dir, out_dir, val_dir, ann, images_dir, val_ann, val_images, trun
 
     import torch
 
-    from .data import DataError, resolve_coco
+    from .data import DataError, coco_val_split, resolve_coco
     from .inference import resolve_device
     from .trunks import PretrainedWeightsError
     from .train import TrainData, TrainError
@@ -294,6 +304,8 @@ def train(data_dir, out_dir, val_dir, ann, images_dir, val_ann, val_images, trun
         va = None
         if val_dir or val_ann or val_images:
             va = TrainData(*resolve_coco(val_dir, ann=val_ann, images=val_images, split="val"))
+        elif ann is None and (found := coco_val_split(data_dir)) is not None:
+            va = TrainData(*found)
     except DataError as e:
         _fail(str(e))
     base = _M
@@ -308,15 +320,6 @@ def train(data_dir, out_dir, val_dir, ann, images_dir, val_ann, val_images, trun
         mc = dataclasses.replace(base, **{k: v for k, v in dict(trunk=trunk, patch_size=patch_size, object_size=object_size).items() if v is not None})
     except ValueError as e:
         _fail(str(e))
-    given = dict(steps=steps, batch_size=batch_size, lr=lr, trunk_lr_mult=trunk_lr_mult, freeze_trunk=freeze_trunk,
-                 cache_features=cache_features, cache_scales=tuple(_parse_scales(cache_scales).values()) or None,
-                 cache_file=cache_file, feature_dropout=feature_dropout,
-                 score_weight=score_weight, workers=workers, seed=seed, checkpoint_every=checkpoint_every,
-                 val_every=val_every, val_batches=val_batches)
-    sampler = dataclasses.replace(_S, **{k: v for k, v in dict(pos_shift=pos_shift, pos_scale=pos_scale, neg_shift=neg_shift,
-                                                             neg_scale=neg_scale).items() if v is not None})
-    tc = dataclasses.replace(_T, sampler=sampler, **{k: v for k, v in given.items() if v is not None})
-
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
         local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -331,6 +334,28 @@ def train(data_dir, out_dir, val_dir, ann, images_dir, val_ann, val_images, trun
             dev = resolve_device(device)
         except RuntimeError as e:
             _fail(str(e))
+    if out_dir is None:
+        out_dir = _default_run_dir(resume, distributed)
+
+    given = dict(steps=steps, batch_size=batch_size, lr=lr, trunk_lr_mult=trunk_lr_mult, freeze_trunk=freeze_trunk,
+                 cache_features=cache_features, cache_scales=tuple(_parse_scales(cache_scales).values()) or None,
+                 cache_file=cache_file, feature_dropout=feature_dropout,
+                 score_weight=score_weight, workers=workers, seed=seed, checkpoint_every=checkpoint_every,
+                 val_every=val_every, val_batches=val_batches)
+    sampler = dataclasses.replace(_S, **{k: v for k, v in dict(pos_shift=pos_shift, pos_scale=pos_scale, neg_shift=neg_shift,
+                                                             neg_scale=neg_scale).items() if v is not None})
+    try:
+        tc = TrainConfig.for_device(dev.type, sampler=sampler, **given)
+    except (TypeError, ValueError) as e:
+        _fail(str(e))
+    if not quiet:
+        by_device = [k for k in TrainConfig.DEVICE_DEFAULTS.get(dev.type, {}) if given.get(k) is None
+                     and getattr(tc, k) != getattr(_T, k)]
+        err.print(escape(f"run folder: {out_dir}" + (f"; validation: {va.ann}" if va is not None else "")))
+        if by_device and not resume:
+            flags = " ".join("--" + k.replace("_", "-") for k in by_device)
+            err.print(escape(f"on a {dev.type.upper()}, by default: {flags} (the fast path there); "
+                             "--train-trunk trains the trunk too"))
 
     display = _TrainDisplay(tc.steps, quiet)
     try:
@@ -347,6 +372,27 @@ def train(data_dir, out_dir, val_dir, ann, images_dir, val_ann, val_images, trun
             torch.distributed.destroy_process_group()
     if not quiet:
         err.print(escape(f"✓ weights → {weights}  (use: deepmask propose IMAGES --weights {weights} -o props.json)"))
+
+
+def _default_run_dir(resume: bool, distributed: bool) -> Path:
+    """``-o`` not given: the next ``runs/train-N`` (the last one to resume),
+    chosen once, by rank 0, under torchrun."""
+    from .train import new_run_dir, run_dirs
+
+    if resume:
+        runs = run_dirs()
+        if not runs:
+            _fail("--resume without -o: there is no runs/train-N to resume; name the run folder with -o")
+        choice = runs[-1]
+    else:
+        choice = new_run_dir()
+    if distributed:
+        import torch.distributed as dist
+
+        box = [str(choice)]
+        dist.broadcast_object_list(box, src=0)
+        choice = Path(box[0])
+    return choice
 
 
 class _TrainDisplay:
@@ -435,10 +481,11 @@ def quantize(images, weights, out_path, limit) -> None:
     """
     from .images import collect_images
     from .propose import default_weights
+    from .weights import weights_folder
     from .quantize import INT8_TRUNK_NAME, QuantizeError, quantize_trunk
     from .weights import WeightsError, load_weights
 
-    folder = Path(weights) if weights else default_weights()
+    folder = weights_folder(weights) if weights else default_weights()
     try:
         model, _, _ = load_weights(folder)
     except WeightsError as e:
@@ -478,9 +525,10 @@ def compress(images, weights, out_dir, score_rank, mask_rank, limit, half) -> No
     from .compress import CompressError, compress_weights
     from .images import collect_images
     from .propose import default_weights
+    from .weights import weights_folder
     from .weights import WeightsError
 
-    folder = Path(weights) if weights else default_weights()
+    folder = weights_folder(weights) if weights else default_weights()
     paths, problems = collect_images(images)
     for pr in problems:
         err.print(f"[yellow]![/] {escape(pr.path)}: {escape(pr.reason)}")

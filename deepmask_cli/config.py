@@ -251,3 +251,20 @@ class TrainConfig(_Serialisable):
     val_batches: int = 20
     amp: bool = True
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
+
+    #: Fields whose default depends on the device a run trains on. On a CPU,
+    #: back-propagating through the trunk makes each step tens of times
+    #: slower, so a CPU run trains the heads on the frozen trunk's cached maps
+    #: unless told otherwise (the recipe of the shipped weights).
+    DEVICE_DEFAULTS = {"cpu": {"freeze_trunk": True, "cache_features": True}}
+
+    @classmethod
+    def for_device(cls, device_type: str, **given: Any) -> TrainConfig:
+        """The defaults for a run on ``device_type`` (``"cpu"``, ``"cuda"``),
+        with ``given`` fields (None: not given) on top. A trunk that is to be
+        trained is not cached."""
+        device = dict(cls.DEVICE_DEFAULTS.get(device_type, {}))
+        if given.get("freeze_trunk") is False:
+            device.pop("cache_features", None)
+        fields_ = {**device, **{k: v for k, v in given.items() if v is not None}}
+        return cls(**fields_)

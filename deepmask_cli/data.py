@@ -71,6 +71,19 @@ def resolve_coco(
     )
 
 
+def coco_val_split(root: str | Path | None) -> tuple[Path, Path] | None:
+    """The validation split beside a training split in COCO's own layout
+    (``annotations/instances_val*.json`` and its ``val*/`` folder), or None
+    (a folder with ``instances.json`` holds one split only)."""
+    if root is None or not Path(root).is_dir() or (Path(root) / "instances.json").is_file():
+        return None
+    try:
+        ann, images = resolve_coco(root, split="val")
+    except DataError:
+        return None
+    return (ann, images) if images.is_dir() else None
+
+
 @dataclass
 class Instance:
     bbox: tuple[float, float, float, float]  # x, y, w, h

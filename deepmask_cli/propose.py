@@ -15,8 +15,9 @@ import torch
 
 from .images import ImageError, InputProblem, collect_images, load_image
 from .inference import Proposer, image_to_tensor
+from .heap import release_free_memory
 from .results import ResultsWriter, compact, encode_line, merge_results, partial_path
-from .weights import DEFAULT_WEIGHTS, WeightsError, load_weights
+from .weights import WeightsError, load_weights, shipped_weights, weights_folder
 
 
 class ProposeError(RuntimeError):
@@ -34,9 +35,9 @@ class ProposeSummary:
 
 
 def default_weights() -> Path:
-    """``$DEEPMASK_WEIGHTS`` or the folder shipped in ``weights/``."""
+    """``$DEEPMASK_WEIGHTS`` or the shipped folder (:func:`shipped_weights`)."""
     env = os.environ.get("DEEPMASK_WEIGHTS")
-    return Path(env) if env else DEFAULT_WEIGHTS
+    return Path(env) if env else shipped_weights()
 
 
 def load_proposer(
@@ -50,11 +51,11 @@ def load_proposer(
     ``overrides`` change :class:`InferenceConfig` fields; ``None`` values are
     ignored, so the weights' tuned defaults win unless the user set something.
     """
-    folder = Path(weights) if weights is not None else default_weights()
+    folder = weights_folder(weights) if weights is not None else default_weights()
     if weights is None and not folder.exists():
         raise WeightsError(
-            f"{folder}: the shipped weights are missing (a fresh clone has them in weights/); "
-            "pass --weights DIR or train some with deepmask train"
+            f"{folder}: the shipped weights are missing (the package was installed without them; "
+            "reinstall it from a wheel or a clone), or pass --weights DIR"
         )
     model, inference, _ = load_weights(folder)
     if overrides:
@@ -125,6 +126,7 @@ def run_propose(
     exif: bool = True,
     shard: tuple[int, int] | None = None,
     workers: int = 0,
+    release_memory: bool = True,
     on_start: Callable[[int], None] | None = None,
     on_image: Callable[[Path, int | None, str | None], None] | None = None,
 ) -> ProposeSummary:
@@ -141,6 +143,8 @@ def run_propose(
     (worth it on a GPU, where one CPU core cannot keep up). ``shard=(i, n)``
     runs only the ``i``-th of ``n`` contiguous blocks of the inputs (image ids
     stay those of the whole list), for :func:`merge_results`.
+    ``release_memory`` gives the memory each batch freed back to the OS
+    (:mod:`deepmask_cli.heap`), so resident memory stays flat over a long run.
     """
     if fmt not in ("coco", "png"):
         raise ProposeError(f"unknown --format {fmt!r}; use coco or png")
@@ -292,6 +296,8 @@ def run_propose(
             if error is not None:
                 drain(0)
                 raise error
+            if release_memory:
+                release_free_memory()
         drain(0)
     except BaseException:
         if writer is not None:
@@ -306,6 +312,13 @@ def run_propose(
     if writer is not None:
         writer.close(order=keys)
     return summary
+
+
+def default_viz_dir(results_path: str | Path) -> Path:
+    """Where ``deepmask viz RESULTS`` puts its overlays when not told:
+    beside the results file, ``props.json`` -> ``props_viz/``."""
+    p = Path(results_path)
+    return p.with_name(f"{p.stem}_viz")
 
 
 def run_viz(

@@ -10,6 +10,7 @@ clear error, never a half-loaded model.
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,31 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 _PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
 
-#: The folder shipped with the package.
-DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "deepmask-lite0-coco"
+#: The name of the shipped weights folder.
+SHIPPED = "deepmask-lite0-coco"
+
+
+def shipped_weights() -> Path:
+    """The shipped weights folder: the installed package's copy (a wheel
+    carries ``weights/`` as the data package ``deepmask_cli._shipped``), else
+    the repository's ``weights/`` (a clone, an editable install)."""
+    try:
+        cand = Path(str(importlib.resources.files("deepmask_cli._shipped") / SHIPPED))
+        if (cand / CONFIG_NAME).is_file():
+            return cand
+    except (ModuleNotFoundError, TypeError, ValueError):
+        pass
+    return Path(__file__).resolve().parent.parent / "weights" / SHIPPED
+
+
+def weights_folder(name: str | Path) -> Path:
+    """``--weights NAME``: a folder, or the name of a shipped one (``deepmask-lite0-coco``)."""
+    folder = Path(name)
+    if not folder.exists() and len(folder.parts) == 1:
+        shipped = shipped_weights().parent / folder.name
+        if (shipped / CONFIG_NAME).is_file():
+            return shipped
+    return folder
 
 
 class WeightsError(ValueError):

@@ -107,6 +107,25 @@ def test_png_format_and_viz_write_images_of_the_right_size(runner, tiny_weights,
     assert r.exit_code == 0, r.output
     assert sorted(f.name for f in viz.glob("*.png")) == [f.name for f in files]
     assert all(Image.open(f).size == (160, 128) for f in viz.glob("*.png"))
+    # as the design writes it: no -o, the overlays go beside the results file
+    r = runner.invoke(main, ["viz", str(props), "--show", "5"])
+    assert r.exit_code == 0, r.output
+    assert "props_viz" in r.output
+    assert sorted(f.name for f in (tmp_path / "props_viz").glob("*.png")) == [f.name for f in files]
+
+
+def test_releasing_memory_changes_no_result(runner, tiny_weights, synth_coco, tmp_path):
+    from deepmask_cli.heap import release_free_memory
+
+    assert isinstance(release_free_memory(), bool)
+    outs = []
+    for flag in ("--release-memory", "--keep-memory"):
+        out = tmp_path / f"{flag}.json"
+        r = runner.invoke(main, ["propose", str(synth_coco / "images"), "-o", str(out), "--weights", str(tiny_weights),
+                                 "--device", "cpu", flag, "-q"])
+        assert r.exit_code == 0, r.output
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
 
 
 def test_eval_ground_truth_as_proposals_is_perfect(runner, synth_coco, tmp_path):

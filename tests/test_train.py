@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -121,7 +122,8 @@ def _cli_train(root, run, steps, extra=()):
     cfg.write_text(json.dumps(TINY.to_dict()))
     return [sys.executable, "-m", "deepmask_cli", "train", str(root), "-o", str(run), "--model-config", str(cfg),
             "--no-pretrained", "--steps", str(steps), "--batch-size", "8", "--lr", "0.01", "--workers", "0",
-            "--checkpoint-every", "5", "--val-every", "1000", "--seed", "7", "--device", "cpu", "-q", *extra]
+            "--checkpoint-every", "5", "--val-every", "1000", "--seed", "7", "--device", "cpu", "--train-trunk", "-q",
+            *extra]
 
 
 def test_kill_and_resume_equals_uninterrupted(synth_coco, tmp_path):
@@ -176,6 +178,59 @@ def test_cache_features_path_and_export_then_propose(synth_coco, tmp_path):
                                       "--weights", str(w), "--device", "cpu", "--scales", "-1,0,1", "-q"])
         assert r.exit_code == 0, r.output
         assert json.loads((tmp_path / "p.json").read_text())
+
+
+def test_train_coco_layout_as_the_design_writes_it(synth_coco, tmp_path, monkeypatch):
+    """``deepmask train coco/``: no -o, no --val. The run goes to the next
+    runs/train-N (never an earlier run's), COCO's val split is used, a CPU
+    gets the frozen, cached trunk and says so; --resume picks the last run."""
+    from click.testing import CliRunner
+
+    from deepmask_cli.cli import main
+
+    tmp_path = tmp_path / "work"  # (synth_coco is tmp_path/coco)
+    coco = tmp_path / "coco"
+    (coco / "annotations").mkdir(parents=True)
+    for split in ("train2017", "val2017"):
+        shutil.copytree(synth_coco / "images", coco / split)
+        (coco / "annotations" / f"instances_{split}.json").write_text((synth_coco / "instances.json").read_text())
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps(TINY.to_dict()))
+    monkeypatch.chdir(tmp_path)
+    args = ["train", "coco/", "--model-config", str(cfg), "--no-pretrained", "--steps", "3", "--batch-size", "4",
+            "--workers", "0", "--val-every", "3", "--val-batches", "1", "--device", "cpu", "--cache-scales=-1,0,1"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert "run folder: runs/train-1" in r.output and "instances_val2017.json" in r.output
+    assert "--freeze-trunk --cache-features" in r.output
+    run1 = tmp_path / "runs" / "train-1"
+    assert (run1 / "weights" / "model.safetensors").exists()
+    metrics = [json.loads(l) for l in (run1 / "metrics.jsonl").read_text().splitlines()]
+    assert "val" in metrics[-1]
+    ck = torch.load(run1 / "checkpoint.pt", weights_only=False)
+    assert ck["train_config"]["freeze_trunk"] and ck["train_config"]["cache_features"]
+    before = (run1 / "metrics.jsonl").read_text()
+
+    r = CliRunner().invoke(main, args[:-1] + ["--train-trunk"])  # a second run never writes into the first
+    assert r.exit_code == 0, r.output
+    assert "run folder: runs/train-2" in r.output and "--freeze-trunk" not in r.output
+    assert (run1 / "metrics.jsonl").read_text() == before
+    assert not torch.load(tmp_path / "runs/train-2/checkpoint.pt", weights_only=False)["train_config"]["freeze_trunk"]
+
+    r = CliRunner().invoke(main, args[:-1] + ["--train-trunk", "--resume", "--steps", "5"])
+    assert r.exit_code == 0, r.output
+    assert "run folder: runs/train-2" in r.output and not (tmp_path / "runs/train-3").exists()
+    assert torch.load(tmp_path / "runs/train-2/checkpoint.pt", weights_only=False)["step"] == 5
+
+
+def test_resume_without_a_run_is_a_one_line_error(synth_coco, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from deepmask_cli.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(main, ["train", str(synth_coco), "--resume", "--device", "cpu"])
+    assert r.exit_code == 2 and "no runs/train-N to resume" in r.output
 
 
 @pytest.mark.parametrize("content,message", [

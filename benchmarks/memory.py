@@ -1,0 +1,190 @@
+"""Resident memory of ``deepmask propose`` against photos done, as the OS sees it.
+
+    python benchmarks/memory.py ../shared/data/coco-val/images --n 2000 --varied
+    python benchmarks/memory.py ../shared/data/coco-val/images --n 300 --varied --run="--runtime torch" --run="--runtime onnx-int8"
+    python benchmarks/memory.py ../shared/data/coco-val/images --n 300 --varied --run="" --run=--keep-memory --plot mem.png
+
+Runs the real command (``python -m deepmask_cli propose DIR -o ...``) once
+per ``--run`` (its options of ``deepmask propose``; default: one run with
+the defaults) over N photos: the folder's, cycled, and with
+``--varied`` each copy resized to its own random size (longest side 200 to
+640 pixels, the aspect ratio kept), so that a long run meets many photo
+sizes, as a real folder does. Every 0.5 s it samples the resident memory
+(VmRSS, summed over the command's process and its children: the encoder
+processes) and counts the photos finished in the results' partial file.
+It prints the CPU, a table of resident memory against photos done, the
+peak, and the growth from photo 40 to the last one; ``--plot`` draws the
+curves (needs matplotlib: ``pip install -e ".[bench]"``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from PIL import Image
+from rich.console import Console
+from rich.table import Table
+
+from deepmask_cli.inference import describe_cpu
+from deepmask_cli.results import partial_path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _script import run  # noqa: E402
+
+console = Console(width=160)
+EXTS = {".jpg", ".jpeg", ".png"}
+
+
+def make_photos(src: Path, n: int, varied: bool, dest: Path, seed: int = 0) -> list[Path]:
+    """``n`` photos in ``dest``: the folder's cycled; ``varied``: each resized
+    to a random longest side in [200, 640] (so nearly every one has its own
+    size)."""
+    photos = sorted(p for p in src.iterdir() if p.suffix.lower() in EXTS)
+    if not photos:
+        raise FileNotFoundError(f"{src}: no .jpg or .png photos in it")
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        p = photos[i % len(photos)]
+        target = dest / f"{i:05d}.jpg"
+        if varied:
+            with Image.open(p) as im:
+                im = im.convert("RGB")
+                side = rng.randint(200, 640)
+                f = side / max(im.size)
+                im.resize((max(1, round(im.width * f)), max(1, round(im.height * f))), Image.BILINEAR).save(
+                    target, quality=90)
+        else:
+            os.symlink(p.resolve(), target)
+        out.append(target)
+    return out
+
+
+def tree_rss(pid: int) -> int:
+    """Resident bytes of ``pid`` and all its descendants."""
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as fh:
+                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(d))
+            except (OSError, IndexError, ValueError):
+                pass
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        todo.extend(children.get(p, []))
+        try:
+            with open(f"/proc/{p}/status") as fh:
+                for line in fh:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total
+
+
+def photos_done(out: Path) -> int:
+    try:
+        with open(partial_path(out), "rb") as fh:
+            return sum(1 for line in fh if line.endswith(b"\n"))
+    except OSError:
+        return 0
+
+
+def measure(photos: list[Path], out: Path, extra: list[str], every: float = 0.5) -> list[tuple[float, int, int]]:
+    """``(seconds, photos done, resident bytes)`` samples over one run."""
+    cmd = [sys.executable, "-m", "deepmask_cli", "propose", str(photos[0].parent), "-o", str(out), "-q", *extra]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    samples = []
+    while proc.poll() is None:
+        samples.append((time.perf_counter() - start, photos_done(out), tree_rss(proc.pid)))
+        time.sleep(every)
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr.read()[-2000:]}")
+    return samples
+
+
+def at(samples, k: int) -> int:
+    """The largest resident memory sampled while ``k`` photos were done."""
+    vals = [r for _, d, r in samples if d == k] or [r for _, d, r in samples if d <= k][-1:]
+    return max(vals) if vals else 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("folder", type=Path)
+    ap.add_argument("--n", type=int, default=300, help="photos in the run (the folder's, cycled)")
+    ap.add_argument("--varied", action="store_true", help="each photo resized to its own random size")
+    ap.add_argument("--run", action="append", default=None, metavar="OPTIONS",
+                    help='options of deepmask propose for one run, e.g. "--runtime torch" (repeatable; default: one '
+                         'run with the defaults)')
+    ap.add_argument("--plot", type=Path, default=None, help="write the curves to this PNG")
+    ap.add_argument("--json", type=Path, default=None, help="write the samples to this JSON file")
+    args = ap.parse_args()
+
+    console.print(f"CPU: {describe_cpu()}")
+    runs = args.run or [""]
+    curves = {}
+    with tempfile.TemporaryDirectory(prefix="deepmask-memory-") as tmp:
+        tmp = Path(tmp)
+        (tmp / "photos").mkdir()
+        photos = make_photos(args.folder, args.n, args.varied, tmp / "photos")
+        for i, options in enumerate(runs):
+            name = options or "defaults"
+            console.print(f"[bold]{name}[/]: deepmask propose over {len(photos)} photos "
+                          f"({'varied sizes' if args.varied else 'as they are'})")
+            curves[name] = measure(photos, tmp / f"props-{i}.json", shlex.split(options))
+
+    marks = [k for k in (1, 10, 20, 40, 80, 160, 320, 640, 1000, 1500, 2000, 4000) if k < args.n] + [args.n]
+    table = Table(title="resident memory (MB, process and children) against photos done")
+    table.add_column("run")
+    for k in marks:
+        table.add_column(str(k), justify="right")
+    table.add_column("peak", justify="right")
+    table.add_column(f"growth 40->{args.n}", justify="right")
+    table.add_column("s/photo", justify="right")
+    for name, s in curves.items():
+        peak = max(r for _, _, r in s)
+        after = [r for _, d, r in s if d >= 40]
+        growth = (max(after) - at(s, 40)) if after else 0
+        secs = s[-1][0] / max(1, max(d for _, d, _ in s))
+        table.add_row(name, *(f"{at(s, k) / 2**20:.0f}" for k in marks), f"{peak / 2**20:.0f}",
+                      f"{growth / 2**20:+.0f}", f"{secs:.2f}")
+    console.print(table)
+    if args.json:
+        args.json.write_text(json.dumps({"cpu": describe_cpu(), "n": args.n, "varied": args.varied, "runs": runs,
+                                         "curves": curves}))
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for name, s in curves.items():
+            ax.plot([d for _, d, _ in s], [r / 2**20 for _, _, r in s], label=name, lw=0.8)
+        ax.set_xlabel("photos done")
+        ax.set_ylabel("resident memory (MB)")
+        ax.set_title(f"deepmask propose, {args.n} photos{', varied sizes' if args.varied else ''}", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=110)
+        console.print(f"plot: {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))

@@ -1,0 +1,66 @@
+"""The package as a user installs it: a wheel carries the shipped weights."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="venv layout")
+def test_wheel_in_a_fresh_environment_finds_its_weights(tmp_path):
+    """Build a wheel from the project's files, install it (and nothing else)
+    into a new environment, and run ``deepmask propose`` from a folder that
+    is not the repository: the default weights come from inside the wheel."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(ROOT / "deepmask_cli", src / "deepmask_cli", ignore=ignore)
+    shutil.copytree(ROOT / "weights", src / "weights", ignore=ignore)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path / "dist"), str(src)], check=True, timeout=300)
+    (wheel,) = (tmp_path / "dist").glob("deepmask-*.whl")
+    shutil.rmtree(src)  # nothing of the sources is left to fall back on
+    # dependencies (torch, ...) come from this interpreter's site-packages;
+    # deepmask itself only from the wheel
+    env_dir = tmp_path / "env"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(env_dir)],
+                   check=True, timeout=120)
+    py = env_dir / "bin" / "python"
+    subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)], check=True,
+                   timeout=300)
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (120, 160, 3), dtype=np.uint8)).save(elsewhere / "photo.jpg")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "DEEPMASK_WEIGHTS")}
+    where = subprocess.run([str(py), "-c", "from deepmask_cli.propose import default_weights; print(default_weights())"],
+                           cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120)
+    assert where.returncode == 0, where.stderr
+    assert Path(where.stdout.strip()).is_relative_to(env_dir), where.stdout
+    r = subprocess.run([str(env_dir / "bin" / "deepmask"), "propose", "photo.jpg", "-o", "p.json", "--device", "cpu",
+                        "--scales", "-1,0,1", "-q"], cwd=elsewhere, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    records = json.loads((elsewhere / "p.json").read_text())
+    assert records and all(rec["file_name"] == "photo.jpg" for rec in records)
+
+
+def test_weights_by_shipped_name(tmp_path, monkeypatch):
+    from deepmask_cli.weights import shipped_weights, weights_folder
+
+    assert weights_folder("deepmask-lite0-coco") == shipped_weights()
+    assert weights_folder("no-such-weights") == Path("no-such-weights")
+    monkeypatch.chdir(tmp_path)  # a folder of that name in the working directory wins
+    (tmp_path / "deepmask-lite0-coco").mkdir()
+    assert weights_folder("deepmask-lite0-coco") == Path("deepmask-lite0-coco")
