@@ -85,7 +85,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 @click.option("--resume", is_flag=True, help="Continue an interrupted run into the same output, skipping finished images.")
 @click.option("--strict", is_flag=True, help="Stop at the first bad image instead of reporting it and going on.")
 @click.option("--no-exif", is_flag=True, help="Ignore EXIF orientation (default: masks follow the image as viewers show it).")
-@click.option("--release-memory/--keep-memory", default=True, show_default=True, help="Give the memory each image freed back to the OS, so resident memory stays flat over a long run (costs a little speed).")
+@click.option("--release-memory/--keep-memory", default=True, show_default=True, help="Give the memory each batch of images freed back to the OS, so resident memory stays flat over a long run (costs a little speed).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, only errors.")
 def propose(images, out_path, weights, device, gt, fmt, show, max_proposals, score_thresh, mask_thresh, nms, nms_thresh,
             maskness, nms_demote, pre_nms_topk, scales, max_side, batch_size, workers, precision, runtime, shard, resume, strict, no_exif,
@@ -201,24 +201,49 @@ def viz(results, out_dir, images_dir, show, quiet) -> None:
 
 # ---------------------------------------------------------------------- eval
 @main.command(name="eval")
-@click.argument("results", type=click.Path())
+@click.argument("results", nargs=-1, required=True, type=click.Path())
 @click.option("--gt", required=True, type=click.Path(), help="COCO instances JSON with the ground truth.")
 @click.option("--json", "as_json", is_flag=True, help="Print the recall as JSON.")
-def eval_cmd(results, gt, as_json) -> None:
-    """Class-agnostic average recall (AR@10/100/1000, small/medium/large) of RESULTS."""
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Also draw recall against proposals and against IoU, for every RESULTS file, to this PNG (needs matplotlib: pip install 'deepmask[plot]').")
+@click.option("--by-size", is_flag=True, help="With --plot: curves for small, medium and large objects too.")
+def eval_cmd(results, gt, as_json, plot, by_size) -> None:
+    """Class-agnostic average recall (AR@10/100/1000, small/medium/large) of RESULTS.
+
+    \b
+    deepmask eval props.json --gt instances.json
+    deepmask eval ours.json selective-search.json --gt instances.json --plot recall.png
+    """
     import json
 
     from .evaluate import EvalError, evaluate_recall, format_table, load_results, to_json
 
+    runs = {}
     try:
-        recs = load_results(results)
-        res = evaluate_recall(recs, gt, results_name=Path(results).name)
+        for path in results:
+            label = Path(path).stem
+            while label in runs:
+                label += "'"
+            runs[label] = evaluate_recall(load_results(path), gt, results_name=Path(path).name, curves=plot is not None)
     except EvalError as e:
         _fail(str(e))
+    if plot is not None:
+        from .plots import recall_figure
+
+        try:
+            recall_figure(runs, plot, by_size=by_size)
+        except ImportError as e:
+            _fail(str(e))
     if as_json:
-        click.echo(json.dumps(to_json(res), indent=2))
+        per = {label: to_json(res) for label, res in runs.items()}
+        click.echo(json.dumps(next(iter(per.values())) if len(per) == 1 else per, indent=2))
     else:
-        out.print(format_table(res))
+        for label, res in runs.items():
+            table = format_table(res)
+            if len(runs) > 1:
+                table.title = f"{table.title}: {label}"
+            out.print(table)
+    if plot is not None and not as_json:
+        err.print(f"[green]✓[/] recall curves → {escape(str(plot))}")
 
 
 # --------------------------------------------------------------------- merge
@@ -286,7 +311,7 @@ def train(data_dir, out_dir, val_dir, ann, images_dir, val_ann, val_images, trun
 
     \b
     deepmask train coco/
-    deepmask train ../shared/data/coco-train --val ../shared/data/coco-val -o runs/lite0
+    deepmask train my-data/ --val my-val/ -o runs/lite0
     torchrun --nproc-per-node 8 -m deepmask_cli train coco/ -o runs/r50 --trunk resnet50
     """
     import dataclasses

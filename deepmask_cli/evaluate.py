@@ -51,6 +51,18 @@ class RecallResult:
     ar: dict[str, float]
     num_images: int
     num_gt: int  # non-crowd ground-truth instances on the evaluated images
+    #: With ``curves=True``: recall by IoU threshold, object size and number
+    #: of proposals, ``(len(IOU_THRESHOLDS), len(AREAS), len(max_dets))``
+    #: (-1 where a bucket has no ground truth), and the ``max_dets`` it is over.
+    recall: np.ndarray | None = None
+    max_dets: tuple[int, ...] = ()
+
+
+#: COCO's IoU thresholds (0.50:0.05:0.95) and size buckets, as COCOeval has them.
+IOU_THRESHOLDS = tuple(np.round(np.linspace(0.5, 0.95, 10), 2).tolist())
+AREAS = ("all", *_SIZES)
+#: Proposal counts of the recall-against-proposals curve (``curves=True``).
+CURVE_DETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 
 
 class EvalError(ValueError):
@@ -80,6 +92,7 @@ def evaluate_recall(
     max_dets: Sequence[int] = (10, 100, 1000),
     image_ids: Iterable[int] | None = None,
     results_name: str = "results",
+    curves: bool = False,
 ) -> dict[str, RecallResult]:
     """Class-agnostic AR of ``results`` against the instances in ``gt``.
 
@@ -87,6 +100,9 @@ def evaluate_recall(
     All gt images are evaluated unless ``image_ids`` is given, so an image
     without proposals counts as zero recall; proposals on other images are
     ignored. ``results_name`` names the results in error messages.
+    ``curves``: also keep recall by IoU threshold, size and number of
+    proposals (over :data:`CURVE_DETS` as well as ``max_dets``), for
+    :func:`deepmask_cli.plots.recall_figure`.
     Returns ``{iou_type: RecallResult}`` in the order of ``iou_types``.
     """
     _check_results(results, results_name)
@@ -96,6 +112,7 @@ def evaluate_recall(
     dets = sorted({int(m) for m in max_dets})
     if not dets or dets[0] < 1:
         raise EvalError(f"max_dets must be positive counts, got {list(max_dets)}")
+    run_dets = sorted(set(dets) | set(CURVE_DETS)) if curves else dets
 
     coco_gt, gt_name = _agnostic_gt(gt, iou_types)
     known = set(coco_gt.getImgIds())
@@ -117,10 +134,13 @@ def evaluate_recall(
     for t in iou_types:
         dts = [_prepare_det(r, t, coco_gt, results_name, k) for k, r in enumerate(results)]
         if dts:
-            ar = _cocoeval_ar(coco_gt, dts, t, img_ids, dets)
+            recall = _cocoeval_recall(coco_gt, dts, t, img_ids, run_dets)
         else:  # loadRes asserts on an empty list: zero recall wherever there is gt
-            ar = _empty_ar(gt_anns, dets)
-        out[t] = RecallResult(iou_type=t, ar=ar, num_images=len(img_ids), num_gt=len(gt_anns))
+            recall = _empty_recall(gt_anns, run_dets)
+        ar = {f"AR@{m}": _mean_valid(recall[:, 0, run_dets.index(m)]) for m in dets}
+        ar.update({f"AR_{s}": _mean_valid(recall[:, AREAS.index(s), run_dets.index(dets[-1])]) for s in _SIZES})
+        out[t] = RecallResult(iou_type=t, ar=ar, num_images=len(img_ids), num_gt=len(gt_anns),
+                              recall=recall if curves else None, max_dets=tuple(run_dets) if curves else ())
     return out
 
 
@@ -278,7 +298,9 @@ def _mean_valid(recall: np.ndarray) -> float:
     return float(valid.mean()) if valid.size else NO_GT
 
 
-def _cocoeval_ar(coco_gt: COCO, dts: list[dict], iou_type: str, img_ids: list[int], dets: list[int]) -> dict[str, float]:
+def _cocoeval_recall(coco_gt: COCO, dts: list[dict], iou_type: str, img_ids: list[int], dets: list[int]
+                     ) -> np.ndarray:
+    """COCOeval's recall, ``(T iou thresholds, areas in AREAS order, dets)``."""
     with _quiet():
         coco_dt = coco_gt.loadRes(dts)
         ev = COCOeval(coco_gt, coco_dt, iou_type)
@@ -289,17 +311,14 @@ def _cocoeval_ar(coco_gt: COCO, dts: list[dict], iou_type: str, img_ids: list[in
         ev.accumulate()
     recall = ev.eval["recall"]  # (T iou thresholds, K=1, A areas, M maxDets)
     area = list(ev.params.areaRngLbl).index
-    ar = {f"AR@{m}": _mean_valid(recall[:, :, area("all"), j]) for j, m in enumerate(dets)}
-    ar.update({f"AR_{s}": _mean_valid(recall[:, :, area(s), -1]) for s in _SIZES})
-    return ar
+    return np.stack([recall[:, 0, area(a), :] for a in AREAS], 1)
 
 
-def _empty_ar(gt_anns: list[dict], dets: list[int]) -> dict[str, float]:
-    """AR with no proposals: 0 where the bucket has gt, else -1 (what COCOeval would give)."""
+def _empty_recall(gt_anns: list[dict], dets: list[int]) -> np.ndarray:
+    """Recall with no proposals: 0 where the bucket has gt, else -1 (what COCOeval would give)."""
     p = Params("segm")
     has = {
         lbl: any(lo <= a["area"] <= hi for a in gt_anns) for lbl, (lo, hi) in zip(p.areaRngLbl, p.areaRng)
     }
-    ar = {f"AR@{m}": 0.0 if has["all"] else NO_GT for m in dets}
-    ar.update({f"AR_{s}": 0.0 if has[s] else NO_GT for s in _SIZES})
-    return ar
+    col = np.array([0.0 if has[a] else NO_GT for a in AREAS])
+    return np.broadcast_to(col[None, :, None], (len(IOU_THRESHOLDS), len(AREAS), len(dets))).copy()

@@ -1,10 +1,11 @@
-"""Training curves as a PNG, drawn with Pillow (no plotting library needed)."""
+"""Plots: training curves drawn with Pillow, and recall curves drawn with matplotlib (an optional extra)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 
@@ -68,3 +69,69 @@ def plot_curves(history: list[dict], path: str | Path) -> Path:
     img.save(tmp)
     os.replace(tmp, path)
     return path
+
+
+def recall_figure(runs: dict[str, dict], out: str | Path, *, by_size: bool = False) -> Path:
+    """The paper's pictures for comparing proposal methods, as one PNG.
+
+    ``runs`` maps a label (e.g. a results file's name) to the
+    ``{iou_type: RecallResult}`` of :func:`deepmask_cli.evaluate.evaluate_recall`
+    with ``curves=True``. One row per IoU type (masks, boxes); left: average
+    recall (IoU 0.5:0.95) against the number of proposals, log scale; right:
+    recall against the IoU threshold at 10, 100 and 1000 proposals. Colours
+    tell the runs apart. ``by_size`` adds the left panel's curves for small,
+    medium and large objects (dashed, dash-dot, dotted). Needs matplotlib
+    (``pip install 'deepmask[plot]'``)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError("plots need matplotlib: pip install 'deepmask[plot]'") from None
+    from .evaluate import AREAS, IOU_THRESHOLDS
+
+    types = [t for t in ("segm", "bbox") if any(t in r for r in runs.values())]
+    fig, axes = plt.subplots(len(types), 2, figsize=(11, 4.2 * len(types)), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    size_styles = {"small": "--", "medium": "-.", "large": ":"}
+    k_styles = {10: ":", 100: "--", 1000: "-"}
+    for row, t in enumerate(types):
+        left, right = axes[row]
+        for i, (label, res) in enumerate(runs.items()):
+            if t not in res or res[t].recall is None:
+                continue
+            r, dets, c = res[t].recall, list(res[t].max_dets), colors[i % len(colors)]
+            for a in ("all", *(AREAS[1:] if by_size else ())):
+                ar = _mean_over_iou(r[:, AREAS.index(a), :])
+                keep = ar >= 0
+                left.plot(np.array(dets)[keep], ar[keep], size_styles.get(a, "-"), color=c, marker="." if a == "all" else None,
+                          label=label if a == "all" else None)
+            for k in (10, 100, 1000):
+                if k in dets and (r[:, 0, dets.index(k)] >= 0).all():
+                    right.plot(IOU_THRESHOLDS, r[:, 0, dets.index(k)], k_styles[k], color=c, label=f"{label} @{k}")
+        name = {"segm": "masks", "bbox": "boxes"}[t]
+        left.set(xscale="log", xlabel="proposals per image", ylabel="average recall (IoU 0.5:0.95)",
+                 title=f"{name}: recall against proposals" + (" (- all, -- small, -. medium, : large)" if by_size else ""),
+                 ylim=(0, 1))
+        right.set(xlabel="IoU threshold", ylabel="recall", title=f"{name}: recall against IoU (: 10, -- 100, - 1000)",
+                  xlim=(0.5, 0.95), ylim=(0, 1))
+        for ax in (left, right):
+            ax.grid(alpha=0.3)
+        left.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
+
+
+def _mean_over_iou(recall: np.ndarray) -> np.ndarray:
+    """Average recall per column over IoU thresholds, -1 where there is no ground truth."""
+    valid = recall > -1
+    sums = np.where(valid, recall, 0).sum(0)
+    n = valid.sum(0)
+    return np.where(n > 0, sums / np.maximum(n, 1), -1.0)

@@ -142,6 +142,25 @@ def test_eval_ground_truth_as_proposals_is_perfect(runner, synth_coco, tmp_path)
     assert r.exit_code == 0 and "AR@100" in r.output and "mask" in r.output
 
 
+def test_eval_compares_results_files_in_one_plot(runner, synth_coco, tmp_path):
+    pytest.importorskip("matplotlib")
+    gt = json.loads((synth_coco / "instances.json").read_text())
+    perfect = [{"image_id": a["image_id"], "category_id": 1, "segmentation": a["segmentation"], "score": 1.0}
+               for a in gt["annotations"] if not a["iscrowd"]]
+    (tmp_path / "perfect.json").write_text(json.dumps(perfect))
+    (tmp_path / "half.json").write_text(json.dumps(perfect[::2]))
+    plot = tmp_path / "plots" / "recall.png"
+    r = runner.invoke(main, ["eval", str(tmp_path / "perfect.json"), str(tmp_path / "half.json"), "--gt",
+                             str(synth_coco / "instances.json"), "--plot", str(plot), "--by-size", "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output)
+    assert res["perfect"]["segm"]["AR@100"] == pytest.approx(1.0)
+    assert res["half"]["segm"]["AR@100"] < 0.75
+    with Image.open(plot) as im:
+        assert im.size[0] > 600 and im.size[1] > 600  # two rows (masks, boxes) of two panels
+        assert len(set(im.convert("RGB").getdata())) > 20  # drawn, not blank
+
+
 def test_bad_image_is_reported_and_the_others_kept(runner, tiny_weights, synth_coco, tmp_path):
     bad = synth_coco / "images" / "broken.jpg"
     bad.write_text("not a jpeg")

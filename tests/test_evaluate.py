@@ -241,3 +241,31 @@ def _render(res: dict[str, RecallResult]) -> str:
     console = Console(record=True, width=160)
     console.print(format_table(res))
     return console.export_text()
+
+
+def test_recall_curves_agree_with_the_ar_and_with_geometry(tmp_path):
+    """``curves=True``: recall by IoU threshold and number of proposals. Its
+    mean over IoU is the AR that the summary gives; a proposal that overlaps
+    its object with IoU 0.75 is found at thresholds up to 0.75 and not above;
+    recall only grows with more proposals."""
+    from deepmask_cli.evaluate import AREAS, CURVE_DETS, IOU_THRESHOLDS
+
+    h, w = 64, 64
+    obj = rect(h, w, 8, 8, 40, 40)
+    data = write_gt(tmp_path / "gt.json", [(1, h, w)], [(1, obj, 1, 0)])
+    part = rect(h, w, 8, 8, 40, 30)  # IoU 0.75
+    props = [{"image_id": 1, "score": 0.9 - 0.1 * i, "segmentation": rle(rect(h, w, 40, 40, 8, 8))} for i in range(3)]
+    props.append({"image_id": 1, "score": 0.5, "segmentation": rle(part)})  # 4th best
+    res = evaluate_recall(props, tmp_path / "gt.json", curves=True)
+    for t in ("segm", "bbox"):
+        r = res[t]
+        assert r.recall.shape == (len(IOU_THRESHOLDS), len(AREAS), len(r.max_dets))
+        assert set(CURVE_DETS) <= set(r.max_dets)
+        for k in (10, 100, 1000):
+            assert r.ar[f"AR@{k}"] == pytest.approx(r.recall[:, 0, r.max_dets.index(k)].mean())
+        assert (np.diff(r.recall[:, 0, :], axis=1) >= 0).all()
+        at10 = r.recall[:, 0, r.max_dets.index(10)]
+        assert at10.tolist() == [1.0 if thr <= 0.75 else 0.0 for thr in IOU_THRESHOLDS]
+        assert r.recall[:, 0, r.max_dets.index(2)].max() == 0.0  # not among the 2 best
+    assert evaluate_recall(props, tmp_path / "gt.json")["segm"].recall is None
+    del data
