@@ -132,19 +132,17 @@ class InferenceConfig(_Serialisable):
     # whole masks: crops that stay in cache), 4096 of neighbouring scales on a GPU.
     paste_chunk: int = 0
     # Canvases are squares whose side is the longest image side rounded up to
-    # this many pixels, so a GPU sees few distinct shapes: on an H100 each new
-    # shape cost about 7 s of cuDNN planning over the pyramid's 8 levels
-    # (README, Speed on a GPU). 0: tight canvases; -1: on a GPU 128 with a
-    # side of at least 640 (COCO's photos, 640 pixels or less, then share one
-    # shape), 0 on a CPU.
+    # this many pixels, so a GPU sees few distinct shapes: each new shape
+    # costs cuDNN planning at every pyramid level (docs/benchmarks.md, GPU).
+    # 0: tight canvases; -1: on a GPU 128 with a side of at least 640 (COCO's
+    # photos, 640 pixels or less, then share one shape), 0 on a CPU.
     shape_bucket: int = -1
     # Network arithmetic: fp32, or fp16/bf16 weights and activations (fp16 on
     # a GPU only).
     # auto: bf16 on a CPU with native bf16 instructions (AVX512-BF16 or AMX),
-    # where it is 1.7x faster per image for -0.002 mask AR@100 on coco-val
-    # (within the 0.005 a default may cost; README, Benchmarks); fp16 on a
-    # GPU, where fp32's proposals are matched best (README, Speed on a GPU);
-    # fp32 elsewhere.
+    # where it is faster at a recall cost within the 0.005 of mask AR@100 a
+    # default may cost; fp16 on a GPU, where of the half precisions it
+    # matches fp32's proposals best; fp32 elsewhere (docs/benchmarks.md).
     precision: str = "auto"
     # Where the trunk (and, in int8, the dense score head) runs: torch; onnx
     # (ONNX Runtime, float32 trunk, CPU only); onnx-int8: the weights' int8
@@ -233,7 +231,7 @@ class TrainConfig(_Serialisable):
     trunk_lr_mult: float = 1.0
     freeze_trunk: bool = False
     # Train the heads on cached frozen-trunk maps of the inference pyramid
-    # (deepmask_cli.featcache): much faster on a CPU; needs freeze_trunk.
+    # (deepmask_cli.featcache): the fast path on a CPU; needs freeze_trunk.
     cache_features: bool = False
     # Pyramid (min, max, step in octaves) of the feature cache; None: the
     # inference defaults' scales.

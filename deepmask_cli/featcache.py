@@ -17,8 +17,9 @@ positive window.
 
 The price: no colour jitter and no sub-grid jitter of position or scale
 (flips are kept), and features see the image's context rather than a patch's
-padding. Measured on coco-train, building the cache takes a few minutes and
-then a step is some 20x faster than running the frozen trunk on patches.
+padding. Building the cache costs one trunk pass per pyramid level of each
+photo; after that a step runs the heads only (docs/training.md has the
+figures).
 """
 
 from __future__ import annotations
@@ -87,8 +88,8 @@ class FeatureCache:
         f = model.config.feat_size
         model = model.eval()
         device = torch.device(device)
-        # the frozen trunk with its batch norms folded: same maps, about 2x
-        # faster (folding leaves the RNG as it is, so a built cache and a
+        # the frozen trunk with its batch norms folded: the same maps, fewer
+        # passes (folding leaves the RNG as it is, so a built cache and a
         # loaded one train alike)
         trunk = model.trunk.fused().to(device, memory_format=torch.channels_last)
         for n, rec in enumerate(self.records):

@@ -123,8 +123,7 @@ def native_bf16() -> bool:
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``auto`` -> ``fp16`` on a GPU, ``bf16`` on a CPU with native bf16, else
     ``fp32``; any other precision is returned as is. (On a GPU fp16 has 3
-    more mantissa bits than bf16, and its trunk ran as fast on an H100:
-    README, Speed on a GPU.)"""
+    more mantissa bits than bf16 and runs as fast: docs/benchmarks.md.)"""
     if precision != "auto":
         return precision
     if device.type == "cuda":
@@ -314,8 +313,7 @@ class Proposer:
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         # Batch norm folded into the convolutions and channels-last layout:
-        # together about 2x faster trunk on a 2-core CPU (a one-off timing of
-        # the Lite0 trunk on 32 patches: 0.80 s plain, 0.40 s both).
+        # fewer passes over memory, and the layout oneDNN's CPU kernels want.
         trunk = model.trunk.fused().to(memory_format=torch.channels_last)
         self.config = config or InferenceConfig()
         #: The resolved trunk runtime (``auto`` made concrete).
@@ -338,7 +336,7 @@ class Proposer:
         self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[prec]
         # fp16/bf16: the trunk and a copy of the heads are cast once, here.
         # (Autocast would re-cast every weight at every pyramid level, the
-        # mask head's 9M-weight first layer included; README, Benchmarks.)
+        # mask head's first layer, the largest, included.)
         # The caller's model is left as it is.
         self.trunk = trunk.to(self.dtype)
         #: The model whose heads run, in ``dtype``.

@@ -143,13 +143,10 @@ class ScoreHead(nn.Module):
     def _fc1_by_parity(self, pooled: torch.Tensor, w1: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """fc1's dilation-2 convolution over ``pooled`` as four plain ones,
         one per (row, column) parity of the output, interleaved: the same
-        sums. On an H100, cuDNN's heuristics ran the dilated form with a
-        direct kernel: the score head took 46 ms per COCO photo, 8 ms in this
-        form (benchmarks/results/h100-2026-11-26). Its autotuner finds a fast
-        kernel for the dilated form, but plans for seconds on every new
-        shape. On a CPU the dilated form is the faster (oneDNN; on this
-        project's 2-core CPU, the largest level of a COCO photo: 87 against
-        105 ms in fp32, 43 against 48 in bf16, a scratch timing)."""
+        sums. cuDNN's heuristics run the dilated form with a slow direct
+        kernel, and its autotuner, which finds a fast one, plans anew for
+        every shape; on a CPU oneDNN runs the dilated form faster
+        (docs/benchmarks.md)."""
         f = 2 * self.pooled
         b, _, h, w = pooled.shape
         ho, wo = h + 1 - f + 1, w + 1 - f + 1
