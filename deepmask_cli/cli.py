@@ -21,6 +21,7 @@ from rich.text import Text
 
 from . import __version__
 from .config import PRECISIONS, RUNTIMES, TRUNKS, InferenceConfig, ModelConfig, SamplerConfig, TrainConfig
+from .sinks import FORMATS
 
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False)
@@ -61,11 +62,11 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 # ------------------------------------------------------------------- propose
 @main.command()
 @click.argument("images", nargs=-1, required=True)
-@click.option("-o", "--out", "out_path", required=True, type=click.Path(), help="Results JSON file (--format coco) or folder of PNGs (--format png).")
+@click.option("-o", "--out", "out_path", required=True, type=click.Path(), help="Results JSON file (--format coco), or folder (--format png, masks).")
 @click.option("--weights", type=click.Path(), default=None, help="Weights folder (config.json + model.safetensors), or a shipped one's name. [default: deepmask-lite0-coco, shipped]")
 @click.option("--device", default="auto", show_default=True, help="auto (the GPU when there is one), cpu, cuda or cuda:N (under torchrun: each process's own GPU).")
 @click.option("--gt", type=click.Path(), default=None, help="COCO instances JSON: take image ids from it by file name, so `deepmask eval` can score the results.")
-@click.option("--format", "fmt", type=click.Choice(["coco", "png"]), default="coco", show_default=True, help="COCO results JSON, or one overlay PNG per image.")
+@click.option("--format", "fmt", type=click.Choice(list(FORMATS)), default="coco", show_default=True, help="coco: a COCO results JSON file; png: one overlay PNG per image; masks: a folder per image of mask PNGs and metadata.csv (segment-anything's layout).")
 @click.option("--show", type=int, default=20, show_default=True, help="Proposals drawn per overlay (--format png).")
 @click.option("--max-proposals", type=int, default=None, help=f"Proposals kept per image, best first. [default: {_D.max_proposals}]")
 @click.option("--score-thresh", type=float, default=None, help=f"Drop proposals whose score (objectness, after rescoring and NMS) is below this. [default: {_D.score_thresh}]")

@@ -13,10 +13,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .heap import release_free_memory
 from .images import ImageError, InputProblem, collect_images, load_image
 from .inference import Proposer, image_to_tensor
-from .heap import release_free_memory
-from .results import ResultsWriter, compact, encode_line, merge_results, partial_path
+from .results import merge_results, partial_path
+from .sinks import FORMATS, open_sink
 from .weights import WeightsError, load_weights, shipped_weights, weights_folder
 
 
@@ -132,22 +133,24 @@ def run_propose(
 ) -> ProposeSummary:
     """Propose for every image of ``inputs`` (files, folders, globs).
 
-    ``fmt="coco"`` writes a COCO results JSON list to ``out``; ``fmt="png"``
-    writes one overlay per image into the folder ``out``. A bad image is
+    ``fmt`` names the output format (:mod:`deepmask_cli.sinks`): ``"coco"``
+    writes a COCO results JSON list to ``out``; ``"png"`` one overlay per
+    image into the folder ``out``; ``"masks"`` a folder per image of mask
+    PNGs and ``metadata.csv`` (segment-anything's layout). A bad image is
     reported through ``on_image(path, None, reason)`` and the run goes on,
     unless ``strict``. ``KeyboardInterrupt`` leaves everything written so far
     in place for ``resume``.
 
     The next batch's images are decoded in a thread while the network runs.
-    ``workers > 0`` RLE-encodes and serialises results in that many processes
+    ``workers > 0`` encodes and writes results (the sink's jobs) in that many processes
     (worth it on a GPU, where one CPU core cannot keep up). ``shard=(i, n)``
     runs only the ``i``-th of ``n`` contiguous blocks of the inputs (image ids
     stay those of the whole list), for :func:`merge_results`.
     ``release_memory`` gives the memory each batch freed back to the OS
     (:mod:`deepmask_cli.heap`), so resident memory stays flat over a long run.
     """
-    if fmt not in ("coco", "png"):
-        raise ProposeError(f"unknown --format {fmt!r}; use coco or png")
+    if fmt not in FORMATS:
+        raise ProposeError(f"unknown --format {fmt!r}; use {', '.join(FORMATS)}")
     paths, problems = collect_images(inputs)
     if shard is not None and shard[0] > 0:
         problems = []  # shard 0 reports the inputs that are not images
@@ -163,13 +166,7 @@ def run_propose(
         if on_image:
             on_image(Path(prob.path), None, prob.reason)
 
-    writer = ResultsWriter(out, resume=resume) if fmt == "coco" else None
-    if fmt == "png":
-        Path(out).mkdir(parents=True, exist_ok=True)
-        from .viz import draw_rles, overlay_name, save_overlay
-
-        used: set[str] = set()
-        png_names = {k: overlay_name(p, used) for k, p in zip(keys, paths)}
+    sink = open_sink(fmt, out, keys=keys, paths=paths, resume=resume, show=show)
 
     def fail(path: Path, reason: str) -> None:
         summary.failures.append(InputProblem(str(path), reason))
@@ -196,10 +193,7 @@ def run_propose(
     todo: list[tuple[int, Path]] = []
     for n in block:
         key, path = keys[n], paths[n]
-        if resume and (
-            (writer is not None and key in writer.done)
-            or (fmt == "png" and (Path(out) / png_names[key]).exists())
-        ):
+        if resume and sink.is_done(key):
             summary.skipped += 1
             if on_image:
                 on_image(path, -1, None)
@@ -210,14 +204,14 @@ def run_propose(
 
     decoder = ThreadPoolExecutor(max_workers=min(4, max(1, bs)), thread_name_prefix="deepmask-decode")
     encoder = None
-    if workers > 0 and writer is not None:
+    if workers > 0:
         encoder = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
-    pending: deque = deque()  # (key, path, count, future) being encoded, oldest first
+    pending: deque = deque()  # (key, path, count, future) of the jobs in workers, oldest first
 
     def drain(limit: int) -> None:
         while len(pending) > limit:
             key, path, count, fut = pending.popleft()
-            writer.add_line(key, fut.result())
+            sink.write(key, fut.result())
             finished(path, count)
 
     def launch(bi: int):
@@ -273,26 +267,21 @@ def run_propose(
                     sl, levels = parts.pop(0)
                     props_list += proposer.proposals_from_levels(levels, [tuple(t.shape[1:]) for t in tensors[sl]], rle=True)
                 del levels, tensors
-                # results to the CPU before the next batch is queued on the device
-                done = [(n, path, image, props, compact(props) if writer is not None else None)
+                # results to the CPU (as the sink's jobs) before the next batch is queued on the device
+                done = [(n, path, len(props),
+                         sink.job(keys[n], ids[path.name] if ids is not None else n + 1, path, image, props))
                         for (n, path, image), props in zip(batch, props_list)]
             try:
                 nxt, error = (launch(bi + 1) if bi + 1 < len(batches) else None), None
             except Exception as e:  # raised once this batch's results are written
                 nxt, error = None, e
-            for n, path, image, props, packed in done:
-                key = keys[n]
-                image_id = ids[path.name] if ids is not None else n + 1
+            for n, path, count, (fn, args) in done:
                 if encoder is not None:
-                    pending.append((key, path, len(props), encoder.submit(encode_line, key, image_id, str(path), packed)))
+                    pending.append((keys[n], path, count, encoder.submit(fn, *args)))
                     drain(4 * workers)
-                    continue
-                if writer is not None:
-                    writer.add_line(key, encode_line(key, image_id, str(path), packed))
                 else:
-                    drawn = draw_rles(image, props.to_rles()[:show], props.scores[:show].cpu().numpy(), show=show)
-                    save_overlay(drawn, Path(out) / png_names[key])
-                finished(path, len(props))
+                    sink.write(keys[n], fn(*args))
+                    finished(path, count)
             if error is not None:
                 drain(0)
                 raise error
@@ -300,8 +289,7 @@ def run_propose(
                 release_free_memory()
         drain(0)
     except BaseException:
-        if writer is not None:
-            writer.abort()
+        sink.abort()
         if encoder is not None:
             encoder.shutdown(wait=False, cancel_futures=True)
         decoder.shutdown(wait=False, cancel_futures=True)
@@ -309,8 +297,7 @@ def run_propose(
     decoder.shutdown()
     if encoder is not None:
         encoder.shutdown()
-    if writer is not None:
-        writer.close(order=keys)
+    sink.close(order=keys)
     return summary
 
 
@@ -425,7 +412,7 @@ def run_propose_launched(inputs: Sequence[str | Path], out: str | Path, *, launc
     if own:
         dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=LAUNCH_TIMEOUT_S))
     try:
-        target = out if fmt == "png" else rank_part(out, launch)
+        target = rank_part(out, launch) if fmt == "coco" else out  # per-image outputs go straight into out
         if fmt == "coco" and resume and target.exists() and not partial_path(target).exists():
             summary = ProposeSummary()  # this rank's part was finished by the interrupted launch
         else:

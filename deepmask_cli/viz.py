@@ -248,11 +248,6 @@ def overlay_name(image_path: str | Path, used: set[str]) -> str:
 
     The chosen name is added to ``used``.
     """
-    stem = Path(image_path).stem or "image"
-    name = f"{stem}.png"
-    n = 1
-    while name in used:
-        name = f"{stem}-{n}.png"
-        n += 1
-    used.add(name)
-    return name
+    from .sinks import unique_name
+
+    return unique_name(image_path, used, ".png")

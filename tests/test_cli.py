@@ -1,6 +1,7 @@
 """The command line end to end, through click's CliRunner, on synthetic photos."""
 
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -112,6 +113,48 @@ def test_png_format_and_viz_write_images_of_the_right_size(runner, tiny_weights,
     assert r.exit_code == 0, r.output
     assert "props_viz" in r.output
     assert sorted(f.name for f in (tmp_path / "props_viz").glob("*.png")) == [f.name for f in files]
+
+
+def test_masks_format_is_segment_anythings_layout_with_the_same_proposals(runner, tiny_weights, synth_coco, tmp_path):
+    """--format masks: a folder per image, ``{id}.png`` per mask (0/255, best
+    first) and metadata.csv; the masks are the COCO results' masks, whether
+    written inline or by a worker process; --resume skips finished folders."""
+    import csv
+
+    import numpy as np
+
+    common = [str(synth_coco / "images"), "--weights", str(tiny_weights), "--device", "cpu", "--max-proposals", "7", "-q"]
+    assert runner.invoke(main, ["propose", *common, "-o", str(tmp_path / "p.json")]).exit_code == 0
+    coco = json.loads((tmp_path / "p.json").read_text())
+    for workers in ("0", "1"):
+        out = tmp_path / f"masks{workers}"
+        r = runner.invoke(main, ["propose", *common, "--format", "masks", "--workers", workers, "-o", str(out)])
+        assert r.exit_code == 0, r.output
+        folders = sorted(f.name for f in out.iterdir())
+        assert folders == sorted(p.stem for p in (synth_coco / "images").glob("*.jpg"))
+        for folder in folders:
+            recs = [c for c in coco if Path(c["file_name"]).stem == folder]
+            rows = list(csv.DictReader((out / folder / "metadata.csv").open()))
+            assert [int(r["id"]) for r in rows] == list(range(len(recs))) and len(recs) == 7
+            assert sorted(p.name for p in (out / folder).glob("*.png")) == sorted(f"{i}.png" for i in range(7))
+            for row, rec in zip(rows, recs):
+                m = np.asarray(Image.open(out / folder / f"{row['id']}.png"))
+                assert set(np.unique(m)) <= {0, 255}
+                assert np.array_equal(m > 0, mask_utils.decode(rec["segmentation"]).astype(bool))
+                assert int(row["area"]) == int(rec["area"])
+                assert float(row["score"]) == pytest.approx(rec["score"], abs=1e-6)
+                assert [float(row[k]) for k in ("bbox_x0", "bbox_y0", "bbox_w", "bbox_h")] == pytest.approx(rec["bbox"], abs=0.01)
+    # resume: a finished folder is kept as it is, a missing one is made
+    out = tmp_path / "masks0"
+    victim = sorted(out.iterdir())[0]
+    import shutil
+
+    shutil.rmtree(victim)
+    kept = sorted(out.iterdir())[0] / "metadata.csv"
+    before = kept.stat().st_mtime_ns
+    r = runner.invoke(main, ["propose", *common, "--format", "masks", "-o", str(out), "--resume"])
+    assert r.exit_code == 0, r.output
+    assert victim.is_dir() and kept.stat().st_mtime_ns == before
 
 
 def test_releasing_memory_changes_no_result(runner, tiny_weights, synth_coco, tmp_path):
