@@ -172,31 +172,41 @@ def _progress(quiet: bool, info_column: ProgressColumn) -> Progress:
 @main.command()
 @click.argument("results", type=click.Path())
 @click.option("-o", "--out", "out_dir", type=click.Path(), default=None, help="Folder for the overlay PNGs. [default: beside RESULTS, props.json -> props_viz/]")
+@click.option("--html", "html_dir", type=click.Path(file_okay=False), default=None, help="Write a report to browse every proposal in a web browser into this folder instead (open its index.html).")
+@click.option("--gt", type=click.Path(), default=None, help="With --html: COCO instances JSON whose objects are outlined (RESULTS made with propose --gt).")
 @click.option("--images", "images_dir", type=click.Path(), default=None, help="Folder holding the images (default: the paths stored in RESULTS).")
-@click.option("--show", type=int, default=20, show_default=True, help="Proposals drawn per image.")
+@click.option("--show", type=int, default=20, show_default=True, help="Proposals drawn per image (PNG overlays).")
 @click.option("-q", "--quiet", is_flag=True)
-def viz(results, out_dir, images_dir, show, quiet) -> None:
-    """Draw overlays of an existing results file.
+def viz(results, out_dir, html_dir, gt, images_dir, show, quiet) -> None:
+    """Draw overlays of an existing results file, or a report to browse it.
 
     \b
     deepmask viz props.json                  (overlays in props_viz/)
     deepmask viz props.json -o overlays/ --show 50
+    deepmask viz props.json --html report/ --gt instances.json
     """
     from .evaluate import EvalError
     from .propose import default_viz_dir, run_viz
 
-    out_dir = out_dir or default_viz_dir(results)
+    if html_dir is not None and out_dir is not None:
+        _fail("give -o (PNG overlays) or --html (a report), not both")
+    if gt is not None and html_dir is None:
+        _fail("--gt outlines the ground truth in the --html report; add --html DIR")
+    target = html_dir or out_dir or default_viz_dir(results)
 
     def on_image(path, n, reason) -> None:
         if reason is not None:
             err.print(f"[red]✗[/] {escape(f'{path}: {reason}')}", soft_wrap=True)
 
     try:
-        summary = run_viz(results, out_dir, images_dir=images_dir, show=show, on_image=on_image)
+        summary = run_viz(results, target, images_dir=images_dir, show=show, html=html_dir is not None, gt=gt,
+                          on_image=on_image)
     except EvalError as e:
         _fail(str(e))
     if not quiet:
-        err.print(f"[green]✓[/] {summary.done} overlay(s) → {escape(str(out_dir))}" + (f"; [red]{len(summary.failures)} failed[/]" if summary.failures else ""))
+        what = (f"report of {summary.done} image(s) → {escape(str(Path(target) / 'index.html'))}" if html_dir
+                else f"{summary.done} overlay(s) → {escape(str(target))}")
+        err.print(f"[green]✓[/] {what}" + (f"; [red]{len(summary.failures)} failed[/]" if summary.failures else ""))
     sys.exit(1 if summary.failures else 0)
 
 

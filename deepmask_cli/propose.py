@@ -9,7 +9,7 @@ from collections import deque
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -308,28 +308,17 @@ def default_viz_dir(results_path: str | Path) -> Path:
     return p.with_name(f"{p.stem}_viz")
 
 
-def run_viz(
-    results_path: str | Path,
-    out_dir: str | Path,
-    *,
-    images_dir: str | Path | None = None,
-    show: int = 20,
-    on_image: Callable[[Path, int | None, str | None], None] | None = None,
-) -> ProposeSummary:
-    """Overlays from an existing results file: one PNG per image in ``out_dir``.
-
-    Images are found by the ``file_name`` stored in each record, or by its base
-    name inside ``images_dir``.
-    """
+def results_by_image(results_path: str | Path, images_dir: str | Path | None = None
+                     ) -> Iterator[tuple[Path, Path | None, str | None, Any, list[dict]]]:
+    """A results file's records grouped by image: ``(label, image path or
+    None, why it cannot be found or None, image_id, records)``. Images are
+    found by the ``file_name`` stored in each record, or by its base name
+    inside ``images_dir``."""
     from .evaluate import load_results
-    from .viz import draw_rles, overlay_name, save_overlay
 
-    recs = load_results(results_path)
     groups: dict[Any, list[dict]] = {}
-    for r in recs:
+    for r in load_results(results_path):
         groups.setdefault((r["image_id"], r.get("file_name")), []).append(r)
-    summary = ProposeSummary(images=len(groups), out=Path(out_dir))
-    used: set[str] = set()
     for (image_id, file_name), group in groups.items():
         cands = []
         if file_name:
@@ -338,22 +327,51 @@ def run_viz(
             cands.append(Path(file_name))
         path = next((c for c in cands if c.is_file()), None)
         label = Path(file_name) if file_name else Path(f"image_id {image_id}")
+        reason = None
         if path is None:
             reason = ("image not found; pass --images DIR" if file_name
                       else "record has no file_name; viz needs results written by deepmask propose")
+        yield label, path, reason, image_id, group
+
+
+def run_viz(
+    results_path: str | Path,
+    out_dir: str | Path,
+    *,
+    images_dir: str | Path | None = None,
+    show: int = 20,
+    html: bool = False,
+    gt: str | Path | None = None,
+    on_image: Callable[[Path, int | None, str | None], None] | None = None,
+) -> ProposeSummary:
+    """Overlays from an existing results file: one PNG per image of its best
+    ``show`` proposals in ``out_dir``; ``html``: the browsable report of
+    :mod:`deepmask_cli.report` instead (every proposal, the ground truth of
+    ``gt`` outlined)."""
+    from .viz import draw_rles, overlay_name, save_overlay
+
+    groups = list(results_by_image(results_path, images_dir))
+    summary = ProposeSummary(images=len(groups), out=Path(out_dir))
+    if html:
+        from .report import write_report
+
+        summary.done, summary.proposals, summary.failures = write_report(
+            iter(groups), out_dir, results_name=Path(results_path).name, gt=gt, on_image=on_image)
+        return summary
+    used: set[str] = set()
+    for label, path, reason, _, group in groups:
+        if reason is None:
+            try:
+                image = load_image(path)
+                group.sort(key=lambda r: -r["score"])
+                rles = [r["segmentation"] for r in group[:show]]
+                drawn = draw_rles(image, rles, [r["score"] for r in group[:show]], show=show)
+            except (ImageError, ValueError, KeyError, TypeError) as e:
+                label, reason = path, str(e)
+        if reason is not None:
             summary.failures.append(InputProblem(str(label), reason))
             if on_image:
                 on_image(label, None, reason)
-            continue
-        try:
-            image = load_image(path)
-            group.sort(key=lambda r: -r["score"])
-            rles = [r["segmentation"] for r in group[:show]]
-            drawn = draw_rles(image, rles, [r["score"] for r in group[:show]], show=show)
-        except (ImageError, ValueError, KeyError, TypeError) as e:
-            summary.failures.append(InputProblem(str(path), str(e)))
-            if on_image:
-                on_image(path, None, str(e))
             continue
         save_overlay(drawn, Path(out_dir) / overlay_name(path, used))
         summary.done += 1
