@@ -215,7 +215,7 @@ def viz(results, out_dir, html_dir, gt, images_dir, show, quiet) -> None:
 @click.argument("results", nargs=-1, required=True, type=click.Path())
 @click.option("--gt", required=True, type=click.Path(), help="COCO instances JSON with the ground truth.")
 @click.option("--json", "as_json", is_flag=True, help="Print the recall as JSON.")
-@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Also draw recall against proposals and against IoU, for every RESULTS file, to this PNG (needs matplotlib: pip install 'deepmask[plot]').")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Also draw recall against proposals and against IoU, for every RESULTS file, to this PNG.")
 @click.option("--by-size", is_flag=True, help="With --plot: curves for small, medium and large objects too.")
 def eval_cmd(results, gt, as_json, plot, by_size) -> None:
     """Class-agnostic average recall (AR@10/100/1000, small/medium/large) of RESULTS.
@@ -240,10 +240,7 @@ def eval_cmd(results, gt, as_json, plot, by_size) -> None:
     if plot is not None:
         from .plots import recall_figure
 
-        try:
-            recall_figure(runs, plot, by_size=by_size)
-        except ImportError as e:
-            _fail(str(e))
+        recall_figure(runs, plot, by_size=by_size)
     if as_json:
         per = {label: to_json(res) for label, res in runs.items()}
         click.echo(json.dumps(next(iter(per.values())) if len(per) == 1 else per, indent=2))

@@ -186,7 +186,6 @@ def test_eval_ground_truth_as_proposals_is_perfect(runner, synth_coco, tmp_path)
 
 
 def test_eval_compares_results_files_in_one_plot(runner, synth_coco, tmp_path):
-    pytest.importorskip("matplotlib")
     gt = json.loads((synth_coco / "instances.json").read_text())
     perfect = [{"image_id": a["image_id"], "category_id": 1, "segmentation": a["segmentation"], "score": 1.0}
                for a in gt["annotations"] if not a["iscrowd"]]
