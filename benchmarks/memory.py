@@ -2,7 +2,7 @@
 
     python benchmarks/memory.py ../shared/data/coco-val/images --n 2000 --varied
     python benchmarks/memory.py ../shared/data/coco-val/images --n 300 --varied --run="--runtime torch" --run="--runtime onnx-int8"
-    python benchmarks/memory.py ../shared/data/coco-val/images --n 300 --varied --run="" --run=--keep-memory --plot mem.png
+    python benchmarks/memory.py ../shared/data/coco-val/images --n 300 --varied --run="" --run=--keep-memory --repeat 2
 
 Runs the real command (``python -m deepmask_cli propose DIR -o ...``) once
 per ``--run`` (its options of ``deepmask propose``; default: one run with
@@ -13,8 +13,10 @@ sizes, as a real folder does. Every 0.5 s it samples the resident memory
 (VmRSS, summed over the command's process and its children: the encoder
 processes) and counts the photos finished in the results' partial file.
 It prints the CPU, a table of resident memory against photos done, the
-peak, and the growth from photo 40 to the last one; ``--plot`` draws the
-curves (needs matplotlib: ``pip install -e ".[bench]"``).
+peak, the peaks over photos 40-79 and over the last 40 (the growth of a long
+run), and seconds per photo of the whole command; ``--repeat R`` runs the
+list R times taking turns, so that the seconds compare fairly on a machine
+whose speed drifts. ``--plot`` draws the curves.
 """
 
 from __future__ import annotations
@@ -94,12 +96,24 @@ def tree_rss(pid: int) -> int:
     return total
 
 
-def photos_done(out: Path) -> int:
-    try:
-        with open(partial_path(out), "rb") as fh:
-            return sum(1 for line in fh if line.endswith(b"\n"))
-    except OSError:
-        return 0
+class DoneCounter:
+    """Photos finished so far: the complete lines of the results' partial
+    file, read incrementally (the file grows to hundreds of megabytes)."""
+
+    def __init__(self, out: Path) -> None:
+        self.path, self.offset, self.done = partial_path(out), 0, 0
+
+    def __call__(self) -> int:
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(self.offset)
+                chunk = fh.read()
+        except OSError:  # not yet made, or gone once the results are written
+            return self.done
+        end = chunk.rfind(b"\n") + 1
+        self.done += chunk.count(b"\n", 0, end)
+        self.offset += end
+        return self.done
 
 
 def measure(photos: list[Path], out: Path, extra: list[str], every: float = 0.5) -> list[tuple[float, int, int]]:
@@ -107,9 +121,12 @@ def measure(photos: list[Path], out: Path, extra: list[str], every: float = 0.5)
     cmd = [sys.executable, "-m", "deepmask_cli", "propose", str(photos[0].parent), "-o", str(out), "-q", *extra]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    samples = []
+    samples, counter = [], DoneCounter(out)
     while proc.poll() is None:
-        samples.append((time.perf_counter() - start, photos_done(out), tree_rss(proc.pid)))
+        done = counter()
+        rss = tree_rss(proc.pid)
+        if rss:
+            samples.append((time.perf_counter() - start, done, rss))
         time.sleep(every)
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr.read()[-2000:]}")
@@ -122,6 +139,11 @@ def at(samples, k: int) -> int:
     return max(vals) if vals else 0
 
 
+def window_peak(samples, lo: int, hi: int) -> int:
+    """The largest resident memory sampled while ``lo`` to ``hi - 1`` photos were done."""
+    return max((r for _, d, r in samples if lo <= d < hi), default=0)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("folder", type=Path)
@@ -131,6 +153,8 @@ def main() -> int:
                     help='options of deepmask propose for one run, e.g. "--runtime torch" (repeatable; default: one '
                          'run with the defaults)')
     ap.add_argument("--plot", type=Path, default=None, help="write the curves to this PNG")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run the --run list this many times, taking turns (A B A B), so s/photo compares fairly")
     ap.add_argument("--json", type=Path, default=None, help="write the samples to this JSON file")
     args = ap.parse_args()
 
@@ -141,8 +165,8 @@ def main() -> int:
         tmp = Path(tmp)
         (tmp / "photos").mkdir()
         photos = make_photos(args.folder, args.n, args.varied, tmp / "photos")
-        for i, options in enumerate(runs):
-            name = options or "defaults"
+        for i, options in enumerate(runs * args.repeat):
+            name = (options or "defaults") + (f" #{i // len(runs) + 1}" if args.repeat > 1 else "")
             console.print(f"[bold]{name}[/]: deepmask propose over {len(photos)} photos "
                           f"({'varied sizes' if args.varied else 'as they are'})")
             curves[name] = measure(photos, tmp / f"props-{i}.json", shlex.split(options))
@@ -153,15 +177,15 @@ def main() -> int:
     for k in marks:
         table.add_column(str(k), justify="right")
     table.add_column("peak", justify="right")
-    table.add_column(f"growth 40->{args.n}", justify="right")
+    last = (max(40, args.n - 40), args.n)
+    table.add_column(f"peak of photos 40-79 -> {last[0]}-{last[1] - 1}", justify="right")
     table.add_column("s/photo", justify="right")
     for name, s in curves.items():
         peak = max(r for _, _, r in s)
-        after = [r for _, d, r in s if d >= 40]
-        growth = (max(after) - at(s, 40)) if after else 0
+        early, late = window_peak(s, 40, 80), window_peak(s, *last)
         secs = s[-1][0] / max(1, max(d for _, d, _ in s))
         table.add_row(name, *(f"{at(s, k) / 2**20:.0f}" for k in marks), f"{peak / 2**20:.0f}",
-                      f"{growth / 2**20:+.0f}", f"{secs:.2f}")
+                      f"{early / 2**20:.0f} -> {late / 2**20:.0f} ({(late - early) / 2**20:+.0f})", f"{secs:.2f}")
     console.print(table)
     if args.json:
         args.json.write_text(json.dumps({"cpu": describe_cpu(), "n": args.n, "varied": args.varied, "runs": runs,

@@ -1,13 +1,15 @@
-"""Giving the memory freed by one image back to the operating system.
+"""Keeping a long run's resident memory flat: freed memory given back to the OS.
 
 Each photo's pass allocates and frees hundreds of megabytes of buffers whose
 sizes follow the photo's size (pyramid canvases, trunk maps, pasted masks).
 glibc's allocator keeps freed blocks in its heaps for reuse, and with sizes
-that change from photo to photo they fragment: a long run's resident memory
-creeps up photo after photo (benchmarks/memory.py shows the curve). Trimming
-the heaps once per image returns the free pages, so the process holds what
-the next image needs and no more. It costs a little time (the next image
-faults its pages in again); docs/benchmarks.md has the figures.
+that change from photo to photo they fragment: without help a long run's
+resident memory creeps up photo after photo (benchmarks/memory.py shows the
+curve). ``malloc_trim`` returns the heaps' free pages to the OS, but the next
+photo then faults its pages in again, which costs time if done after every
+photo. :class:`MemoryCap` trims only when the process has grown by
+:data:`SLACK_MB` since its first photo: resident memory stays under that
+ceiling, and trims are rare.
 """
 
 from __future__ import annotations
@@ -15,6 +17,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
+
+#: How far resident memory may grow above what the process held after its
+#: first batch before the free pages are given back.
+SLACK_MB = 256
 
 
 @functools.cache
@@ -34,3 +41,36 @@ def release_free_memory() -> bool:
     returned, False where that is not possible (not glibc)."""
     fn = _malloc_trim()
     return bool(fn(0)) if fn is not None else False
+
+
+def resident_bytes() -> int | None:
+    """This process's resident memory, or None where /proc is not there."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class MemoryCap:
+    """Call after each batch: the first call notes the resident memory, and
+    any later call that finds it more than ``slack_mb`` above that gives the
+    free pages back (:func:`release_free_memory`). Returns whether it did."""
+
+    def __init__(self, slack_mb: int = SLACK_MB) -> None:
+        self.slack = slack_mb * 2**20
+        self.base: int | None = None
+        #: Times the memory was given back.
+        self.releases = 0
+
+    def __call__(self) -> bool:
+        rss = resident_bytes()
+        if rss is None or _malloc_trim() is None:
+            return False
+        if self.base is None:
+            self.base = rss
+            return False
+        if rss <= self.base + self.slack:
+            return False
+        self.releases += 1
+        return release_free_memory()

@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from .heap import release_free_memory
+from .heap import MemoryCap
 from .images import ImageError, InputProblem, collect_images, load_image
 from .inference import Proposer, image_to_tensor
 from .results import merge_results, partial_path
@@ -146,8 +146,10 @@ def run_propose(
     (worth it on a GPU, where one CPU core cannot keep up). ``shard=(i, n)``
     runs only the ``i``-th of ``n`` contiguous blocks of the inputs (image ids
     stay those of the whole list), for :func:`merge_results`.
-    ``release_memory`` gives the memory each batch freed back to the OS
-    (:mod:`deepmask_cli.heap`), so resident memory stays flat over a long run.
+    ``release_memory`` gives freed memory back to the OS whenever the
+    process has grown by :data:`~deepmask_cli.heap.SLACK_MB` since its first
+    batch (:class:`~deepmask_cli.heap.MemoryCap`), so resident memory stays
+    flat over a long run.
     """
     if fmt not in FORMATS:
         raise ProposeError(f"unknown --format {fmt!r}; use {', '.join(FORMATS)}")
@@ -202,6 +204,7 @@ def run_propose(
     bs = max(1, batch_size)
     batches = [todo[i : i + bs] for i in range(0, len(todo), bs)]
 
+    cap = MemoryCap() if release_memory else None
     decoder = ThreadPoolExecutor(max_workers=min(4, max(1, bs)), thread_name_prefix="deepmask-decode")
     encoder = None
     if workers > 0:
@@ -285,8 +288,8 @@ def run_propose(
             if error is not None:
                 drain(0)
                 raise error
-            if release_memory:
-                release_free_memory()
+            if cap is not None:
+                cap()
         drain(0)
     except BaseException:
         sink.abort()
