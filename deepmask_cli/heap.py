@@ -21,7 +21,7 @@ import os
 
 #: How far resident memory may grow above what the process held after its
 #: first batch before the free pages are given back.
-SLACK_MB = 256
+SLACK_MB = 512
 
 
 @functools.cache
