@@ -36,6 +36,7 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
+from deepmask_cli.images import collect_images
 from deepmask_cli.inference import describe_cpu
 from deepmask_cli.results import partial_path
 
@@ -43,16 +44,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _script import run  # noqa: E402
 
 console = Console(width=160)
-EXTS = {".jpg", ".jpeg", ".png"}
 
 
 def make_photos(src: Path, n: int, varied: bool, dest: Path, seed: int = 0) -> list[Path]:
     """``n`` photos in ``dest``: the folder's cycled; ``varied``: each resized
     to a random longest side in [200, 640] (so nearly every one has its own
     size)."""
-    photos = sorted(p for p in src.iterdir() if p.suffix.lower() in EXTS)
+    photos, _ = collect_images([src])
     if not photos:
-        raise FileNotFoundError(f"{src}: no .jpg or .png photos in it")
+        raise FileNotFoundError(f"{src}: no photos in it")
     rng = random.Random(seed)
     out = []
     for i in range(n):
@@ -119,17 +119,20 @@ class DoneCounter:
 def measure(photos: list[Path], out: Path, extra: list[str], every: float = 0.5) -> list[tuple[float, int, int]]:
     """``(seconds, photos done, resident bytes)`` samples over one run."""
     cmd = [sys.executable, "-m", "deepmask_cli", "propose", str(photos[0].parent), "-o", str(out), "-q", *extra]
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     samples, counter = [], DoneCounter(out)
-    while proc.poll() is None:
-        done = counter()
-        rss = tree_rss(proc.pid)
-        if rss:
-            samples.append((time.perf_counter() - start, done, rss))
-        time.sleep(every)
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr.read()[-2000:]}")
+    # stderr to a file: a pipe nobody reads while the run goes on could fill and stall it
+    with tempfile.TemporaryFile("w+") as log:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True)
+        while proc.poll() is None:
+            done = counter()
+            rss = tree_rss(proc.pid)
+            if rss:
+                samples.append((time.perf_counter() - start, done, rss))
+            time.sleep(every)
+        if proc.returncode:
+            log.seek(0)
+            raise SystemExit(f"{' '.join(cmd)} failed:\n{log.read()[-2000:]}")
     return samples
 
 

@@ -515,9 +515,8 @@ def quantize(images, weights, out_path, limit) -> None:
     """
     from .images import collect_images
     from .propose import default_weights
-    from .weights import weights_folder
     from .quantize import INT8_TRUNK_NAME, QuantizeError, quantize_trunk
-    from .weights import WeightsError, load_weights
+    from .weights import WeightsError, load_weights, weights_folder
 
     folder = weights_folder(weights) if weights else default_weights()
     try:
@@ -534,7 +533,6 @@ def quantize(images, weights, out_path, limit) -> None:
         except QuantizeError as e:
             _fail(str(e))
     err.print(f"[green]✓[/] {escape(str(written))} ({written.stat().st_size / 1e6:.1f} MB)")
-
 
 
 @main.command()
@@ -559,8 +557,7 @@ def compress(images, weights, out_dir, score_rank, mask_rank, limit, half) -> No
     from .compress import CompressError, compress_weights
     from .images import collect_images
     from .propose import default_weights
-    from .weights import weights_folder
-    from .weights import WeightsError
+    from .weights import WeightsError, weights_folder
 
     folder = weights_folder(weights) if weights else default_weights()
     paths, problems = collect_images(images)
@@ -574,6 +571,7 @@ def compress(images, weights, out_dir, score_rank, mask_rank, limit, half) -> No
             _fail(str(e))
     shares = ", ".join(f"{k} head {v:.1%}" for k, v in kept.items())
     err.print(f"[green]✓[/] {escape(str(written))} (output variance kept: {shares or 'nothing compressed'})")
+
 
 if __name__ == "__main__":
     main()

@@ -57,6 +57,12 @@ class RecallResult:
     recall: np.ndarray | None = None
     max_dets: tuple[int, ...] = ()
 
+    def ar_curve(self, area: str = "all") -> np.ndarray:
+        """Average recall over the IoU thresholds at each of ``max_dets``
+        (``curves=True``) for objects of ``area`` (in :data:`AREAS`), -1
+        where there are none."""
+        return np.array([_mean_valid(c) for c in self.recall[:, AREAS.index(area), :].T])
+
 
 #: COCO's IoU thresholds (0.50:0.05:0.95) and size buckets, as COCOeval has them.
 IOU_THRESHOLDS = tuple(np.round(np.linspace(0.5, 0.95, 10), 2).tolist())

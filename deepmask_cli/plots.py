@@ -82,7 +82,7 @@ def recall_figure(runs: dict[str, dict], out: str | Path, *, by_size: bool = Fal
                 continue
             r, dets, c = res[t].recall, list(res[t].max_dets), colors[i % len(colors)]
             for a in ("all", *(AREAS[1:] if by_size else ())):
-                ar = _mean_over_iou(r[:, AREAS.index(a), :])
+                ar = res[t].ar_curve(a)
                 keep = ar >= 0
                 left.plot(np.array(dets)[keep], ar[keep], size_styles.get(a, "-"), color=c, marker="." if a == "all" else None,
                           label=label if a == "all" else None)
@@ -100,11 +100,3 @@ def recall_figure(runs: dict[str, dict], out: str | Path, *, by_size: bool = Fal
         left.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, out)
-
-
-def _mean_over_iou(recall: np.ndarray) -> np.ndarray:
-    """Average recall per column over IoU thresholds, -1 where there is no ground truth."""
-    valid = recall > -1
-    sums = np.where(valid, recall, 0).sum(0)
-    n = valid.sum(0)
-    return np.where(n > 0, sums / np.maximum(n, 1), -1.0)

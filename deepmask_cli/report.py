@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import html
 import json
-import os
-import tempfile
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from PIL import Image
 
+from .files import atomic_write
 from .images import ImageError, InputProblem, load_image
 
 THUMB = 256
@@ -48,25 +47,12 @@ td, th { padding: 1px 6px; text-align: right; }
 """
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
-def _save_jpeg(image: Image.Image, path: Path, **kw) -> None:
-    import io
-
-    buf = io.BytesIO()
-    image.convert("RGB").save(buf, format="JPEG", quality=90, **kw)
-    _atomic_write(path, buf.getvalue())
+def _save_jpeg(image: Image.Image, path: Path) -> None:
+    atomic_write(path, lambda f: image.convert("RGB").save(f, format="JPEG", quality=90))
 
 
 def _compressed(seg: Any, h: int, w: int) -> str:
@@ -156,7 +142,7 @@ def write_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     asset = resources.files("deepmask_cli") / "report_assets" / "report.js"
-    _atomic_write(out / "report.js", asset.read_bytes())
+    atomic_write(out / "report.js", lambda f: f.write(asset.read_bytes()))
     gts = _gt_by_image(gt)
     used: set[str] = set()
     cards, failures, done, total = [], [], 0, 0
@@ -184,12 +170,12 @@ def write_report(
         thumb = image.copy()
         thumb.thumbnail((THUMB, THUMB))
         _save_jpeg(thumb, out / "thumbs" / f"{name}.jpg")
-        _atomic_write(out / "pages" / f"{name}.html", _page(name, str(label), data, gt is not None).encode())
+        _write_text(out / "pages" / f"{name}.html", _page(name, str(label), data, gt is not None))
         cards.append((name, str(label), len(props)))
         done += 1
         total += len(props)
         if on_image:
             on_image(path, len(props), None)
-    _atomic_write(out / "index.html", _index(cards, results_name).encode())
+    _write_text(out / "index.html", _index(cards, results_name))
     return done, total, failures
 

@@ -44,24 +44,27 @@ RESUME_FROM_COMMAND_LINE = ("steps", "checkpoint_every", "val_every", "workers")
 RUNS_ROOT, RUN_PREFIX = Path("runs"), "train"
 
 
-def run_dirs(root: str | Path = RUNS_ROOT, prefix: str = RUN_PREFIX) -> list[Path]:
-    """The existing ``root/prefix-<n>`` folders, by ``n``."""
-    root = Path(root)
+def _numbered_runs(root: Path, prefix: str) -> list[tuple[int, Path]]:
+    """``(n, folder)`` of the existing ``root/prefix-<n>`` folders, by ``n``."""
     found = []
     for d in root.glob(f"{prefix}-*") if root.is_dir() else ():
         tail = d.name[len(prefix) + 1:]
         if d.is_dir() and tail.isdigit():
             found.append((int(tail), d))
-    return [d for _, d in sorted(found)]
+    return sorted(found)
+
+
+def run_dirs(root: str | Path = RUNS_ROOT, prefix: str = RUN_PREFIX) -> list[Path]:
+    """The existing ``root/prefix-<n>`` folders, by ``n``."""
+    return [d for _, d in _numbered_runs(Path(root), prefix)]
 
 
 def new_run_dir(root: str | Path = RUNS_ROOT, prefix: str = RUN_PREFIX) -> Path:
     """The next unused ``root/prefix-<n>`` (n from 1), so that a run started
     without ``-o`` never writes into an earlier one (it is created by
     :func:`train`)."""
-    taken = run_dirs(root, prefix)
-    n = int(taken[-1].name[len(prefix) + 1:]) + 1 if taken else 1
-    return Path(root) / f"{prefix}-{n}"
+    taken = _numbered_runs(Path(root), prefix)
+    return Path(root) / f"{prefix}-{taken[-1][0] + 1 if taken else 1}"
 
 
 class TrainError(RuntimeError):

@@ -9,13 +9,13 @@ first so the best proposal ends up on top.
 from __future__ import annotations
 
 import colorsys
-import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from .files import atomic_write
 
 __all__ = ["palette", "draw_overlay", "draw_rles", "save_overlay", "overlay_name"]
 
@@ -225,22 +225,7 @@ def draw_rles(image: Image.Image, rles: list[dict], scores, **kw) -> Image.Image
 
 def save_overlay(img: Image.Image, path) -> Path:
     """Write ``img`` as PNG to ``path`` atomically; create parent folders."""
-    path = Path(path)
-    parent = path.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            img.save(f, format="PNG")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    return atomic_write(path, lambda f: img.save(f, format="PNG"))
 
 
 def overlay_name(image_path: str | Path, used: set[str]) -> str:

@@ -263,6 +263,7 @@ def test_recall_curves_agree_with_the_ar_and_with_geometry(tmp_path):
         assert set(CURVE_DETS) <= set(r.max_dets)
         for k in (10, 100, 1000):
             assert r.ar[f"AR@{k}"] == pytest.approx(r.recall[:, 0, r.max_dets.index(k)].mean())
+            assert r.ar_curve()[r.max_dets.index(k)] == pytest.approx(r.ar[f"AR@{k}"])
         assert (np.diff(r.recall[:, 0, :], axis=1) >= 0).all()
         at10 = r.recall[:, 0, r.max_dets.index(10)]
         assert at10.tolist() == [1.0 if thr <= 0.75 else 0.0 for thr in IOU_THRESHOLDS]
