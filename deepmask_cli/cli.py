@@ -71,13 +71,13 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 @click.option("--show", type=int, default=20, show_default=True, help="Proposals drawn per overlay (--format png).")
 @click.option("--max-proposals", type=int, default=None, help=f"Proposals kept per image, best first. [default: {_D.max_proposals}]")
 @click.option("--score-thresh", type=float, default=None, help=f"Drop proposals whose score (objectness, after rescoring and NMS) is below this. [default: {_D.score_thresh}]")
-@click.option("--mask-thresh", type=float, default=None, help=f"Probability above which a pixel is in a mask. [default: {_D.mask_thresh}, or the weights' tuned value]")
+@click.option("--mask-thresh", type=float, default=None, help=f"Probability above which a pixel is in a mask. [default: the weights' tuned value, else {_D.mask_thresh}]")
 @click.option("--nms", type=click.Choice(["box", "mask"]), default=None, help=f"Overlap measure for NMS. [default: {_D.nms}]")
 @click.option("--nms-thresh", type=float, default=None, help=f"NMS IoU threshold; 1.0 turns NMS off. [default: {_D.nms_thresh}]")
-@click.option("--maskness/--no-maskness", default=None, help=f"Multiply each score by its mask's mean probability over the pixels it keeps, before NMS. [default: {'on' if _D.maskness else 'off'}]")
-@click.option("--nms-demote/--nms-drop", "nms_demote", default=None, help=f"What NMS does with a proposal it suppresses: demote it (its score times 1 - its IoU with the kept one) or drop it. [default: {'demote' if _D.nms_demote else 'drop'}]")
+@click.option("--maskness/--no-maskness", default=None, help=f"Multiply each score by its mask's mean probability over the pixels it keeps, before NMS. [default: the weights' tuned value, else {'on' if _D.maskness else 'off'}]")
+@click.option("--nms-demote/--nms-drop", "nms_demote", default=None, help=f"What NMS does with a proposal it suppresses: demote it (its score times 1 - its IoU with the kept one) or drop it. [default: the weights' tuned value, else {'demote' if _D.nms_demote else 'drop'}]")
 @click.option("--pre-nms-topk", type=int, default=None, help=f"Windows kept by score before masks are computed. [default: {_D.pre_nms_topk}]")
-@click.option("--scales", default=None, help=f"Pyramid MIN,MAX,STEP in octaves (scales 2^MIN..2^MAX). [default: {_D.scale_min},{_D.scale_max},{_D.scale_step}]")
+@click.option("--scales", default=None, help=f"Pyramid MIN,MAX,STEP in octaves (scales 2^MIN..2^MAX). [default: the weights' tuned values, else {_D.scale_min},{_D.scale_max},{_D.scale_step}]")
 @click.option("--max-side", type=int, default=None, help=f"Larger images are run at this longest side (masks stay full size). [default: {_D.max_side}]")
 @click.option("--batch-size", type=int, default=None, help="Images run through the network together. [default: 1 on a CPU, 8 on a GPU]")
 @click.option("--workers", type=int, default=None, help="Processes that RLE-encode and write results beside the network. [default: 0 on a CPU, up to 8 on a GPU]")
@@ -328,7 +328,7 @@ def train(data_dir, out_dir, val_dir, ann, images_dir, val_ann, val_images, trun
     import torch
 
     from .data import DataError, coco_val_split, resolve_coco
-    from .inference import resolve_device
+    from .runtime import resolve_device
     from .trunks import PretrainedWeightsError
     from .train import TrainData, TrainError
     from .train import train as run_train
@@ -383,13 +383,12 @@ def train(data_dir, out_dir, val_dir, ann, images_dir, val_ann, val_images, trun
     except (TypeError, ValueError) as e:
         _fail(str(e))
     if not quiet:
-        by_device = [k for k in TrainConfig.DEVICE_DEFAULTS.get(dev.type, {}) if given.get(k) is None
-                     and getattr(tc, k) != getattr(_T, k)]
+        by_device = TrainConfig.resolved_defaults(dev.type, **given)
         err.print(escape(f"run folder: {out_dir}" + (f"; validation: {va.ann}" if va is not None else "")))
         if by_device and not resume:
-            flags = " ".join("--" + k.replace("_", "-") for k in by_device)
-            err.print(escape(f"on a {dev.type.upper()}, by default: {flags} (the fast path there); "
-                             "--train-trunk trains the trunk too"))
+            flags = " ".join(_flag(k, v) for k, v in by_device.items())
+            err.print(escape(f"on a {dev.type.upper()}, by default: {flags}"
+                             + (" (the fast path there; --train-trunk trains the trunk too)" if tc.cache_features else "")))
 
     display = _TrainDisplay(tc.steps, quiet)
     try:
@@ -406,6 +405,16 @@ def train(data_dir, out_dir, val_dir, ann, images_dir, val_ann, val_images, trun
             torch.distributed.destroy_process_group()
     if not quiet:
         err.print(escape(f"✓ weights → {weights}  (use: deepmask propose IMAGES --weights {weights} -o props.json)"))
+
+
+def _flag(name: str, value: object) -> str:
+    """A resolved default as the command-line flag that gives it."""
+    flag = "--" + name.replace("_", "-")
+    if value is True:
+        return flag
+    if isinstance(value, tuple):
+        value = ",".join(f"{v:g}" for v in value)
+    return f"{flag}={value:g}" if isinstance(value, float) else f"{flag}={value}"
 
 
 def _default_run_dir(resume: bool, distributed: bool) -> Path:

@@ -104,12 +104,16 @@ class InferenceConfig(_Serialisable):
     ``scale_min, scale_min + scale_step, ..., scale_max`` (octaves) and the
     network runs densely at each; a window at scale ``2**s`` proposes objects of
     about ``object_size / 2**s`` pixels in the original image.
+
+    These defaults are neutral: the official code's pyramid and plain
+    practice elsewhere, tuned for no weights in particular. A weights folder
+    carries the values tuned for it in its ``config.json`` (``inference``),
+    which :func:`deepmask_cli.weights.load_weights` puts on top of these, and
+    what a caller or the command line gives goes on top of both.
     """
 
-    # scale_min, scale_step: the official code's; scale_max, mask_thresh and
-    # the NMS: tuned on coco-val for the shipped weights (weights/.../MODEL_CARD.md).
     scale_min: float = -2.5
-    scale_max: float = 1.0
+    scale_max: float = 0.5
     scale_step: float = 0.5
     # Windows kept by score before masks are computed (only max_proposals of
     # them when NMS is off). With NMS these are the candidates it ranks, so
@@ -118,10 +122,10 @@ class InferenceConfig(_Serialisable):
     pre_nms_topk: int = 1000
     max_proposals: int = 1000
     score_thresh: float = 0.0
-    mask_thresh: float = 0.4
+    mask_thresh: float = 0.5
     # Multiply each score by its mask's maskness, the mean probability over
     # the pixels the mask keeps (SOLOv2's mask-quality rescoring), before NMS.
-    maskness: bool = True
+    maskness: bool = False
     nms: str = "box"
     nms_thresh: float = 0.7
     # What NMS does with a proposal it suppresses: demote it (True: its score
@@ -129,10 +133,10 @@ class InferenceConfig(_Serialisable):
     # linear Soft-NMS decay, once) or drop it. Demoting reorders the same
     # pre_nms_topk best windows, so the top of the list is diverse and
     # nothing is lost further down.
-    nms_demote: bool = True
+    nms_demote: bool = False
     max_side: int = 2048
-    # Windows pasted together; 0: 1024 of one pyramid scale on a CPU (64 for
-    # whole masks: crops that stay in cache), 4096 of neighbouring scales on a GPU.
+    # Windows pasted together; 0: 1024 of one pyramid scale on a CPU, 4096
+    # of neighbouring scales on a GPU.
     paste_chunk: int = 0
     # Canvases are squares whose side is the longest image side rounded up to
     # this many pixels, so a GPU sees few distinct shapes: each new shape
@@ -259,13 +263,37 @@ class TrainConfig(_Serialisable):
     #: unless told otherwise (the recipe of the shipped weights).
     DEVICE_DEFAULTS = {"cpu": {"freeze_trunk": True, "cache_features": True}}
 
+    #: Defaults of a run that trains the heads on cached maps (the recipe of
+    #: the shipped weights; weights/*/MODEL_CARD.md has its ablations). Only
+    #: the heads learn, so they take a larger lr than the official 1e-3, with
+    #: the score loss's weight cut by as much (1/320: the score head at the
+    #: official rate; at 1/32 the first steps silence most of its units, a
+    #: lottery over seeds); dropout on the cached maps stands in for the
+    #: pixel-level augmentation they cannot get; the quarter-octave pyramid
+    #: gives every object about two cached scales within the positives'
+    #: quarter octave.
+    CACHED_HEADS_DEFAULTS = {"steps": 12000, "lr": 0.01, "score_weight": 1.0 / 320.0, "feature_dropout": 0.2,
+                             "cache_scales": (-2.5, 1.0, 0.25)}
+
     @classmethod
     def for_device(cls, device_type: str, **given: Any) -> TrainConfig:
         """The defaults for a run on ``device_type`` (``"cpu"``, ``"cuda"``),
         with ``given`` fields (None: not given) on top. A trunk that is to be
-        trained is not cached."""
+        trained is not cached; a run on cached maps gets
+        :data:`CACHED_HEADS_DEFAULTS`."""
         device = dict(cls.DEVICE_DEFAULTS.get(device_type, {}))
         if given.get("freeze_trunk") is False:
             device.pop("cache_features", None)
-        fields_ = {**device, **{k: v for k, v in given.items() if v is not None}}
+        given = {k: v for k, v in given.items() if v is not None}
+        fields_ = {**device, **given}
+        if fields_.get("cache_features", cls.cache_features):
+            fields_ = {**cls.CACHED_HEADS_DEFAULTS, **fields_}
         return cls(**fields_)
+
+    @classmethod
+    def resolved_defaults(cls, device_type: str, **given: Any) -> dict[str, Any]:
+        """The fields that :meth:`for_device` sets away from the class's
+        defaults because they were not given, with their values."""
+        tc = cls.for_device(device_type, **given)
+        return {f.name: getattr(tc, f.name) for f in fields(cls)
+                if given.get(f.name) is None and f.name != "sampler" and getattr(tc, f.name) != f.default}

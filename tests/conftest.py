@@ -16,6 +16,10 @@ TINY = synth.tiny_config()
 #: The arithmetic of every test that is not about it: the same proposals on
 #: any x86-64 CPU (``auto`` would pick bf16 or int8 where the CPU has them).
 PINNED = {"precision": "fp32", "runtime": "torch"}
+#: The post-processing the tests run with: the values weights tuned on COCO
+#: carry (rescoring, a lower threshold, demotion), rather than the neutral
+#: library defaults, so both code paths of each are exercised by default.
+TUNED = {"mask_thresh": 0.4, "maskness": True, "nms_demote": True}
 
 
 @pytest.fixture
@@ -31,7 +35,7 @@ def tiny_weights(tmp_path):
 
     return save_weights(synth.tiny_model(TINY), tmp_path / "tiny-weights",
                         inference={"scale_min": -1.0, "scale_max": 0.0, "scale_step": 0.5, "max_proposals": 50,
-                                   **PINNED})
+                                   **PINNED, **TUNED})
 
 
 @pytest.fixture

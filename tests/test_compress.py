@@ -8,7 +8,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import PINNED, TINY
+from conftest import PINNED, TINY, TUNED
 from deepmask_cli.cli import main
 from deepmask_cli.compress import CompressError, compress_heads, head_statistics
 from deepmask_cli.config import InferenceConfig
@@ -16,7 +16,7 @@ from deepmask_cli.inference import Proposer
 from deepmask_cli.weights import load_weights
 from synth import tiny_model
 
-CFG = InferenceConfig(scale_min=-1, scale_max=0, scale_step=0.5, max_proposals=30, **PINNED)
+CFG = InferenceConfig(scale_min=-1, scale_max=0, scale_step=0.5, max_proposals=30, **PINNED, **TUNED)
 
 
 def _photos(n=3, seed=0):

@@ -2,7 +2,8 @@
 
 Its option summary of ``deepmask propose`` (the table rows whose first cell is
 a backticked ``--option``) must give, for every option, the default the code
-has: ``InferenceConfig()``'s field for the options that defer to it, the
+has: the shipped weights' resolved ``InferenceConfig`` (neutral defaults with
+the weights' tuned values on top) for the options that defer to it, the
 click option's own default otherwise, and what ``pipeline_defaults`` picks on
 a CPU and on a GPU for ``--batch-size`` and ``--workers``. Changing a default
 in ``deepmask_cli/config.py`` or ``cli.py`` without the README fails here.
@@ -22,6 +23,7 @@ import torch
 from deepmask_cli import propose as propose_mod
 from deepmask_cli.cli import propose as propose_cmd
 from deepmask_cli.config import InferenceConfig
+from deepmask_cli.weights import load_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -78,6 +80,7 @@ def _inference_value(name: str, cfg: InferenceConfig):
 
 
 INFERENCE_FIELDS = {f.name for f in dataclasses.fields(InferenceConfig)} | {"scales"}
+SHIPPED_INFERENCE = load_weights(propose_mod.default_weights())[1]
 
 
 def _strip(cell: str) -> str:
@@ -109,9 +112,9 @@ def check_cell(spelling: str, cell: str, monkeypatch) -> None:
         assert named == shipped, f"{spelling}: README says {text} ({named}), the code {shipped}"
         return
     if p.name in INFERENCE_FIELDS:
-        # the option defers to the config (or the weights' tuned values)
+        # the option defers to the config and the weights' tuned values
         assert p.default is None, f"{spelling}: the CLI restates a default ({p.default!r}) instead of InferenceConfig's"
-        expected = _inference_value(p.name, InferenceConfig())
+        expected = _inference_value(p.name, SHIPPED_INFERENCE)
     else:
         expected = p.default
     if isinstance(expected, bool):
@@ -151,18 +154,21 @@ def test_readme_summarises_every_option():
     assert not missing, f"README's option table lacks {', '.join(missing)} (one short line each)"
 
 
-def test_shipped_weights_keep_the_documented_defaults():
-    """The table gives InferenceConfig's values, and the shipped weights'
-    ``config.json`` overrides none of them, so they hold for a default run."""
-    cfg_json = json.loads((ROOT / "weights" / "deepmask-lite0-coco" / "config.json").read_text())
-    tuned = cfg_json.get("inference", {})
-    base = InferenceConfig()
-    shipped = dataclasses.replace(base, **tuned)
-    for spelling in ROWS:
-        name = click_option(spelling).name
-        if name in INFERENCE_FIELDS:
-            assert _inference_value(name, shipped) == _inference_value(name, base), (
-                f"the shipped weights override {spelling}: say so in the README")
+def test_readme_names_the_values_the_shipped_weights_tune():
+    """The shipped weights carry their tuned values in config.json, and the
+    paragraph over the table names exactly the options they set."""
+    tuned = load_weights(propose_mod.default_weights())[2].get("inference") or {}
+    assert tuned, "the shipped weights carry no tuned inference values"
+    option_of = {"scale_min": "--scales", "scale_max": "--scales", "scale_step": "--scales"}
+    want = set()
+    for field in tuned:
+        opt = option_of.get(field) or next(p.opts[-1] for p in propose_cmd.params if p.name == field)
+        want.add(opt)
+    text = README.read_text(encoding="utf-8")
+    intro = text[text.index("## `deepmask propose` options"):text.index("| option | default | meaning |")]
+    named = set(re.findall(r"for the shipped weights ([^)]*)\)", " ".join(intro.split()))[0].replace("`", "").replace(",", " ").split())
+    assert named == want, f"README says the shipped weights tune {sorted(named)}; their config.json tunes {sorted(want)}"
+    assert any(_inference_value(f, SHIPPED_INFERENCE) != _inference_value(f, InferenceConfig()) for f in tuned)
 
 
 def test_readme_size_and_ci_commands():

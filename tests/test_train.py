@@ -202,20 +202,26 @@ def test_train_coco_layout_as_the_design_writes_it(synth_coco, tmp_path, monkeyp
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     assert "run folder: runs/train-1" in r.output and "instances_val2017.json" in r.output
-    assert "--freeze-trunk --cache-features" in r.output
+    said = " ".join(r.output.split())
+    assert "--freeze-trunk --cache-features" in said and "--lr=0.01 --score-weight=0.003125" in said
+    assert "--steps" not in said and "--cache-scales" not in said  # given, so not a default
     run1 = tmp_path / "runs" / "train-1"
     assert (run1 / "weights" / "model.safetensors").exists()
     metrics = [json.loads(l) for l in (run1 / "metrics.jsonl").read_text().splitlines()]
     assert "val" in metrics[-1]
     ck = torch.load(run1 / "checkpoint.pt", weights_only=False)
     assert ck["train_config"]["freeze_trunk"] and ck["train_config"]["cache_features"]
+    recipe = TrainConfig.CACHED_HEADS_DEFAULTS  # the cached-heads recipe, under what was given
+    assert (ck["train_config"]["lr"], ck["train_config"]["score_weight"]) == (recipe["lr"], recipe["score_weight"])
+    assert ck["train_config"]["steps"] == 3 and tuple(ck["train_config"]["cache_scales"]) == (-1.0, 0.0, 1.0)
     before = (run1 / "metrics.jsonl").read_text()
 
     r = CliRunner().invoke(main, args[:-1] + ["--train-trunk"])  # a second run never writes into the first
     assert r.exit_code == 0, r.output
     assert "run folder: runs/train-2" in r.output and "--freeze-trunk" not in r.output
     assert (run1 / "metrics.jsonl").read_text() == before
-    assert not torch.load(tmp_path / "runs/train-2/checkpoint.pt", weights_only=False)["train_config"]["freeze_trunk"]
+    trained_trunk = torch.load(tmp_path / "runs/train-2/checkpoint.pt", weights_only=False)["train_config"]
+    assert not trained_trunk["freeze_trunk"] and trained_trunk["lr"] == TrainConfig().lr  # the official recipe
 
     r = CliRunner().invoke(main, args[:-1] + ["--train-trunk", "--resume", "--steps", "5"])
     assert r.exit_code == 0, r.output
