@@ -37,7 +37,7 @@ from rich.console import Console
 from rich.table import Table
 
 from deepmask_cli.images import collect_images
-from deepmask_cli.inference import describe_cpu
+from deepmask_cli.runtime import describe_cpu
 from deepmask_cli.results import partial_path
 
 sys.path.insert(0, str(Path(__file__).parent))

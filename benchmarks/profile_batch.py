@@ -15,7 +15,7 @@ from pathlib import Path
 from torch.profiler import ProfilerActivity, profile
 
 from deepmask_cli.images import load_image
-from deepmask_cli.inference import image_to_tensor
+from deepmask_cli.pyramid import image_to_tensor
 from deepmask_cli.propose import load_proposer
 from deepmask_cli.results import compact
 

@@ -46,7 +46,8 @@ from rich.table import Table
 from deepmask_cli import rle
 from deepmask_cli.evaluate import evaluate_recall
 from deepmask_cli.images import load_image
-from deepmask_cli.inference import describe_cpu, image_to_tensor
+from deepmask_cli.pyramid import image_to_tensor
+from deepmask_cli.runtime import describe_cpu
 from deepmask_cli.propose import load_proposer, pipeline_defaults, run_propose
 from deepmask_cli.results import ResultsWriter, records
 

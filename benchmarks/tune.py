@@ -26,7 +26,8 @@ from rich.table import Table
 
 from deepmask_cli.evaluate import evaluate_recall
 from deepmask_cli.images import load_image
-from deepmask_cli.inference import Proposer, image_to_tensor
+from deepmask_cli.inference import Proposer
+from deepmask_cli.pyramid import image_to_tensor
 from deepmask_cli.propose import load_proposer
 from deepmask_cli.results import records
 

@@ -35,7 +35,7 @@ from pycocotools import mask as mask_utils
 
 from .config import TRUNK_STRIDE, ModelConfig, SamplerConfig
 from .data import ImageRecord, canonical_log2, crop_resized, record_image
-from .inference import pyramid_canvas
+from .pyramid import pyramid_canvas
 from .model import DeepMask
 
 CACHE_VERSION = 1

@@ -393,25 +393,34 @@ def image_major(img: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
     return order[torch.sort(img[order], stable=True).indices]
 
 
-def batched_nms_rank(boxes_xyxy: torch.Tensor, scores: torch.Tensor, img: torch.Tensor, thresh: float, demote: bool
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy box NMS within each image of a batch: ``(positions, scores)``.
+def batched_nms_rank(boxes_xyxy: torch.Tensor, scores: torch.Tensor, img: torch.Tensor, thresh: float, demote: bool,
+                     mask_iou: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy NMS within each image of a batch: ``(positions, scores)``.
 
-    The inputs are in (image, decreasing score) order. Without ``demote``
-    ``positions`` are the survivors, in that order, and the scores are
-    unchanged; with it every proposal stays, each suppressed one's score
-    times :func:`demotion`'s factor (its overlap with the better survivor
-    of its image), and ``positions`` order them all by image, then by the
-    new score. One IoU matrix serves the whole batch, pairs of different
-    images zeroed: no loop over images (a device sync each on a GPU).
+    The inputs are in (image, decreasing score) order. Overlap is box IoU,
+    or ``mask_iou`` (``(K, K)``, 0 between proposals of different images)
+    when given. Without ``demote`` ``positions`` are the survivors, in that
+    order, and the scores are unchanged; with it every proposal stays, each
+    suppressed one's score times :func:`demotion`'s factor (its overlap with
+    the better survivor of its image), and ``positions`` order them all by
+    image, then by the new score. One IoU matrix serves the whole batch,
+    pairs of different images zeroed: no loop over images (a device sync
+    each on a GPU).
     """
-    keep = batched_nms(boxes_xyxy.float(), scores.float(), img, thresh)
+    if mask_iou is None:
+        keep = batched_nms(boxes_xyxy.float(), scores.float(), img, thresh)
+        kept = torch.zeros(scores.shape[0], dtype=torch.bool, device=scores.device)
+        kept[keep] = True
+    else:  # in (image, score) order with no overlap across images, so greedy per image
+        kept = cluster_nms(mask_iou, thresh)
     if not demote:
-        return torch.sort(keep).values, scores
-    kept = torch.zeros(scores.shape[0], dtype=torch.bool, device=scores.device)
-    kept[keep] = True
-    same = img[kept][:, None] == img[~kept][None, :]
-    scores = scores * demotion(box_iou(boxes_xyxy[kept], boxes_xyxy[~kept]) * same, kept)
+        return kept.nonzero().squeeze(1), scores
+    if mask_iou is None:
+        same = img[kept][:, None] == img[~kept][None, :]
+        iou = box_iou(boxes_xyxy[kept], boxes_xyxy[~kept]) * same
+    else:
+        iou = mask_iou[kept][:, ~kept]
+    scores = scores * demotion(iou, kept)
     return image_major(img, scores), scores
 
 

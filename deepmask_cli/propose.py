@@ -15,7 +15,8 @@ import torch
 
 from .heap import MemoryCap
 from .images import ImageError, InputProblem, collect_images, load_image
-from .inference import Proposer, image_to_tensor
+from .inference import Proposer
+from .pyramid import image_to_tensor
 from .results import merge_results, partial_path
 from .sinks import FORMATS, open_sink
 from .weights import WeightsError, load_weights, shipped_weights, weights_folder

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 
 from .config import InferenceConfig
 from .images import ImageError, load_image
-from .inference import export_trunk_onnx, image_to_tensor, level_size, network_fingerprint, pyramid_canvas
+from .pyramid import image_to_tensor, level_size, pyramid_canvas
+from .runtime import export_trunk_onnx, network_fingerprint
 from .model import DeepMask
 
 #: The int8 trunk's (and score head's) file name in a weights folder.

@@ -18,7 +18,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .inference import Proposals
+from .proposals import Proposals
 
 PARTIAL_SUFFIX = ".partial.jsonl"
 

@@ -9,13 +9,13 @@ from torchvision.ops import box_iou
 from deepmask_cli import Proposer, load_proposer, rle
 from deepmask_cli.config import InferenceConfig
 from deepmask_cli.model import DeepMask
-from conftest import PINNED
+from conftest import PINNED, TUNED
 from synth import tiny_model
 
 
 def _proposer(cfg, **kw):
     """A tiny model's proposer, in fp32 torch unless the test asks otherwise."""
-    return Proposer(tiny_model(cfg), InferenceConfig(scale_min=-1, scale_max=0, scale_step=0.5, **{**PINNED, **kw}), "cpu")
+    return Proposer(tiny_model(cfg), InferenceConfig(scale_min=-1, scale_max=0, scale_step=0.5, **{**PINNED, **TUNED, **kw}), "cpu")
 
 
 def test_pil_array_and_tensor_inputs_agree(tiny_config):
@@ -89,7 +89,7 @@ def test_padded_batch_gives_the_real_images_levels(tiny_config):
     """dense_pass(pad_to=N) runs blank images after the real ones (a GPU's
     short last batch keeps the other batches' shapes) and returns the real
     images' maps and scores alone, as the unpadded pass gives them."""
-    from deepmask_cli.inference import image_to_tensor
+    from deepmask_cli.pyramid import image_to_tensor
 
     p = _proposer(tiny_config, shape_bucket=64)
     rng = np.random.default_rng(7)
@@ -106,7 +106,7 @@ def test_padded_batch_gives_the_real_images_levels(tiny_config):
 
 
 def test_runs_come_back_as_int32_unless_they_need_more():
-    from deepmask_cli.inference import _to_host
+    from deepmask_cli.proposals import to_host as _to_host
 
     small = _to_host(torch.tensor([0, 5, 2**31 - 1]))
     assert small.dtype == np.int32 and small.tolist() == [0, 5, 2**31 - 1]
@@ -194,7 +194,8 @@ def test_load_proposer_applies_the_weights_defaults_then_overrides(tiny_weights)
     p = load_proposer(tiny_weights, device="cpu")
     assert p.config.max_proposals == 50 and p.config.scale_min == -1.0
     p = load_proposer(tiny_weights, device="cpu", overrides={"max_proposals": 9, "mask_thresh": None})
-    assert p.config.max_proposals == 9 and p.config.mask_thresh == InferenceConfig().mask_thresh
+    # the weights' tuned value, not the library's neutral default
+    assert p.config.max_proposals == 9 and p.config.mask_thresh == TUNED["mask_thresh"] != InferenceConfig().mask_thresh
 
 
 def test_bucketed_square_canvases_propose_the_same_windows(tiny_config):
@@ -238,7 +239,7 @@ def test_onnx_runtime_is_refused_on_a_gpu_device_name(tiny_config):
 
 
 def test_auto_precision_is_bf16_only_on_a_cpu_with_native_bf16(monkeypatch):
-    from deepmask_cli import inference
+    from deepmask_cli import runtime as inference
 
     monkeypatch.setattr(inference, "native_bf16", lambda: True)
     assert inference.resolve_precision("auto", torch.device("cpu")) == "bf16"
@@ -261,7 +262,7 @@ def test_precision_sets_the_networks_arithmetic(tiny_config, precision, dtype):
 
 
 def test_int8_dot_products_are_read_from_cpu_flags():
-    from deepmask_cli.inference import cpuinfo_has_int8_dot
+    from deepmask_cli.runtime import cpuinfo_has_int8_dot
 
     assert cpuinfo_has_int8_dot("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni avx512_bf16\n")
     assert cpuinfo_has_int8_dot("flags\t: fpu avx2 avx_vnni\n")
@@ -271,7 +272,7 @@ def test_int8_dot_products_are_read_from_cpu_flags():
 
 
 def test_describe_cpu_names_the_model_and_the_instruction_sets_that_matter():
-    from deepmask_cli.inference import describe_cpu
+    from deepmask_cli.runtime import describe_cpu
 
     text = describe_cpu("model name\t: AMD EPYC\nflags\t\t: fpu sse2 avx2 fma\n")
     assert text == "AMD EPYC; has: avx2 fma; lacks: avx512f avx512_vnni avx_vnni avx512_bf16 amx_tile"
@@ -282,7 +283,7 @@ def test_describe_cpu_names_the_model_and_the_instruction_sets_that_matter():
 def test_canvas_sides_share_few_shapes():
     """GPU canvases: 128-pixel steps from 640 up, so every photo of 640
     pixels or less (all of COCO) shares one shape and 2048 stays 2048."""
-    from deepmask_cli.inference import GPU_MIN_SIDE, GPU_SHAPE_BUCKET, canvas_side
+    from deepmask_cli.pyramid import GPU_MIN_SIDE, GPU_SHAPE_BUCKET, canvas_side
 
     gpu = lambda longest: canvas_side(longest, GPU_SHAPE_BUCKET, GPU_MIN_SIDE)
     assert {gpu(n) for n in (1, 200, 384, 500, 512, 612, 640)} == {640}

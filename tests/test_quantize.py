@@ -111,7 +111,7 @@ def test_runtime_auto_takes_the_int8_trunk_only_where_it_pays(tiny_weights, tmp_
     """auto: the int8 trunk on an x86-64 CPU with AVX2 when the weights
     have one and fp32 was not asked for; torch otherwise, and torch with a
     warning (not a failure) when the weights' int8 trunk is stale."""
-    import deepmask_cli.inference as inference
+    import deepmask_cli.runtime as inference
     from deepmask_cli.model import DeepMask
     from deepmask_cli.quantize import quantize_trunk
 
@@ -134,7 +134,7 @@ def test_runtime_auto_takes_the_int8_trunk_only_where_it_pays(tiny_weights, tmp_
 
 
 def test_cli_auto_runtime_warns_in_one_line_and_goes_on_without_a_stale_int8_trunk(tiny_weights, tmp_path, monkeypatch):
-    import deepmask_cli.inference as inference
+    import deepmask_cli.runtime as inference
     from deepmask_cli.model import DeepMask
     from deepmask_cli.quantize import quantize_trunk
 
@@ -158,7 +158,7 @@ def test_trunk_and_score_head_export_computes_what_torch_does(tiny_weights):
 
     import onnxruntime as ort
 
-    from deepmask_cli.inference import export_trunk_onnx
+    from deepmask_cli.runtime import export_trunk_onnx
 
     model, _, _ = load_weights(tiny_weights)
     model.eval()
@@ -178,7 +178,7 @@ def test_trunk_and_score_head_export_computes_what_torch_does(tiny_weights):
 def test_an_8bit_int8_trunk_is_refused_on_a_cpu_without_vnni(tiny_weights, tmp_path, monkeypatch):
     """A file from before 7-bit weights would give wrong maps without VNNI:
     refused there with the fix, and auto goes on in torch with a warning."""
-    import deepmask_cli.inference as inference
+    import deepmask_cli.runtime as inference
     from deepmask_cli.quantize import quantize_trunk
 
     model, _, _ = load_weights(tiny_weights)

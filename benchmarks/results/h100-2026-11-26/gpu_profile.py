@@ -4,7 +4,7 @@ from pathlib import Path
 import torch
 from torch.profiler import profile, ProfilerActivity
 from deepmask_cli.images import load_image
-from deepmask_cli.inference import image_to_tensor
+from deepmask_cli.pyramid import image_to_tensor
 from deepmask_cli.propose import load_proposer
 from deepmask_cli.results import compact
 if __name__ == "__main__":

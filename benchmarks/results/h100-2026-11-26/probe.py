@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np, torch
 from deepmask_cli import rle
 from deepmask_cli.images import load_image
-from deepmask_cli.inference import image_to_tensor
+from deepmask_cli.pyramid import image_to_tensor
 from deepmask_cli.propose import load_proposer, run_propose
 from deepmask_cli.results import compact, encode_line
 
