@@ -271,3 +271,30 @@ def test_messages_keep_brackets_in_file_names(runner, tiny_weights, tmp_path):
     assert r.exit_code == 1 and "shot[1].jpg" in r.output
     r = runner.invoke(main, ["eval", str(tmp_path / "missing[2].json"), "--gt", str(tmp_path / "gt[3].json")])
     assert r.exit_code == 2 and ("missing[2].json" in r.output or "gt[3].json" in r.output)
+
+
+@pytest.mark.parametrize("nms", ["box", "mask"])
+def test_library_call_and_cli_give_the_same_proposals(runner, tiny_weights, synth_coco, tmp_path, nms):
+    """One post-processing path: ``load_proposer()(image)``'s whole masks,
+    scores and boxes are exactly what ``deepmask propose`` writes."""
+    import numpy as np
+    import torch
+
+    from deepmask_cli import load_proposer
+    from deepmask_cli.images import load_image
+
+    out = tmp_path / "props.json"
+    r = runner.invoke(main, ["propose", str(synth_coco / "images"), "-o", str(out), "--weights", str(tiny_weights),
+                             "--device", "cpu", "--nms", nms, "-q"])
+    assert r.exit_code == 0, r.output
+    recs = json.loads(out.read_text())
+    proposer = load_proposer(tiny_weights, device="cpu", overrides={"nms": nms})
+    for path in sorted((synth_coco / "images").iterdir())[:3]:
+        props = proposer(load_image(path))
+        written = [rec for rec in recs if rec["file_name"].rsplit("/", 1)[-1] == path.name]
+        assert len(written) == len(props) > 0
+        masks = mask_utils.decode([{"size": rec["segmentation"]["size"], "counts": rec["segmentation"]["counts"].encode()}
+                                   for rec in written]).transpose(2, 0, 1).astype(bool)
+        assert np.array_equal(masks, props.masks.numpy())
+        assert [rec["score"] for rec in written] == pytest.approx(props.scores.tolist(), abs=1e-6)
+        assert torch.equal(props.masks.sum((1, 2)), torch.tensor([rec["area"] for rec in written]).long())
