@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
+
+from .files import atomic_write
 
 
 def _pyplot():
@@ -21,13 +22,10 @@ def _save(fig, path: str | Path) -> Path:
     """``fig`` as a PNG at ``path``, written under a temporary name and renamed."""
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    try:
+        return atomic_write(path, lambda f: fig.savefig(f, dpi=100, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def plot_curves(history: list[dict], path: str | Path) -> Path:

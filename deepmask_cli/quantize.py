@@ -33,10 +33,12 @@ import torch
 import torch.nn.functional as F
 
 from .config import InferenceConfig
+from .errors import UserError
+from .files import atomic_write
 from .images import ImageError, load_image
+from .model import DeepMask
 from .pyramid import image_to_tensor, level_size, pyramid_canvas
 from .runtime import export_trunk_onnx, network_fingerprint
-from .model import DeepMask
 
 #: The int8 trunk's (and score head's) file name in a weights folder.
 INT8_TRUNK_NAME = "trunk-int8.onnx"
@@ -54,7 +56,7 @@ def _bottleneck_nodes(graph_model) -> list[str]:
     return [n.name for n in graph_model.graph.node if n.op_type == "Conv" and wanted & set(n.input)]
 
 
-class QuantizeError(Exception):
+class QuantizeError(UserError):
     """A quantization the user can fix (missing extra, no readable photo)."""
 
 
@@ -140,7 +142,5 @@ def quantize_trunk(model: DeepMask, images: Sequence[str | Path], out: str | Pat
                                            "crop": CALIBRATION_CROP, "method": "entropy"}),
                 "weight_bits": "7"}
         onnx.helper.set_model_props(m, meta)
-        tmp_out = out.with_name(out.name + ".tmp")
-        onnx.save(m, str(tmp_out))
-        os.replace(tmp_out, out)
+        atomic_write(out, lambda f: f.write(m.SerializeToString()))
     return out

@@ -18,6 +18,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from .errors import UserError
+from .files import atomic_write
 from .proposals import Proposals
 
 PARTIAL_SUFFIX = ".partial.jsonl"
@@ -82,22 +84,17 @@ def write_records(out: str | Path, recs: Iterable[dict[str, Any]]) -> int:
     """Write result records as ``OUT``'s JSON list (one record a line),
     atomically: nothing appears at ``out`` unless every record was written.
     Records are streamed, never held together. Returns their number."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
     n = 0
-    try:
-        with open(tmp, "w") as fh:
-            fh.write("[")
-            for rec in recs:
-                fh.write(("\n" if n == 0 else ",\n") + json.dumps(rec, separators=(",", ":")))
-                n += 1
-            fh.write("\n]\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    def write(fh) -> None:
+        nonlocal n
+        fh.write(b"[")
+        for rec in recs:
+            fh.write((("\n" if n == 0 else ",\n") + json.dumps(rec, separators=(",", ":"))).encode())
+            n += 1
+        fh.write(b"\n]\n")
+
+    atomic_write(out, write)
     return n
 
 
@@ -192,7 +189,7 @@ class ResultsWriter:
             self._fh.close()
 
 
-class MergeError(ValueError):
+class MergeError(UserError, ValueError):
     """Parts that cannot be merged (not results files, or overlapping)."""
 
 

@@ -17,9 +17,11 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from .config import InferenceConfig, ModelConfig
+from .errors import UserError
+from .files import atomic_write
 from .model import DeepMask
 
 FORMAT_VERSION = 1
@@ -54,7 +56,7 @@ def weights_folder(name: str | Path) -> Path:
     return folder
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError, ValueError):
     """A weights folder that cannot be used; the message names the file and the problem."""
 
 
@@ -80,13 +82,8 @@ def save_weights(
         "inference": inference or {},
         "meta": meta or {},
     }
-    tmp = folder / (WEIGHTS_NAME + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    tmp.chmod(0o644)
-    tmp.replace(folder / WEIGHTS_NAME)
-    tmp = folder / (CONFIG_NAME + ".tmp")
-    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    tmp.replace(folder / CONFIG_NAME)
+    atomic_write(folder / WEIGHTS_NAME, lambda f: f.write(save(state, metadata={"format": "pt"})))
+    atomic_write(folder / CONFIG_NAME, lambda f: f.write((json.dumps(config, indent=2, sort_keys=True) + "\n").encode()))
     return folder
 
 
