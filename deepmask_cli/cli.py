@@ -21,6 +21,7 @@ from rich.text import Text
 
 from . import __version__
 from .config import PRECISIONS, RUNTIMES, TRUNKS, InferenceConfig, ModelConfig, SamplerConfig, TrainConfig
+from .errors import UserError
 from .heap import SLACK_MB
 from .sinks import FORMATS
 
@@ -98,10 +99,8 @@ def propose(images, out_path, weights, device, gt, fmt, show, max_proposals, sco
     deepmask propose img/*.jpg -o props.json
     deepmask propose photos/ --format png -o overlays/
     """
-    from .images import ImageError
     from .propose import (ProposeError, load_proposer, parse_shard, pipeline_defaults, run_propose, run_propose_launched,
                           torchrun_launch)
-    from .weights import WeightsError
 
     overrides = dict(max_proposals=max_proposals, score_thresh=score_thresh, mask_thresh=mask_thresh, nms=nms,
                      nms_thresh=nms_thresh, maskness=maskness, nms_demote=nms_demote, pre_nms_topk=pre_nms_topk, max_side=max_side, precision=precision,
@@ -118,7 +117,7 @@ def propose(images, out_path, weights, device, gt, fmt, show, max_proposals, sco
                 device = f"cuda:{launch.local_rank}"
             quiet = quiet or launch.rank != 0  # one progress bar; every rank still names its failures
         proposer = load_proposer(weights, device=device, overrides=overrides)
-    except (WeightsError, ProposeError, RuntimeError, ValueError, ImageError) as e:
+    except (UserError, RuntimeError, ValueError) as e:
         _fail(str(e))
     auto_batch, auto_workers = pipeline_defaults(proposer)
     batch_size = auto_batch if batch_size is None else batch_size
@@ -144,7 +143,7 @@ def propose(images, out_path, weights, device, gt, fmt, show, max_proposals, sco
                        else run_propose_launched(images, out_path, launch=launch, **kwargs))
     except KeyboardInterrupt:
         _fail("interrupted; finished images are kept: run the same command with --resume to continue", 130)
-    except ProposeError as e:
+    except UserError as e:
         _fail(f"{e}" + ("; rerun with --resume to keep finished images" if strict else ""))
     done = f"{summary.done} image(s), {summary.proposals} proposals"
     if summary.skipped:
@@ -186,7 +185,6 @@ def viz(results, out_dir, html_dir, gt, images_dir, show, quiet) -> None:
     deepmask viz props.json -o overlays/ --show 50
     deepmask viz props.json --html report/ --gt instances.json
     """
-    from .evaluate import EvalError
     from .propose import default_viz_dir, run_viz
 
     if html_dir is not None and out_dir is not None:
@@ -202,7 +200,7 @@ def viz(results, out_dir, html_dir, gt, images_dir, show, quiet) -> None:
     try:
         summary = run_viz(results, target, images_dir=images_dir, show=show, html=html_dir is not None, gt=gt,
                           on_image=on_image)
-    except EvalError as e:
+    except UserError as e:
         _fail(str(e))
     if not quiet:
         what = (f"report of {summary.done} image(s) → {escape(str(Path(target) / 'index.html'))}" if html_dir
@@ -227,7 +225,7 @@ def eval_cmd(results, gt, as_json, plot, by_size) -> None:
     """
     import json
 
-    from .evaluate import EvalError, evaluate_recall, format_table, load_results, to_json
+    from .evaluate import evaluate_recall, format_table, load_results, to_json
 
     runs = {}
     try:
@@ -236,7 +234,7 @@ def eval_cmd(results, gt, as_json, plot, by_size) -> None:
             while label in runs:
                 label += "'"
             runs[label] = evaluate_recall(load_results(path), gt, results_name=Path(path).name, curves=plot is not None)
-    except EvalError as e:
+    except UserError as e:
         _fail(str(e))
     if plot is not None:
         from .plots import recall_figure
@@ -266,11 +264,11 @@ def merge(parts, out_path) -> None:
     for i in 0 1 2 3; do CUDA_VISIBLE_DEVICES=$i deepmask propose img/ --shard $i/4 -o part$i.json & done; wait
     deepmask merge part0.json part1.json part2.json part3.json -o props.json
     """
-    from .results import MergeError, merge_results
+    from .results import merge_results
 
     try:
         n = merge_results(list(parts), out_path)
-    except MergeError as e:
+    except UserError as e:
         _fail(str(e))
     err.print(f"[green]✓[/] {len(parts)} part(s), {n} proposals → {escape(str(out_path))}")
 
@@ -327,10 +325,9 @@ def train(data_dir, out_dir, val_dir, ann, images_dir, val_ann, val_images, trun
 
     import torch
 
-    from .data import DataError, coco_val_split, resolve_coco
+    from .data import coco_val_split, resolve_coco
     from .runtime import resolve_device
-    from .trunks import PretrainedWeightsError
-    from .train import TrainData, TrainError
+    from .train import TrainData
     from .train import train as run_train
 
     try:
@@ -340,7 +337,7 @@ def train(data_dir, out_dir, val_dir, ann, images_dir, val_ann, val_images, trun
             va = TrainData(*resolve_coco(val_dir, ann=val_ann, images=val_images, split="val"))
         elif ann is None and (found := coco_val_split(data_dir)) is not None:
             va = TrainData(*found)
-    except DataError as e:
+    except UserError as e:
         _fail(str(e))
     base = _M
     if model_config_file:
@@ -398,7 +395,7 @@ def train(data_dir, out_dir, val_dir, ann, images_dir, val_ann, val_images, trun
                                 skip_bad_images=not strict_data, on_event=display.event)
     except KeyboardInterrupt:
         _fail("interrupted; the last checkpoint is kept: rerun with --resume to continue", 130)
-    except (DataError, TrainError, PretrainedWeightsError, ValueError) as e:
+    except (UserError, ValueError) as e:
         _fail(str(e))
     finally:
         if distributed and torch.distributed.is_initialized():
@@ -499,11 +496,11 @@ class _TrainDisplay:
 @click.option("--half", is_flag=True, help="Store the tensors as float16 (half the size).")
 def export(checkpoint, out_dir, half) -> None:
     """Make a weights folder (config.json + model.safetensors) from a training checkpoint."""
-    from .train import TrainError, export_checkpoint
+    from .train import export_checkpoint
 
     try:
         folder = export_checkpoint(checkpoint, out_dir, half=half)
-    except TrainError as e:
+    except UserError as e:
         _fail(str(e))
     err.print(f"[green]✓[/] {escape(str(folder))}")
 
@@ -524,13 +521,13 @@ def quantize(images, weights, out_path, limit) -> None:
     """
     from .images import collect_images
     from .propose import default_weights
-    from .quantize import INT8_TRUNK_NAME, QuantizeError, quantize_trunk
-    from .weights import WeightsError, load_weights, weights_folder
+    from .quantize import INT8_TRUNK_NAME, quantize_trunk
+    from .weights import load_weights, weights_folder
 
     folder = weights_folder(weights) if weights else default_weights()
     try:
         model, _, _ = load_weights(folder)
-    except WeightsError as e:
+    except UserError as e:
         _fail(str(e))
     paths, problems = collect_images(images)
     for pr in problems:
@@ -539,7 +536,7 @@ def quantize(images, weights, out_path, limit) -> None:
     with err.status(f"calibrating on up to {limit} of {len(paths)} photos"):
         try:
             written = quantize_trunk(model, paths, out, limit=limit)
-        except QuantizeError as e:
+        except UserError as e:
             _fail(str(e))
     err.print(f"[green]✓[/] {escape(str(written))} ({written.stat().st_size / 1e6:.1f} MB)")
 
@@ -563,10 +560,10 @@ def compress(images, weights, out_dir, score_rank, mask_rank, limit, half) -> No
     \b
     deepmask compress coco/train2017/ -o small-weights/ --score-rank 128 --mask-rank 128
     """
-    from .compress import CompressError, compress_weights
+    from .compress import compress_weights
     from .images import collect_images
     from .propose import default_weights
-    from .weights import WeightsError, weights_folder
+    from .weights import weights_folder
 
     folder = weights_folder(weights) if weights else default_weights()
     paths, problems = collect_images(images)
@@ -576,7 +573,7 @@ def compress(images, weights, out_dir, score_rank, mask_rank, limit, half) -> No
         try:
             written, kept = compress_weights(folder, paths, out_dir, score_rank=score_rank, mask_rank=mask_rank,
                                              limit=limit, half=half)
-        except (CompressError, WeightsError) as e:
+        except UserError as e:
             _fail(str(e))
     shares = ", ".join(f"{k} head {v:.1%}" for k, v in kept.items())
     err.print(f"[green]✓[/] {escape(str(written))} (output variance kept: {shares or 'nothing compressed'})")

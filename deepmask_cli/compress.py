@@ -35,11 +35,12 @@ import torch
 import torch.nn.functional as F
 
 from .config import InferenceConfig
+from .errors import UserError
 from .inference import Proposer
 from .model import DeepMask
 
 
-class CompressError(Exception):
+class CompressError(UserError):
     """A compression the user can fix (bad rank, no readable photo)."""
 
 

@@ -30,6 +30,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval, Params
 from rich.table import Table
 
+from .errors import UserError
+
 IOU_TYPES = ("segm", "bbox")
 NO_GT = -1.0  # value of an AR whose bucket has no (non-crowd) ground truth
 _ROW_NAMES = {"segm": "mask", "bbox": "box"}
@@ -71,7 +73,7 @@ AREAS = ("all", *_SIZES)
 CURVE_DETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 
 
-class EvalError(ValueError):
+class EvalError(UserError, ValueError):
     """Bad evaluation input; the message is one line naming the file and the fix."""
 
 

@@ -11,12 +11,14 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import UserError
+
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"})
 #: Pillow refuses images above twice this many pixels as decompression bombs.
 MAX_PIXELS = 89_478_485
 
 
-class ImageError(ValueError):
+class ImageError(UserError, ValueError):
     """An input that cannot be used; ``str(e)`` is a one-line reason."""
 
 

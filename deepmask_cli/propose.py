@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from .errors import UserError
 from .heap import MemoryCap
 from .images import ImageError, InputProblem, collect_images, load_image
 from .inference import Proposer
@@ -22,7 +23,7 @@ from .sinks import FORMATS, open_sink
 from .weights import WeightsError, load_weights, shipped_weights, weights_folder
 
 
-class ProposeError(RuntimeError):
+class ProposeError(UserError, RuntimeError):
     """A problem that stops the whole run (bad weights, bad --gt, --strict failure)."""
 
 

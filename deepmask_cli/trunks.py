@@ -25,11 +25,13 @@ import torch
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
+from .errors import UserError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class PretrainedWeightsError(RuntimeError):
+class PretrainedWeightsError(UserError, RuntimeError):
     """ImageNet weights for a trunk cannot be had."""
 
 
