@@ -39,12 +39,23 @@ class _Serialisable:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]):
-        """Build from a mapping, refusing unknown keys (lists become tuples)."""
-        names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-        unknown = sorted(set(data) - names)
+        """Build from a mapping, refusing unknown keys: the inverse of
+        :meth:`to_dict` through JSON (lists become tuples, nested configs
+        are rebuilt)."""
+        by_name = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - set(by_name))
         if unknown:
             raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        nested = {name: f.default_factory for name, f in by_name.items()  # type: ignore[misc]
+                  if isinstance(f.default_factory, type) and issubclass(f.default_factory, _Serialisable)}
+        values = {}
+        for k, v in data.items():
+            if k in nested and isinstance(v, Mapping):
+                v = nested[k].from_dict(v)
+            elif isinstance(v, list):
+                v = tuple(v)
+            values[k] = v
+        return cls(**values)
 
 
 @dataclass(frozen=True)

@@ -33,10 +33,11 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from .config import ModelConfig, SamplerConfig
+from .errors import UserError
 from .images import ImageError, load_image
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A dataset that cannot be trained on; one line naming the file and the fix."""
 
 
@@ -216,6 +217,30 @@ class PatchSpec:
     instance: int  # index of the centred object for positives, -1 otherwise
 
 
+def window_labels(cx: np.ndarray, cy: np.ndarray, log2s: float, objects: np.ndarray, usable: np.ndarray,
+                  config: SamplerConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The paper's labelling rule for windows centred at image pixels
+    ``(cx, cy)`` (arrays of one shape ``S``) at scale ``2**log2s``, against
+    ``objects``: ``(K, 3)`` rows of centre x, centre y and canonical log2
+    scale (:func:`canonical_log2`), ``usable`` ``(K,)`` marking those that
+    may be positives. Distances are in window pixels. Returns
+
+    - ``positive_of`` ``(*S, K)``: the object is centred within ``pos_shift``
+      and at the canonical scale within ``pos_scale`` octaves (usable ones);
+    - ``negative`` ``S``: no object within ``neg_shift`` and ``neg_scale``;
+    - ``near`` ``S``: some object within ``3 neg_shift`` and ``neg_scale + 1``
+      (where hard negatives are drawn).
+
+    The patch sampler and the feature cache both label with it."""
+    s = 2.0 ** log2s
+    dist = np.hypot(cx[..., None] - objects[:, 0], cy[..., None] - objects[:, 1]) * s
+    dlog = np.abs(log2s - objects[:, 2])
+    positive_of = (dist <= config.pos_shift) & (dlog <= config.pos_scale) & usable
+    negative = ~((dist < config.neg_shift) & (dlog < config.neg_scale)).any(-1)
+    near = ((dist < 3 * config.neg_shift) & (dlog < config.neg_scale + 1)).any(-1)
+    return positive_of, negative, near
+
+
 class PatchSampler:
     """Draws :class:`PatchSpec` s following the paper's labelling rule."""
 
@@ -235,11 +260,8 @@ class PatchSampler:
     def is_negative(self, image: int, cx: float, cy: float, log2s: float) -> bool:
         """No object within ``neg_shift`` patch pixels and ``neg_scale`` octaves."""
         c = self._centres[image]
-        if len(c) == 0:
-            return True
-        dist = np.hypot(c[:, 0] - cx, c[:, 1] - cy) * 2.0 ** log2s
-        near = (dist < self.config.neg_shift) & (np.abs(c[:, 2] - log2s) < self.config.neg_scale)
-        return not bool(near.any())
+        _, negative, _ = window_labels(np.asarray(cx), np.asarray(cy), log2s, c, np.zeros(len(c), bool), self.config)
+        return bool(negative)
 
     def draw(self, rng: np.random.Generator) -> PatchSpec:
         cfg = self.config

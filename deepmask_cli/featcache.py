@@ -33,10 +33,11 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from .config import TRUNK_STRIDE, ModelConfig, SamplerConfig
-from .data import ImageRecord, canonical_log2, crop_resized, record_image
-from .pyramid import pyramid_canvas
+from .config import TRUNK_STRIDE, InferenceConfig, ModelConfig, SamplerConfig
+from .data import ImageRecord, canonical_log2, crop_resized, record_image, window_labels
+from .files import atomic_save
 from .model import DeepMask
+from .pyramid import level_size, pyramid_canvas
 
 CACHE_VERSION = 1
 
@@ -63,12 +64,15 @@ class FeatureCache:
 
     def __init__(self, model: DeepMask, records: list[ImageRecord], scales: tuple[float, ...], sampler: SamplerConfig,
                  *, flips: bool = True, device: torch.device | str = "cpu", on_image=None,
-                 levels: list[_Level] | None = None) -> None:
+                 levels: list[_Level] | None = None, max_side: int | None = None) -> None:
         self.model_config: ModelConfig = model.config
         self.records = records
         self.sampler = sampler
         self.scales = tuple(float(s) for s in scales)
         self.flips = flips
+        #: Longer sides above this are capped before the pyramid, as inference
+        #: does (default: InferenceConfig's).
+        self.max_side = InferenceConfig.max_side if max_side is None else max_side
         self.levels: list[_Level] = levels if levels is not None else self._build(model, device, on_image)
         pos, neg, hard = [], [], []
         for li, lv in enumerate(self.levels):
@@ -98,7 +102,7 @@ class FeatureCache:
             for flip in (False, True) if self.flips else (False,):
                 t = base.flip(2) if flip else base
                 for scale in self.scales:
-                    h, w = max(1, round(rec.height * scale)), max(1, round(rec.width * scale))
+                    h, w = level_size(rec.height, rec.width, scale, self.max_side)  # as inference sizes it
                     canvas = pyramid_canvas([t], [(h, w)], p, model.normalize)
                     with torch.no_grad():
                         fmap = trunk(canvas.contiguous(memory_format=torch.channels_last))[0]
@@ -113,12 +117,21 @@ class FeatureCache:
     def _meta(mc: ModelConfig, records: list[ImageRecord], scales: tuple[float, ...], flips: bool) -> dict:
         """What a cache file must match to be reused."""
         return {"version": CACHE_VERSION, "trunk": mc.trunk, "patch_size": mc.patch_size,
-                "scales": [float(s) for s in scales], "flips": flips, "images": [str(r.path) for r in records]}
+                "scales": [float(s) for s in scales], "flips": flips, "images": [str(r.path) for r in records],
+                "max_side": InferenceConfig.max_side}
+
+    @classmethod
+    def _matches(cls, meta: dict, mc: ModelConfig, records: list[ImageRecord], scales: tuple[float, ...], flips: bool) -> bool:
+        """Whether a saved cache's ``meta`` fits. Files from before the
+        ``max_side`` cap have none, and fit when no image is above it."""
+        want = cls._meta(mc, records, scales, flips)
+        if "max_side" not in meta and all(max(r.height, r.width) <= want["max_side"] for r in records):
+            meta = {**meta, "max_side": want["max_side"]}
+        return meta == want
 
     def save(self, path: str | Path) -> None:
         """Write the maps (not the labels, which are cheap and depend on the
         sampler) to ``path``, atomically."""
-        from .train import atomic_save
 
         atomic_save({"meta": self._meta(self.model_config, self.records, self.scales, self.flips),
                      "levels": [(lv.image, lv.flip, lv.scale, lv.sx, lv.sy, lv.ny, lv.nx) for lv in self.levels],
@@ -134,7 +147,7 @@ class FeatureCache:
         a cache file belongs to one pretrained trunk.)"""
         if path is not None and Path(path).exists():
             blob = torch.load(path, map_location="cpu", weights_only=True)
-            if blob.get("meta") == cls._meta(model.config, records, scales, flips):
+            if cls._matches(blob.get("meta") or {}, model.config, records, scales, flips):
                 levels = [_Level(int(i), bool(fl), float(sc), float(sx), float(sy), fm, int(ny), int(nx))
                           for (i, fl, sc, sx, sy, ny, nx), fm in zip(blob["levels"], blob["fmaps"])]
                 return cls(model, records, scales, sampler, flips=flips, levels=levels), True
@@ -144,35 +157,23 @@ class FeatureCache:
         return cache, False
 
     def _label(self, li: int, lv: _Level, rec: ImageRecord):
-        cfg = self.sampler
         ii, jj = np.meshgrid(np.arange(lv.ny), np.arange(lv.nx), indexing="ij")
-        # window centres in image pixels (mirrored image when flipped)
+        # window centres in image pixels (of the mirrored image when flipped)
         cy = ii * TRUNK_STRIDE / lv.sy
         cx = jj * TRUNK_STRIDE / lv.sx
-        s = math.sqrt(lv.sx * lv.sy)
-        near_any = np.zeros(ii.shape, bool)
-        hard_any = np.zeros(ii.shape, bool)
-        pos = []
-        for k, inst in enumerate(rec.instances):
-            x, y, w, h = inst.bbox
-            ox = rec.width - (x + w / 2) if lv.flip else x + w / 2
-            oy = y + h / 2
-            dlog = abs(math.log2(s) - canonical_log2(inst.bbox, self.model_config.object_size))
-            dist = np.hypot(cx - ox, cy - oy) * s
-            if dlog < cfg.neg_scale:
-                near_any |= dist < cfg.neg_shift
-            if dlog < cfg.neg_scale + 1:
-                hard_any |= dist < 3 * cfg.neg_shift
-            if inst.usable and dlog <= cfg.pos_scale:
-                sel = np.nonzero(dist <= cfg.pos_shift)
-                if sel[0].size:
-                    pos.append(np.stack([np.full(sel[0].size, li), sel[0], sel[1], np.full(sel[0].size, k)], 1))
-        negmask = ~near_any
-        neg = np.stack([np.full(negmask.sum(), li), ii[negmask], jj[negmask]], 1)
-        hm = negmask & hard_any
+        objects = np.array([[rec.width - (x + w / 2) if lv.flip else x + w / 2, y + h / 2,
+                             canonical_log2((x, y, w, h), self.model_config.object_size)]
+                            for x, y, w, h in (inst.bbox for inst in rec.instances)]).reshape(-1, 3)
+        usable = np.array([inst.usable for inst in rec.instances], bool)
+        positive_of, negative, near = window_labels(cx, cy, 0.5 * math.log2(lv.sx * lv.sy), objects, usable, self.sampler)
+        pi, pj, pk = np.nonzero(positive_of)
+        order = np.lexsort((pj, pi, pk))  # object by object, as the sampler's draws index them
+        pi, pj, pk = pi[order], pj[order], pk[order]
+        pos = np.stack([np.full(pi.size, li), pi, pj, pk], 1)
+        neg = np.stack([np.full(negative.sum(), li), ii[negative], jj[negative]], 1)
+        hm = negative & near
         hard = np.stack([np.full(hm.sum(), li), ii[hm], jj[hm]], 1)
-        pos_arr = np.concatenate(pos) if pos else np.zeros((0, 4), np.int64)
-        return pos_arr.astype(np.int64), neg.astype(np.int64), hard.astype(np.int64)
+        return pos.astype(np.int64), neg.astype(np.int64), hard.astype(np.int64)
 
     def __len__(self) -> int:
         return len(self.levels)

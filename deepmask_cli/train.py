@@ -18,7 +18,6 @@ same weights as one that never stopped.
 from __future__ import annotations
 
 import json
-import os
 import time
 import warnings
 from dataclasses import dataclass, replace
@@ -28,8 +27,10 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from .config import ModelConfig, SamplerConfig, TrainConfig
+from .config import ModelConfig, TrainConfig
 from .data import PatchDataset, load_coco
+from .errors import UserError
+from .files import atomic_save, atomic_write
 from .model import DeepMask, build_model
 from .weights import save_weights
 
@@ -67,7 +68,7 @@ def new_run_dir(root: str | Path = RUNS_ROOT, prefix: str = RUN_PREFIX) -> Path:
     return Path(root) / f"{prefix}-{taken[-1][0] + 1 if taken else 1}"
 
 
-class TrainError(RuntimeError):
+class TrainError(UserError, RuntimeError):
     pass
 
 
@@ -139,15 +140,6 @@ def patch_metrics(model: DeepMask, batches: list[tuple[torch.Tensor, ...]], devi
 
 
 # ---------------------------------------------------------------- checkpoints
-def atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
@@ -231,11 +223,9 @@ def train(
     if resume and (out_dir / CHECKPOINT).exists():
         ck = load_checkpoint(out_dir / CHECKPOINT)
         model_config = ModelConfig.from_dict(ck["model_config"])
-        saved = ck["train_config"]
+        saved = TrainConfig.from_dict(ck["train_config"])
         given = config
-        config = replace(config, **{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()
-                                    if k not in RESUME_FROM_COMMAND_LINE and k != "sampler"},
-                         sampler=SamplerConfig(**saved["sampler"]))
+        config = replace(saved, **{k: getattr(given, k) for k in RESUME_FROM_COMMAND_LINE})
         overridden = _overridden(given, config)
         if overridden and rank == 0:
             warnings.warn(f"--resume continues {out_dir} with the settings it was started with: "
@@ -439,7 +429,5 @@ def _truncate_metrics(path: Path, step: int) -> list[dict]:
     tail); return the lines kept."""
     keep = [m for m in _read_metrics(path) if m.get("step", 0) <= step]
     if path.exists():
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(m) + "\n" for m in keep))
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: f.write("".join(json.dumps(m) + "\n" for m in keep).encode()))
     return keep
