@@ -36,11 +36,39 @@ class PretrainedWeightsError(UserError, RuntimeError):
 
 
 class Trunk(nn.Module):
-    """Base class: ``out_channels``, ``mean`` and ``std`` describe the contract."""
+    """Base class: ``out_channels``, ``mean`` and ``std`` describe the contract.
+
+    ``forward`` gives the stride-16 map the heads read. :meth:`levels` gives
+    the maps at every stride the trunk passes through, finer ones for heads
+    that refine masks (SharpMask's top-down modules): ``{stride: map}``, with
+    :meth:`level_channels` saying their widths without running it.
+    """
 
     out_channels: int
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+
+    def levels(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
+        """``{stride: (B, C_s, H/stride, W/stride)}`` for strides 2 to 16: the
+        last map the trunk computes at each; ``levels(x)[16]`` is ``self(x)``."""
+        out: dict[int, torch.Tensor] = {}
+        for stride, module in self._stages():
+            x = module(x)
+            out[stride] = x
+        return out
+
+    def level_channels(self) -> dict[int, int]:
+        """``{stride: channels}`` of :meth:`levels`."""
+        out: dict[int, int] = {}
+        for stride, module in self._stages():
+            convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
+            out[stride] = convs[-1].out_channels
+        return out
+
+    def _stages(self) -> list[tuple[int, nn.Module]]:  # pragma: no cover - abstract
+        """The trunk as consecutive modules, each ending at the stride it names
+        (non-decreasing, ending at 16): ``forward`` is them in order."""
+        raise NotImplementedError
 
     def load_imagenet(self, path: str | Path | None = None) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -98,6 +126,13 @@ class VGGATrunk(Trunk):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
 
+    def _stages(self) -> list[tuple[int, nn.Module]]:
+        # cut before each max-pool: the last map at strides 1 (dropped), 2, 4, 8, then the rest at 16
+        cuts = [i for i, m in enumerate(self.features) if isinstance(m, nn.MaxPool2d)]
+        bounds = [0, *cuts, len(self.features)]
+        parts = [(2 ** k, self.features[a:b]) for k, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
+        return [(2, nn.Sequential(parts[0][1], parts[1][1])), *parts[2:]]
+
     def load_imagenet(self, path: str | Path | None = None) -> None:
         sd = _load_torchvision(path, _VGG11_URL, "vgg-a")
         own = {k: v for k, v in sd.items() if k.startswith("features.")}
@@ -140,6 +175,10 @@ class ResNet50Trunk(Trunk):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return self.layer3(self.layer2(self.layer1(x)))
+
+    def _stages(self) -> list[tuple[int, nn.Module]]:
+        return [(2, nn.Sequential(self.conv1, self.bn1, self.relu)), (4, nn.Sequential(self.maxpool, self.layer1)),
+                (8, self.layer2), (16, self.layer3)]
 
     def load_imagenet(self, path: str | Path | None = None) -> None:
         sd = _load_torchvision(path, _RESNET50_URL, "resnet50")
@@ -200,14 +239,32 @@ class EfficientNetLiteTrunk(Trunk):
         self.act = nn.ReLU6(inplace=True)
         blocks = []
         cin = 32
+        #: (stride, index after the stage's last block) of each stage
+        self._stage_ends: list[tuple[int, int]] = []
+        at = 2
         for repeats, kernel, stride, expand, cout in stages:
             for i in range(repeats):
                 blocks.append(_MBConv(cin, cout, kernel, stride if i == 0 else 1, expand))
                 cin = cout
+            at *= stride
+            self._stage_ends.append((at, len(blocks)))
         self.blocks = nn.Sequential(*blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(self.act(self.bn0(self.conv_stem(x))))
+
+    def _stages(self) -> list[tuple[int, nn.Module]]:
+        # one part per stride: the stem joins the stride-2 stage, and the two
+        # stride-16 stages (80 and 112 channels in Lite0) form one part
+        ends = {stride: end for stride, end in self._stage_ends}  # the last stage at each stride
+        parts, start = [], 0
+        for stride, end in sorted(ends.items()):
+            part = self.blocks[start:end]
+            if start == 0:
+                part = nn.Sequential(self.conv_stem, self.bn0, self.act, *part)
+            parts.append((stride, part))
+            start = end
+        return parts
 
     def load_imagenet(self, path: str | Path | None = None) -> None:
         n = self.variant

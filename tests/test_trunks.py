@@ -136,3 +136,21 @@ def test_fused_trunk_gives_the_same_map(cls):
         assert not any(isinstance(m, FrozenBatchNorm2d) for m in fused.modules())
         torch.testing.assert_close(fused(x), trunk(x), rtol=1e-4, atol=1e-4)
     assert any(isinstance(m, FrozenBatchNorm2d) for m in trunk.modules()) or cls is VGGATrunk  # original untouched
+
+
+@pytest.mark.parametrize("name", sorted(TRUNK_BUILDERS))
+def test_levels_are_the_trunks_maps_at_each_stride(name):
+    """levels() gives the last map at strides 2, 4, 8 and 16, the stride-16
+    one being forward()'s, with the widths level_channels() states, also
+    for the fused inference copy."""
+    torch.manual_seed(0)
+    trunk = TRUNK_BUILDERS[name]().eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        for net in (trunk, trunk.fused()):
+            levels = net.levels(x)
+            assert sorted(levels) == [2, 4, 8, 16]
+            torch.testing.assert_close(levels[16], net(x), rtol=0, atol=0)
+            for stride, fmap in levels.items():
+                assert fmap.shape == (2, net.level_channels()[stride], 64 // stride, 96 // stride)
+    assert trunk.level_channels()[16] == trunk.out_channels
