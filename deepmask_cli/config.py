@@ -82,6 +82,10 @@ class ModelConfig(_Serialisable):
     # values before the score head's first layer; 0: none (the paper's head).
     score_bottleneck: int = 0
     dropout: float = 0.5
+    # SharpMask's refinement modules (ECCV 2016), the width of each, reading
+    # the trunk's maps at strides 16, 8, 4, ...: each doubles the mask's
+    # resolution. Empty: none (DeepMask's 56x56 masks).
+    refine: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.trunk not in TRUNKS:
@@ -97,6 +101,8 @@ class ModelConfig(_Serialisable):
             raise ValueError("score_hidden takes exactly two widths")
         if self.score_bottleneck < 0:
             raise ValueError(f"score_bottleneck must be >= 0 (0: none), got {self.score_bottleneck}")
+        if any(k <= 0 for k in self.refine) or len(self.refine) > 4:
+            raise ValueError(f"refine takes 1 to 4 positive module widths, got {self.refine}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 

@@ -160,6 +160,54 @@ class ScoreHead(nn.Module):
         return out
 
 
+class RefineHead(nn.Module):
+    """SharpMask's top-down refinement (Pinheiro, Lin, Collobert, Dollar,
+    ECCV 2016): the mask encoding is turned back into a map by a linear layer
+    (``M^1``, ``channels[0]`` wide at the window's stride-16 resolution), then
+    each module ``i`` reduces the trunk's map at its stride (16, 8, 4, ...) to
+    ``channels[i]`` channels with a 3x3 convolution (``S^i``), concatenates it
+    with ``M^i``, merges the two with a 3x3 convolution to the next module's
+    width and doubles the resolution (bilinear). A 3x3 convolution ends in one
+    logit per pixel: ``f * 2**n`` squared for ``n`` modules over a window of
+    ``f`` stride-16 cells (96x96 for three modules on a 192-pixel window).
+    """
+
+    def __init__(self, *, hidden: int, feat_size: int, level_channels: dict[int, int], channels: tuple[int, ...]) -> None:
+        super().__init__()
+        if not channels:
+            raise ValueError("a refinement needs at least one module")
+        self.feat_size = feat_size
+        self.channels = tuple(channels)
+        #: The trunk stride each module reads, coarsest first.
+        self.strides = tuple(16 // 2**i for i in range(len(channels)))
+        missing = [s for s in self.strides if s not in level_channels]
+        if missing:
+            raise ValueError(f"{len(channels)} refinement modules need trunk maps at strides {self.strides}; "
+                             f"the trunk has {sorted(level_channels)}")
+        self.vertical = nn.Linear(hidden, channels[0] * feat_size * feat_size)
+        self.skips = nn.ModuleList(nn.Conv2d(level_channels[s], k, 3, padding=1) for s, k in zip(self.strides, channels))
+        outs = (*channels[1:], max(1, channels[-1] // 2))
+        self.merges = nn.ModuleList(nn.Conv2d(2 * k, o, 3, padding=1) for k, o in zip(channels, outs))
+        self.predict = nn.Conv2d(outs[-1], 1, 3, padding=1)
+
+    @property
+    def out_size(self) -> int:
+        """Side of the refined logits for one window."""
+        return self.feat_size * 2 ** len(self.channels)
+
+    def forward(self, hidden: torch.Tensor, skips: dict[int, torch.Tensor]) -> torch.Tensor:
+        """``hidden: (B, hidden)``, the mask head's encoding of each window;
+        ``skips[s]: (B, C_s, f*16/s, f*16/s)``, each window's trunk map at
+        stride ``s`` -> ``(B, out_size, out_size)`` mask logits."""
+        f = self.feat_size
+        m = F.relu(self.vertical(hidden)).view(-1, self.channels[0], f, f)
+        for stride, skip, merge in zip(self.strides, self.skips, self.merges):
+            s = F.relu(skip(skips[stride]))
+            m = F.relu(merge(torch.cat([m, s], 1)))
+            m = F.interpolate(m, scale_factor=2, mode="bilinear", align_corners=False)
+        return self.predict(m)[:, 0]
+
+
 class DeepMask(nn.Module):
     """DeepMask: ``forward(patches) -> (mask_logits, score_logits)``.
 
@@ -178,6 +226,9 @@ class DeepMask(nn.Module):
         )
         self.score_head = ScoreHead(in_channels=c, feat_size=f, hidden=config.score_hidden, dropout=config.dropout,
                                     bottleneck=config.score_bottleneck)
+        #: SharpMask's refinement, when the config asks for it (``refine``).
+        self.refine_head = (RefineHead(hidden=config.mask_hidden, feat_size=f, level_channels=self.trunk.level_channels(),
+                                       channels=config.refine) if config.refine else None)
         self.register_buffer("mean", torch.tensor(self.trunk.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(self.trunk.std).view(1, 3, 1, 1), persistent=False)
 
@@ -194,6 +245,17 @@ class DeepMask(nn.Module):
     def forward(self, patches: torch.Tensor, *, from_features: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """``from_features=True`` takes trunk windows ``(B, C, f, f)`` instead of patches."""
         return self.heads(patches if from_features else self.features(patches))
+
+    def refined_masks(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patches ``(B, 3, P, P)`` -> ``(refined mask logits (B, r, r),
+        score logits (B,))`` through the trunk's levels, the mask head's
+        encoding and the refinement (the network must have one)."""
+        if self.refine_head is None:
+            raise ValueError("these weights have no refinement (ModelConfig.refine is empty)")
+        levels = self.trunk.levels(self.normalize(patches).contiguous(memory_format=torch.channels_last))
+        feats = levels[16]
+        hidden = self.mask_head.fc1(F.relu(self.mask_head.reduce(feats)).flatten(1))
+        return self.refine_head(hidden, levels), self.score_head(feats)
 
     # Dense (full-scene) forms of the heads ----------------------------------
     def dense_scores(self, fmap: torch.Tensor, weights: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:

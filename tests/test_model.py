@@ -105,3 +105,38 @@ def test_score_fc1_by_parity_equals_the_dilated_convolution(f, h, w, channels_la
         got = head._fc1_by_parity(pooled, w1, head.fc1.bias)
     assert got.shape == want.shape == (2, 16, h + 1, w + 1)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("trunk", ["efficientnet-lite0", "resnet50"])
+def test_refinement_doubles_the_resolution_per_module_from_the_finer_maps(trunk):
+    """SharpMask's modules: the mask encoding plus the trunk's maps at strides
+    16, 8, 4 give a 2**n finer mask, and the finer maps do reach it."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(trunk=trunk, patch_size=64, object_size=40, mask_size=8, mask_channels=4, mask_hidden=16,
+                      score_hidden=(8, 8), refine=(8, 4, 4))
+    model = DeepMask(cfg).eval()
+    assert model.refine_head.strides == (16, 8, 4) and model.refine_head.out_size == 4 * 8
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        refined, scores = model.refined_masks(x)
+        assert refined.shape == (2, 32, 32) and scores.shape == (2,)
+        torch.testing.assert_close(scores, model(x)[1])  # the score is DeepMask's
+        # a change the stride-4 map sees changes the refined mask
+        levels = model.trunk.levels(model.normalize(x))
+        hidden = model.mask_head.fc1(torch.relu(model.mask_head.reduce(levels[16])).flatten(1))
+        base = model.refine_head(hidden, levels)
+        torch.testing.assert_close(base, refined)
+        levels[4] = levels[4] + torch.randn_like(levels[4])
+        assert not torch.allclose(model.refine_head(hidden, levels), base)
+
+
+def test_refinement_is_optional_and_checked():
+    cfg = ModelConfig(trunk="efficientnet-lite0", patch_size=64, object_size=40, mask_size=8, mask_channels=4,
+                      mask_hidden=16, score_hidden=(8, 8))
+    model = DeepMask(cfg)
+    assert model.refine_head is None and not any(k.startswith("refine") for k in model.state_dict())
+    with pytest.raises(ValueError, match="no refinement"):
+        model.refined_masks(torch.rand(1, 3, 64, 64))
+    with pytest.raises(ValueError, match="1 to 4 positive"):
+        ModelConfig(refine=(8, 0))
+    assert ModelConfig.from_dict({**cfg.to_dict(), "refine": [8, 4]}).refine == (8, 4)
