@@ -216,7 +216,8 @@ def viz(results, out_dir, html_dir, gt, images_dir, show, quiet) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the recall as JSON.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Also draw recall against proposals and against IoU, for every RESULTS file, to this PNG.")
 @click.option("--by-size", is_flag=True, help="With --plot: curves for small, medium and large objects too.")
-def eval_cmd(results, gt, as_json, plot, by_size) -> None:
+@click.option("--categories", "categories_spec", default=None, help="Count only objects of these categories: voc, non-voc (e.g. those a VOC-trained model never saw), or ids 1,2,3. [default: all]")
+def eval_cmd(results, gt, as_json, plot, by_size, categories_spec) -> None:
     """Class-agnostic average recall (AR@10/100/1000, small/medium/large) of RESULTS.
 
     \b
@@ -225,15 +226,18 @@ def eval_cmd(results, gt, as_json, plot, by_size) -> None:
     """
     import json
 
+    from .data import parse_categories
     from .evaluate import evaluate_recall, format_table, load_results, to_json
 
     runs = {}
     try:
+        categories = parse_categories(categories_spec, gt)
         for path in results:
             label = Path(path).stem
             while label in runs:
                 label += "'"
-            runs[label] = evaluate_recall(load_results(path), gt, results_name=Path(path).name, curves=plot is not None)
+            runs[label] = evaluate_recall(load_results(path), gt, results_name=Path(path).name, curves=plot is not None,
+                                          categories=categories)
     except UserError as e:
         _fail(str(e))
     if plot is not None:
@@ -296,6 +300,7 @@ def merge(parts, out_path) -> None:
 @click.option("--workers", type=int, default=None, help=f"DataLoader worker processes (0: load in the main process). [default: {_T.workers}]")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda (under torchrun: each process's own GPU).")
 @click.option("--seed", type=int, default=None, help=f"Seed of the sampler and the initialisation. [default: {_T.seed}]")
+@click.option("--categories", "categories_spec", default=None, help="Train on these COCO categories only, the others left unlabelled: voc (the 20 PASCAL ones), non-voc, or ids 1,2,3. [default: all]")
 @click.option("--resume", is_flag=True, help="Continue from the run folder's last checkpoint.")
 @click.option("--checkpoint-every", type=int, default=None, help=f"Steps between checkpoints. [default: {_T.checkpoint_every}]")
 @click.option("--val-every", type=int, default=None, help=f"Steps between validations. [default: {_T.val_every}]")
@@ -312,7 +317,7 @@ def merge(parts, out_path) -> None:
 @click.option("--strict-data", is_flag=True, help="Stop on missing or unreadable images instead of skipping them.")
 @click.option("-q", "--quiet", is_flag=True)
 def train(data_dir, out_dir, val_dir, ann, images_dir, val_ann, val_images, trunk, steps, batch_size, lr, trunk_lr_mult,
-          freeze_trunk, cache_features, cache_scales, cache_file, feature_dropout, score_weight, workers, device, seed, resume, checkpoint_every, val_every, val_batches, patch_size,
+          freeze_trunk, cache_features, cache_scales, cache_file, feature_dropout, score_weight, workers, device, seed, categories_spec, resume, checkpoint_every, val_every, val_batches, patch_size,
           object_size, model_config_file, pos_shift, pos_scale, neg_shift, neg_scale, no_pretrained, trunk_weights, strict_data, quiet) -> None:
     """Train DeepMask on a COCO-format dataset (DATA_DIR or --ann/--images).
 
@@ -325,7 +330,7 @@ def train(data_dir, out_dir, val_dir, ann, images_dir, val_ann, val_images, trun
 
     import torch
 
-    from .data import coco_val_split, resolve_coco
+    from .data import coco_val_split, parse_categories, resolve_coco
     from .runtime import resolve_device
     from .train import TrainData
     from .train import train as run_train
@@ -337,6 +342,7 @@ def train(data_dir, out_dir, val_dir, ann, images_dir, val_ann, val_images, trun
             va = TrainData(*resolve_coco(val_dir, ann=val_ann, images=val_images, split="val"))
         elif ann is None and (found := coco_val_split(data_dir)) is not None:
             va = TrainData(*found)
+        categories = parse_categories(categories_spec, tr.ann)
     except UserError as e:
         _fail(str(e))
     base = _M
@@ -372,6 +378,7 @@ def train(data_dir, out_dir, val_dir, ann, images_dir, val_ann, val_images, trun
                  cache_features=cache_features, cache_scales=tuple(_parse_scales(cache_scales).values()) or None,
                  cache_file=cache_file, feature_dropout=feature_dropout,
                  score_weight=score_weight, workers=workers, seed=seed, checkpoint_every=checkpoint_every,
+                 categories=tuple(sorted(categories)) if categories is not None else None,
                  val_every=val_every, val_batches=val_batches)
     sampler = dataclasses.replace(_S, **{k: v for k, v in dict(pos_shift=pos_shift, pos_scale=pos_scale, neg_shift=neg_shift,
                                                              neg_scale=neg_scale).items() if v is not None})

@@ -266,6 +266,10 @@ class TrainConfig(_Serialisable):
     # regulariser that cached features leave room for (they get no pixel-level
     # augmentation).
     feature_dropout: float = 0.0
+    # COCO category ids to train on (the others are left unlabelled, as
+    # background); None: all. The paper's generalisation test trains on the 20
+    # PASCAL VOC categories (deepmask_cli.data.VOC_CATEGORIES).
+    categories: tuple[int, ...] | None = None
     workers: int = 1
     seed: int = 0
     checkpoint_every: int = 1000

@@ -93,6 +93,37 @@ class Instance:
     usable: bool  # may be a positive (not crowd, not tiny)
 
 
+#: COCO's ids of the 20 PASCAL VOC categories: the paper trained on these
+#: alone to measure recall on the 60 others (its generalisation test).
+VOC_CATEGORIES = frozenset({1, 2, 3, 4, 5, 6, 7, 9, 16, 17, 18, 19, 20, 21, 44, 62, 63, 64, 67, 72})
+
+
+def parse_categories(spec: str | None, ann_file: str | Path | None = None) -> frozenset[int] | None:
+    """A category selection: ``voc`` (:data:`VOC_CATEGORIES`), ``non-voc``
+    (every other category of ``ann_file``) or ids ``1,2,3``; None: all."""
+    if spec is None:
+        return None
+    spec = spec.strip().lower()
+    if spec == "voc":
+        return VOC_CATEGORIES
+    if spec == "non-voc":
+        if ann_file is None:
+            raise DataError("--categories non-voc needs the annotation file whose other categories it means")
+        try:
+            cats = json.loads(Path(ann_file).read_text()).get("categories") or []
+            ids = {int(c["id"]) for c in cats}
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            raise DataError(f"{ann_file}: cannot read its categories for --categories non-voc") from None
+        return frozenset(ids - VOC_CATEGORIES)
+    try:
+        ids = frozenset(int(v) for v in spec.split(",") if v.strip())
+    except ValueError:
+        raise DataError(f"--categories {spec!r}: give voc, non-voc or category ids like 1,2,3") from None
+    if not ids:
+        raise DataError("--categories: no category id given")
+    return ids
+
+
 def canonical_log2(bbox_xywh, object_size: int) -> float:
     """log2 of the scale (window pixels per image pixel) at which an object
     with this box has its longer side ``object_size``."""
@@ -114,13 +145,16 @@ def load_coco(
     sampler: SamplerConfig | None = None,
     skip_bad_images: bool = True,
     check_decode: bool = False,
+    categories: frozenset[int] | None = None,
 ) -> tuple[list[ImageRecord], dict[str, Any]]:
     """Read a COCO instances file into :class:`ImageRecord` s.
 
     Returns ``(records, report)`` where ``report`` counts what was skipped and
-    why. Raises :class:`DataError` for a missing or non-COCO file or an empty
-    dataset; missing or undecodable images are skipped (listed in the report) or
-    fatal with ``skip_bad_images=False``.
+    why. With ``categories``, annotations of other categories are dropped (left
+    unlabelled) and counted as ``other_categories``. Raises
+    :class:`DataError` for a missing or non-COCO file or an empty dataset;
+    missing or undecodable images are skipped (listed in the report) or fatal
+    with ``skip_bad_images=False``.
     """
     sampler = sampler or SamplerConfig()
     ann_file, images_dir = Path(ann_file), Path(images_dir)
@@ -134,10 +168,14 @@ def load_coco(
         raise DataError(f"{ann_file}: not JSON ({e})") from None
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(data.get("annotations"), list):
         raise DataError(f"{ann_file}: not a COCO instances file (needs 'images' and 'annotations' lists)")
-    report: dict[str, Any] = {"missing_images": [], "bad_images": [], "bad_annotations": 0, "crowd": 0, "tiny": 0}
+    report: dict[str, Any] = {"missing_images": [], "bad_images": [], "bad_annotations": 0, "crowd": 0, "tiny": 0,
+                              "other_categories": 0}
     by_image: dict[int, list[dict]] = {}
     for a in data["annotations"]:
         if isinstance(a, dict) and "image_id" in a:
+            if categories is not None and a.get("category_id") not in categories:
+                report["other_categories"] += 1  # not labelled at all: background, as for the paper's VOC-only run
+                continue
             by_image.setdefault(a["image_id"], []).append(a)
     records = []
     for im in data["images"]:

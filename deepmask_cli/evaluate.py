@@ -101,6 +101,7 @@ def evaluate_recall(
     image_ids: Iterable[int] | None = None,
     results_name: str = "results",
     curves: bool = False,
+    categories: Iterable[int] | None = None,
 ) -> dict[str, RecallResult]:
     """Class-agnostic AR of ``results`` against the instances in ``gt``.
 
@@ -111,6 +112,8 @@ def evaluate_recall(
     ``curves``: also keep recall by IoU threshold, size and number of
     proposals (over :data:`CURVE_DETS` as well as ``max_dets``), for
     :func:`deepmask_cli.plots.recall_figure`.
+    ``categories``: count only the objects of these COCO category ids (the
+    proposals stay class-agnostic), e.g. the categories a model never saw.
     Returns ``{iou_type: RecallResult}`` in the order of ``iou_types``.
     """
     _check_results(results, results_name)
@@ -122,7 +125,7 @@ def evaluate_recall(
         raise EvalError(f"max_dets must be positive counts, got {list(max_dets)}")
     run_dets = sorted(set(dets) | set(CURVE_DETS)) if curves else dets
 
-    coco_gt, gt_name = _agnostic_gt(gt, iou_types)
+    coco_gt, gt_name = _agnostic_gt(gt, iou_types, categories)
     known = set(coco_gt.getImgIds())
     for r in results:
         if r["image_id"] not in known:
@@ -214,7 +217,8 @@ def _check_results(results: Any, name: str) -> None:
             )
 
 
-def _agnostic_gt(gt: str | Path | COCO, iou_types: Sequence[str]) -> tuple[COCO, str]:
+def _agnostic_gt(gt: str | Path | COCO, iou_types: Sequence[str], categories: Iterable[int] | None = None
+                 ) -> tuple[COCO, str]:
     """-> (a COCO with every annotation in one category, the name for messages).
 
     Annotations are shallow copies (COCOeval rewrites ``segmentation`` and adds
@@ -246,11 +250,13 @@ def _agnostic_gt(gt: str | Path | COCO, iou_types: Sequence[str]) -> tuple[COCO,
             raise EvalError(
                 f"{name}: an annotation lacks one of {sorted(need)}; pass an unmodified COCO instances file"
             )
+    keep = set(categories) if categories is not None else None
     coco = COCO()
     coco.dataset = {
         "images": dataset["images"],
         "annotations": [
             {**a, "category_id": _AGNOSTIC_CAT, "iscrowd": int(a.get("iscrowd", 0))} for a in dataset["annotations"]
+            if keep is None or a.get("category_id") in keep
         ],
         "categories": [{"id": _AGNOSTIC_CAT, "name": "object"}],
     }

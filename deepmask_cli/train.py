@@ -232,14 +232,15 @@ def train(
                           f"{', '.join(overridden)} (start a new run folder to train with other settings)", stacklevel=2)
     sampler_cfg = config.sampler
 
+    categories = frozenset(config.categories) if config.categories is not None else None
     records, report = load_coco(train_data.ann, train_data.images, sampler=sampler_cfg, skip_bad_images=skip_bad_images,
-                                check_decode=True)
+                                check_decode=True, categories=categories)
     emit("data", {"split": "train", "images": len(records), "report": report,
                   "objects": sum(i.usable for r in records for i in r.instances)})
     val_records = None
     if val_data is not None:
         val_records, vreport = load_coco(val_data.ann, val_data.images, sampler=sampler_cfg, skip_bad_images=skip_bad_images,
-                                         check_decode=True)
+                                         check_decode=True, categories=categories)
         emit("data", {"split": "val", "images": len(val_records), "report": vreport,
                       "objects": sum(i.usable for r in val_records for i in r.instances)})
 
