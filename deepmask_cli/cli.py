@@ -300,6 +300,8 @@ def merge(parts, out_path) -> None:
 @click.option("--workers", type=int, default=None, help=f"DataLoader worker processes (0: load in the main process). [default: {_T.workers}]")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda (under torchrun: each process's own GPU).")
 @click.option("--seed", type=int, default=None, help=f"Seed of the sampler and the initialisation. [default: {_T.seed}]")
+@click.option("--refine", is_flag=True, help="SharpMask's second stage: train refinement modules on the frozen DeepMask of --init (patches, positives only).")
+@click.option("--init", "init_weights", type=click.Path(), default=None, help="With --refine: the DeepMask weights folder (or shipped name) to refine.")
 @click.option("--categories", "categories_spec", default=None, help="Train on these COCO categories only, the others left unlabelled: voc (the 20 PASCAL ones), non-voc, or ids 1,2,3. [default: all]")
 @click.option("--resume", is_flag=True, help="Continue from the run folder's last checkpoint.")
 @click.option("--checkpoint-every", type=int, default=None, help=f"Steps between checkpoints. [default: {_T.checkpoint_every}]")
@@ -317,7 +319,7 @@ def merge(parts, out_path) -> None:
 @click.option("--strict-data", is_flag=True, help="Stop on missing or unreadable images instead of skipping them.")
 @click.option("-q", "--quiet", is_flag=True)
 def train(data_dir, out_dir, val_dir, ann, images_dir, val_ann, val_images, trunk, steps, batch_size, lr, trunk_lr_mult,
-          freeze_trunk, cache_features, cache_scales, cache_file, feature_dropout, score_weight, workers, device, seed, categories_spec, resume, checkpoint_every, val_every, val_batches, patch_size,
+          freeze_trunk, cache_features, cache_scales, cache_file, feature_dropout, score_weight, workers, device, seed, refine, init_weights, categories_spec, resume, checkpoint_every, val_every, val_batches, patch_size,
           object_size, model_config_file, pos_shift, pos_scale, neg_shift, neg_scale, no_pretrained, trunk_weights, strict_data, quiet) -> None:
     """Train DeepMask on a COCO-format dataset (DATA_DIR or --ann/--images).
 
@@ -357,6 +359,19 @@ def train(data_dir, out_dir, val_dir, ann, images_dir, val_ann, val_images, trun
         mc = dataclasses.replace(base, **{k: v for k, v in dict(trunk=trunk, patch_size=patch_size, object_size=object_size).items() if v is not None})
     except ValueError as e:
         _fail(str(e))
+    if refine:
+        from .config import SHARPMASK_REFINE
+        from .weights import weights_folder
+
+        if init_weights is None and not resume:
+            _fail("--refine trains SharpMask's modules on trained DeepMask weights: add --init WEIGHTS_DIR")
+        if cache_features:
+            _fail("--refine reads the trunk's finer maps, which the feature cache does not hold: drop --cache-features")
+        mc = dataclasses.replace(mc, refine=mc.refine or SHARPMASK_REFINE)
+        init_weights = weights_folder(init_weights) if init_weights is not None else None
+        cache_features, freeze_trunk = False, True
+    elif init_weights is not None:
+        _fail("--init gives the weights --refine starts from; add --refine")
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
         local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -399,7 +414,7 @@ def train(data_dir, out_dir, val_dir, ann, images_dir, val_ann, val_images, trun
         with display:
             weights = run_train(tr, out_dir, model_config=mc, config=tc, val_data=va, device=dev, resume=resume,
                                 pretrained=not no_pretrained, trunk_weights=trunk_weights,
-                                skip_bad_images=not strict_data, on_event=display.event)
+                                skip_bad_images=not strict_data, on_event=display.event, init=init_weights)
     except KeyboardInterrupt:
         _fail("interrupted; the last checkpoint is kept: rerun with --resume to continue", 130)
     except (UserError, ValueError) as e:

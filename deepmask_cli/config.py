@@ -113,6 +113,12 @@ class ModelConfig(_Serialisable):
 
 
 
+#: ``ModelConfig.refine`` of ``deepmask train --refine``: three modules,
+#: reading the trunk's maps at strides 16, 8 and 4, for 96x96 masks over a
+#: 192-pixel window. Narrow, as the paper's (32 to 8 channels here).
+SHARPMASK_REFINE = (32, 16, 8)
+
+
 @dataclass(frozen=True)
 class InferenceConfig(_Serialisable):
     """Full-scene proposal generation.

@@ -242,8 +242,12 @@ class DeepMask(nn.Module):
     def heads(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.mask_head(feats), self.score_head(feats)
 
-    def forward(self, patches: torch.Tensor, *, from_features: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """``from_features=True`` takes trunk windows ``(B, C, f, f)`` instead of patches."""
+    def forward(self, patches: torch.Tensor, *, from_features: bool = False, refine: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``from_features=True`` takes trunk windows ``(B, C, f, f)`` instead of
+        patches; ``refine=True`` gives the refined masks (:meth:`refined_masks`)."""
+        if refine:
+            return self.refined_masks(patches)
         return self.heads(patches if from_features else self.features(patches))
 
     def refined_masks(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -32,7 +32,7 @@ from .data import PatchDataset, load_coco
 from .errors import UserError
 from .files import atomic_save, atomic_write
 from .model import DeepMask, build_model
-from .weights import save_weights
+from .weights import load_weights, save_weights
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
@@ -99,7 +99,8 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 # --------------------------------------------------------------- validation
 @torch.no_grad()
-def patch_metrics(model: DeepMask, batches: list[tuple[torch.Tensor, ...]], device: torch.device) -> dict[str, float]:
+def patch_metrics(model: DeepMask, batches: list[tuple[torch.Tensor, ...]], device: torch.device, *, refine: bool = False
+                  ) -> dict[str, float]:
     """The official per-patch measures: mask IoU of positives (mean, median,
     share >= 0.5 and >= 0.7) and score accuracy; and ``score_live``, the
     share of the score head's first-layer units that some patch turns on (a
@@ -116,7 +117,7 @@ def patch_metrics(model: DeepMask, batches: list[tuple[torch.Tensor, ...]], devi
     hook = model.score_head.fc1.register_forward_hook(on_fc1)
     for x, mask, label in batches:
         x, mask, label = x.to(device), mask.to(device), label.to(device)
-        mlog, slog = model(x)
+        mlog, slog = model(x, refine=refine)
         pos = label > 0
         if pos.any():
             pred = mlog[pos] > 0
@@ -203,8 +204,15 @@ def train(
     trunk_weights: str | None = None,
     skip_bad_images: bool = True,
     on_event: Callable[[str, dict[str, Any]], None] | None = None,
+    init: str | Path | None = None,
 ) -> Path:
     """Train DeepMask and return the run folder's exported weights folder.
+
+    With ``model_config.refine`` and ``init`` (a weights folder), the second
+    stage of SharpMask: the network is ``init``'s, frozen, with refinement
+    modules of those widths on top, trained alone on positive patches with the
+    per-pixel loss at their resolution (``model_config``'s other fields are
+    not used then).
 
     ``on_event(kind, info)`` receives ``"data"``, ``"start"``, ``"step"``,
     ``"val"``, ``"checkpoint"`` and ``"done"`` events (rank 0 only) for
@@ -231,6 +239,17 @@ def train(
             warnings.warn(f"--resume continues {out_dir} with the settings it was started with: "
                           f"{', '.join(overridden)} (start a new run folder to train with other settings)", stacklevel=2)
     sampler_cfg = config.sampler
+    refine = bool(model_config.refine)
+    if refine and ck is None:
+        if init is None:
+            raise TrainError("--refine trains SharpMask's modules on trained DeepMask weights: add --init WEIGHTS_DIR")
+        base_model, _, _ = load_weights(init)
+        model_config = replace(base_model.config, refine=model_config.refine)
+    if refine:
+        if config.cache_features:
+            raise TrainError("--refine reads the trunk's finer maps, which the feature cache does not hold: "
+                             "drop --cache-features")
+        sampler_cfg = replace(sampler_cfg, pos_fraction=1.0)  # the refinement learns from positives only
 
     categories = frozenset(config.categories) if config.categories is not None else None
     records, report = load_coco(train_data.ann, train_data.images, sampler=sampler_cfg, skip_bad_images=skip_bad_images,
@@ -249,14 +268,23 @@ def train(
     if (config.feature_dropout > 0 or config.cache_file) and not config.cache_features:
         raise TrainError("--feature-dropout and --cache-file work on cached maps: add --freeze-trunk --cache-features")
     torch.manual_seed(config.seed)
-    model = build_model(model_config, pretrained_trunk=pretrained and ck is None, trunk_weights=trunk_weights)
+    if refine and ck is None:
+        model = DeepMask(model_config)
+        missing, unexpected = model.load_state_dict(base_model.state_dict(), strict=False)
+        assert not unexpected and all(k.startswith("refine_head.") for k in missing), (missing, unexpected)
+    else:
+        model = build_model(model_config, pretrained_trunk=pretrained and ck is None and not refine,
+                            trunk_weights=trunk_weights)
     model.to(device).train()
     model.trunk.to(memory_format=torch.channels_last)
-    if config.freeze_trunk:
+    if config.freeze_trunk or refine:
         for p in model.trunk.parameters():
             p.requires_grad_(False)
+    if refine:  # DeepMask stays as it was trained
+        for n, p in model.named_parameters():
+            p.requires_grad_(n.startswith("refine_head."))
     trunk_params = [p for p in model.trunk.parameters() if p.requires_grad]
-    head_params = [p for n, p in model.named_parameters() if not n.startswith("trunk.")]
+    head_params = [p for n, p in model.named_parameters() if not n.startswith("trunk.") and p.requires_grad]
     groups = [{"params": head_params, "lr_mult": 1.0}]
     if trunk_params:
         groups.append({"params": trunk_params, "lr_mult": config.trunk_lr_mult})
@@ -293,7 +321,9 @@ def train(
                             "negatives": len(cache.negatives), "loaded": loaded})
         loader = (cache.batch(t, config.batch_size, config.seed, rank, world) for t in range(start_step, config.steps))
     else:
-        dataset = PatchDataset(records, model_config, sampler_cfg, seed=config.seed, fill=fill)
+        # targets at the resolution of the masks trained: the refinement's, or the mask head's
+        target_config = replace(model_config, mask_size=model.refine_head.out_size) if refine else model_config
+        dataset = PatchDataset(records, target_config, sampler_cfg, seed=config.seed, fill=fill)
         loader_gen = torch.Generator().manual_seed(config.seed)
         loader = torch.utils.data.DataLoader(
             dataset,
@@ -305,7 +335,8 @@ def train(
         )
     val_batches = []
     if val_records is not None and rank == 0:
-        vset = PatchDataset(val_records, model_config, sampler_cfg, seed=config.seed + 10_007, fill=fill, augment=False)
+        vset = PatchDataset(val_records, target_config if refine else model_config, sampler_cfg, seed=config.seed + 10_007,
+                            fill=fill, augment=False)
         for b in range(config.val_batches):
             items = [vset[b * config.batch_size + k] for k in range(config.batch_size)]
             val_batches.append(tuple(torch.stack(z) for z in zip(*items)))
@@ -345,8 +376,9 @@ def train(
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
             if config.feature_dropout > 0:  # cached maps only (checked above)
                 x = F.dropout(x, config.feature_dropout)
-            mlog, slog = ddp_model(x, from_features=config.cache_features)
-        loss, lm, ls = deepmask_loss(mlog, slog, mask, label, config.score_weight)
+            mlog, slog = ddp_model(x, from_features=config.cache_features, refine=refine)
+        # the refinement stage trains masks only (its score head is DeepMask's, frozen)
+        loss, lm, ls = deepmask_loss(mlog, slog, mask, label, 0.0 if refine else config.score_weight)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
@@ -367,7 +399,7 @@ def train(
         info["eta_s"] = (config.steps - step) * x.shape[0] * world / max(info["samples_per_s"], 1e-9)
         do_val = val_batches and (step % config.val_every == 0 or step == config.steps)
         if do_val:
-            last_val = patch_metrics(model, val_batches, device)
+            last_val = patch_metrics(model, val_batches, device, refine=refine)
             info["val"] = last_val
             if last_val["iou@0.7"] > best:
                 best = last_val["iou@0.7"]

@@ -337,3 +337,54 @@ def test_validation_reports_the_share_of_live_score_units():
     assert live <= 0.75 + 1e-6
     model.score_head.fc1.bias.data.fill_(-1e6)
     assert patch_metrics(model, batches, torch.device("cpu"))["score_live"] == 0.0
+
+
+def test_refine_stage_trains_only_the_refinement_on_a_frozen_deepmask(synth_coco, tiny_weights, tmp_path):
+    """``train --refine --init W``: SharpMask's second stage. The exported
+    network is W's, tensor for tensor, plus trained refinement modules; it
+    resumes, and its weights load and propose."""
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+
+    from deepmask_cli.cli import main
+    from deepmask_cli.config import SHARPMASK_REFINE
+    from deepmask_cli.weights import load_weights
+
+    run = tmp_path / "refine"
+    args = ["train", str(synth_coco), "--val", str(synth_coco), "-o", str(run), "--refine", "--init", str(tiny_weights), "--steps", "4",
+            "--batch-size", "4", "--workers", "0", "--val-every", "2", "--val-batches", "1", "--device", "cpu", "-q"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    model, _, cfg = load_weights(run / "weights")
+    assert tuple(cfg["model"]["refine"]) == SHARPMASK_REFINE and model.refine_head.out_size == 4 * TINY.feat_size * 2
+    before, after = load_file(str(tiny_weights / "model.safetensors")), load_file(str(run / "weights" / "model.safetensors"))
+    assert set(after) - set(before) and all(k.startswith("refine_head.") for k in set(after) - set(before))
+    for k, v in before.items():  # DeepMask is frozen
+        assert torch.equal(after[k].to(v.dtype), v), k
+    ck = torch.load(run / "checkpoint.pt", weights_only=False)
+    trained = {n for n, p in DeepMask(model.config).named_parameters() if n.startswith("refine_head.")}
+    assert len(ck["optimizer"]["state"]) == len(trained)  # momentum for the refinement's tensors only
+    metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(m["mask_loss"]) for m in metrics) and "val" in metrics[-1]
+    r = CliRunner().invoke(main, args[:-1] + ["--resume", "--steps", "6", "-q"])
+    assert r.exit_code == 0, r.output
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 6
+    r = CliRunner().invoke(main, ["propose", str(synth_coco / "images"), "-o", str(tmp_path / "p.json"), "--weights",
+                                  str(run / "weights"), "--device", "cpu", "-q"])
+    assert r.exit_code == 0, r.output
+
+
+@pytest.mark.parametrize("extra,message", [
+    ([], "add --init"),
+    (["--cache-features"], "drop --cache-features"),
+])
+def test_refine_needs_weights_and_patches(synth_coco, tmp_path, extra, message):
+    from click.testing import CliRunner
+
+    from deepmask_cli.cli import main
+
+    r = CliRunner().invoke(main, ["train", str(synth_coco), "-o", str(tmp_path / "r"), "--refine", "--device", "cpu",
+                                  *extra, *(["--init", "x"] if extra else [])])
+    assert r.exit_code != 0 and message in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(main, ["train", str(synth_coco), "-o", str(tmp_path / "r"), "--init", "x"])
+    assert r.exit_code != 0 and "add --refine" in r.output
