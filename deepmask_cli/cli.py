@@ -79,6 +79,8 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 @click.option("--nms-demote/--nms-drop", "nms_demote", default=None, help=f"What NMS does with a proposal it suppresses: demote it (its score times 1 - its IoU with the kept one) or drop it. [default: the weights' tuned value, else {'demote' if _D.nms_demote else 'drop'}]")
 @click.option("--pre-nms-topk", type=int, default=None, help=f"Windows kept by score before masks are computed. [default: {_D.pre_nms_topk}]")
 @click.option("--scales", default=None, help=f"Pyramid MIN,MAX,STEP in octaves (scales 2^MIN..2^MAX). [default: the weights' tuned values, else {_D.scale_min},{_D.scale_max},{_D.scale_step}]")
+@click.option("--refine/--no-refine", default=None, help=f"With weights that have SharpMask's refinement: refine the best windows' masks. [default: {'on' if _D.refine else 'off'}]")
+@click.option("--refine-topk", type=int, default=None, help=f"Windows refined per image, best first (the rest keep DeepMask's masks). [default: {_D.refine_topk}]")
 @click.option("--max-side", type=int, default=None, help=f"Larger images are run at this longest side (masks stay full size). [default: {_D.max_side}]")
 @click.option("--batch-size", type=int, default=None, help="Images run through the network together. [default: 1 on a CPU, 8 on a GPU]")
 @click.option("--workers", type=int, default=None, help="Processes that RLE-encode and write results beside the network. [default: 0 on a CPU, up to 8 on a GPU]")
@@ -91,7 +93,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 @click.option("--release-memory/--keep-memory", default=True, show_default=True, help=f"Give freed memory back to the OS whenever the process has grown by {SLACK_MB} MB since its first image, so resident memory stays flat over a long run.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, only errors.")
 def propose(images, out_path, weights, device, gt, fmt, show, max_proposals, score_thresh, mask_thresh, nms, nms_thresh,
-            maskness, nms_demote, pre_nms_topk, scales, max_side, batch_size, workers, precision, runtime, shard, resume, strict, no_exif,
+            maskness, nms_demote, pre_nms_topk, scales, refine, refine_topk, max_side, batch_size, workers, precision, runtime, shard, resume, strict, no_exif,
             release_memory, quiet) -> None:
     """Propose object masks for IMAGES (files, folders or globs).
 
@@ -104,7 +106,7 @@ def propose(images, out_path, weights, device, gt, fmt, show, max_proposals, sco
 
     overrides = dict(max_proposals=max_proposals, score_thresh=score_thresh, mask_thresh=mask_thresh, nms=nms,
                      nms_thresh=nms_thresh, maskness=maskness, nms_demote=nms_demote, pre_nms_topk=pre_nms_topk, max_side=max_side, precision=precision,
-                     runtime=runtime, **_parse_scales(scales))
+                     runtime=runtime, refine=refine, refine_topk=refine_topk, **_parse_scales(scales))
     try:
         shard_ = parse_shard(shard) if shard is not None else None
         launch = torchrun_launch()  # under torchrun: this rank's block, its own GPU, rank 0 merges

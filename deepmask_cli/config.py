@@ -158,6 +158,13 @@ class InferenceConfig(_Serialisable):
     # nothing is lost further down.
     nms_demote: bool = False
     max_side: int = 2048
+    # Weights with SharpMask's refinement (ModelConfig.refine): refine the
+    # masks of each image's refine_topk best windows (the rest keep DeepMask's
+    # masks; the scores are DeepMask's either way). Each refined window runs
+    # the trunk on its own patch, as in training, whatever runtime ran the
+    # dense pass. refine=False: DeepMask's masks only.
+    refine: bool = True
+    refine_topk: int = 100
     # Windows pasted together; 0: 1024 of one pyramid scale on a CPU, 4096
     # of neighbouring scales on a GPU.
     paste_chunk: int = 0
@@ -206,6 +213,8 @@ class InferenceConfig(_Serialisable):
             raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
         if self.paste_chunk < 0:
             raise ValueError(f"paste_chunk must be >= 0 (0: automatic), got {self.paste_chunk}")
+        if self.refine_topk < 0:
+            raise ValueError(f"refine_topk must be >= 0, got {self.refine_topk}")
         if self.max_proposals <= 0 or self.pre_nms_topk <= 0:
             raise ValueError("max_proposals and pre_nms_topk must be positive")
 

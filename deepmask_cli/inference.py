@@ -30,6 +30,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from . import rle as rle_utils
 from .config import TRUNK_STRIDE, InferenceConfig
@@ -48,6 +49,7 @@ class _Level:
     fmap: torch.Tensor  # (B, C, Hf, Wf)
     scores: torch.Tensor  # (B, Hf-f+1, Wf-f+1)
     sizes: list[tuple[int, int]] = field(default_factory=list)  # resized (h, w) per image
+    canvas: torch.Tensor | None = None  # (B, 3, Hc, Wc) normalised, kept for refinement
 
 
 class Proposer:
@@ -100,6 +102,8 @@ class Proposer:
         # Proposers are for inference: they do not follow later weight changes.
         self._score_weights = self.net.score_head.dense_weights(torch.channels_last)
         self._mask_weight = self.net.mask_head.window_weight().contiguous()
+        #: Whether masks are refined (weights with a refinement, config.refine).
+        self.refining = bool(self.config.refine and self.config.refine_topk and model.refine_head is not None)
         #: Windows pasted together.
         self.paste_chunk = self.config.paste_chunk or (4096 if self.device.type == "cuda" else 1024)
         #: Seconds spent per stage, accumulated while ``profile`` is on (for benchmarks).
@@ -174,7 +178,7 @@ class Proposer:
                 with self._stage("trunk + score head"):
                     fmap, scores = (torch.from_numpy(a) for a in self._onnx.run(None, {"canvas": canvas.numpy()}))
                     fmap = fmap.to(self.dtype).contiguous(memory_format=torch.channels_last)
-                levels.append(_Level(scale, fmap[:real], scores[:real], sizes))
+                levels.append(_Level(scale, fmap[:real], scores[:real], sizes, canvas[:real] if self.refining else None))
                 continue
             with self._stage("trunk"):
                 if self._onnx is not None:
@@ -184,7 +188,7 @@ class Proposer:
                     fmap = self.trunk(canvas.to(self.dtype).contiguous(memory_format=torch.channels_last))
             with self._stage("score head"):
                 scores = self.net.dense_scores(fmap, self._score_weights).float()
-            levels.append(_Level(scale, fmap[:real], scores[:real], sizes))
+            levels.append(_Level(scale, fmap[:real], scores[:real], sizes, canvas[:real] if self.refining else None))
         return levels
 
     @torch.no_grad()
@@ -224,20 +228,33 @@ class Proposer:
                 order = image_major(img, probs)
                 img, mask_logits, windows, scale_of, probs = (img[order], mask_logits[order], windows[order],
                                                               scale_of[order], probs[order])
-        # 3. paste as runs, thresholded, with boxes, in chunks across images
+                level, ys, xs = level[order], ys[order], xs[order]
+        # 3. (SharpMask) finer masks for each image's best windows
+        groups = [(torch.arange(n, device=dev), mask_logits)]
+        if self.refining and n:
+            counts = torch.bincount(img, minlength=len(sizes))
+            rank = torch.arange(n, device=dev) - (torch.cumsum(counts, 0) - counts)[img]
+            refined = (rank < cfg.refine_topk).nonzero().squeeze(1)
+            with self._stage("refine"):
+                logits = self._refine(levels, img[refined], level[refined], ys[refined], xs[refined])
+            groups = [((rank >= cfg.refine_topk).nonzero().squeeze(1), None), (refined, logits)]
+            groups[0] = (groups[0][0], mask_logits[groups[0][0]])
+        # 4. paste as runs, thresholded, with boxes, in chunks across images
         boxes_t = torch.zeros(n, 4, device=dev)
         run_owner, run_pos = [], []
         same = len(set(sizes)) == 1
         hw = torch.tensor(sizes, dtype=torch.long).to(dev)[img]
-        for sel in self._paste_chunks(scale_of, self.paste_chunk, mixed=dev.type == "cuda"):
-            with self._stage("paste"):
-                height, width = sizes[0] if same else (hw[sel, 0], hw[sel, 1])
-                owner, pos, boxes_t[sel] = paste_runs(mask_logits[sel], windows[sel], height, width, t_logit)
-            run_owner.append(sel[owner])
-            run_pos.append(pos)
+        for members, logits in groups:
+            for chunk in self._paste_chunks(scale_of[members], self.paste_chunk, mixed=dev.type == "cuda"):
+                sel = members[chunk]
+                with self._stage("paste"):
+                    height, width = sizes[0] if same else (hw[sel, 0], hw[sel, 1])
+                    owner, pos, boxes_t[sel] = paste_runs(logits[chunk], windows[sel], height, width, t_logit)
+                run_owner.append(sel[owner])
+                run_pos.append(pos)
         none = torch.zeros(0, dtype=torch.long, device=dev)  # no window kept at all
         run_owner, run_pos = torch.cat(run_owner or [none]), torch.cat(run_pos or [none])
-        # 4. drop empty masks, NMS within each image, max_proposals each
+        # 5. drop empty masks, NMS within each image, max_proposals each
         idx = (boxes_t[:, 2] > boxes_t[:, 0]).nonzero().squeeze(1)
         mask_iou = None
         if cfg.nms == "mask" and cfg.nms_thresh < 1.0 and idx.numel():
@@ -258,7 +275,7 @@ class Proposer:
             counts = torch.bincount(img[idx], minlength=len(sizes)).tolist()
         with self._stage("rle"):
             owner, pos = select_runs(run_owner, run_pos, idx, n)
-        # 5. one Proposals per image, each with its own runs (whole masks
+        # 6. one Proposals per image, each with its own runs (whole masks
         # decoded from them when asked for: one path for every output)
         out = []
         starts = np.cumsum([0, *counts])
@@ -273,6 +290,29 @@ class Proposer:
                 with self._stage("masks"):
                     props.masks = props.dense_masks().to(dev)
             out.append(props)
+        return out
+
+    def _refine(self, levels: list[_Level], img: torch.Tensor, level: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor,
+                chunk: int = 64) -> torch.Tensor:
+        """Refined mask logits ``(K, r, r)`` of the windows with top-left cells
+        ``(ys, xs)`` of image ``img`` at pyramid ``level``: each window's patch
+        is cut from its level's canvas and run through the trunk's levels, the
+        mask head's encoding and the refinement, as in training."""
+        p = self.patch_size
+        r = self.net.refine_head.out_size
+        out = torch.empty(img.numel(), r, r, device=self.device)
+        ar = torch.arange(p, device=self.device)
+        for li, lv in enumerate(levels):
+            at = (level == li).nonzero().squeeze(1)
+            for sel in at.split(chunk):
+                rows = (ys[sel, None] * TRUNK_STRIDE + ar)[:, :, None]  # (k, p, 1)
+                cols = (xs[sel, None] * TRUNK_STRIDE + ar)[:, None, :]  # (k, 1, p)
+                patches = lv.canvas.permute(0, 2, 3, 1)[img[sel, None, None], rows, cols]  # (k, p, p, 3)
+                x = patches.permute(0, 3, 1, 2).to(self.dtype).contiguous(memory_format=torch.channels_last)
+                maps = self.trunk.levels(x)
+                head = self.net.mask_head
+                hidden = head.fc1(F.relu(head.reduce(maps[16])).flatten(1))
+                out[sel] = self.net.refine_head(hidden, maps).float()
         return out
 
     def _mask_iou(self, run_owner: torch.Tensor, run_pos: torch.Tensor, idx: torch.Tensor, img: torch.Tensor,

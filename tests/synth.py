@@ -81,8 +81,14 @@ def unit_scale_(model, *, seed: int = 0, batch: int = 8):
     small = torch.rand(batch, 3, max(2, p // 8), max(2, p // 8), generator=g)
     patches = F.interpolate(small, size=(p, p), mode="bilinear", align_corners=False)
     logits = {model.mask_head.fc2, model.score_head.fc3}
+    if model.refine_head is not None:
+        logits.add(model.refine_head.predict)
+    done = set()  # each layer once, though the refinement's pass meets the trunk again
 
     def rescale(layer, _inputs, out):
+        if layer in done:
+            return None
+        done.add(layer)
         with torch.no_grad():
             std = out.std()
             if std > 0:
@@ -101,6 +107,8 @@ def unit_scale_(model, *, seed: int = 0, batch: int = 8):
         model.eval()
         with torch.no_grad():
             model(patches)
+            if model.refine_head is not None:
+                model.refined_masks(patches)
     finally:
         for h in handles:
             h.remove()

@@ -289,3 +289,44 @@ def test_canvas_sides_share_few_shapes():
     assert {gpu(n) for n in (1, 200, 384, 500, 512, 612, 640)} == {640}
     assert [gpu(n) for n in (641, 768, 769, 2047, 2048)] == [768, 768, 896, 2048, 2048]
     assert canvas_side(500, 128) == 512 and canvas_side(500, 0) == 0
+
+
+def test_refined_masks_are_each_windows_patch_refined(tiny_config):
+    """With SharpMask's refinement, the best windows' masks are the refinement
+    of their own patch (cut from the pyramid level, as in training), pasted;
+    the scores and the others are DeepMask's; refine_topk 0 or --no-refine
+    give DeepMask's proposals exactly."""
+    import dataclasses
+
+    from deepmask_cli.postprocess import logit, paste_masks
+    from deepmask_cli.pyramid import image_to_tensor, level_size, pyramid_canvas
+
+    cfg = dataclasses.replace(tiny_config, refine=(8, 4))
+    model = tiny_model(cfg)
+    arr = np.random.default_rng(5).integers(0, 255, (70, 90, 3), dtype=np.uint8)
+    kw = dict(scale_min=-1, scale_max=0, scale_step=0.5, max_proposals=20, nms_thresh=1.0, **{**PINNED, **TUNED})
+    plain = Proposer(model, InferenceConfig(refine=False, **kw), "cpu")(arr)
+    assert not Proposer(model, InferenceConfig(refine=False, **kw), "cpu").refining
+    none = Proposer(model, InferenceConfig(refine_topk=0, **kw), "cpu")(arr)
+    assert torch.equal(none.masks, plain.masks) and torch.equal(none.scores, plain.scores)
+    k = 3
+    refined = Proposer(model, InferenceConfig(refine_topk=k, **kw), "cpu")(arr)
+    torch.testing.assert_close(refined.scores, plain.scores)
+    torch.testing.assert_close(refined.windows_xyxy, plain.windows_xyxy)
+    assert torch.equal(refined.masks[k:], plain.masks[k:])
+    assert not torch.equal(refined.masks[:k], plain.masks[:k])
+    # the first proposal's mask, from its patch, independently
+    image = image_to_tensor(arr)
+    h, w = image.shape[1:]
+    scale = float(refined.scales[0])
+    lh, lw = level_size(h, w, scale, 2048)
+    canvas = pyramid_canvas([image], [(lh, lw)], cfg.patch_size, model.normalize)[0]
+    x0, y0, x1, y1 = refined.windows_xyxy[0].tolist()
+    j, i = round((x0 + x1) / 2 * lw / w / 16), round((y0 + y1) / 2 * lh / h / 16)
+    patch = canvas[:, 16 * i: 16 * i + cfg.patch_size, 16 * j: 16 * j + cfg.patch_size]
+    raw = patch * model.std[0] + model.mean[0]  # refined_masks normalises its input itself
+    with torch.no_grad():
+        logits, _ = model.eval().refined_masks(raw[None])
+    want = paste_masks(logits, refined.windows_xyxy[:1], h, w, logit(TUNED["mask_thresh"]))[0]
+    got = refined.masks[0]
+    assert got.sum() > 0 and float((want & got).sum()) / float((want | got).sum()) > 0.98
