@@ -119,7 +119,7 @@ def propose(images, out_path, weights, device, gt, fmt, show, max_proposals, sco
                 device = f"cuda:{launch.local_rank}"
             quiet = quiet or launch.rank != 0  # one progress bar; every rank still names its failures
         proposer = load_proposer(weights, device=device, overrides=overrides)
-    except (UserError, RuntimeError, ValueError) as e:
+    except UserError as e:
         _fail(str(e))
     auto_batch, auto_workers = pipeline_defaults(proposer)
     batch_size = auto_batch if batch_size is None else batch_size
@@ -359,7 +359,7 @@ def train(data_dir, out_dir, val_dir, ann, images_dir, val_ann, val_images, trun
             _fail(f"{model_config_file}: not a usable model config ({e})")
     try:
         mc = dataclasses.replace(base, **{k: v for k, v in dict(trunk=trunk, patch_size=patch_size, object_size=object_size).items() if v is not None})
-    except ValueError as e:
+    except UserError as e:
         _fail(str(e))
     if refine:
         from .config import SHARPMASK_REFINE
@@ -386,7 +386,7 @@ def train(data_dir, out_dir, val_dir, ann, images_dir, val_ann, val_images, trun
     else:
         try:
             dev = resolve_device(device)
-        except RuntimeError as e:
+        except UserError as e:
             _fail(str(e))
     if out_dir is None:
         out_dir = _default_run_dir(resume, distributed)
@@ -401,7 +401,7 @@ def train(data_dir, out_dir, val_dir, ann, images_dir, val_ann, val_images, trun
                                                              neg_scale=neg_scale).items() if v is not None})
     try:
         tc = TrainConfig.for_device(dev.type, sampler=sampler, **given)
-    except (TypeError, ValueError) as e:
+    except UserError as e:
         _fail(str(e))
     if not quiet:
         by_device = TrainConfig.resolved_defaults(dev.type, **given)
@@ -419,7 +419,7 @@ def train(data_dir, out_dir, val_dir, ann, images_dir, val_ann, val_images, trun
                                 skip_bad_images=not strict_data, on_event=display.event, init=init_weights)
     except KeyboardInterrupt:
         _fail("interrupted; the last checkpoint is kept: rerun with --resume to continue", 130)
-    except (UserError, ValueError) as e:
+    except UserError as e:
         _fail(str(e))
     finally:
         if distributed and torch.distributed.is_initialized():

@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
+from .errors import ConfigError
 from .trunks import TRUNK_BUILDERS
 
 #: The stride of every trunk's output map, in input pixels.
@@ -45,7 +46,7 @@ class _Serialisable:
         by_name = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
         unknown = sorted(set(data) - set(by_name))
         if unknown:
-            raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
+            raise ConfigError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
         nested = {name: f.default_factory for name, f in by_name.items()  # type: ignore[misc]
                   if isinstance(f.default_factory, type) and issubclass(f.default_factory, _Serialisable)}
         values = {}
@@ -89,22 +90,22 @@ class ModelConfig(_Serialisable):
 
     def __post_init__(self) -> None:
         if self.trunk not in TRUNKS:
-            raise ValueError(f"unknown trunk {self.trunk!r}; choose one of {', '.join(TRUNKS)}")
+            raise ConfigError(f"unknown trunk {self.trunk!r}; choose one of {', '.join(TRUNKS)}")
         if self.patch_size <= 0 or self.patch_size % (2 * TRUNK_STRIDE):
-            raise ValueError(
+            raise ConfigError(
                 f"patch_size must be a positive multiple of {2 * TRUNK_STRIDE} "
                 f"(the score head max-pools the stride-16 map by 2), got {self.patch_size}"
             )
         if not 0 < self.object_size <= self.patch_size:
-            raise ValueError(f"object_size must be in (0, patch_size], got {self.object_size}")
+            raise ConfigError(f"object_size must be in (0, patch_size], got {self.object_size}")
         if len(self.score_hidden) != 2:
-            raise ValueError("score_hidden takes exactly two widths")
+            raise ConfigError("score_hidden takes exactly two widths")
         if self.score_bottleneck < 0:
-            raise ValueError(f"score_bottleneck must be >= 0 (0: none), got {self.score_bottleneck}")
+            raise ConfigError(f"score_bottleneck must be >= 0 (0: none), got {self.score_bottleneck}")
         if any(k <= 0 for k in self.refine) or len(self.refine) > 4:
-            raise ValueError(f"refine takes 1 to 4 positive module widths, got {self.refine}")
+            raise ConfigError(f"refine takes 1 to 4 positive module widths, got {self.refine}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
 
     @property
     def feat_size(self) -> int:
@@ -194,29 +195,29 @@ class InferenceConfig(_Serialisable):
 
     def __post_init__(self) -> None:
         if self.scale_step <= 0:
-            raise ValueError(f"scale_step must be > 0, got {self.scale_step}")
+            raise ConfigError(f"scale_step must be > 0, got {self.scale_step}")
         if self.scale_max < self.scale_min:
-            raise ValueError(f"scale_max ({self.scale_max}) < scale_min ({self.scale_min})")
+            raise ConfigError(f"scale_max ({self.scale_max}) < scale_min ({self.scale_min})")
         if self.nms not in ("box", "mask"):
-            raise ValueError(f"nms must be 'box' or 'mask', got {self.nms!r}")
+            raise ConfigError(f"nms must be 'box' or 'mask', got {self.nms!r}")
         for name in ("mask_thresh",):
             v = getattr(self, name)
             if not 0.0 < v < 1.0:
-                raise ValueError(f"{name} is a probability in (0, 1), got {v}")
+                raise ConfigError(f"{name} is a probability in (0, 1), got {v}")
         if not 0.0 <= self.score_thresh < 1.0:
-            raise ValueError(f"score_thresh is a probability in [0, 1), got {self.score_thresh}")
+            raise ConfigError(f"score_thresh is a probability in [0, 1), got {self.score_thresh}")
         if not 0.0 < self.nms_thresh <= 1.0:
-            raise ValueError(f"nms_thresh must be in (0, 1] (1 turns NMS off), got {self.nms_thresh}")
+            raise ConfigError(f"nms_thresh must be in (0, 1] (1 turns NMS off), got {self.nms_thresh}")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.runtime not in RUNTIMES:
-            raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
+            raise ConfigError(f"runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
         if self.paste_chunk < 0:
-            raise ValueError(f"paste_chunk must be >= 0 (0: automatic), got {self.paste_chunk}")
+            raise ConfigError(f"paste_chunk must be >= 0 (0: automatic), got {self.paste_chunk}")
         if self.refine_topk < 0:
-            raise ValueError(f"refine_topk must be >= 0, got {self.refine_topk}")
+            raise ConfigError(f"refine_topk must be >= 0, got {self.refine_topk}")
         if self.max_proposals <= 0 or self.pre_nms_topk <= 0:
-            raise ValueError("max_proposals and pre_nms_topk must be positive")
+            raise ConfigError("max_proposals and pre_nms_topk must be positive")
 
     @property
     def scales(self) -> tuple[float, ...]:

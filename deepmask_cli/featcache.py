@@ -35,6 +35,7 @@ from pycocotools import mask as mask_utils
 
 from .config import TRUNK_STRIDE, InferenceConfig, ModelConfig, SamplerConfig
 from .data import ImageRecord, canonical_log2, crop_resized, record_image, window_labels
+from .errors import ConfigError
 from .files import atomic_save
 from .model import DeepMask
 from .pyramid import level_size, pyramid_canvas
@@ -84,7 +85,7 @@ class FeatureCache:
         self.negatives = np.concatenate(neg) if neg else np.zeros((0, 3), np.int64)
         self.hard_negatives = np.concatenate(hard) if hard else np.zeros((0, 3), np.int64)
         if len(self.positives) == 0:
-            raise ValueError("no positive window in the cached pyramid: objects are outside the scales' range")
+            raise ConfigError("no positive window in the cached pyramid: objects are outside the scales' range")
 
     def _build(self, model: DeepMask, device, on_image) -> list[_Level]:
         levels = []

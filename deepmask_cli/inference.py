@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from . import rle as rle_utils
 from .config import TRUNK_STRIDE, InferenceConfig
+from .errors import ConfigError
 from .model import DeepMask
 from .postprocess import batched_nms_rank, image_major, logit, maskness, paste_runs
 from .proposals import Proposals, select_runs
@@ -85,7 +86,7 @@ class Proposer:
                 self.runtime = "torch"
         prec = resolve_precision(self.config.precision, self.device)
         if prec == "fp16" and self.device.type != "cuda":
-            raise ValueError("precision fp16 needs a GPU; use fp32 (or bf16) on a CPU")
+            raise ConfigError("precision fp16 needs a GPU; use fp32 (or bf16) on a CPU")
         #: The resolved precision (``auto`` made concrete for this device).
         self.precision = prec
         #: The dtype the network computes in.

@@ -12,6 +12,7 @@ import warnings
 
 import torch
 
+from .errors import ConfigError
 from .model import DeepMask
 
 
@@ -22,7 +23,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {device} asked for, but torch sees no CUDA GPU; use --device cpu or auto")
+        raise ConfigError(f"--device {device} asked for, but torch sees no CUDA GPU; use --device cpu or auto")
     return torch.device(device)
 
 
@@ -163,22 +164,22 @@ def onnx_session(trunk: torch.nn.Module, device: torch.device, runtime: str, int
     quantize`` (``onnx-int8``), which must have been made from ``source``'s
     weights (the unfolded trunk's and the score head's)."""
     if device.type != "cpu":
-        raise ValueError(f"runtime {runtime} runs the trunk on the CPU; use runtime torch with a GPU")
+        raise ConfigError(f"runtime {runtime} runs the trunk on the CPU; use runtime torch with a GPU")
     try:
         import onnxruntime as ort
     except ImportError:
-        raise ValueError(f"runtime {runtime} needs ONNX Runtime: pip install onnxruntime") from None
+        raise ConfigError(f"runtime {runtime} needs ONNX Runtime: pip install onnxruntime") from None
     if runtime == "onnx-int8":
         if int8_trunk is None or not os.path.isfile(int8_trunk):
             where = int8_trunk or "the weights folder"
-            raise ValueError(f"runtime onnx-int8 needs an int8 trunk ({where}: not found); "
+            raise ConfigError(f"runtime onnx-int8 needs an int8 trunk ({where}: not found); "
                              "make one with: deepmask quantize CALIBRATION_IMAGES --weights DIR")
         model = os.fspath(int8_trunk)
     else:
         import io
 
         if importlib.util.find_spec("onnx") is None:
-            raise ValueError(f"runtime {runtime} exports the trunk, which needs onnx: pip install 'deepmask[onnx]'")
+            raise ConfigError(f"runtime {runtime} exports the trunk, which needs onnx: pip install 'deepmask[onnx]'")
 
         buf = io.BytesIO()
         export_trunk_onnx(trunk, buf)
@@ -193,12 +194,12 @@ def onnx_session(trunk: torch.nn.Module, device: torch.device, runtime: str, int
         session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     except Exception as e:  # ORT raises its own exception types for unreadable models
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{int8_trunk}: not a readable ONNX model ({first}); make it again with deepmask quantize") from None
+        raise ConfigError(f"{int8_trunk}: not a readable ONNX model ({first}); make it again with deepmask quantize") from None
     meta = session.get_modelmeta().custom_metadata_map
     if meta.get("network_sha256") != network_fingerprint(source.trunk, source.score_head):
-        raise ValueError(f"{int8_trunk}: made from other weights than these (or by another version of deepmask quantize); "
+        raise ConfigError(f"{int8_trunk}: made from other weights than these (or by another version of deepmask quantize); "
                          "make it again with: deepmask quantize CALIBRATION_IMAGES --weights DIR")
     if meta.get("weight_bits") != "7" and not int8_dot_cpu():
-        raise ValueError(f"{int8_trunk}: its 8-bit weights saturate on a CPU without VNNI (wrong maps); "
+        raise ConfigError(f"{int8_trunk}: its 8-bit weights saturate on a CPU without VNNI (wrong maps); "
                          "make it again (7-bit) with: deepmask quantize CALIBRATION_IMAGES --weights DIR")
     return session
