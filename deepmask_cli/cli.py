@@ -30,6 +30,7 @@ out = Console(highlight=False)
 
 _D = InferenceConfig()
 _T = TrainConfig()
+_C = TrainConfig.CACHED_HEADS_DEFAULTS
 _M = ModelConfig()
 _S = SamplerConfig()
 
@@ -289,16 +290,16 @@ def merge(parts, out_path) -> None:
 @click.option("--val-ann", type=click.Path(), default=None, help="Validation annotation file.")
 @click.option("--val-images", type=click.Path(), default=None, help="Validation images folder.")
 @click.option("--trunk", type=click.Choice(TRUNKS), default=None, help=f"Trunk network. [default: {_M.trunk}]")
-@click.option("--steps", type=int, default=None, help=f"Optimisation steps. [default: {_T.steps}]")
+@click.option("--steps", type=int, default=None, help=f"Optimisation steps. [default: {_T.steps}; {_C['steps']} on cached maps]")
 @click.option("--batch-size", type=int, default=None, help=f"Patches per step, over all processes. [default: {_T.batch_size}]")
-@click.option("--lr", type=float, default=None, help=f"Learning rate (the official step schedule is applied to it). [default: {_T.lr}]")
+@click.option("--lr", type=float, default=None, help=f"Learning rate (the official step schedule is applied to it). [default: {_T.lr:g}; {_C['lr']:g} on cached maps]")
 @click.option("--trunk-lr-mult", type=float, default=None, help=f"Learning-rate multiplier for the trunk. [default: {_T.trunk_lr_mult}]")
 @click.option("--freeze-trunk/--train-trunk", default=None, help="Train the heads only, or the trunk too. [default: frozen on a CPU, trained on a GPU]")
 @click.option("--cache-features/--no-cache-features", default=None, help="With --freeze-trunk: train the heads on the trunk's maps of the inference pyramid, cached once (fastest on a CPU). [default: on with a frozen trunk on a CPU]")
-@click.option("--cache-scales", default=None, help="With --cache-features: pyramid MIN,MAX,STEP in octaves. [default: the inference scales]")
+@click.option("--cache-scales", default=None, help=f"With --cache-features: pyramid MIN,MAX,STEP in octaves. [default: {','.join(f'{v:g}' for v in _C['cache_scales'])}]")
 @click.option("--cache-file", type=click.Path(dir_okay=False), default=None, help="With --cache-features: save the cache to this file, or reuse it when it holds the same images, trunk and scales.")
-@click.option("--feature-dropout", type=float, default=None, help=f"With --cache-features: dropout on the cached maps before the heads. [default: {_T.feature_dropout:g}]")
-@click.option("--score-weight", type=float, default=None, help=f"lambda, the weight of the score loss. [default: {_T.score_weight:g}]")
+@click.option("--feature-dropout", type=float, default=None, help=f"With --cache-features: dropout on the cached maps before the heads. [default: {_C['feature_dropout']:g}]")
+@click.option("--score-weight", type=float, default=None, help=f"lambda, the weight of the score loss. [default: {_T.score_weight:g}; {_C['score_weight']:g} on cached maps]")
 @click.option("--workers", type=int, default=None, help=f"DataLoader worker processes (0: load in the main process). [default: {_T.workers}]")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda (under torchrun: each process's own GPU).")
 @click.option("--seed", type=int, default=None, help=f"Seed of the sampler and the initialisation. [default: {_T.seed}]")
@@ -361,19 +362,16 @@ def train(data_dir, out_dir, val_dir, ann, images_dir, val_ann, val_images, trun
         mc = dataclasses.replace(base, **{k: v for k, v in dict(trunk=trunk, patch_size=patch_size, object_size=object_size).items() if v is not None})
     except UserError as e:
         _fail(str(e))
-    if refine:
+    if refine:  # SharpMask's stage trains on patches; train() checks the rest
         from .config import SHARPMASK_REFINE
+
+        mc = dataclasses.replace(mc, refine=mc.refine or SHARPMASK_REFINE)
+        cache_features = False if cache_features is None else cache_features
+        freeze_trunk = True if freeze_trunk is None else freeze_trunk
+    if init_weights is not None:
         from .weights import weights_folder
 
-        if init_weights is None and not resume:
-            _fail("--refine trains SharpMask's modules on trained DeepMask weights: add --init WEIGHTS_DIR")
-        if cache_features:
-            _fail("--refine reads the trunk's finer maps, which the feature cache does not hold: drop --cache-features")
-        mc = dataclasses.replace(mc, refine=mc.refine or SHARPMASK_REFINE)
-        init_weights = weights_folder(init_weights) if init_weights is not None else None
-        cache_features, freeze_trunk = False, True
-    elif init_weights is not None:
-        _fail("--init gives the weights --refine starts from; add --refine")
+        init_weights = weights_folder(init_weights)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
         local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -404,7 +402,7 @@ def train(data_dir, out_dir, val_dir, ann, images_dir, val_ann, val_images, trun
     except UserError as e:
         _fail(str(e))
     if not quiet:
-        by_device = TrainConfig.resolved_defaults(dev.type, **given)
+        by_device = tc.chosen_defaults(**given)
         err.print(escape(f"run folder: {out_dir}" + (f"; validation: {va.ann}" if va is not None else "")))
         if by_device and not resume:
             flags = " ".join(_flag(k, v) for k, v in by_device.items())

@@ -327,10 +327,9 @@ class TrainConfig(_Serialisable):
             fields_ = {**cls.CACHED_HEADS_DEFAULTS, **fields_}
         return cls(**fields_)
 
-    @classmethod
-    def resolved_defaults(cls, device_type: str, **given: Any) -> dict[str, Any]:
-        """The fields that :meth:`for_device` sets away from the class's
-        defaults because they were not given, with their values."""
-        tc = cls.for_device(device_type, **given)
-        return {f.name: getattr(tc, f.name) for f in fields(cls)
-                if given.get(f.name) is None and f.name != "sampler" and getattr(tc, f.name) != f.default}
+    def chosen_defaults(self, **given: Any) -> dict[str, Any]:
+        """The fields of this config (from :meth:`for_device`) away from the
+        class's defaults though not ``given`` (None: not given), with their
+        values: what a run should say it chose."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if given.get(f.name) is None and f.name != "sampler" and getattr(self, f.name) != f.default}

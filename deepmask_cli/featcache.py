@@ -115,17 +115,18 @@ class FeatureCache:
 
     # ------------------------------------------------------------ persistence
     @staticmethod
-    def _meta(mc: ModelConfig, records: list[ImageRecord], scales: tuple[float, ...], flips: bool) -> dict:
+    def _meta(mc: ModelConfig, records: list[ImageRecord], scales: tuple[float, ...], flips: bool, max_side: int) -> dict:
         """What a cache file must match to be reused."""
         return {"version": CACHE_VERSION, "trunk": mc.trunk, "patch_size": mc.patch_size,
                 "scales": [float(s) for s in scales], "flips": flips, "images": [str(r.path) for r in records],
-                "max_side": InferenceConfig.max_side}
+                "max_side": max_side}
 
     @classmethod
-    def _matches(cls, meta: dict, mc: ModelConfig, records: list[ImageRecord], scales: tuple[float, ...], flips: bool) -> bool:
+    def _matches(cls, meta: dict, mc: ModelConfig, records: list[ImageRecord], scales: tuple[float, ...], flips: bool,
+                 max_side: int) -> bool:
         """Whether a saved cache's ``meta`` fits. Files from before the
         ``max_side`` cap have none, and fit when no image is above it."""
-        want = cls._meta(mc, records, scales, flips)
+        want = cls._meta(mc, records, scales, flips, max_side)
         if "max_side" not in meta and all(max(r.height, r.width) <= want["max_side"] for r in records):
             meta = {**meta, "max_side": want["max_side"]}
         return meta == want
@@ -134,25 +135,26 @@ class FeatureCache:
         """Write the maps (not the labels, which are cheap and depend on the
         sampler) to ``path``, atomically."""
 
-        atomic_save({"meta": self._meta(self.model_config, self.records, self.scales, self.flips),
+        atomic_save({"meta": self._meta(self.model_config, self.records, self.scales, self.flips, self.max_side),
                      "levels": [(lv.image, lv.flip, lv.scale, lv.sx, lv.sy, lv.ny, lv.nx) for lv in self.levels],
                      "fmaps": [lv.fmap for lv in self.levels]}, Path(path))
 
     @classmethod
     def load_or_build(cls, path: str | Path | None, model: DeepMask, records: list[ImageRecord], scales: tuple[float, ...],
                       sampler: SamplerConfig, *, flips: bool = True, device: torch.device | str = "cpu",
-                      on_image=None) -> tuple["FeatureCache", bool]:
+                      on_image=None, max_side: int | None = None) -> tuple["FeatureCache", bool]:
         """The cache saved at ``path`` when it was made from the same images,
         trunk, patch size and scales; otherwise a fresh one, saved there.
         Returns ``(cache, loaded)``. (The trunk's weights are not compared:
         a cache file belongs to one pretrained trunk.)"""
+        max_side = InferenceConfig.max_side if max_side is None else max_side
         if path is not None and Path(path).exists():
             blob = torch.load(path, map_location="cpu", weights_only=True)
-            if cls._matches(blob.get("meta") or {}, model.config, records, scales, flips):
+            if cls._matches(blob.get("meta") or {}, model.config, records, scales, flips, max_side):
                 levels = [_Level(int(i), bool(fl), float(sc), float(sx), float(sy), fm, int(ny), int(nx))
                           for (i, fl, sc, sx, sy, ny, nx), fm in zip(blob["levels"], blob["fmaps"])]
-                return cls(model, records, scales, sampler, flips=flips, levels=levels), True
-        cache = cls(model, records, scales, sampler, flips=flips, device=device, on_image=on_image)
+                return cls(model, records, scales, sampler, flips=flips, levels=levels, max_side=max_side), True
+        cache = cls(model, records, scales, sampler, flips=flips, device=device, on_image=on_image, max_side=max_side)
         if path is not None:
             cache.save(path)
         return cache, False

@@ -30,7 +30,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import rle as rle_utils
 from .config import TRUNK_STRIDE, InferenceConfig
@@ -231,15 +230,13 @@ class Proposer:
                                                               scale_of[order], probs[order])
                 level, ys, xs = level[order], ys[order], xs[order]
         # 3. (SharpMask) finer masks for each image's best windows
-        groups = [(torch.arange(n, device=dev), mask_logits)]
+        groups = [(torch.arange(n, device=dev), mask_logits)]  # (windows, their logits) pasted together
         if self.refining and n:
-            counts = torch.bincount(img, minlength=len(sizes))
-            rank = torch.arange(n, device=dev) - (torch.cumsum(counts, 0) - counts)[img]
-            refined = (rank < cfg.refine_topk).nonzero().squeeze(1)
+            first = _rank_in_image(img, len(sizes)) < cfg.refine_topk
+            refined, coarse = first.nonzero().squeeze(1), (~first).nonzero().squeeze(1)
             with self._stage("refine"):
                 logits = self._refine(levels, img[refined], level[refined], ys[refined], xs[refined])
-            groups = [((rank >= cfg.refine_topk).nonzero().squeeze(1), None), (refined, logits)]
-            groups[0] = (groups[0][0], mask_logits[groups[0][0]])
+            groups = [(coarse, mask_logits[coarse]), (refined, logits)]
         # 4. paste as runs, thresholded, with boxes, in chunks across images
         boxes_t = torch.zeros(n, 4, device=dev)
         run_owner, run_pos = [], []
@@ -260,7 +257,7 @@ class Proposer:
         mask_iou = None
         if cfg.nms == "mask" and cfg.nms_thresh < 1.0 and idx.numel():
             with self._stage("rle"):
-                mask_iou = self._mask_iou(run_owner, run_pos, idx, img, sizes, n)
+                mask_iou = _mask_iou(_runs_by_image(run_owner, run_pos, idx, img, len(sizes), n), sizes, idx.device)
         with self._stage("nms"):
             if cfg.nms_thresh < 1.0 and idx.numel():  # in (image, score) order
                 pos, new_scores = batched_nms_rank(boxes_t[idx], probs[idx], img[idx], cfg.nms_thresh, cfg.nms_demote,
@@ -270,23 +267,16 @@ class Proposer:
                 idx = idx[pos]
             if cfg.score_thresh > 0:  # on the final scores (the windows were cut on objectness alone)
                 idx = idx[probs[idx] > cfg.score_thresh]
-            counts = torch.bincount(img[idx], minlength=len(sizes))
-            first = torch.cumsum(counts, 0) - counts
-            idx = idx[torch.arange(idx.numel(), device=dev) - first[img[idx]] < cfg.max_proposals]
-            counts = torch.bincount(img[idx], minlength=len(sizes)).tolist()
+            idx = idx[_rank_in_image(img[idx], len(sizes)) < cfg.max_proposals]
         with self._stage("rle"):
-            owner, pos = select_runs(run_owner, run_pos, idx, n)
+            per_image = _runs_by_image(run_owner, run_pos, idx, img, len(sizes), n)
         # 6. one Proposals per image, each with its own runs (whole masks
         # decoded from them when asked for: one path for every output)
         out = []
-        starts = np.cumsum([0, *counts])
-        cut = np.searchsorted(owner, starts)
         scores, boxes, wins, scales = probs[idx], boxes_t[idx], windows[idx], scale_of[idx]
-        for b, hw_b in enumerate(sizes):
-            a, e = int(starts[b]), int(starts[b + 1])
-            r = slice(cut[b], cut[b + 1])
+        for hw_b, (a, e, runs) in zip(sizes, per_image):
             props = Proposals(scores=scores[a:e], boxes_xyxy=boxes[a:e], windows_xyxy=wins[a:e], scales=scales[a:e],
-                              image_size=hw_b, runs=(owner[r] - a, pos[r]))
+                              image_size=hw_b, runs=runs)
             if not rle:
                 with self._stage("masks"):
                     props.masks = props.dense_masks().to(dev)
@@ -310,27 +300,9 @@ class Proposer:
                 cols = (xs[sel, None] * TRUNK_STRIDE + ar)[:, None, :]  # (k, 1, p)
                 patches = lv.canvas.permute(0, 2, 3, 1)[img[sel, None, None], rows, cols]  # (k, p, p, 3)
                 x = patches.permute(0, 3, 1, 2).to(self.dtype).contiguous(memory_format=torch.channels_last)
-                maps = self.trunk.levels(x)
-                head = self.net.mask_head
-                hidden = head.fc1(F.relu(head.reduce(maps[16])).flatten(1))
-                out[sel] = self.net.refine_head(hidden, maps).float()
+                out[sel] = self.net.refine_levels(self.trunk.levels(x)).float()
         return out
 
-    def _mask_iou(self, run_owner: torch.Tensor, run_pos: torch.Tensor, idx: torch.Tensor, img: torch.Tensor,
-                  sizes: Sequence[tuple[int, int]], n: int) -> torch.Tensor:
-        """Pairwise mask IoU of windows ``idx`` (in (image, score) order),
-        from their runs: pycocotools within each image, 0 across images."""
-        owner, pos = select_runs(run_owner, run_pos, idx, n)
-        counts = torch.bincount(img[idx], minlength=len(sizes)).tolist()
-        starts = np.cumsum([0, *counts])
-        cut = np.searchsorted(owner, starts)
-        blocks = []
-        for b, (h, w) in enumerate(sizes):
-            a, e = int(starts[b]), int(starts[b + 1])
-            r = slice(cut[b], cut[b + 1])
-            rles, _ = rle_utils.from_run_starts(owner[r] - a, pos[r], e - a, h, w)
-            blocks.append(torch.from_numpy(rle_utils.iou(rles, rles)).float().reshape(e - a, e - a))
-        return torch.block_diag(*blocks).to(idx.device)
 
     def _select(self, levels: list[_Level], sizes: Sequence[tuple[int, int]]) -> tuple[torch.Tensor, ...]:
         """The windows every image keeps before masks: ``(image, level, y,
@@ -379,3 +351,37 @@ class Proposer:
         for a, b in zip(bounds[:-1], bounds[1:]):
             chunks.extend(by_size[i : min(i + size, b)] for i in range(a, b, size))
         return chunks
+
+
+def _rank_in_image(img: torch.Tensor, n_images: int) -> torch.Tensor:
+    """Each window's place within its image, for windows in (image, score)
+    order: 0 for each image's best."""
+    counts = torch.bincount(img, minlength=n_images)
+    return torch.arange(img.numel(), device=img.device) - (torch.cumsum(counts, 0) - counts)[img]
+
+
+def _runs_by_image(run_owner: torch.Tensor, run_pos: torch.Tensor, idx: torch.Tensor, img: torch.Tensor, n_images: int,
+                   n: int) -> list[tuple[int, int, tuple[np.ndarray, np.ndarray]]]:
+    """The runs of windows ``idx`` (of ``n``, in (image, score) order), image
+    by image: ``(a, e, (owner, pos))`` with the image's windows at positions
+    ``a..e-1`` of ``idx`` and ``owner`` numbered from 0 within the image."""
+    owner, pos = select_runs(run_owner, run_pos, idx, n)
+    starts = np.cumsum([0, *torch.bincount(img[idx], minlength=n_images).tolist()])
+    cut = np.searchsorted(owner, starts)
+    out = []
+    for b in range(n_images):
+        a, e = int(starts[b]), int(starts[b + 1])
+        r = slice(cut[b], cut[b + 1])
+        out.append((a, e, (owner[r] - a, pos[r])))
+    return out
+
+
+def _mask_iou(per_image: list[tuple[int, int, tuple[np.ndarray, np.ndarray]]], sizes: Sequence[tuple[int, int]],
+              device: torch.device) -> torch.Tensor:
+    """Pairwise mask IoU of the windows of :func:`_runs_by_image`, from their
+    runs: pycocotools within each image, 0 across images."""
+    blocks = []
+    for (a, e, (owner, pos)), (h, w) in zip(per_image, sizes):
+        rles, _ = rle_utils.from_run_starts(owner, pos, e - a, h, w)
+        blocks.append(torch.from_numpy(rle_utils.iou(rles, rles)).float().reshape(e - a, e - a))
+    return torch.block_diag(*blocks).to(device)

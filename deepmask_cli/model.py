@@ -42,9 +42,12 @@ class MaskHead(nn.Module):
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         """``feats: (B, C, f, f)`` -> ``mask_logits: (B, m, m)``."""
-        x = F.relu(self.reduce(feats))
-        x = self.fc2(self.fc1(x.flatten(1)))
-        return x.view(-1, self.mask_size, self.mask_size)
+        return self.from_hidden(self.encode(feats))
+
+    def encode(self, feats: torch.Tensor) -> torch.Tensor:
+        """``feats: (B, C, f, f)`` -> ``(B, hidden)``, the encoding the pixel
+        classifier (and SharpMask's refinement) reads."""
+        return self.fc1(F.relu(self.reduce(feats)).flatten(1))
 
     def dense_hidden(self, fmap: torch.Tensor) -> torch.Tensor:
         """``fmap: (B, C, H, W)`` -> ``(B, hidden, H-f+1, W-f+1)``: fc1 at every window."""
@@ -254,12 +257,15 @@ class DeepMask(nn.Module):
         """Patches ``(B, 3, P, P)`` -> ``(refined mask logits (B, r, r),
         score logits (B,))`` through the trunk's levels, the mask head's
         encoding and the refinement (the network must have one)."""
+        levels = self.trunk.levels(self.normalize(patches).contiguous(memory_format=torch.channels_last))
+        return self.refine_levels(levels), self.score_head(levels[16])
+
+    def refine_levels(self, levels: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Refined mask logits ``(B, r, r)`` from windows' trunk maps
+        ``{stride: (B, C_s, ...)}`` (:meth:`Trunk.levels` of their patches)."""
         if self.refine_head is None:
             raise ValueError("these weights have no refinement (ModelConfig.refine is empty)")
-        levels = self.trunk.levels(self.normalize(patches).contiguous(memory_format=torch.channels_last))
-        feats = levels[16]
-        hidden = self.mask_head.fc1(F.relu(self.mask_head.reduce(feats)).flatten(1))
-        return self.refine_head(hidden, levels), self.score_head(feats)
+        return self.refine_head(self.mask_head.encode(levels[16]), levels)
 
     # Dense (full-scene) forms of the heads ----------------------------------
     def dense_scores(self, fmap: torch.Tensor, weights: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:

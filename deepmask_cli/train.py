@@ -240,15 +240,17 @@ def train(
                           f"{', '.join(overridden)} (start a new run folder to train with other settings)", stacklevel=2)
     sampler_cfg = config.sampler
     refine = bool(model_config.refine)
+    if init is not None and not refine:
+        raise TrainError("--init gives the weights --refine starts from; add --refine")
+    if refine and config.cache_features:
+        raise TrainError("--refine reads the trunk's finer maps, which the feature cache does not hold: "
+                         "drop --cache-features")
     if refine and ck is None:
         if init is None:
             raise TrainError("--refine trains SharpMask's modules on trained DeepMask weights: add --init WEIGHTS_DIR")
         base_model, _, _ = load_weights(init)
         model_config = replace(base_model.config, refine=model_config.refine)
     if refine:
-        if config.cache_features:
-            raise TrainError("--refine reads the trunk's finer maps, which the feature cache does not hold: "
-                             "drop --cache-features")
         sampler_cfg = replace(sampler_cfg, pos_fraction=1.0)  # the refinement learns from positives only
 
     categories = frozenset(config.categories) if config.categories is not None else None
@@ -304,6 +306,8 @@ def train(
         ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     fill = model.trunk.mean
+    # patch targets at the resolution of the masks trained: the refinement's, or the mask head's
+    target_config = replace(model_config, mask_size=model.refine_head.out_size) if refine else model_config
     if config.cache_features:
         from .config import InferenceConfig
         from .featcache import FeatureCache
@@ -321,8 +325,6 @@ def train(
                             "negatives": len(cache.negatives), "loaded": loaded})
         loader = (cache.batch(t, config.batch_size, config.seed, rank, world) for t in range(start_step, config.steps))
     else:
-        # targets at the resolution of the masks trained: the refinement's, or the mask head's
-        target_config = replace(model_config, mask_size=model.refine_head.out_size) if refine else model_config
         dataset = PatchDataset(records, target_config, sampler_cfg, seed=config.seed, fill=fill)
         loader_gen = torch.Generator().manual_seed(config.seed)
         loader = torch.utils.data.DataLoader(
@@ -335,8 +337,7 @@ def train(
         )
     val_batches = []
     if val_records is not None and rank == 0:
-        vset = PatchDataset(val_records, target_config if refine else model_config, sampler_cfg, seed=config.seed + 10_007,
-                            fill=fill, augment=False)
+        vset = PatchDataset(val_records, target_config, sampler_cfg, seed=config.seed + 10_007, fill=fill, augment=False)
         for b in range(config.val_batches):
             items = [vset[b * config.batch_size + k] for k in range(config.batch_size)]
             val_batches.append(tuple(torch.stack(z) for z in zip(*items)))

@@ -123,11 +123,10 @@ def test_refinement_doubles_the_resolution_per_module_from_the_finer_maps(trunk)
         torch.testing.assert_close(scores, model(x)[1])  # the score is DeepMask's
         # a change the stride-4 map sees changes the refined mask
         levels = model.trunk.levels(model.normalize(x))
-        hidden = model.mask_head.fc1(torch.relu(model.mask_head.reduce(levels[16])).flatten(1))
-        base = model.refine_head(hidden, levels)
+        base = model.refine_levels(levels)
         torch.testing.assert_close(base, refined)
         levels[4] = levels[4] + torch.randn_like(levels[4])
-        assert not torch.allclose(model.refine_head(hidden, levels), base)
+        assert not torch.allclose(model.refine_levels(levels), base)
 
 
 def test_refinement_is_optional_and_checked():
