@@ -75,6 +75,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, default=None, help="also write the table as JSON here")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="override an InferenceConfig field, e.g. --set mask_thresh=0.3 (for tuning runs)")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME:FIELD=VALUE[,FIELD=VALUE]",
+                    help="also run the same weights with these overrides (on top of --set), one more row each, "
+                         "e.g. --variant no-refine:refine=false")
     args = ap.parse_args(argv)
 
     ann = args.folder / "instances.json"
@@ -83,20 +86,28 @@ def main(argv=None) -> int:
     images = sorted(p for p in (args.folder / "images").iterdir() if p.name in ids)[: args.limit]
     subset = [ids[p.name] for p in images]
     overrides = parse_overrides(args.set)
-    proposer = load_proposer(args.weights, device=args.device, overrides=overrides)
+    runs = {"deepmask": overrides}
+    for spec in args.variant:
+        name, sep, pairs = spec.partition(":")
+        if not sep or not name:
+            raise SystemExit(f"--variant {spec}: write NAME:FIELD=VALUE[,FIELD=VALUE]")
+        runs[f"deepmask {name}"] = {**overrides, **parse_overrides(pairs.split(","))}
     console = Console(width=200)
-    console.print(f"deepmask on {len(images)} images, {proposer.device}; inference: {proposer.config}")
 
-    rows = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "props.json"
-        proposer(np.zeros((64, 64, 3), np.uint8))  # warm-up
-        t0 = time.perf_counter()
-        run_propose(images, out, proposer=proposer, gt=ann)
-        dm_time = (time.perf_counter() - t0) / max(len(images), 1)
-        recs = json.loads(out.read_text())
-    res = evaluate_recall(recs, ann, image_ids=subset)
-    rows["deepmask"] = {"mask": res["segm"].ar, "box": res["bbox"].ar, "s/img": dm_time}
+    rows, configs = {}, {}
+    for name, over in runs.items():  # one pass each, in turn, in this process
+        proposer = load_proposer(args.weights, device=args.device, overrides=over)
+        console.print(f"{name} on {len(images)} images, {proposer.device}; inference: {proposer.config}")
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "props.json"
+            proposer(np.zeros((64, 64, 3), np.uint8))  # warm-up
+            t0 = time.perf_counter()
+            run_propose(images, out, proposer=proposer, gt=ann)
+            dm_time = (time.perf_counter() - t0) / max(len(images), 1)
+            recs = json.loads(out.read_text())
+        res = evaluate_recall(recs, ann, image_ids=subset)
+        rows[name] = {"mask": res["segm"].ar, "box": res["bbox"].ar, "s/img": dm_time}
+        configs[name] = proposer.config.to_dict()
     if not args.no_peer:
         ss, ss_time = selective_search(images, ids)
         sres = evaluate_recall(ss, ann, iou_types=("bbox",), image_ids=subset)
@@ -119,7 +130,8 @@ def main(argv=None) -> int:
     console.print(f"machine: {platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores; "
                   f"device {proposer.device}; command: {' '.join(sys.argv)}")
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "images": len(images), "inference": proposer.config.to_dict()}, indent=2))
+        args.json.write_text(json.dumps({"rows": rows, "images": len(images), "inference": configs["deepmask"],
+                                          "variants": configs}, indent=2))
     return 0
 
 

@@ -87,6 +87,11 @@ class ModelConfig(_Serialisable):
     # the trunk's maps at strides 16, 8, 4, ...: each doubles the mask's
     # resolution. Empty: none (DeepMask's 56x56 masks).
     refine: tuple[int, ...] = ()
+    # The refinement predicts a correction added to DeepMask's own mask
+    # logits, upsampled (its last layer starts at zero, so training starts
+    # from DeepMask's masks rather than from nothing); False: the paper's
+    # form, the refined mask from the modules alone.
+    refine_from_mask: bool = True
 
     def __post_init__(self) -> None:
         if self.trunk not in TRUNKS:

@@ -175,7 +175,8 @@ class RefineHead(nn.Module):
     ``f`` stride-16 cells (96x96 for three modules on a 192-pixel window).
     """
 
-    def __init__(self, *, hidden: int, feat_size: int, level_channels: dict[int, int], channels: tuple[int, ...]) -> None:
+    def __init__(self, *, hidden: int, feat_size: int, level_channels: dict[int, int], channels: tuple[int, ...],
+                 zero_init: bool = False) -> None:
         super().__init__()
         if not channels:
             raise ValueError("a refinement needs at least one module")
@@ -192,6 +193,9 @@ class RefineHead(nn.Module):
         outs = (*channels[1:], max(1, channels[-1] // 2))
         self.merges = nn.ModuleList(nn.Conv2d(2 * k, o, 3, padding=1) for k, o in zip(channels, outs))
         self.predict = nn.Conv2d(outs[-1], 1, 3, padding=1)
+        if zero_init:  # a correction to another mask: start with none
+            nn.init.zeros_(self.predict.weight)
+            nn.init.zeros_(self.predict.bias)
 
     @property
     def out_size(self) -> int:
@@ -231,7 +235,8 @@ class DeepMask(nn.Module):
                                     bottleneck=config.score_bottleneck)
         #: SharpMask's refinement, when the config asks for it (``refine``).
         self.refine_head = (RefineHead(hidden=config.mask_hidden, feat_size=f, level_channels=self.trunk.level_channels(),
-                                       channels=config.refine) if config.refine else None)
+                                       channels=config.refine, zero_init=config.refine_from_mask)
+                            if config.refine else None)
         self.register_buffer("mean", torch.tensor(self.trunk.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(self.trunk.std).view(1, 3, 1, 1), persistent=False)
 
@@ -265,7 +270,12 @@ class DeepMask(nn.Module):
         ``{stride: (B, C_s, ...)}`` (:meth:`Trunk.levels` of their patches)."""
         if self.refine_head is None:
             raise ValueError("these weights have no refinement (ModelConfig.refine is empty)")
-        return self.refine_head(self.mask_head.encode(levels[16]), levels)
+        hidden = self.mask_head.encode(levels[16])
+        out = self.refine_head(hidden, levels)
+        if self.config.refine_from_mask:  # a correction to DeepMask's mask, which covers the same window
+            coarse = self.mask_head.from_hidden(hidden)[:, None]
+            out = out + F.interpolate(coarse, size=out.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        return out
 
     # Dense (full-scene) forms of the heads ----------------------------------
     def dense_scores(self, fmap: torch.Tensor, weights: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:

@@ -249,7 +249,8 @@ def train(
         if init is None:
             raise TrainError("--refine trains SharpMask's modules on trained DeepMask weights: add --init WEIGHTS_DIR")
         base_model, _, _ = load_weights(init)
-        model_config = replace(base_model.config, refine=model_config.refine)
+        model_config = replace(base_model.config, refine=model_config.refine,
+                               refine_from_mask=model_config.refine_from_mask)
     if refine:
         sampler_cfg = replace(sampler_cfg, pos_fraction=1.0)  # the refinement learns from positives only
 

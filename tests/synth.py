@@ -83,6 +83,8 @@ def unit_scale_(model, *, seed: int = 0, batch: int = 8):
     logits = {model.mask_head.fc2, model.score_head.fc3}
     if model.refine_head is not None:
         logits.add(model.refine_head.predict)
+        if not model.refine_head.predict.weight.any():  # a correction starts at zero; training moves it
+            torch.nn.init.normal_(model.refine_head.predict.weight, generator=g)
     done = set()  # each layer once, though the refinement's pass meets the trunk again
 
     def rescale(layer, _inputs, out):

@@ -107,14 +107,16 @@ def test_score_fc1_by_parity_equals_the_dilated_convolution(f, h, w, channels_la
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("trunk", ["efficientnet-lite0", "resnet50"])
-def test_refinement_doubles_the_resolution_per_module_from_the_finer_maps(trunk):
+@pytest.mark.parametrize("trunk,from_mask", [("efficientnet-lite0", True), ("efficientnet-lite0", False),
+                                               ("resnet50", True)])
+def test_refinement_doubles_the_resolution_per_module_from_the_finer_maps(trunk, from_mask):
     """SharpMask's modules: the mask encoding plus the trunk's maps at strides
     16, 8, 4 give a 2**n finer mask, and the finer maps do reach it."""
     torch.manual_seed(0)
     cfg = ModelConfig(trunk=trunk, patch_size=64, object_size=40, mask_size=8, mask_channels=4, mask_hidden=16,
-                      score_hidden=(8, 8), refine=(8, 4, 4))
+                      score_hidden=(8, 8), refine=(8, 4, 4), refine_from_mask=from_mask)
     model = DeepMask(cfg).eval()
+    torch.nn.init.normal_(model.refine_head.predict.weight)  # as after training
     assert model.refine_head.strides == (16, 8, 4) and model.refine_head.out_size == 4 * 8
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
@@ -127,6 +129,27 @@ def test_refinement_doubles_the_resolution_per_module_from_the_finer_maps(trunk)
         torch.testing.assert_close(base, refined)
         levels[4] = levels[4] + torch.randn_like(levels[4])
         assert not torch.allclose(model.refine_levels(levels), base)
+
+
+def test_untrained_correction_gives_deepmasks_mask_upsampled():
+    """``refine_from_mask``: the refinement adds a correction to DeepMask's
+    mask logits, upsampled, and starts at none, so training starts from
+    DeepMask's masks; the paper's form starts from nothing of the kind."""
+    torch.manual_seed(0)
+    kw = dict(trunk="efficientnet-lite0", patch_size=64, object_size=40, mask_size=8, mask_channels=4, mask_hidden=16,
+              score_hidden=(8, 8), refine=(8, 4))
+    x = torch.rand(2, 3, 64, 64)
+    model = DeepMask(ModelConfig(**kw)).eval()
+    with torch.no_grad():
+        refined, _ = model.refined_masks(x)
+        coarse = torch.nn.functional.interpolate(model(x)[0][:, None], size=(16, 16), mode="bilinear",
+                                                 align_corners=False)[:, 0]
+        torch.testing.assert_close(refined, coarse)
+        paper = DeepMask(ModelConfig(**kw, refine_from_mask=False)).eval()
+        paper.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("refine_head.predict")},
+                              strict=False)
+        assert paper.refine_head.predict.weight.any()
+        assert not torch.allclose(paper.refined_masks(x)[0], coarse)
 
 
 def test_refinement_is_optional_and_checked():

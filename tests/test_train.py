@@ -369,6 +369,12 @@ def test_refine_stage_trains_only_the_refinement_on_a_frozen_deepmask(synth_coco
     r = CliRunner().invoke(main, args[:-1] + ["--resume", "--steps", "6", "-q"])
     assert r.exit_code == 0, r.output
     assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 6
+    full = tmp_path / "full"  # resuming is bit-exact: the same as 6 steps in one go
+    i = args.index("-o")
+    r = CliRunner().invoke(main, [*args[:i + 1], str(full), *args[i + 2:-1], "--steps", "6", "-q"])
+    assert r.exit_code == 0, r.output
+    a, b = load_file(str(full / "weights" / "model.safetensors")), load_file(str(run / "weights" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     r = CliRunner().invoke(main, ["propose", str(synth_coco / "images"), "-o", str(tmp_path / "p.json"), "--weights",
                                   str(run / "weights"), "--device", "cpu", "-q"])
     assert r.exit_code == 0, r.output
