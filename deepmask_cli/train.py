@@ -160,7 +160,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, half: bool = F
     model = DeepMask(ModelConfig.from_dict(ck["model_config"]))
     model.load_state_dict(ck["model"])
     meta = {"step": ck["step"], "from_checkpoint": str(checkpoint), "val": ck.get("val")}
-    return save_weights(model, out, half=half, meta=meta, inference=inference)
+    return save_weights(model, out, half=half, meta=meta, inference=inference if inference is not None else ck.get("inference"))
 
 
 # ----------------------------------------------------------------- the loop
@@ -227,9 +227,10 @@ def train(
         raise TrainError(f"--batch-size {config.batch_size} must be divisible by the {world} processes")
     emit = on_event if (on_event and rank == 0) else (lambda kind, info: None)
 
-    ck = None
+    ck, inherited = None, None
     if resume and (out_dir / CHECKPOINT).exists():
         ck = load_checkpoint(out_dir / CHECKPOINT)
+        inherited = ck.get("inference")
         model_config = ModelConfig.from_dict(ck["model_config"])
         saved = TrainConfig.from_dict(ck["train_config"])
         given = config
@@ -248,7 +249,9 @@ def train(
     if refine and ck is None:
         if init is None:
             raise TrainError("--refine trains SharpMask's modules on trained DeepMask weights: add --init WEIGHTS_DIR")
-        base_model, _, _ = load_weights(init)
+        base_model, _, init_config = load_weights(init)
+        # the dense pass and the scores stay init's, so do the values tuned for them
+        inherited = init_config.get("inference") or None
         model_config = replace(base_model.config, refine=model_config.refine,
                                refine_from_mask=model_config.refine_from_mask)
     if refine:
@@ -363,6 +366,7 @@ def train(
                 "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                 "best": best,
                 "val": val,
+                "inference": inherited,
             },
             path,
         )

@@ -356,6 +356,8 @@ def test_refine_stage_trains_only_the_refinement_on_a_frozen_deepmask(synth_coco
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     model, _, cfg = load_weights(run / "weights")
+    # the dense pass and the scores are W's, and so are the values tuned for them
+    assert cfg["inference"] == json.loads((tiny_weights / "config.json").read_text())["inference"] != {}
     assert tuple(cfg["model"]["refine"]) == SHARPMASK_REFINE and model.refine_head.out_size == 4 * TINY.feat_size * 2
     before, after = load_file(str(tiny_weights / "model.safetensors")), load_file(str(run / "weights" / "model.safetensors"))
     assert set(after) - set(before) and all(k.startswith("refine_head.") for k in set(after) - set(before))
@@ -375,6 +377,7 @@ def test_refine_stage_trains_only_the_refinement_on_a_frozen_deepmask(synth_coco
     assert r.exit_code == 0, r.output
     a, b = load_file(str(full / "weights" / "model.safetensors")), load_file(str(run / "weights" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert load_weights(run / "weights")[2]["inference"] == cfg["inference"]  # kept across the resume
     r = CliRunner().invoke(main, ["propose", str(synth_coco / "images"), "-o", str(tmp_path / "p.json"), "--weights",
                                   str(run / "weights"), "--device", "cpu", "-q"])
     assert r.exit_code == 0, r.output
