@@ -229,30 +229,26 @@ class Proposer:
                 img, mask_logits, windows, scale_of, probs = (img[order], mask_logits[order], windows[order],
                                                               scale_of[order], probs[order])
                 level, ys, xs = level[order], ys[order], xs[order]
-        # 3. (SharpMask) finer masks for each image's best windows
-        groups = [(torch.arange(n, device=dev), mask_logits)]  # (windows, their logits) pasted together
-        if self.refining and n:
-            first = _rank_in_image(img, len(sizes)) < cfg.refine_topk
-            refined, coarse = first.nonzero().squeeze(1), (~first).nonzero().squeeze(1)
-            with self._stage("refine"):
-                logits = self._refine(levels, img[refined], level[refined], ys[refined], xs[refined])
-            groups = [(coarse, mask_logits[coarse]), (refined, logits)]
-        # 4. paste as runs, thresholded, with boxes, in chunks across images
+        # 3. paste as runs, thresholded, with boxes, in chunks across images
         boxes_t = torch.zeros(n, 4, device=dev)
-        run_owner, run_pos = [], []
         same = len(set(sizes)) == 1
         hw = torch.tensor(sizes, dtype=torch.long).to(dev)[img]
-        for members, logits in groups:
+
+        def paste(members: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            """Runs ``(owner, pos)`` and boxes of windows ``members`` pasted from ``logits``."""
+            owners, poss, boxes = [], [], torch.zeros(members.numel(), 4, device=dev)
             for chunk in self._paste_chunks(scale_of[members], self.paste_chunk, mixed=dev.type == "cuda"):
                 sel = members[chunk]
                 with self._stage("paste"):
                     height, width = sizes[0] if same else (hw[sel, 0], hw[sel, 1])
-                    owner, pos, boxes_t[sel] = paste_runs(logits[chunk], windows[sel], height, width, t_logit)
-                run_owner.append(sel[owner])
-                run_pos.append(pos)
-        none = torch.zeros(0, dtype=torch.long, device=dev)  # no window kept at all
-        run_owner, run_pos = torch.cat(run_owner or [none]), torch.cat(run_pos or [none])
-        # 5. drop empty masks, NMS within each image, max_proposals each
+                    owner, pos, boxes[chunk] = paste_runs(logits[chunk], windows[sel], height, width, t_logit)
+                owners.append(sel[owner])
+                poss.append(pos)
+            none = torch.zeros(0, dtype=torch.long, device=dev)  # no window at all
+            return torch.cat(owners or [none]), torch.cat(poss or [none]), boxes
+
+        run_owner, run_pos, boxes_t = paste(torch.arange(n, device=dev), mask_logits)
+        # 4. drop empty masks, NMS within each image, max_proposals each
         idx = (boxes_t[:, 2] > boxes_t[:, 0]).nonzero().squeeze(1)
         mask_iou = None
         if cfg.nms == "mask" and cfg.nms_thresh < 1.0 and idx.numel():
@@ -268,6 +264,18 @@ class Proposer:
             if cfg.score_thresh > 0:  # on the final scores (the windows were cut on objectness alone)
                 idx = idx[probs[idx] > cfg.score_thresh]
             idx = idx[_rank_in_image(img[idx], len(sizes)) < cfg.max_proposals]
+        # 5. (SharpMask) finer masks for each image's refine_topk best kept windows, in place of theirs
+        if self.refining and idx.numel():
+            ref = idx[_rank_in_image(img[idx], len(sizes)) < cfg.refine_topk]
+            with self._stage("refine"):
+                logits = self._refine(levels, img[ref], level[ref], ys[ref], xs[ref])
+            owner, pos, boxes = paste(ref, logits)
+            # a window whose refined mask is empty keeps DeepMask's
+            filled = torch.zeros(n, dtype=torch.bool, device=dev)
+            filled[ref[boxes[:, 2] > boxes[:, 0]]] = True
+            kept = ~filled[run_owner]
+            run_owner, run_pos = torch.cat([run_owner[kept], owner[filled[owner]]]), torch.cat([run_pos[kept], pos[filled[owner]]])
+            boxes_t[filled] = boxes[filled[ref]]
         with self._stage("rle"):
             per_image = _runs_by_image(run_owner, run_pos, idx, img, len(sizes), n)
         # 6. one Proposals per image, each with its own runs (whole masks

@@ -330,3 +330,12 @@ def test_refined_masks_are_each_windows_patch_refined(tiny_config):
     want = paste_masks(logits, refined.windows_xyxy[:1], h, w, logit(TUNED["mask_thresh"]))[0]
     got = refined.masks[0]
     assert got.sum() > 0 and float((want & got).sum()) / float((want | got).sum()) > 0.98
+    # with NMS, the windows refined are the k best that NMS keeps, and it keeps DeepMask's
+    kw.update(nms_thresh=0.3, nms_demote=False)
+    plain = Proposer(model, InferenceConfig(refine=False, **kw), "cpu")(arr)
+    refined = Proposer(model, InferenceConfig(refine_topk=k, **kw), "cpu")(arr)
+    assert len(plain.scores) < 20  # NMS did drop windows
+    torch.testing.assert_close(refined.scores, plain.scores)
+    torch.testing.assert_close(refined.windows_xyxy, plain.windows_xyxy)
+    assert torch.equal(refined.masks[k:], plain.masks[k:])
+    assert all(not torch.equal(a, b) for a, b in zip(refined.masks[:k], plain.masks[:k])), [(int(a.sum()), int(b.sum())) for a, b in zip(refined.masks, plain.masks)]
