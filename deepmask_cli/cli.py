@@ -532,7 +532,8 @@ def export(checkpoint, out_dir, half) -> None:
 @click.option("--weights", type=click.Path(), default=None, help="Weights folder whose trunk and score head to quantize. [default: the shipped weights]")
 @click.option("-o", "--out", "out_path", type=click.Path(), default=None, help="ONNX file to write. [default: WEIGHTS/trunk-int8.onnx]")
 @click.option("--limit", type=int, default=16, show_default=True, help="Calibration photos, spread evenly over IMAGES.")
-def quantize(images, weights, out_path, limit) -> None:
+@click.option("--keep-float", multiple=True, help="Leave the convolutions of these layers in float32: parameter-name prefixes such as trunk.blocks.10. or score_head. (repeatable).")
+def quantize(images, weights, out_path, limit, keep_float) -> None:
     """Make an int8 trunk + score head for CPUs, calibrated on photos.
 
     propose runs it with --runtime onnx-int8, and by default (auto) on x86-64
@@ -557,7 +558,7 @@ def quantize(images, weights, out_path, limit) -> None:
     out = Path(out_path) if out_path else folder / INT8_TRUNK_NAME
     with err.status(f"calibrating on up to {limit} of {len(paths)} photos"):
         try:
-            written = quantize_trunk(model, paths, out, limit=limit)
+            written = quantize_trunk(model, paths, out, limit=limit, keep_float=keep_float)
         except UserError as e:
             _fail(str(e))
     err.print(f"[green]✓[/] {escape(str(written))} ({written.stat().st_size / 1e6:.1f} MB)")

@@ -52,8 +52,15 @@ def _bottleneck_nodes(graph_model) -> list[str]:
     found by their bias initialisers, to keep in float: the bottleneck's
     values are signed and few, and uint8 steps over them cost recall, while
     these two layers are a small part of the work."""
-    wanted = {"score_head.fc0.bias", "score_head.fc1.bias"}
-    return [n.name for n in graph_model.graph.node if n.op_type == "Conv" and wanted & set(n.input)]
+    return _float_nodes(graph_model, ("score_head.fc0.", "score_head.fc1."))
+
+
+def _float_nodes(graph_model, prefixes: Sequence[str]) -> list[str]:
+    """The convolutions whose bias is a parameter named with one of
+    ``prefixes`` (the network's own names: ``trunk.blocks.10.``,
+    ``score_head.``), to leave in float."""
+    return [n.name for n in graph_model.graph.node
+            if n.op_type == "Conv" and any(i.startswith(tuple(prefixes)) for i in n.input[1:])]
 
 
 class QuantizeError(UserError):
@@ -97,9 +104,12 @@ def calibration_photos(images: Sequence[str | Path], limit: int, error: type[Exc
     return readable, photos
 
 
-def quantize_trunk(model: DeepMask, images: Sequence[str | Path], out: str | Path, *, limit: int = 16) -> Path:
+def quantize_trunk(model: DeepMask, images: Sequence[str | Path], out: str | Path, *, limit: int = 16,
+                   keep_float: Sequence[str] = ()) -> Path:
     """Write the int8 trunk and score head of ``model``, calibrated on ``limit`` photos
-    spread evenly over ``images``, to ``out`` (atomically).
+    spread evenly over ``images``, to ``out`` (atomically). ``keep_float``:
+    parameter-name prefixes (``trunk.blocks.10.``, ``score_head.``) of
+    convolutions to leave in float32.
 
     Raises :class:`QuantizeError` when ONNX Runtime or ``onnx`` is missing or
     no photo can be read.
@@ -130,7 +140,14 @@ def quantize_trunk(model: DeepMask, images: Sequence[str | Path], out: str | Pat
         f32, pre, q = Path(tmp) / "trunk.onnx", Path(tmp) / "trunk-pre.onnx", Path(tmp) / "trunk-int8.onnx"
         export_trunk_onnx(trunk, f32, model.score_head)
         quant_pre_process(str(f32), str(pre))
-        float_nodes = _bottleneck_nodes(onnx.load(str(pre))) if model.score_head.fc0 is not None else []
+        graph = onnx.load(str(pre))
+        float_nodes = _bottleneck_nodes(graph) if model.score_head.fc0 is not None else []
+        if keep_float:
+            chosen = _float_nodes(graph, keep_float)
+            if not chosen:
+                raise QuantizeError(f"--keep-float {' '.join(keep_float)}: no convolution's parameters start with that "
+                                    "(names look like trunk.blocks.10. or score_head.fc2.)")
+            float_nodes = sorted(set(float_nodes) | set(chosen))
         with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):  # ORT prints its progress
             quantize_static(str(pre), str(q), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
@@ -140,7 +157,7 @@ def quantize_trunk(model: DeepMask, images: Sequence[str | Path], out: str | Pat
         meta = {"deepmask_config": json.dumps(model.config.to_dict()), "network_sha256": network_fingerprint(model.trunk, model.score_head),
                 "calibration": json.dumps({"images": [p.name for p in readable], "scales": list(CALIBRATION_SCALES),
                                            "crop": CALIBRATION_CROP, "method": "entropy"}),
-                "weight_bits": "7"}
+                "weight_bits": "7", "float_layers": json.dumps(list(keep_float))}
         onnx.helper.set_model_props(m, meta)
         atomic_write(out, lambda f: f.write(m.SerializeToString()))
     return out

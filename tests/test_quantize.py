@@ -197,3 +197,27 @@ def test_an_8bit_int8_trunk_is_refused_on_a_cpu_without_vnni(tiny_weights, tmp_p
         assert Proposer(model, InferenceConfig(scale_min=0, scale_max=0), "cpu", int8_trunk=out).runtime == "torch"
     monkeypatch.setattr(inference, "int8_dot_cpu", lambda: True)  # exact with VNNI: run
     assert Proposer(model, InferenceConfig(scale_min=0, scale_max=0), "cpu", int8_trunk=out).runtime == "onnx-int8"
+
+
+def test_keep_float_leaves_the_named_layers_in_float32(tiny_weights, tmp_path):
+    """``quantize --keep-float PREFIX``: the convolutions of those layers read
+    their float weights directly (no int8 weight, no quantized input); the
+    others are quantized; an unknown prefix is a clear error."""
+    import onnx
+
+    from deepmask_cli.quantize import QuantizeError, quantize_trunk
+
+    model, _, _ = load_weights(tiny_weights)
+    photos = sorted(_photos(tmp_path / "photos").iterdir())
+    out = quantize_trunk(model, photos, tmp_path / "t.onnx", limit=1, keep_float=["score_head."])
+    m = onnx.load(str(out))
+    made = {n.output[0]: n.op_type for n in m.graph.node}
+    convs = {n.input[2] if len(n.input) > 2 else n.name: n for n in m.graph.node if n.op_type == "Conv"}
+    head = [n for b, n in convs.items() if b.startswith("score_head.")]
+    trunk = [n for b, n in convs.items() if b.startswith("trunk.")]
+    assert head and trunk
+    assert all(made.get(n.input[1]) != "DequantizeLinear" for n in head)  # float weights
+    assert all(made.get(n.input[1]) == "DequantizeLinear" for n in trunk)  # int8 weights
+    assert json.loads({p.key: p.value for p in m.metadata_props}["float_layers"]) == ["score_head."]
+    with pytest.raises(QuantizeError, match="no convolution"):
+        quantize_trunk(model, photos, tmp_path / "u.onnx", limit=1, keep_float=["trunk.nothing."])
