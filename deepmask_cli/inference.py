@@ -230,7 +230,6 @@ class Proposer:
                                                               scale_of[order], probs[order])
                 level, ys, xs = level[order], ys[order], xs[order]
         # 3. paste as runs, thresholded, with boxes, in chunks across images
-        boxes_t = torch.zeros(n, 4, device=dev)
         same = len(set(sizes)) == 1
         hw = torch.tensor(sizes, dtype=torch.long).to(dev)[img]
 
