@@ -8,15 +8,9 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
-from deepmask_cli.data import DataError
-from deepmask_cli.evaluate import EvalError
-from deepmask_cli.images import ImageError
-from deepmask_cli.propose import ProposeError
-from deepmask_cli.quantize import QuantizeError
-from deepmask_cli.train import TrainError
-from deepmask_cli.weights import WeightsError
+from deepmask_cli.errors import UserError
 
-USER_ERRORS = (DataError, EvalError, ImageError, ProposeError, QuantizeError, TrainError, WeightsError, FileNotFoundError)
+USER_ERRORS = (UserError, FileNotFoundError)
 
 
 def run(main: Callable[[], int | None]) -> int:

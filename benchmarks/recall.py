@@ -13,7 +13,6 @@ seconds per image for both. Needs the ``bench`` extra (opencv-contrib).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import platform
 import sys
@@ -25,9 +24,9 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from deepmask_cli.config import InferenceConfig
 from deepmask_cli.evaluate import evaluate_recall
 from deepmask_cli.propose import load_proposer, run_propose
+from deepmask_cli.tune import parse_value
 
 
 def selective_search(images: list[Path], ids: dict[str, int], max_boxes: int = 1000) -> tuple[list[dict], float]:
@@ -50,19 +49,7 @@ def selective_search(images: list[Path], ids: dict[str, int], max_boxes: int = 1
 
 def parse_overrides(pairs: list[str]) -> dict:
     """``["mask_thresh=0.3", "precision=bf16"]`` -> typed InferenceConfig overrides."""
-    kinds = {f.name: type(getattr(InferenceConfig(), f.name)) for f in dataclasses.fields(InferenceConfig)}
-    out = {}
-    for kv in pairs:
-        k, _, v = kv.partition("=")
-        if k not in kinds:
-            raise SystemExit(f"{kv}: unknown InferenceConfig field {k!r}; fields: {', '.join(kinds)}")
-        if kinds[k] is bool:  # bool("false") is True
-            if v.lower() not in ("true", "false", "1", "0"):
-                raise SystemExit(f"{kv}: {k} takes true or false")
-            out[k] = v.lower() in ("true", "1")
-        else:
-            out[k] = kinds[k](v)
-    return out
+    return {k: parse_value(k, v) for k, _, v in (kv.partition("=") for kv in pairs)}
 
 
 def main(argv=None) -> int:

@@ -602,5 +602,72 @@ def compress(images, weights, out_dir, score_rank, mask_rank, limit, half) -> No
     err.print(f"[green]✓[/] {escape(str(written))} (output variance kept: {shares or 'nothing compressed'})")
 
 
+@main.command("tune")
+@click.argument("val_dir", type=click.Path())
+@click.option("--weights", type=click.Path(), default=None, help="Weights folder whose settings to tune. [default: the shipped weights]")
+@click.option("--grid", "grid_specs", multiple=True, metavar="FIELD=V1,V2", help="Settings to try, every combination (repeatable). [default: mask_thresh=0.3,0.4,0.5 maskness=false,true nms_demote=false,true]")
+@click.option("--limit", type=int, default=None, help="Only the first N photos, sorted by name.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--write", is_flag=True, help="Save the best settings in the weights folder's config.json (its inference defaults).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write every row (settings, mask and box AR) to this JSON file.")
+@click.option("-q", "--quiet", is_flag=True)
+def tune_cmd(val_dir, weights, grid_specs, limit, device, write, json_path, quiet) -> None:
+    """Tune the weights' inference settings on a validation split (a COCO
+    folder): best by mask AR@100, one dense pass per photo for all settings.
+
+    \b
+    deepmask tune coco-val/ --weights runs/lite0/weights --write
+    deepmask tune coco-val/ --grid mask_thresh=0.3,0.4 --grid scale_max=0.5,1
+    """
+    import json
+
+    from rich.table import Table
+
+    from .data import resolve_coco
+    from .images import collect_images
+    from .propose import default_weights, load_proposer
+    from .tune import METRIC, parse_grid, save_tuned, tune
+    from .weights import weights_folder
+
+    folder = weights_folder(weights) if weights else default_weights()
+    try:
+        ann, images_dir = resolve_coco(val_dir, split="val")
+        grid = parse_grid(grid_specs) if grid_specs else None
+        proposer = load_proposer(folder, device=device)
+    except UserError as e:
+        _fail(str(e))
+    paths, _ = collect_images([images_dir])
+    paths = paths[:limit]
+    with _progress(quiet, TextColumn("")) as progress:
+        task = progress.add_task("tuning", total=len(paths))
+        try:
+            rows = tune(proposer, paths, ann, grid, on_image=lambda done, total: progress.update(task, completed=done))
+        except UserError as e:
+            _fail(str(e))
+    table = Table(title=f"{folder.name} on {val_dir} ({rows[0]['images']} photos), best first by mask {METRIC[1]}")
+    fields = list(rows[0]["settings"])
+    keys = ("AR@10", "AR@100", "AR@1000")
+    for name in [*fields, *(f"mask {k}" for k in keys), *(f"box {k}" for k in keys)]:
+        table.add_column(name, justify="right")
+    for r in rows:
+        table.add_row(*(str(r["settings"][f]).lower() for f in fields), *(f"{r['mask'][k]:.3f}" for k in keys),
+                      *(f"{r['box'][k]:.3f}" for k in keys))
+    Console(highlight=False).print(table)
+    if json_path:
+        from .files import atomic_write
+
+        text = json.dumps(rows, indent=2)
+        atomic_write(Path(json_path), lambda f: f.write(text.encode()))
+    best = rows[0]["settings"]
+    if write:
+        try:
+            path = save_tuned(folder, best)
+        except (UserError, OSError) as e:
+            _fail(f"{folder}: could not save the tuned settings ({e})")
+        err.print(f"[green]✓[/] {escape(str(path))}: inference {escape(json.dumps(best))}")
+    else:
+        err.print(f"best: {escape(json.dumps(best))} (--write saves it with the weights)")
+
+
 if __name__ == "__main__":
     main()

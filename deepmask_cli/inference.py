@@ -102,13 +102,29 @@ class Proposer:
         # Proposers are for inference: they do not follow later weight changes.
         self._score_weights = self.net.score_head.dense_weights(torch.channels_last)
         self._mask_weight = self.net.mask_head.window_weight().contiguous()
-        #: Whether masks are refined (weights with a refinement, config.refine).
-        self.refining = bool(self.config.refine and self.config.refine_topk and model.refine_head is not None)
-        #: Windows pasted together.
-        self.paste_chunk = self.config.paste_chunk or (4096 if self.device.type == "cuda" else 1024)
+        self._settings(self.config)
         #: Seconds spent per stage, accumulated while ``profile`` is on (for benchmarks).
         self.profile = False
         self.timings: dict[str, float] = defaultdict(float)
+
+    def with_config(self, config: InferenceConfig) -> "Proposer":
+        """This proposer's network (trunk, runtime, precision, sessions,
+        shared) with other pyramid and post-processing settings: one network,
+        many settings, for tuning them."""
+        if (config.precision, config.runtime) != (self.config.precision, self.config.runtime):
+            raise ConfigError("with_config changes the post-processing; precision and runtime need a new Proposer")
+        other = copy.copy(self)
+        other._settings(config)
+        other.timings = defaultdict(float)
+        return other
+
+    def _settings(self, config: InferenceConfig) -> None:
+        """What follows from ``config`` beyond the network."""
+        self.config = config
+        #: Whether masks are refined (weights with a refinement, config.refine).
+        self.refining = bool(config.refine and config.refine_topk and self.model.refine_head is not None)
+        #: Windows pasted together.
+        self.paste_chunk = config.paste_chunk or (4096 if self.device.type == "cuda" else 1024)
 
     @contextlib.contextmanager
     def _stage(self, name: str):
