@@ -1,10 +1,11 @@
-"""A golden test of the shipped weights: any change that alters what they
-propose (the model, the pyramid, the ranking, the pasting, the weights
-themselves) fails here until it is accepted on purpose.
+"""A golden test of each shipped weights folder: any change that alters what
+they propose (the model, the pyramid, the ranking, the pasting, the
+refinement, the weights themselves) fails here until it is accepted on
+purpose.
 
 The photos of ``samples/`` run in fp32 torch (the arithmetic every x86-64
 CPU computes alike, up to rounding); for each photo the top
-:data:`TOP` proposals are compared with ``tests/golden/shipped-samples.json``:
+:data:`TOP` proposals are compared with ``tests/golden/NAME-samples.json``:
 the scores, as a ranked list, within :data:`SCORE_TOL`, and every expected
 mask found again among the first :data:`TOP` + :data:`SLACK` with a mask IoU
 of at least :data:`MIN_IOU` and its score within :data:`SCORE_TOL` (near
@@ -25,18 +26,21 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from deepmask_cli.images import load_image
-from deepmask_cli.propose import default_weights, load_proposer
+from deepmask_cli.propose import load_proposer
+from deepmask_cli.weights import shipped_weights
 
 ROOT = Path(__file__).resolve().parent.parent
-GOLDEN = Path(__file__).parent / "golden" / "shipped-samples.json"
+GOLDEN = Path(__file__).parent / "golden"
+#: Every shipped weights folder (the default and the others ``--weights`` names).
+SHIPPED = sorted(p.parent for p in shipped_weights().parent.glob("*/model.safetensors"))
 TOP, SLACK = 20, 5
 SCORE_TOL = 1e-3
 MIN_IOU = 0.99
 ACCEPT = os.environ.get("EXPECTTEST_ACCEPT", "") not in ("", "0")
 
 
-def _run() -> dict[str, list[dict]]:
-    proposer = load_proposer(default_weights(), device="cpu", overrides={"precision": "fp32", "runtime": "torch"})
+def _run(folder: Path) -> dict[str, list[dict]]:
+    proposer = load_proposer(folder, device="cpu", overrides={"precision": "fp32", "runtime": "torch"})
     out = {}
     for path in sorted((ROOT / "samples").glob("*.jpg")):
         props = proposer(load_image(path), rle=True)
@@ -46,19 +50,22 @@ def _run() -> dict[str, list[dict]]:
     return out
 
 
-@pytest.fixture(scope="module")
-def got():
-    if not (default_weights() / "model.safetensors").is_file():
+def test_every_weights_folder_is_covered():
+    if not SHIPPED:
         pytest.skip("the shipped weights are not in this checkout")
-    return _run()
+    assert shipped_weights() in SHIPPED
+    assert sorted(p.name for p in GOLDEN.glob("*-samples.json")) == sorted(f"{f.name}-samples.json" for f in SHIPPED)
 
 
-def test_shipped_weights_propose_what_they_did(got):
+@pytest.mark.parametrize("folder", SHIPPED, ids=[f.name for f in SHIPPED])
+def test_shipped_weights_propose_what_they_did(folder):
+    got = _run(folder)
+    golden = GOLDEN / f"{folder.name}-samples.json"
     if ACCEPT:
-        GOLDEN.parent.mkdir(exist_ok=True)
-        GOLDEN.write_text(json.dumps({k: v[:TOP] for k, v in got.items()}, indent=1) + "\n")
-        pytest.skip(f"accepted: {GOLDEN} rewritten")
-    want = json.loads(GOLDEN.read_text())
+        GOLDEN.mkdir(exist_ok=True)
+        golden.write_text(json.dumps({k: v[:TOP] for k, v in got.items()}, indent=1) + "\n")
+        pytest.skip(f"accepted: {golden} rewritten")
+    want = json.loads(golden.read_text())
     assert sorted(got) == sorted(want), "the sample photos changed: regenerate (see this file's docstring)"
     for name, expected in want.items():
         mine = got[name]
