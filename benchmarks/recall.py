@@ -95,6 +95,8 @@ def main(argv=None) -> int:
         res = evaluate_recall(recs, ann, image_ids=subset)
         rows[name] = {"mask": res["segm"].ar, "box": res["bbox"].ar, "s/img": dm_time}
         configs[name] = proposer.config.to_dict()
+        console.print(f"{name}: mask AR {json.dumps({k: round(v, 3) for k, v in res['segm'].ar.items()})}, "
+                      f"box AR {json.dumps({k: round(v, 3) for k, v in res['bbox'].ar.items()})}, {dm_time:.2f} s/img")
     if not args.no_peer:
         ss, ss_time = selective_search(images, ids)
         sres = evaluate_recall(ss, ann, iou_types=("bbox",), image_ids=subset)
