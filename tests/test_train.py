@@ -160,6 +160,23 @@ def test_two_process_gloo_ddp(synth_coco, tmp_path):
     assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 6
 
 
+def test_two_process_gloo_ddp_refine_stage(synth_coco, tiny_weights, tmp_path):
+    """SharpMask's stage under torchrun: DeepMask frozen in every process, the
+    refinement trained and exported."""
+    from safetensors.torch import load_file
+
+    run = tmp_path / "ddp-refine"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29572", "-m",
+           "deepmask_cli", "train", str(synth_coco), "-o", str(run), "--refine", "--init", str(tiny_weights), "--steps", "4",
+           "--batch-size", "4", "--workers", "0", "--val-every", "1000", "--device", "cpu", "-q"]
+    r = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    before, after = load_file(str(tiny_weights / "model.safetensors")), load_file(str(run / "weights" / "model.safetensors"))
+    assert all(torch.equal(after[k].to(v.dtype), v) for k, v in before.items())
+    assert any(k.startswith("refine_head.") for k in after)
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 4
+
+
 def test_cache_features_path_and_export_then_propose(synth_coco, tmp_path):
     from click.testing import CliRunner
 
