@@ -93,25 +93,28 @@ def tune(proposer: Proposer, images: Sequence[Path], ann: str | Path, grid: dict
         refine=any(r.refining for r in runs)))
     if not set(scales) <= {round(math.log2(s), 4) for s in dense.config.scales}:
         raise ConfigError("the grid's scales do not fall on one pyramid; tune scale_min and scale_max in whole steps")
-    names_to_id = {im["file_name"]: im["id"] for im in json.loads(Path(ann).read_text())["images"]}
+    try:
+        names_to_id = {im["file_name"]: im["id"] for im in json.loads(Path(ann).read_text())["images"]}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{ann}: not a readable COCO instances file ({type(e).__name__}); "
+                          "pass one with images and annotations") from None
     results: list[list[dict]] = [[] for _ in configs]
     done_ids = []
     with torch.no_grad():
         for n, path in enumerate(images):
-            try:
-                img = image_to_tensor(load_image(path)).to(proposer.device)
-            except ImageError:
-                continue
             image_id = names_to_id.get(Path(path).name)
-            if image_id is None:
-                continue
-            levels = dense.dense_pass([img])
-            for cfg, run, out in zip(configs, runs, results):
-                want = {round(math.log2(s), 4) for s in cfg.scales}
-                sub = [lv for lv in levels if round(math.log2(lv.scale), 4) in want]
-                props = run.proposals_from_levels(sub, [tuple(img.shape[1:])], True)[0]
-                out += records(props, image_id=image_id, file_name=Path(path).name)
-            done_ids.append(image_id)
+            try:
+                img = image_to_tensor(load_image(path)).to(proposer.device) if image_id is not None else None
+            except ImageError:
+                img = None
+            if img is not None:  # unreadable photos and photos without annotations are skipped
+                levels = dense.dense_pass([img])
+                for cfg, run, out in zip(configs, runs, results):
+                    want = {round(math.log2(s), 4) for s in cfg.scales}
+                    sub = [lv for lv in levels if round(math.log2(lv.scale), 4) in want]
+                    props = run.proposals_from_levels(sub, [tuple(img.shape[1:])], True)[0]
+                    out += records(props, image_id=image_id, file_name=Path(path).name)
+                done_ids.append(image_id)
             if on_image is not None:
                 on_image(n + 1, len(images))
     if not done_ids:

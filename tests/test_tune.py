@@ -75,3 +75,6 @@ def test_bad_settings_are_one_line_errors_and_leave_the_weights_alone(synth_coco
         r = CliRunner().invoke(main, ["tune", str(synth_coco), "--weights", str(tiny_weights), *args, "--write"])
         assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output
     assert (tiny_weights / "config.json").read_text() == text
+    (synth_coco / "instances.json").write_text("{not json")
+    r = CliRunner().invoke(main, ["tune", str(synth_coco), "--weights", str(tiny_weights), "--device", "cpu"])
+    assert r.exit_code == 2 and "instances.json" in r.output and "Traceback" not in r.output
