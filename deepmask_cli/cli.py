@@ -20,7 +20,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
 from rich.text import Text
 
 from . import __version__
-from .config import PRECISIONS, RUNTIMES, TRUNKS, InferenceConfig, ModelConfig, SamplerConfig, TrainConfig
+from .config import CALIBRATION_METHODS, PRECISIONS, RUNTIMES, TRUNKS, InferenceConfig, ModelConfig, SamplerConfig, TrainConfig
 from .errors import UserError
 from .heap import SLACK_MB
 from .sinks import FORMATS
@@ -533,7 +533,8 @@ def export(checkpoint, out_dir, half) -> None:
 @click.option("-o", "--out", "out_path", type=click.Path(), default=None, help="ONNX file to write. [default: WEIGHTS/trunk-int8.onnx]")
 @click.option("--limit", type=int, default=16, show_default=True, help="Calibration photos, spread evenly over IMAGES.")
 @click.option("--keep-float", multiple=True, help="Leave the convolutions of these layers in float32: parameter-name prefixes such as trunk.blocks.10. or score_head. (repeatable).")
-def quantize(images, weights, out_path, limit, keep_float) -> None:
+@click.option("--calibration", type=click.Choice(CALIBRATION_METHODS), default="entropy", show_default=True, help="How activation ranges are chosen from the calibration photos' maps: entropy (KL divergence), percentile (the 99.999th) or minmax (all that was seen).")
+def quantize(images, weights, out_path, limit, keep_float, calibration) -> None:
     """Make an int8 trunk + score head for CPUs, calibrated on photos.
 
     propose runs it with --runtime onnx-int8, and by default (auto) on x86-64
@@ -558,7 +559,7 @@ def quantize(images, weights, out_path, limit, keep_float) -> None:
     out = Path(out_path) if out_path else folder / INT8_TRUNK_NAME
     with err.status(f"calibrating on up to {limit} of {len(paths)} photos"):
         try:
-            written = quantize_trunk(model, paths, out, limit=limit, keep_float=keep_float)
+            written = quantize_trunk(model, paths, out, limit=limit, keep_float=keep_float, method=calibration)
         except UserError as e:
             _fail(str(e))
     err.print(f"[green]✓[/] {escape(str(written))} ({written.stat().st_size / 1e6:.1f} MB)")

@@ -32,7 +32,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .config import InferenceConfig
+from .config import CALIBRATION_METHODS, InferenceConfig
 from .errors import UserError
 from .files import atomic_write
 from .images import ImageError, load_image
@@ -105,11 +105,12 @@ def calibration_photos(images: Sequence[str | Path], limit: int, error: type[Exc
 
 
 def quantize_trunk(model: DeepMask, images: Sequence[str | Path], out: str | Path, *, limit: int = 16,
-                   keep_float: Sequence[str] = ()) -> Path:
+                   keep_float: Sequence[str] = (), method: str = "entropy") -> Path:
     """Write the int8 trunk and score head of ``model``, calibrated on ``limit`` photos
     spread evenly over ``images``, to ``out`` (atomically). ``keep_float``:
     parameter-name prefixes (``trunk.blocks.10.``, ``score_head.``) of
-    convolutions to leave in float32.
+    convolutions to leave in float32. ``method``: one of
+    :data:`CALIBRATION_METHODS`.
 
     Raises :class:`QuantizeError` when ONNX Runtime or ``onnx`` is missing or
     no photo can be read.
@@ -121,6 +122,8 @@ def quantize_trunk(model: DeepMask, images: Sequence[str | Path], out: str | Pat
         from onnxruntime.quantization.shape_inference import quant_pre_process
     except ImportError:
         raise QuantizeError("quantize needs ONNX Runtime and onnx: pip install 'deepmask[onnx]'") from None
+    if method not in CALIBRATION_METHODS:
+        raise QuantizeError(f"calibration method {method!r}: give one of {', '.join(CALIBRATION_METHODS)}")
     readable, photos = calibration_photos(images, limit, QuantizeError)
 
     model = model.cpu().eval()
@@ -148,15 +151,17 @@ def quantize_trunk(model: DeepMask, images: Sequence[str | Path], out: str | Pat
                 raise QuantizeError(f"--keep-float {' '.join(keep_float)}: no convolution's parameters start with that "
                                     "(names look like trunk.blocks.10. or score_head.fc2.)")
             float_nodes = sorted(set(float_nodes) | set(chosen))
+        calibrate_method = {"entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile,
+                            "minmax": CalibrationMethod.MinMax}[method]
         with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):  # ORT prints its progress
             quantize_static(str(pre), str(q), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=CalibrationMethod.Entropy, reduce_range=True,
+                            calibrate_method=calibrate_method, reduce_range=True,
                             nodes_to_exclude=float_nodes)
         m = onnx.load(str(q))
         meta = {"deepmask_config": json.dumps(model.config.to_dict()), "network_sha256": network_fingerprint(model.trunk, model.score_head),
                 "calibration": json.dumps({"images": [p.name for p in readable], "scales": list(CALIBRATION_SCALES),
-                                           "crop": CALIBRATION_CROP, "method": "entropy"}),
+                                           "crop": CALIBRATION_CROP, "method": method}),
                 "weight_bits": "7", "float_layers": json.dumps(list(keep_float))}
         onnx.helper.set_model_props(m, meta)
         atomic_write(out, lambda f: f.write(m.SerializeToString()))

@@ -221,3 +221,36 @@ def test_keep_float_leaves_the_named_layers_in_float32(tiny_weights, tmp_path):
     assert json.loads({p.key: p.value for p in m.metadata_props}["float_layers"]) == ["score_head."]
     with pytest.raises(QuantizeError, match="no convolution"):
         quantize_trunk(model, photos, tmp_path / "u.onnx", limit=1, keep_float=["trunk.nothing."])
+
+
+def _activation_scales(path) -> dict[str, float]:
+    m = onnx.load(str(path))
+    init = {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}
+    return {n.input[0]: float(init[n.input[1]]) for n in m.graph.node
+            if n.op_type == "QuantizeLinear" and init[n.input[1]].ndim == 0}
+
+
+def test_calibration_method_is_chosen_and_recorded(tiny_weights, tmp_path):
+    """``quantize --calibration minmax`` covers every activation value seen,
+    so no range is narrower than percentile calibration's (which clips the
+    outliers) and most are wider; the method is in the file's metadata; an
+    unknown method is a one-line error."""
+    from deepmask_cli.quantize import QuantizeError, quantize_trunk
+
+    model, _, _ = load_weights(tiny_weights)
+    photos = _photos(tmp_path / "photos")
+    r = CliRunner().invoke(main, ["quantize", str(photos), "--weights", str(tiny_weights), "--limit", "2",
+                                  "--calibration", "minmax", "-o", str(tmp_path / "mm.onnx")])
+    assert r.exit_code == 0, r.output
+    props = {p.key: p.value for p in onnx.load(str(tmp_path / "mm.onnx")).metadata_props}
+    assert json.loads(props["calibration"])["method"] == "minmax"
+    pc = quantize_trunk(model, sorted(photos.iterdir()), tmp_path / "pc.onnx", limit=2, method="percentile")
+    assert json.loads({p.key: p.value for p in onnx.load(str(pc)).metadata_props}["calibration"])["method"] == "percentile"
+    mm, pc = _activation_scales(tmp_path / "mm.onnx"), _activation_scales(pc)
+    assert mm.keys() == pc.keys() and len(mm) > 5
+    assert all(mm[k] >= pc[k] * (1 - 1e-5) for k in mm)
+    assert sum(mm[k] > pc[k] * 1.01 for k in mm) >= len(mm) // 2
+    with pytest.raises(QuantizeError, match="calibration method 'kl'"):
+        quantize_trunk(model, sorted(photos.iterdir()), tmp_path / "u.onnx", limit=1, method="kl")
+    r = CliRunner().invoke(main, ["quantize", str(photos), "--weights", str(tiny_weights), "--calibration", "kl"])
+    assert r.exit_code == 2 and "Traceback" not in r.output
