@@ -306,6 +306,7 @@ def merge(parts, out_path) -> None:
 @click.option("--refine", is_flag=True, help="SharpMask's second stage: train refinement modules on the frozen DeepMask of --init (patches, positives only).")
 @click.option("--init", "init_weights", type=click.Path(), default=None, help="With --refine: the DeepMask weights folder (or shipped name) to refine.")
 @click.option("--categories", "categories_spec", default=None, help="Train on these COCO categories only, the others left unlabelled: voc (the 20 PASCAL ones), non-voc, or ids 1,2,3. [default: all]")
+@click.option("--copy-paste", type=int, default=None, help="Add this many copy-paste composites to the training images (each a training image with another's objects pasted on it at a random scale and place; written to the run folder). [default: 0]")
 @click.option("--resume", is_flag=True, help="Continue from the run folder's last checkpoint.")
 @click.option("--checkpoint-every", type=int, default=None, help=f"Steps between checkpoints. [default: {_T.checkpoint_every}]")
 @click.option("--val-every", type=int, default=None, help=f"Steps between validations. [default: {_T.val_every}]")
@@ -322,7 +323,7 @@ def merge(parts, out_path) -> None:
 @click.option("--strict-data", is_flag=True, help="Stop on missing or unreadable images instead of skipping them.")
 @click.option("-q", "--quiet", is_flag=True)
 def train(data_dir, out_dir, val_dir, ann, images_dir, val_ann, val_images, trunk, steps, batch_size, lr, trunk_lr_mult,
-          freeze_trunk, cache_features, cache_scales, cache_file, feature_dropout, score_weight, workers, device, seed, refine, init_weights, categories_spec, resume, checkpoint_every, val_every, val_batches, patch_size,
+          freeze_trunk, cache_features, cache_scales, cache_file, feature_dropout, score_weight, workers, device, seed, refine, init_weights, categories_spec, copy_paste, resume, checkpoint_every, val_every, val_batches, patch_size,
           object_size, model_config_file, pos_shift, pos_scale, neg_shift, neg_scale, no_pretrained, trunk_weights, strict_data, quiet) -> None:
     """Train DeepMask on a COCO-format dataset (DATA_DIR or --ann/--images).
 
@@ -393,7 +394,7 @@ def train(data_dir, out_dir, val_dir, ann, images_dir, val_ann, val_images, trun
                  cache_features=cache_features, cache_scales=tuple(_parse_scales(cache_scales).values()) or None,
                  cache_file=cache_file, feature_dropout=feature_dropout,
                  score_weight=score_weight, workers=workers, seed=seed, checkpoint_every=checkpoint_every,
-                 categories=tuple(sorted(categories)) if categories is not None else None,
+                 categories=tuple(sorted(categories)) if categories is not None else None, copy_paste=copy_paste,
                  val_every=val_every, val_batches=val_batches)
     sampler = dataclasses.replace(_S, **{k: v for k, v in dict(pos_shift=pos_shift, pos_scale=pos_scale, neg_shift=neg_shift,
                                                              neg_scale=neg_scale).items() if v is not None})
@@ -484,7 +485,8 @@ class _TrainDisplay:
                 f"{info['split']}: {info['images']} images, {info['objects']} usable objects "
                 f"({r['crowd']} crowd and {r['tiny']} tiny regions never positives"
                 + (f"; [yellow]{skipped} images skipped[/]" if skipped else "")
-                + (f"; {r['bad_annotations']} bad annotations skipped" if r["bad_annotations"] else "") + ")"
+                + (f"; {r['bad_annotations']} bad annotations skipped" if r["bad_annotations"] else "")
+                + (f"; {r['copy_paste']} of the images are copy-paste composites" if r.get("copy_paste") else "") + ")"
             )
             for m in (r["missing_images"] + r["bad_images"])[:5]:
                 p.console.print(f"  [yellow]skipped[/] {escape(str(m))}")

@@ -295,6 +295,10 @@ class TrainConfig(_Serialisable):
     # background); None: all. The paper's generalisation test trains on the 20
     # PASCAL VOC categories (deepmask_cli.data.VOC_CATEGORIES).
     categories: tuple[int, ...] | None = None
+    # Composites of copy-paste augmentation (deepmask_cli.copypaste) added to
+    # the training images: each a training image with another's objects
+    # pasted on it. 0: none.
+    copy_paste: int = 0
     workers: int = 1
     seed: int = 0
     checkpoint_every: int = 1000

@@ -36,6 +36,8 @@ from .weights import load_weights, save_weights
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
+#: Subfolder of a run holding its copy-paste composites (train --copy-paste).
+COPY_PASTE_DIR = "copy-paste"
 CHECKPOINT_VERSION = 1
 # what a resumed run takes from the command line; the rest comes from its checkpoint
 RESUME_FROM_COMMAND_LINE = ("steps", "checkpoint_every", "val_every", "workers")
@@ -260,6 +262,14 @@ def train(
     categories = frozenset(config.categories) if config.categories is not None else None
     records, report = load_coco(train_data.ann, train_data.images, sampler=sampler_cfg, skip_bad_images=skip_bad_images,
                                 check_decode=True, categories=categories)
+    if config.copy_paste < 0:
+        raise TrainError(f"--copy-paste {config.copy_paste}: give a number of composites, 0 or more")
+    if config.copy_paste:
+        from .copypaste import make_composites
+
+        records = records + make_composites(records, config.copy_paste, out_dir / COPY_PASTE_DIR, seed=config.seed,
+                                            sampler=sampler_cfg)
+        report = {**report, "copy_paste": config.copy_paste}
     emit("data", {"split": "train", "images": len(records), "report": report,
                   "objects": sum(i.usable for r in records for i in r.instances)})
     val_records = None
