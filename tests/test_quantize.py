@@ -254,3 +254,52 @@ def test_calibration_method_is_chosen_and_recorded(tiny_weights, tmp_path):
         quantize_trunk(model, sorted(photos.iterdir()), tmp_path / "u.onnx", limit=1, method="kl")
     r = CliRunner().invoke(main, ["quantize", str(photos), "--weights", str(tiny_weights), "--calibration", "kl"])
     assert r.exit_code == 2 and "Traceback" not in r.output
+
+
+def test_a_refinement_crops_its_maps_from_the_onnx_networks(tiny_config, tmp_path):
+    """With SharpMask's refinement, the ONNX networks give the trunk's finer
+    maps too, so the refinement crops them from the dense pass: the float
+    network (``--runtime onnx``) gives torch's proposals, the int8 network of
+    ``deepmask quantize`` has the maps as outputs, close to float's. An int8
+    file made without them (from the same DeepMask, before the refinement)
+    still refines, from float maps of the level."""
+    import copy
+    import dataclasses
+
+    from synth import tiny_model
+
+    from conftest import TUNED
+    from deepmask_cli.quantize import quantize_trunk
+
+    model = tiny_model(dataclasses.replace(tiny_config, refine=(8, 4, 4)))  # strides 16, 8 and 4
+    photos = sorted(_photos(tmp_path / "photos").iterdir())
+    arr = np.asarray(Image.open(photos[2]).convert("RGB"))
+    kw = dict(scale_min=-1, scale_max=0, scale_step=0.5, max_proposals=20, nms_thresh=1.0, precision="fp32",
+              refine_topk=4, **TUNED)
+    f32 = Proposer(model, InferenceConfig(runtime="torch", **kw), "cpu")
+    onnx32 = Proposer(model, InferenceConfig(runtime="onnx", **kw), "cpu")
+    assert onnx32._onnx_skips
+    a, b = f32(arr), onnx32(arr)
+    torch.testing.assert_close(b.scores, a.scores, atol=1e-4, rtol=1e-4)
+    assert all(float((x & y).sum()) / max(1, float((x | y).sum())) > 0.99 for x, y in zip(a.masks, b.masks))
+
+    out = quantize_trunk(model, photos, tmp_path / "t.onnx", limit=2)
+    m = onnx.load(str(out))
+    assert [o.name for o in m.graph.output] == ["fmap", "scores", "skip8", "skip4"]
+    assert json.loads({p.key: p.value for p in m.metadata_props}["skips"]) == [8, 4]
+    i8 = Proposer(model, InferenceConfig(runtime="onnx-int8", **kw), "cpu", int8_trunk=out)
+    assert i8._onnx_skips
+    image = torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255
+    lf, li = f32.dense_pass([image])[0], i8.dense_pass([image])[0]
+    assert li.canvas is None
+    for s in (8, 4):
+        assert li.skips[s].shape == lf.skips[s].shape
+        assert torch.corrcoef(torch.stack([lf.skips[s].flatten(), li.skips[s].flatten()]))[0, 1] > 0.98
+    plain = copy.deepcopy(model)
+    plain.refine_head = None
+    old = quantize_trunk(plain, photos, tmp_path / "old.onnx", limit=2)
+    i8_old = Proposer(model, InferenceConfig(runtime="onnx-int8", **kw), "cpu", int8_trunk=old)
+    assert not i8_old._onnx_skips
+    unrefined = Proposer(model, InferenceConfig(runtime="onnx-int8", **{**kw, "refine": False}), "cpu", int8_trunk=old)(arr)
+    got = i8_old(arr)
+    assert not torch.equal(got.masks[:4], unrefined.masks[:4]) and torch.equal(got.masks[4:], unrefined.masks[4:])
