@@ -535,7 +535,7 @@ def export(checkpoint, out_dir, half) -> None:
 @click.option("-o", "--out", "out_path", type=click.Path(), default=None, help="ONNX file to write. [default: WEIGHTS/trunk-int8.onnx]")
 @click.option("--limit", type=int, default=16, show_default=True, help="Calibration photos, spread evenly over IMAGES.")
 @click.option("--keep-float", multiple=True, help="Leave the convolutions of these layers in float32: parameter-name prefixes such as trunk.blocks.10. or score_head. (repeatable).")
-@click.option("--calibration", type=click.Choice(CALIBRATION_METHODS), default="entropy", show_default=True, help="How activation ranges are chosen from the calibration photos' maps: entropy (KL divergence), percentile (the 99.999th) or minmax (all that was seen).")
+@click.option("--calibration", type=click.Choice(CALIBRATION_METHODS), default=CALIBRATION_METHODS[0], show_default=True, help="How activation ranges are chosen from the calibration photos' maps: minmax (all that was seen), entropy (KL divergence; holds every map in memory) or percentile (the 99.999th).")
 def quantize(images, weights, out_path, limit, keep_float, calibration) -> None:
     """Make an int8 trunk + score head for CPUs, calibrated on photos.
 

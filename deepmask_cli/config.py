@@ -28,9 +28,10 @@ TRUNK_STRIDE = 16
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 RUNTIMES = ("auto", "torch", "onnx", "onnx-int8")
 #: How ``deepmask quantize`` chooses activation ranges from the calibration
-#: maps (ONNX Runtime's calibrators): entropy (KL divergence of the
-#: histogram), percentile (the 99.999th), minmax (the whole range seen).
-CALIBRATION_METHODS = ("entropy", "percentile", "minmax")
+#: maps (ONNX Runtime's calibrators), the default first: minmax (the whole
+#: range seen), entropy (KL divergence of the histogram), percentile (the
+#: 99.999th).
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 
 #: Trunk names, from the one registry in :mod:`deepmask_cli.trunks`.
 TRUNKS = tuple(TRUNK_BUILDERS)

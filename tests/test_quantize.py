@@ -40,7 +40,7 @@ def test_int8_trunk_is_quantized_calibrated_and_close_to_float(tiny_weights, tmp
     assert any(t.data_type == onnx.TensorProto.INT8 for t in m.graph.initializer)  # int8 weights
     props = {p.key: p.value for p in m.metadata_props}
     calib = json.loads(props["calibration"])
-    assert calib["images"] == ["p0.png", "p1.png"] and calib["method"] == "entropy"
+    assert calib["images"] == ["p0.png", "p1.png"] and calib["method"] == "minmax"
     assert props["weight_bits"] == "7"  # exact without VNNI too (no int16 saturation)
     w = [onnx.numpy_helper.to_array(t) for t in m.graph.initializer if t.data_type == onnx.TensorProto.INT8]
     assert max(int(np.abs(a).max()) for a in w) <= 64
