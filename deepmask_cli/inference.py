@@ -38,7 +38,7 @@ from .model import DeepMask
 from .postprocess import batched_nms_rank, image_major, logit, maskness, paste_runs
 from .proposals import Proposals, select_runs
 from .pyramid import GPU_MIN_SIDE, GPU_SHAPE_BUCKET, canvas_cells, canvas_side, image_to_tensor, level_size, pyramid_canvas
-from .runtime import onnx_session, resolve_device, resolve_precision, resolve_runtime, skip_output
+from .runtime import onnx_session, resolve_device, resolve_precision, resolve_runtime
 
 
 @dataclass
@@ -49,10 +49,7 @@ class _Level:
     fmap: torch.Tensor  # (B, C, Hf, Wf)
     scores: torch.Tensor  # (B, Hf-f+1, Wf-f+1)
     sizes: list[tuple[int, int]] = field(default_factory=list)  # resized (h, w) per image
-    # For a refinement: the trunk's maps at its finer strides, {stride: (B, C_s, Hc/s, Wc/s)}, or, when the
-    # network could not give them, the normalised canvas (B, 3, Hc, Wc) to compute them from.
-    skips: dict[int, torch.Tensor] | None = None
-    canvas: torch.Tensor | None = None
+    canvas: torch.Tensor | None = None  # (B, 3, Hc, Wc) normalised, kept for refinement
 
 
 class Proposer:
@@ -78,19 +75,14 @@ class Proposer:
         #: The resolved trunk runtime (``auto`` made concrete).
         self.runtime = resolve_runtime(self.config.runtime, self.device, int8_trunk, self.config.precision)
         self._onnx = None
-        #: The finer trunk strides a refinement reads (beside the stride-16 map).
-        self.skip_strides = tuple(s for s in model.refine_head.strides if s != TRUNK_STRIDE) if model.refine_head else ()
         if self.runtime != "torch":
             try:
-                self._onnx = onnx_session(trunk, self.device, self.runtime, int8_trunk, model, self.skip_strides)
+                self._onnx = onnx_session(trunk, self.device, self.runtime, int8_trunk, model)
             except ValueError as e:
                 if self.config.runtime != "auto":
                     raise
                 warnings.warn(f"{e}; running the trunk in torch meanwhile", stacklevel=2)
                 self.runtime = "torch"
-        # Whether the ONNX network gives the skip maps too (an int8 network quantized without them does not).
-        outputs = {o.name for o in self._onnx.get_outputs()} if self._onnx is not None else set()
-        self._onnx_skips = bool(self.skip_strides) and all(skip_output(s) in outputs for s in self.skip_strides)
         prec = resolve_precision(self.config.precision, self.device)
         if prec == "fp16" and self.device.type != "cuda":
             raise ConfigError("precision fp16 needs a GPU; use fp32 (or bf16) on a CPU")
@@ -198,32 +190,21 @@ class Proposer:
                 canvas = pyramid_canvas(images, sizes, self.patch_size, None, (side, side))
                 if pad_to > real:
                     canvas = torch.cat([canvas, canvas.new_zeros(pad_to - real, *canvas.shape[1:])])
-            skips = canvas_kept = None
-            want_skips = self.refining and self._onnx_skips
-            names = ["fmap"] + (["scores"] if self.runtime == "onnx-int8" else []) + (
-                [skip_output(s) for s in self.skip_strides] if want_skips else [])
             if self.runtime == "onnx-int8":  # the int8 network holds the score head too
                 with self._stage("trunk + score head"):
-                    fmap, scores, *extra = (torch.from_numpy(a) for a in self._onnx.run(names, {"canvas": canvas.numpy()}))
+                    fmap, scores = (torch.from_numpy(a) for a in self._onnx.run(None, {"canvas": canvas.numpy()}))
                     fmap = fmap.to(self.dtype).contiguous(memory_format=torch.channels_last)
-            else:
-                with self._stage("trunk"):
-                    x = canvas.to(self.dtype).contiguous(memory_format=torch.channels_last)
-                    if self._onnx is not None:
-                        fmap, *extra = (torch.from_numpy(a) for a in self._onnx.run(names, {"canvas": canvas.numpy()}))
-                        fmap = fmap.to(self.dtype).contiguous(memory_format=torch.channels_last)
-                    elif self.refining:
-                        maps = self.trunk.levels(x)
-                        fmap, extra, want_skips = maps[TRUNK_STRIDE], [maps[s] for s in self.skip_strides], True
-                    else:
-                        fmap, extra = self.trunk(x), []
-                with self._stage("score head"):
-                    scores = self.net.dense_scores(fmap, self._score_weights).float()
-            if want_skips:
-                skips = {s: m[:real].to(self.dtype) for s, m in zip(self.skip_strides, extra)}
-            elif self.refining:
-                canvas_kept = canvas[:real]
-            levels.append(_Level(scale, fmap[:real], scores[:real], sizes, skips, canvas_kept))
+                levels.append(_Level(scale, fmap[:real], scores[:real], sizes, canvas[:real] if self.refining else None))
+                continue
+            with self._stage("trunk"):
+                if self._onnx is not None:
+                    fmap = torch.from_numpy(self._onnx.run(None, {"canvas": canvas.numpy()})[0]
+                                            ).to(self.dtype).contiguous(memory_format=torch.channels_last)
+                else:
+                    fmap = self.trunk(canvas.to(self.dtype).contiguous(memory_format=torch.channels_last))
+            with self._stage("score head"):
+                scores = self.net.dense_scores(fmap, self._score_weights).float()
+            levels.append(_Level(scale, fmap[:real], scores[:real], sizes, canvas[:real] if self.refining else None))
         return levels
 
     @torch.no_grad()
@@ -326,28 +307,25 @@ class Proposer:
         return out
 
     def _refine(self, levels: list[_Level], img: torch.Tensor, level: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor,
-                chunk: int = 256) -> torch.Tensor:
+                chunk: int = 64) -> torch.Tensor:
         """Refined mask logits ``(K, r, r)`` of the windows with top-left cells
-        ``(ys, xs)`` of image ``img`` at pyramid ``level``: each window's
-        crops of the trunk's maps at every stride the refinement reads (the
-        maps the dense pass computed over the whole level, as the paper's
-        full-scene inference does), through the mask head's encoding and the
-        refinement."""
-        f = self.model.config.feat_size
+        ``(ys, xs)`` of image ``img`` at pyramid ``level``: each window's patch
+        is cut from its level's canvas and run through the trunk's levels, the
+        mask head's encoding and the refinement, as in training."""
+        p = self.patch_size
         r = self.net.refine_head.out_size
         out = torch.empty(img.numel(), r, r, device=self.device)
+        ar = torch.arange(p, device=self.device)
         for li, lv in enumerate(levels):
             at = (level == li).nonzero().squeeze(1)
-            if not at.numel():
-                continue
-            if lv.skips is None:  # the network gave no skip maps: the float trunk makes them from the canvas
-                maps = self.trunk.levels(lv.canvas.to(self.dtype).contiguous(memory_format=torch.channels_last))
-                lv.skips, lv.canvas = {s: maps[s] for s in self.skip_strides}, None
-            maps = {TRUNK_STRIDE: lv.fmap, **lv.skips}
             for sel in at.split(chunk):
-                crops = {s: _crop_windows(m, img[sel], ys[sel], xs[sel], f, TRUNK_STRIDE // s) for s, m in maps.items()}
-                out[sel] = self.net.refine_levels(crops).float()
+                rows = (ys[sel, None] * TRUNK_STRIDE + ar)[:, :, None]  # (k, p, 1)
+                cols = (xs[sel, None] * TRUNK_STRIDE + ar)[:, None, :]  # (k, 1, p)
+                patches = lv.canvas.permute(0, 2, 3, 1)[img[sel, None, None], rows, cols]  # (k, p, p, 3)
+                x = patches.permute(0, 3, 1, 2).to(self.dtype).contiguous(memory_format=torch.channels_last)
+                out[sel] = self.net.refine_levels(self.trunk.levels(x)).float()
         return out
+
 
     def _select(self, levels: list[_Level], sizes: Sequence[tuple[int, int]]) -> tuple[torch.Tensor, ...]:
         """The windows every image keeps before masks: ``(image, level, y,
@@ -396,18 +374,6 @@ class Proposer:
         for a, b in zip(bounds[:-1], bounds[1:]):
             chunks.extend(by_size[i : min(i + size, b)] for i in range(a, b, size))
         return chunks
-
-
-def _crop_windows(maps: torch.Tensor, img: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, f: int, k: int
-                  ) -> torch.Tensor:
-    """The windows' crops ``(K, C, f*k, f*k)`` of ``maps`` ``(B, C, H, W)``, a
-    trunk map at ``k`` times the stride-16 map's resolution: window ``i``
-    covers the ``f x f`` stride-16 cells from ``(ys[i], xs[i])`` of image
-    ``img[i]``, i.e. the same pixels of the canvas at every stride."""
-    ar = torch.arange(f * k, device=maps.device)
-    rows = (ys[:, None] * k + ar)[:, :, None]  # (K, fk, 1)
-    cols = (xs[:, None] * k + ar)[:, None, :]  # (K, 1, fk)
-    return maps.permute(0, 2, 3, 1)[img[:, None, None], rows, cols].permute(0, 3, 1, 2)
 
 
 def _rank_in_image(img: torch.Tensor, n_images: int) -> torch.Tensor:

@@ -34,7 +34,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .config import CALIBRATION_METHODS, TRUNK_STRIDE, InferenceConfig
+from .config import CALIBRATION_METHODS, InferenceConfig
 from .errors import UserError
 from .files import atomic_write
 from .images import ImageError, load_image
@@ -112,8 +112,7 @@ def quantize_trunk(model: DeepMask, images: Sequence[str | Path], out: str | Pat
     spread evenly over ``images``, to ``out`` (atomically). ``keep_float``:
     parameter-name prefixes (``trunk.blocks.10.``, ``score_head.``) of
     convolutions to leave in float32. ``method``: one of
-    :data:`CALIBRATION_METHODS`. With a refinement (SharpMask), the trunk's
-    maps at the strides it reads are outputs too.
+    :data:`CALIBRATION_METHODS`.
 
     Raises :class:`QuantizeError` when ONNX Runtime or ``onnx`` is missing or
     no photo can be read.
@@ -144,9 +143,7 @@ def quantize_trunk(model: DeepMask, images: Sequence[str | Path], out: str | Pat
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         f32, pre, q = Path(tmp) / "trunk.onnx", Path(tmp) / "trunk-pre.onnx", Path(tmp) / "trunk-int8.onnx"
-        # a refinement's finer maps are outputs too, so that it crops them from the dense pass
-        skips = tuple(st for st in model.refine_head.strides if st != TRUNK_STRIDE) if model.refine_head else ()
-        export_trunk_onnx(trunk, f32, model.score_head, skips)
+        export_trunk_onnx(trunk, f32, model.score_head)
         quant_pre_process(str(f32), str(pre))
         graph = onnx.load(str(pre))
         float_nodes = _bottleneck_nodes(graph) if model.score_head.fc0 is not None else []
@@ -167,7 +164,7 @@ def quantize_trunk(model: DeepMask, images: Sequence[str | Path], out: str | Pat
         meta = {"deepmask_config": json.dumps(model.config.to_dict()), "network_sha256": network_fingerprint(model.trunk, model.score_head),
                 "calibration": json.dumps({"images": [p.name for p in readable], "scales": list(CALIBRATION_SCALES),
                                            "crop": CALIBRATION_CROP, "method": method}),
-                "weight_bits": "7", "float_layers": json.dumps(list(keep_float)), "skips": json.dumps(list(skips))}
+                "weight_bits": "7", "float_layers": json.dumps(list(keep_float))}
         onnx.helper.set_model_props(m, meta)
         atomic_write(out, lambda f: f.write(m.SerializeToString()))
     return out

@@ -9,7 +9,6 @@ import hashlib
 import importlib.util
 import os
 import warnings
-from typing import Sequence
 
 import torch
 
@@ -119,44 +118,28 @@ def resolve_runtime(runtime: str, device: torch.device, int8_trunk: str | os.Pat
 
 
 class _TrunkAndScores(torch.nn.Module):
-    """The trunk, then the dense score head when given: ``canvas -> (fmap,
-    [scores], skip maps...)``, the skip maps being the trunk's maps at
-    ``skips`` strides (what SharpMask's refinement crops its windows from)."""
+    """The trunk followed by the dense score head: ``canvas -> (fmap, scores)``."""
 
-    def __init__(self, trunk: torch.nn.Module, score_head: torch.nn.Module | None = None, skips: Sequence[int] = ()):
+    def __init__(self, trunk: torch.nn.Module, score_head: torch.nn.Module):
         super().__init__()
-        self.trunk, self.score_head, self.skips = trunk, score_head, tuple(skips)
+        self.trunk, self.score_head = trunk, score_head
 
-    def forward(self, canvas: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if self.skips:
-            maps = self.trunk.levels(canvas)
-            fmap, extra = maps[16], [maps[s] for s in self.skips]
-        else:
-            fmap, extra = self.trunk(canvas), []
-        scores = [self.score_head.dense(fmap)] if self.score_head is not None else []
-        return (fmap, *scores, *extra)
+    def forward(self, canvas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        fmap = self.trunk(canvas)
+        return fmap, self.score_head.dense(fmap)
 
 
-def skip_output(stride: int) -> str:
-    """The ONNX output name of the trunk's map at ``stride``."""
-    return f"skip{stride}"
-
-
-def export_trunk_onnx(trunk: torch.nn.Module, out, score_head: torch.nn.Module | None = None,
-                      skips: Sequence[int] = ()) -> None:
+def export_trunk_onnx(trunk: torch.nn.Module, out, score_head: torch.nn.Module | None = None) -> None:
     """Write ``trunk`` (float32) as ONNX to ``out`` (a path or a binary file),
-    for any batch, height and width: input ``canvas``, output ``fmap``; with
-    ``score_head`` (a :class:`~deepmask_cli.model.ScoreHead`) also its dense
-    ``scores``; with ``skips`` also the trunk's maps at those strides
-    (:func:`skip_output` names them), for a refinement."""
+    for any batch, height and width: input ``canvas``, output ``fmap``, and
+    with ``score_head`` (a :class:`~deepmask_cli.model.ScoreHead`) also its
+    dense ``scores``."""
     example = torch.zeros(1, 3, 224, 224)
-    names = ["fmap"] + (["scores"] if score_head is not None else []) + [skip_output(s) for s in skips]
+    net, names = trunk, ["fmap"]
     axes = {"canvas": {0: "b", 2: "h", 3: "w"}, "fmap": {0: "b", 2: "fh", 3: "fw"}}
     if score_head is not None:
+        net, names = _TrunkAndScores(trunk, score_head).eval(), ["fmap", "scores"]
         axes["scores"] = {0: "b", 1: "sh", 2: "sw"}
-    for s in skips:
-        axes[skip_output(s)] = {0: "b", 2: f"h{s}", 3: f"w{s}"}
-    net = _TrunkAndScores(trunk, score_head, skips).eval()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(net, (example,), out, input_names=["canvas"], output_names=names, opset_version=17,
@@ -175,12 +158,11 @@ def network_fingerprint(*modules: torch.nn.Module) -> str:
 
 
 def onnx_session(trunk: torch.nn.Module, device: torch.device, runtime: str, int8_trunk: str | None,
-                source: DeepMask, skips: Sequence[int] = ()):
+                source: DeepMask):
     """An ONNX Runtime session running the trunk: ``trunk`` exported here
-    (runtime ``onnx``), with its maps at ``skips`` strides as outputs too, or
-    the int8 trunk and score head of ``deepmask quantize`` (``onnx-int8``),
-    which must have been made from ``source``'s weights (the unfolded trunk's
-    and the score head's)."""
+    (runtime ``onnx``), or the int8 trunk and score head of ``deepmask
+    quantize`` (``onnx-int8``), which must have been made from ``source``'s
+    weights (the unfolded trunk's and the score head's)."""
     if device.type != "cpu":
         raise ConfigError(f"runtime {runtime} runs the trunk on the CPU; use runtime torch with a GPU")
     try:
@@ -200,7 +182,7 @@ def onnx_session(trunk: torch.nn.Module, device: torch.device, runtime: str, int
             raise ConfigError(f"runtime {runtime} exports the trunk, which needs onnx: pip install 'deepmask[onnx]'")
 
         buf = io.BytesIO()
-        export_trunk_onnx(trunk, buf, skips=skips)
+        export_trunk_onnx(trunk, buf)
         model = buf.getvalue()
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
