@@ -27,7 +27,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from .config import SamplerConfig
-from .data import ImageRecord, Instance, record_image
+from .data import ImageRecord, Instance, instance_from_rle, record_image
 from .files import atomic_write
 
 #: Octaves of the pasted objects' random rescaling, each way.
@@ -36,13 +36,7 @@ SCALE_OCTAVES = 1.0
 
 def _instance(mask: np.ndarray, crowd: bool, sampler: SamplerConfig) -> Instance | None:
     """An :class:`Instance` of a whole-image boolean mask; None when empty."""
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    area = float(mask_utils.area(rle))
-    if area <= 0:
-        return None
-    x, y, w, h = (float(v) for v in mask_utils.toBbox(rle))
-    usable = (not crowd) and area >= sampler.min_object_area and min(w, h) >= sampler.min_object_side
-    return Instance((x, y, w, h), rle, crowd, usable)
+    return instance_from_rle(mask_utils.encode(np.asfortranarray(mask.astype(np.uint8))), crowd, sampler)
 
 
 def composite(base: Image.Image, base_rec: ImageRecord, src: Image.Image, src_rec: ImageRecord,

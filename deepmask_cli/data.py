@@ -230,13 +230,19 @@ def _instance(a: dict, h: int, w: int, sampler: SamplerConfig) -> Instance | Non
             return None
         if list(rle["size"]) != [h, w]:
             return None
-        area = float(mask_utils.area(rle))
-        x, y, bw, bh = (float(v) for v in mask_utils.toBbox(rle))
+        return instance_from_rle(rle, bool(a.get("iscrowd", 0)), sampler)
     except (KeyError, TypeError, ValueError, IndexError):
         return None
+
+
+def instance_from_rle(rle: dict, crowd: bool, sampler: SamplerConfig) -> Instance | None:
+    """An :class:`Instance` of an RLE mask, its box and area read from it
+    (None when empty): usable as a positive when not crowd and at least
+    ``sampler``'s minimum area and side."""
+    area = float(mask_utils.area(rle))
+    x, y, bw, bh = (float(v) for v in mask_utils.toBbox(rle))
     if area <= 0 or bw <= 0 or bh <= 0:
         return None
-    crowd = bool(a.get("iscrowd", 0))
     usable = (not crowd) and area >= sampler.min_object_area and min(bw, bh) >= sampler.min_object_side
     return Instance((x, y, bw, bh), rle, crowd, usable)
 

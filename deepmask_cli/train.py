@@ -259,11 +259,11 @@ def train(
     if refine:
         sampler_cfg = replace(sampler_cfg, pos_fraction=1.0)  # the refinement learns from positives only
 
+    if config.copy_paste < 0:  # before the data is read
+        raise TrainError(f"--copy-paste {config.copy_paste}: give a number of composites, 0 or more")
     categories = frozenset(config.categories) if config.categories is not None else None
     records, report = load_coco(train_data.ann, train_data.images, sampler=sampler_cfg, skip_bad_images=skip_bad_images,
                                 check_decode=True, categories=categories)
-    if config.copy_paste < 0:
-        raise TrainError(f"--copy-paste {config.copy_paste}: give a number of composites, 0 or more")
     if config.copy_paste:
         from .copypaste import make_composites
 
