@@ -295,6 +295,7 @@ def merge(parts, out_path) -> None:
 @click.option("--lr", type=float, default=None, help=f"Learning rate (the official step schedule is applied to it). [default: {_T.lr:g}; {_C['lr']:g} on cached maps]")
 @click.option("--trunk-lr-mult", type=float, default=None, help=f"Learning-rate multiplier for the trunk. [default: {_T.trunk_lr_mult}]")
 @click.option("--freeze-trunk/--train-trunk", default=None, help="Train the heads only, or the trunk too. [default: frozen on a CPU, trained on a GPU]")
+@click.option("--train-blocks", type=int, default=None, help=f"With --freeze-trunk: train the trunk's last N blocks all the same (the ones at stride 16; on cached maps, maps of their input are cached). [default: {_T.train_blocks}]")
 @click.option("--cache-features/--no-cache-features", default=None, help="With --freeze-trunk: train the heads on the trunk's maps of the inference pyramid, cached once (fastest on a CPU). [default: on with a frozen trunk on a CPU]")
 @click.option("--cache-scales", default=None, help=f"With --cache-features: pyramid MIN,MAX,STEP in octaves. [default: {','.join(f'{v:g}' for v in _C['cache_scales'])}]")
 @click.option("--cache-file", type=click.Path(dir_okay=False), default=None, help="With --cache-features: save the cache to this file, or reuse it when it holds the same images, trunk and scales.")
@@ -323,7 +324,7 @@ def merge(parts, out_path) -> None:
 @click.option("--strict-data", is_flag=True, help="Stop on missing or unreadable images instead of skipping them.")
 @click.option("-q", "--quiet", is_flag=True)
 def train(data_dir, out_dir, val_dir, ann, images_dir, val_ann, val_images, trunk, steps, batch_size, lr, trunk_lr_mult,
-          freeze_trunk, cache_features, cache_scales, cache_file, feature_dropout, score_weight, workers, device, seed, refine, init_weights, categories_spec, copy_paste, resume, checkpoint_every, val_every, val_batches, patch_size,
+          freeze_trunk, train_blocks, cache_features, cache_scales, cache_file, feature_dropout, score_weight, workers, device, seed, refine, init_weights, categories_spec, copy_paste, resume, checkpoint_every, val_every, val_batches, patch_size,
           object_size, model_config_file, pos_shift, pos_scale, neg_shift, neg_scale, no_pretrained, trunk_weights, strict_data, quiet) -> None:
     """Train DeepMask on a COCO-format dataset (DATA_DIR or --ann/--images).
 
@@ -391,6 +392,7 @@ def train(data_dir, out_dir, val_dir, ann, images_dir, val_ann, val_images, trun
         out_dir = _default_run_dir(resume, distributed)
 
     given = dict(steps=steps, batch_size=batch_size, lr=lr, trunk_lr_mult=trunk_lr_mult, freeze_trunk=freeze_trunk,
+                 train_blocks=train_blocks,
                  cache_features=cache_features, cache_scales=tuple(_parse_scales(cache_scales).values()) or None,
                  cache_file=cache_file, feature_dropout=feature_dropout,
                  score_weight=score_weight, workers=workers, seed=seed, checkpoint_every=checkpoint_every,

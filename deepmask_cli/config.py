@@ -280,6 +280,10 @@ class TrainConfig(_Serialisable):
     score_weight: float = 1.0 / 32.0
     trunk_lr_mult: float = 1.0
     freeze_trunk: bool = False
+    # With freeze_trunk: the trunk's last N blocks train all the same (at
+    # stride 16, as the paper fine-tunes its trunk; on cached maps, maps of
+    # their input are cached). 0: none.
+    train_blocks: int = 0
     # Train the heads on cached frozen-trunk maps of the inference pyramid
     # (deepmask_cli.featcache): the fast path on a CPU; needs freeze_trunk.
     cache_features: bool = False

@@ -15,6 +15,12 @@ octaves away; neither otherwise (never sampled). With levels half an octave
 apart and a stride of 16 pixels, every object in the pyramid's range has a
 positive window.
 
+With ``tail`` (``--train-blocks N``) the trunk's last N blocks train too:
+the cache holds the maps of their input, and a sample is a window widened by
+their reach (:meth:`Trunk.tail_halo`), with the cells on the map marked, so
+that the blocks compute exactly the map inference does
+(:func:`~deepmask_cli.trunks.masked_forward`).
+
 The price: no colour jitter and no sub-grid jitter of position or scale
 (flips are kept), and features see the image's context rather than a patch's
 padding. Building the cache costs one trunk pass per pyramid level of each
@@ -65,8 +71,12 @@ class FeatureCache:
 
     def __init__(self, model: DeepMask, records: list[ImageRecord], scales: tuple[float, ...], sampler: SamplerConfig,
                  *, flips: bool = True, device: torch.device | str = "cpu", on_image=None,
-                 levels: list[_Level] | None = None, max_side: int | None = None) -> None:
+                 levels: list[_Level] | None = None, max_side: int | None = None, tail: int = 0) -> None:
         self.model_config: ModelConfig = model.config
+        #: The trunk's last blocks that train (``--train-blocks``): the maps
+        #: are those of their input, and windows carry their reach.
+        self.tail = tail
+        self.halo = model.trunk.tail_halo(tail) if tail else 0
         self.records = records
         self.sampler = sampler
         self.scales = tuple(float(s) for s in scales)
@@ -97,6 +107,8 @@ class FeatureCache:
         # passes (folding leaves the RNG as it is, so a built cache and a
         # loaded one train alike)
         trunk = model.trunk.fused().to(device, memory_format=torch.channels_last)
+        if self.tail:  # the maps the trained blocks read
+            trunk = trunk.split(self.tail)[0]
         for n, rec in enumerate(self.records):
             img = record_image(rec)
             base = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1).to(device)
@@ -115,18 +127,22 @@ class FeatureCache:
 
     # ------------------------------------------------------------ persistence
     @staticmethod
-    def _meta(mc: ModelConfig, records: list[ImageRecord], scales: tuple[float, ...], flips: bool, max_side: int) -> dict:
+    def _meta(mc: ModelConfig, records: list[ImageRecord], scales: tuple[float, ...], flips: bool, max_side: int,
+              tail: int = 0) -> dict:
         """What a cache file must match to be reused."""
-        return {"version": CACHE_VERSION, "trunk": mc.trunk, "patch_size": mc.patch_size,
+        meta = {"version": CACHE_VERSION, "trunk": mc.trunk, "patch_size": mc.patch_size,
                 "scales": [float(s) for s in scales], "flips": flips, "images": [str(r.path) for r in records],
                 "max_side": max_side}
+        if tail:  # maps of an earlier layer (files of the whole trunk's maps have no key)
+            meta["tail"] = tail
+        return meta
 
     @classmethod
     def _matches(cls, meta: dict, mc: ModelConfig, records: list[ImageRecord], scales: tuple[float, ...], flips: bool,
-                 max_side: int) -> bool:
+                 max_side: int, tail: int = 0) -> bool:
         """Whether a saved cache's ``meta`` fits. Files from before the
         ``max_side`` cap have none, and fit when no image is above it."""
-        want = cls._meta(mc, records, scales, flips, max_side)
+        want = cls._meta(mc, records, scales, flips, max_side, tail)
         if "max_side" not in meta and all(max(r.height, r.width) <= want["max_side"] for r in records):
             meta = {**meta, "max_side": want["max_side"]}
         return meta == want
@@ -135,14 +151,14 @@ class FeatureCache:
         """Write the maps (not the labels, which are cheap and depend on the
         sampler) to ``path``, atomically."""
 
-        atomic_save({"meta": self._meta(self.model_config, self.records, self.scales, self.flips, self.max_side),
+        atomic_save({"meta": self._meta(self.model_config, self.records, self.scales, self.flips, self.max_side, self.tail),
                      "levels": [(lv.image, lv.flip, lv.scale, lv.sx, lv.sy, lv.ny, lv.nx) for lv in self.levels],
                      "fmaps": [lv.fmap for lv in self.levels]}, Path(path))
 
     @classmethod
     def load_or_build(cls, path: str | Path | None, model: DeepMask, records: list[ImageRecord], scales: tuple[float, ...],
                       sampler: SamplerConfig, *, flips: bool = True, device: torch.device | str = "cpu",
-                      on_image=None, max_side: int | None = None) -> tuple["FeatureCache", bool]:
+                      on_image=None, max_side: int | None = None, tail: int = 0) -> tuple["FeatureCache", bool]:
         """The cache saved at ``path`` when it was made from the same images,
         trunk, patch size and scales; otherwise a fresh one, saved there.
         Returns ``(cache, loaded)``. (The trunk's weights are not compared:
@@ -150,11 +166,13 @@ class FeatureCache:
         max_side = InferenceConfig.max_side if max_side is None else max_side
         if path is not None and Path(path).exists():
             blob = torch.load(path, map_location="cpu", weights_only=True)
-            if cls._matches(blob.get("meta") or {}, model.config, records, scales, flips, max_side):
+            if cls._matches(blob.get("meta") or {}, model.config, records, scales, flips, max_side, tail):
                 levels = [_Level(int(i), bool(fl), float(sc), float(sx), float(sy), fm, int(ny), int(nx))
                           for (i, fl, sc, sx, sy, ny, nx), fm in zip(blob["levels"], blob["fmaps"])]
-                return cls(model, records, scales, sampler, flips=flips, levels=levels, max_side=max_side), True
-        cache = cls(model, records, scales, sampler, flips=flips, device=device, on_image=on_image, max_side=max_side)
+                return cls(model, records, scales, sampler, flips=flips, levels=levels, max_side=max_side,
+                           tail=tail), True
+        cache = cls(model, records, scales, sampler, flips=flips, device=device, on_image=on_image, max_side=max_side,
+                    tail=tail)
         if path is not None:
             cache.save(path)
         return cache, False
@@ -183,7 +201,10 @@ class FeatureCache:
 
     def batch(self, step: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
         """Step ``step``'s batch (this process's share): ``(feats (B, C, f, f) float32,
-        masks (B, m, m), labels (B,))``; a pure function of ``(seed, step)``."""
+        masks (B, m, m), labels (B,))``; a pure function of ``(seed, step)``.
+        With trained tail blocks, the windows are ``f + 2 * halo`` wide (zeros
+        beyond the map) and a fourth tensor, ``valid (B, 1, ., .)``, marks the
+        cells on the map."""
         cfg = self.sampler
         rng = np.random.default_rng([seed, step, 7])
         n_pos = int(round(batch_size * cfg.pos_fraction))
@@ -199,10 +220,15 @@ class FeatureCache:
         picks = picks[rank::world]
         f = self.model_config.feat_size
         m, p = self.model_config.mask_size, self.model_config.patch_size
-        feats, masks, labels = [], [], []
+        feats, masks, labels, valid = [], [], [], []
         for li, i, j, k in picks:
             lv = self.levels[li]
-            feats.append(lv.fmap[:, i : i + f, j : j + f])
+            if self.halo:
+                win, ok = self._window(lv.fmap, i, j, f)
+                feats.append(win)
+                valid.append(ok)
+            else:
+                feats.append(lv.fmap[:, i : i + f, j : j + f])
             if k >= 0:
                 rec = self.records[lv.image]
                 full = mask_utils.decode(rec.instances[k].rle)
@@ -216,4 +242,17 @@ class FeatureCache:
             else:
                 masks.append(torch.zeros(m, m))
                 labels.append(-1.0)
-        return torch.stack(feats).float(), torch.stack(masks), torch.tensor(labels)
+        out = (torch.stack(feats).float(), torch.stack(masks), torch.tensor(labels))
+        return (*out, torch.stack(valid)) if self.halo else out
+
+    def _window(self, fmap: torch.Tensor, i: int, j: int, f: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``f``-cell window at ``(i, j)`` of ``fmap`` with ``halo`` cells
+        around it (zeros beyond the map), and its map cells as ones."""
+        h, (c, hh, ww) = self.halo, fmap.shape
+        s = f + 2 * h
+        win, ok = fmap.new_zeros(c, s, s), torch.zeros(1, s, s)
+        y0, x0 = i - h, j - h
+        ya, yb, xa, xb = max(0, y0), min(hh, y0 + s), max(0, x0), min(ww, x0 + s)
+        win[:, ya - y0 : yb - y0, xa - x0 : xb - x0] = fmap[:, ya:yb, xa:xb]
+        ok[:, ya - y0 : yb - y0, xa - x0 : xb - x0] = 1
+        return win, ok

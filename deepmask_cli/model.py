@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .trunks import Trunk, build_trunk
+from .trunks import Trunk, build_trunk, masked_forward
 
 
 class MaskHead(nn.Module):
@@ -250,13 +250,24 @@ class DeepMask(nn.Module):
     def heads(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.mask_head(feats), self.score_head(feats)
 
-    def forward(self, patches: torch.Tensor, *, from_features: bool = False, refine: bool = False
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, patches: torch.Tensor, *, from_features: bool = False, refine: bool = False, tail: int = 0,
+                valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``from_features=True`` takes trunk windows ``(B, C, f, f)`` instead of
-        patches; ``refine=True`` gives the refined masks (:meth:`refined_masks`)."""
+        patches; with ``tail`` > 0 they are windows of the input of the trunk's
+        last ``tail`` blocks, ``f`` plus their reach (:meth:`Trunk.tail_halo`)
+        on each side, with ``valid`` ``(B, 1, ., .)`` marking the cells on the
+        map (:func:`~deepmask_cli.trunks.masked_forward`); the blocks run on
+        them first. ``refine=True`` gives the refined masks (:meth:`refined_masks`)."""
         if refine:
             return self.refined_masks(patches)
-        return self.heads(patches if from_features else self.features(patches))
+        if not from_features:
+            return self.heads(self.features(patches))
+        if tail:
+            if valid is None:
+                raise ValueError("windows for the trunk's last blocks need their valid cells")
+            h, f = self.trunk.tail_halo(tail), self.config.feat_size
+            patches = masked_forward(self.trunk.split(tail)[1], patches, valid)[:, :, h : h + f, h : h + f]
+        return self.heads(patches)
 
     def refined_masks(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Patches ``(B, 3, P, P)`` -> ``(refined mask logits (B, r, r),

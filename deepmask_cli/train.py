@@ -279,6 +279,11 @@ def train(
         emit("data", {"split": "val", "images": len(val_records), "report": vreport,
                       "objects": sum(i.usable for r in val_records for i in r.instances)})
 
+    if config.train_blocks < 0:
+        raise TrainError(f"--train-blocks {config.train_blocks}: give a number of blocks, 0 or more")
+    if config.train_blocks and (refine or not config.freeze_trunk):
+        raise TrainError("--train-blocks fine-tunes the last blocks of an otherwise frozen trunk: add --freeze-trunk "
+                         "(--train-trunk trains all of it; --refine keeps DeepMask as it is)")
     if config.cache_features and not config.freeze_trunk:
         raise TrainError("--cache-features trains the heads on a frozen trunk's maps: add --freeze-trunk")
     if (config.feature_dropout > 0 or config.cache_file) and not config.cache_features:
@@ -296,6 +301,13 @@ def train(
     if config.freeze_trunk or refine:
         for p in model.trunk.parameters():
             p.requires_grad_(False)
+    if config.train_blocks:
+        n = model.trunk.tail_units()
+        if config.train_blocks > n:
+            raise TrainError(f"--train-blocks {config.train_blocks}: the {model_config.trunk} trunk has {n} blocks that "
+                             f"keep its stride-16 resolution; give 1 to {n}")
+        for p in model.trunk.split(config.train_blocks)[1].parameters():
+            p.requires_grad_(True)
     if refine:  # DeepMask stays as it was trained
         for n, p in model.named_parameters():
             p.requires_grad_(n.startswith("refine_head."))
@@ -333,7 +345,7 @@ def train(
             pyramid = pyramid.replace(scale_min=lo, scale_max=hi, scale_step=st)
         # Every rank builds its own (identical) cache; only rank 0 saves it.
         cache, loaded = FeatureCache.load_or_build(config.cache_file if rank == 0 else None, model, records,
-                                                   pyramid.scales, sampler_cfg, device=device,
+                                                   pyramid.scales, sampler_cfg, device=device, tail=config.train_blocks,
                                                    on_image=lambda n, total: emit("cache", {"done": n, "total": total}))
         emit("cache_done", {"seconds": time.time() - t_cache, "levels": len(cache), "positives": len(cache.positives),
                             "negatives": len(cache.negatives), "loaded": loaded})
@@ -385,14 +397,17 @@ def train(
     t0, seen = time.time(), 0
     last_val: dict | None = None
     step = start_step
-    for x, mask, label in loader:
+    tail = config.train_blocks if config.cache_features else 0  # on patches the whole trunk runs
+    for batch in loader:
+        x, mask, label = batch[:3]
+        valid = batch[3].to(device, non_blocking=True) if len(batch) > 3 else None
         for g in opt.param_groups:
             g["lr"] = config.lr * lr_factor(step, config) * g["lr_mult"]
         x, mask, label = x.to(device, non_blocking=True), mask.to(device, non_blocking=True), label.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
             if config.feature_dropout > 0:  # cached maps only (checked above)
                 x = F.dropout(x, config.feature_dropout)
-            mlog, slog = ddp_model(x, from_features=config.cache_features, refine=refine)
+            mlog, slog = ddp_model(x, from_features=config.cache_features, refine=refine, tail=tail, valid=valid)
         # the refinement stage trains masks only (its score head is DeepMask's, frozen)
         loss, lm, ls = deepmask_loss(mlog, slog, mask, label, 0.0 if refine else config.score_weight)
         opt.zero_grad(set_to_none=True)

@@ -73,6 +73,30 @@ class Trunk(nn.Module):
     def load_imagenet(self, path: str | Path | None = None) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def tail_units(self) -> int:  # pragma: no cover - abstract
+        """How many of the trunk's last blocks keep the stride-16 resolution
+        (no stride, same padding): the most :meth:`split` can cut off."""
+        raise NotImplementedError
+
+    def _split(self, n: int) -> tuple[nn.Module, nn.Module]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def split(self, n: int) -> tuple[nn.Module, nn.Module]:
+        """``(head, tail)`` with ``tail(head(x)) == self(x)``: ``tail`` is the
+        trunk's last ``n`` blocks (1 to :meth:`tail_units`), ``head`` the rest.
+        Both share this trunk's modules. Training fine-tunes the tail on cached
+        maps of its input (``deepmask train --train-blocks``)."""
+        if not 1 <= n <= self.tail_units():
+            raise ValueError(f"{type(self).__name__} has {self.tail_units()} blocks at stride 16 that keep its "
+                             f"resolution; cannot split off {n}")
+        return self._split(n)
+
+    def tail_halo(self, n: int) -> int:
+        """Cells of context on each side that an output cell of the last ``n``
+        blocks reads from their input: the sum of their convolutions' reach."""
+        return sum((m.kernel_size[0] - 1) // 2 * m.dilation[0] for m in self.split(n)[1].modules()
+                   if isinstance(m, nn.Conv2d))
+
     def fused(self) -> "Trunk":
         """A copy for inference with every frozen batch norm folded into the
         convolution before it (same outputs, fewer passes over memory)."""
@@ -100,6 +124,27 @@ def fuse_conv_bn(conv: nn.Conv2d, bn: FrozenBatchNorm2d) -> nn.Conv2d:
         bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.bias)
         fused.bias.copy_((bias - bn.running_mean) * scale + bn.bias)
     return fused
+
+
+def masked_forward(module: nn.Module, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` for ``x``, a window cut from a larger map (zeros where the
+    window overhangs the map), as the whole map's pass computes it: ``valid``
+    (``(B, 1, H, W)``, 1 on the map's cells, 0 beyond them) zeroes the input of
+    every spatial convolution beyond the map, where the whole map's pass sees
+    its zero padding. For a module of stride 1 (a :meth:`Trunk.split` tail),
+    the output is then exact wherever its reach (:meth:`Trunk.tail_halo`) stays
+    inside the window."""
+
+    def zero_beyond(_module, args):
+        return (args[0] * valid, *args[1:])
+
+    hooks = [m.register_forward_pre_hook(zero_beyond) for m in module.modules()
+             if isinstance(m, nn.Conv2d) and max(m.kernel_size) > 1]
+    try:
+        return module(x)
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 # --------------------------------------------------------------------------- VGG-A
@@ -132,6 +177,13 @@ class VGGATrunk(Trunk):
         bounds = [0, *cuts, len(self.features)]
         parts = [(2 ** k, self.features[a:b]) for k, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
         return [(2, nn.Sequential(parts[0][1], parts[1][1])), *parts[2:]]
+
+    def tail_units(self) -> int:
+        last_pool = max(i for i, m in enumerate(self.features) if isinstance(m, nn.MaxPool2d))
+        return (len(self.features) - last_pool - 1) // 2  # (conv, ReLU) pairs
+
+    def _split(self, n: int) -> tuple[nn.Module, nn.Module]:
+        return self.features[: -2 * n], self.features[-2 * n :]
 
     def load_imagenet(self, path: str | Path | None = None) -> None:
         sd = _load_torchvision(path, _VGG11_URL, "vgg-a")
@@ -179,6 +231,13 @@ class ResNet50Trunk(Trunk):
     def _stages(self) -> list[tuple[int, nn.Module]]:
         return [(2, nn.Sequential(self.conv1, self.bn1, self.relu)), (4, nn.Sequential(self.maxpool, self.layer1)),
                 (8, self.layer2), (16, self.layer3)]
+
+    def tail_units(self) -> int:
+        return len(self.layer3) - 1  # its first block has the stride
+
+    def _split(self, n: int) -> tuple[nn.Module, nn.Module]:
+        head = nn.Sequential(self.conv1, self.bn1, self.relu, self.maxpool, self.layer1, self.layer2, self.layer3[:-n])
+        return head, self.layer3[-n:]
 
     def load_imagenet(self, path: str | Path | None = None) -> None:
         sd = _load_torchvision(path, _RESNET50_URL, "resnet50")
@@ -265,6 +324,17 @@ class EfficientNetLiteTrunk(Trunk):
             parts.append((stride, part))
             start = end
         return parts
+
+    def tail_units(self) -> int:
+        n = 0
+        for block in reversed(self.blocks):
+            if block.depthwise_conv.stride != (1, 1):
+                break
+            n += 1
+        return n
+
+    def _split(self, n: int) -> tuple[nn.Module, nn.Module]:
+        return nn.Sequential(self.conv_stem, self.bn0, self.act, *self.blocks[:-n]), self.blocks[-n:]
 
     def load_imagenet(self, path: str | Path | None = None) -> None:
         n = self.variant

@@ -66,3 +66,37 @@ def test_cache_caps_large_images_as_inference_does(records):
         assert tuple(lv.fmap.shape) == tuple(want.shape)
         torch.testing.assert_close(lv.fmap.float(), want, atol=2e-2, rtol=2e-2)  # float16 in the cache
         assert lv.sx * records[0].width == pytest.approx(levels[lv.scale].sizes[0][1], abs=0.5)
+
+
+def test_windows_for_trained_tail_blocks_give_inferences_maps(records):
+    """With --train-blocks the cache holds the input of the trunk's last
+    blocks; a window of it with its halo, through those blocks, is the
+    window of the map inference computes (edge windows included)."""
+    from torchvision.ops import FrozenBatchNorm2d
+
+    from deepmask_cli.data import record_image
+    from deepmask_cli.pyramid import image_to_tensor
+
+    model = tiny_model(TINY)
+    with torch.no_grad():  # shifts that make a forgotten map edge show
+        for m in model.trunk.modules():
+            if isinstance(m, FrozenBatchNorm2d):
+                m.bias.uniform_(-1, 1)
+    cache = FeatureCache(model, records[:1], SCALES, SamplerConfig(pos_shift=64, pos_scale=3.0), flips=False, tail=2)
+    assert cache.halo == model.trunk.tail_halo(2) == 4
+    proposer = Proposer(model, InferenceConfig(scale_min=-1, scale_max=0, scale_step=0.25, shape_bucket=0, **PINNED), "cpu")
+    levels = {lv.scale: lv for lv in proposer.dense_pass([image_to_tensor(record_image(records[0]))])}
+    f = TINY.feat_size
+    model.eval()
+    for lv in cache.levels:
+        want = levels[lv.scale].fmap[0].float()
+        for i, j in {(0, 0), (lv.ny - 1, lv.nx - 1), (lv.ny // 2, 0)}:
+            win, valid = cache._window(lv.fmap, i, j, f)
+            assert win.shape[-1] == f + 2 * cache.halo
+            with torch.no_grad():
+                got = model(win[None].float(), from_features=True, tail=2, valid=valid[None])
+                ref = model.heads(want[None, :, i : i + f, j : j + f])
+            torch.testing.assert_close(got[0], ref[0], atol=5e-2, rtol=5e-2)  # float16 in the cache
+            torch.testing.assert_close(got[1], ref[1], atol=5e-2, rtol=5e-2)
+    feats, masks, labels, valid = cache.batch(0, 4, seed=0)
+    assert feats.shape[-2:] == valid.shape[-2:] == (f + 8, f + 8) and valid.shape[1] == 1

@@ -414,3 +414,42 @@ def test_refine_needs_weights_and_patches(synth_coco, tmp_path, extra, message):
     assert r.exit_code != 0 and message in r.output and "Traceback" not in r.output
     r = CliRunner().invoke(main, ["train", str(synth_coco), "-o", str(tmp_path / "r"), "--init", "x"])
     assert r.exit_code != 0 and "add --refine" in r.output
+
+
+def test_train_blocks_fine_tunes_the_trunks_last_blocks_on_cached_maps(synth_coco, tmp_path):
+    """--train-blocks 2 on cached maps: the trunk's last two blocks learn,
+    the rest of the trunk stays as it was, and the exported weights carry
+    the new blocks (inference runs them; nothing else changes there)."""
+    from deepmask_cli.model import build_model
+    from deepmask_cli.weights import load_weights
+
+    torch.manual_seed(5)  # train() seeds the same way: the trunk it starts from
+    start = build_model(TINY).trunk.state_dict()
+    data = TrainData(synth_coco / "instances.json", synth_coco / "images")
+    events = []
+    weights = train(data, tmp_path / "run", model_config=TINY, pretrained=False, on_event=lambda k, i: events.append((k, i)),
+                    config=_tiny_train_config(freeze_trunk=True, cache_features=True, train_blocks=2, steps=6,
+                                              cache_scales=(-1.0, 0.0, 1.0), cache_file=str(tmp_path / "maps.pt")))
+    trunk = load_weights(weights)[0].trunk.state_dict()
+    n = len(build_model(TINY).trunk.blocks)
+    tail = tuple(f"blocks.{k}." for k in (n - 2, n - 1))
+    moved = {k for k, v in trunk.items() if not torch.equal(v, start[k])}
+    assert moved and all(k.startswith(tail) for k in moved)
+    assert any(k.startswith(f"blocks.{n - 2}.") for k in moved) and any(k.startswith(f"blocks.{n - 1}.") for k in moved)
+    meta = torch.load(tmp_path / "maps.pt", weights_only=True)["meta"]
+    assert meta["tail"] == 2  # maps of the blocks' input, not reusable as the whole trunk's
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--train-blocks", "9"], "give 1 to 5"),
+    (["--train-blocks", "-1"], "0 or more"),
+    (["--train-blocks", "1", "--train-trunk"], "add --freeze-trunk"),
+])
+def test_train_blocks_bad_values_are_one_line_errors(synth_coco, tmp_path, extra, message):
+    from click.testing import CliRunner
+
+    from deepmask_cli.cli import main
+
+    r = CliRunner().invoke(main, ["train", str(synth_coco), "-o", str(tmp_path / "r"), "--device", "cpu", "--no-pretrained",
+                                  "--steps", "1", "--workers", "0", "-q", *extra])
+    assert r.exit_code != 0 and message in r.output and "Traceback" not in r.output

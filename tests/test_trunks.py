@@ -154,3 +154,55 @@ def test_levels_are_the_trunks_maps_at_each_stride(name):
             for stride, fmap in levels.items():
                 assert fmap.shape == (2, net.level_channels()[stride], 64 // stride, 96 // stride)
     assert trunk.level_channels()[16] == trunk.out_channels
+
+
+def _busy_batch_norms(trunk):
+    """Non-zero batch-norm shifts: a block's output beyond the map is then not
+    zero, so a pass that forgot the map's edge would differ."""
+    with torch.no_grad():
+        for m in trunk.modules():
+            if isinstance(m, FrozenBatchNorm2d):
+                m.bias.uniform_(-1, 1)
+                m.running_mean.uniform_(-0.5, 0.5)
+    return trunk.eval()
+
+
+@pytest.mark.parametrize("name", ["efficientnet-lite0", "resnet50", "vgg-a"])
+def test_a_window_of_the_tails_input_gives_the_whole_maps_output(name):
+    """--train-blocks trains the trunk's last blocks on cached windows of
+    their input: with the map's edge masked, the blocks' output on a window
+    is the whole map's output there, at the map's borders too."""
+    from deepmask_cli.trunks import masked_forward
+
+    torch.manual_seed(0)
+    trunk = _busy_batch_norms(TRUNK_BUILDERS[name]())
+    x = torch.randn(1, 3, 160, 192)
+    f = 4
+    with torch.no_grad():
+        full = trunk(x)
+        for n in range(1, trunk.tail_units() + 1):
+            head, tail = trunk.split(n)
+            m = head(x)
+            torch.testing.assert_close(tail(m), full)
+            h = trunk.tail_halo(n)
+            H, W = m.shape[2:]
+            for i, j in [(0, 0), (H - f, W - f), (0, W - f), (2, 3)]:
+                s = f + 2 * h
+                win, valid = torch.zeros(1, m.shape[1], s, s), torch.zeros(1, 1, s, s)
+                y0, x0 = i - h, j - h
+                ya, yb, xa, xb = max(0, y0), min(H, y0 + s), max(0, x0), min(W, x0 + s)
+                win[..., ya - y0 : yb - y0, xa - x0 : xb - x0] = m[..., ya:yb, xa:xb]
+                valid[..., ya - y0 : yb - y0, xa - x0 : xb - x0] = 1
+                want = full[..., i : i + f, j : j + f]
+                got = masked_forward(tail, win, valid)[..., h : h + f, h : h + f]
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+                if (i, j) == (0, 0) and h > 1:  # the mask matters at the edge
+                    assert not torch.allclose(tail(win)[..., h : h + f, h : h + f], want, rtol=1e-3, atol=1e-3)
+
+
+def test_tail_units_stop_at_the_stride():
+    assert EfficientNetLite0Trunk().tail_units() == 5  # stage 4's last two blocks and stage 5's three
+    assert EfficientNetLite0Trunk().tail_halo(1) == 2  # a 5x5 depthwise convolution
+    assert ResNet50Trunk().tail_units() == 5 and VGGATrunk().tail_units() == 2
+    with pytest.raises(ValueError, match="cannot split off 6"):
+        EfficientNetLite0Trunk().split(6)
