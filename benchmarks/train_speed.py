@@ -2,11 +2,12 @@
 
     python benchmarks/train_speed.py ../shared/data/coco-train --steps 20
 
-Measures, side by side in one run, the three ways ``deepmask train`` can take
-a step at batch 32 with the Lite0 trunk: fine-tuning everything, a frozen trunk
-on patches, and the heads on cached frozen-trunk maps (``--cache-features``,
-whose one-off cache build is timed per image). Data loading is included
-(``--workers`` as given).
+Measures, side by side in one run, the ways ``deepmask train`` can take a
+step at batch 32 with the Lite0 trunk: fine-tuning everything, a frozen trunk
+on patches, the heads on cached frozen-trunk maps (``--cache-features``, whose
+one-off cache build is timed per image), and, for each N of
+``--train-blocks``, the heads and the trunk's last N blocks on cached maps of
+those blocks' input. Data loading is included (in the main process).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from deepmask_cli.config import InferenceConfig, ModelConfig, SamplerConfig, Tra
 from deepmask_cli.data import PatchDataset, load_coco, resolve_coco
 from deepmask_cli.featcache import FeatureCache
 from deepmask_cli.model import build_model
+from deepmask_cli.runtime import describe_cpu
 from deepmask_cli.train import deepmask_loss
 
 
@@ -33,6 +35,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--cache-images", type=int, default=10, help="images to time the cache build on")
+    ap.add_argument("--train-blocks", default="1,3", help="comma-separated N of the cached rows with the last N blocks")
     args = ap.parse_args(argv)
     ann, images = resolve_coco(args.folder)
     records, _ = load_coco(ann, images)
@@ -63,30 +66,39 @@ def main(argv=None) -> int:
 
         timed(name, step)
 
-    model = build_model(mc, pretrained_trunk=True).train()
-    for p in model.trunk.parameters():
-        p.requires_grad_(False)
-    t0 = time.perf_counter()
     scales = InferenceConfig().scales
-    cache = FeatureCache(model, records[: args.cache_images], scales, sc)
-    build = (time.perf_counter() - t0) / args.cache_images
-    model.train()
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+    builds = {}
+    for n in [0, *(int(v) for v in args.train_blocks.split(",") if v.strip())]:
+        model = build_model(mc, pretrained_trunk=True).train()
+        for p in model.trunk.parameters():
+            p.requires_grad_(False)
+        if n:
+            for p in model.trunk.split(n)[1].parameters():
+                p.requires_grad_(True)
+        t0 = time.perf_counter()
+        cache = FeatureCache(model, records[: args.cache_images], scales, sc, tail=n)
+        builds[n] = (time.perf_counter() - t0) / args.cache_images
+        model.train()
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
 
-    def cstep(s):
-        f, m, y = cache.batch(s, args.batch_size, 0)
-        loss = deepmask_loss(*model(f, from_features=True), m, y, tc.score_weight)[0]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        def cstep(s, model=model, opt=opt, cache=cache, n=n):
+            f, m, y, *valid = cache.batch(s, args.batch_size, 0)
+            out = model(f, from_features=True, tail=n, valid=valid[0] if valid else None)
+            loss = deepmask_loss(*out, m, y, tc.score_weight)[0]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
 
-    timed("heads on cached features", cstep)
+        timed(f"cached, last {n} blocks trained" if n else "heads on cached features", cstep)
     base = rows[0][1]
-    print(f"batch {args.batch_size}, Lite0 trunk, {torch.get_num_threads()} threads, {platform.machine()} {os.cpu_count()} cores")
+    print(f"batch {args.batch_size}, Lite0 trunk, {torch.get_num_threads()} threads, {platform.machine()} {os.cpu_count()} cores, "
+          f"CPU {describe_cpu()}")
     print(f"{'mode':28s} {'s/step':>8s} {'samples/s':>10s} {'vs full':>8s}")
     for name, sec in rows:
         print(f"{name:28s} {sec:8.3f} {args.batch_size / sec:10.0f} {base / sec:7.1f}x")
-    print(f"cache build: {build:.2f} s per training image ({len(scales)} scales, image and mirror)")
+    for n, sec in builds.items():
+        print(f"cache build{f' (input of the last {n} blocks)' if n else ''}: {sec:.2f} s per training image "
+              f"({len(scales)} scales, image and mirror)")
     print(f"command: {' '.join(sys.argv)}")
     return 0
 
