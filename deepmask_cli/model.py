@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .trunks import Trunk, build_trunk, masked_forward
+from .trunks import Trunk, build_trunk, window_forward
 
 
 class MaskHead(nn.Module):
@@ -256,7 +256,7 @@ class DeepMask(nn.Module):
         patches; with ``tail`` > 0 they are windows of the input of the trunk's
         last ``tail`` blocks, ``f`` plus their reach (:meth:`Trunk.tail_halo`)
         on each side, with ``valid`` ``(B, 1, ., .)`` marking the cells on the
-        map (:func:`~deepmask_cli.trunks.masked_forward`); the blocks run on
+        map (:func:`~deepmask_cli.trunks.window_forward`); the blocks run on
         them first. ``refine=True`` gives the refined masks (:meth:`refined_masks`)."""
         if refine:
             return self.refined_masks(patches)
@@ -265,8 +265,8 @@ class DeepMask(nn.Module):
         if tail:
             if valid is None:
                 raise ValueError("windows for the trunk's last blocks need their valid cells")
-            h, f = self.trunk.tail_halo(tail), self.config.feat_size
-            patches = masked_forward(self.trunk.split(tail)[1], patches, valid)[:, :, h : h + f, h : h + f]
+            x = patches.contiguous(memory_format=torch.channels_last)  # the trunk's layout (features())
+            patches = window_forward(self.trunk.split(tail)[1], x, valid)
         return self.heads(patches)
 
     def refined_masks(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -93,9 +93,8 @@ class Trunk(nn.Module):
 
     def tail_halo(self, n: int) -> int:
         """Cells of context on each side that an output cell of the last ``n``
-        blocks reads from their input: the sum of their convolutions' reach."""
-        return sum((m.kernel_size[0] - 1) // 2 * m.dilation[0] for m in self.split(n)[1].modules()
-                   if isinstance(m, nn.Conv2d))
+        blocks reads from their input (:func:`conv_reach`)."""
+        return conv_reach(self.split(n)[1])
 
     def fused(self) -> "Trunk":
         """A copy for inference with every frozen batch norm folded into the
@@ -126,25 +125,40 @@ def fuse_conv_bn(conv: nn.Conv2d, bn: FrozenBatchNorm2d) -> nn.Conv2d:
     return fused
 
 
-def masked_forward(module: nn.Module, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """``module(x)`` for ``x``, a window cut from a larger map (zeros where the
-    window overhangs the map), as the whole map's pass computes it: ``valid``
-    (``(B, 1, H, W)``, 1 on the map's cells, 0 beyond them) zeroes the input of
-    every spatial convolution beyond the map, where the whole map's pass sees
-    its zero padding. For a module of stride 1 (a :meth:`Trunk.split` tail),
-    the output is then exact wherever its reach (:meth:`Trunk.tail_halo`) stays
-    inside the window."""
+def conv_reach(module: nn.Module) -> int:
+    """Cells of context on each side that an output cell of ``module`` (of
+    stride 1, its convolutions in sequence) reads from its input."""
+    return sum((m.kernel_size[0] - 1) // 2 * m.dilation[0] for m in module.modules() if isinstance(m, nn.Conv2d))
+
+
+def window_forward(module: nn.Module, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``module``'s output on a window of a larger map, as the whole map's pass
+    computes it: ``x`` is the window (zeros where it overhangs the map) and
+    ``valid`` (``(B, 1, H, W)``) is 1 on the map's cells, 0 beyond them. Each
+    spatial convolution's input is zeroed beyond the map, where the whole
+    map's pass sees its zero padding, so the cells whose reach
+    (:func:`conv_reach`) stays inside the window are exact: those are
+    returned, ``x`` less ``conv_reach(module)`` cells on each side. ``module``
+    has stride 1 (a :meth:`Trunk.split` tail); an ``nn.Sequential`` runs unit by
+    unit, each output cut to its exact cells before the next unit (less work
+    for a deep tail)."""
 
     def zero_beyond(_module, args):
         return (args[0] * valid, *args[1:])
 
-    hooks = [m.register_forward_pre_hook(zero_beyond) for m in module.modules()
-             if isinstance(m, nn.Conv2d) and max(m.kernel_size) > 1]
-    try:
-        return module(x)
-    finally:
-        for h in hooks:
-            h.remove()
+    for unit in module if isinstance(module, nn.Sequential) else [module]:
+        hooks = [m.register_forward_pre_hook(zero_beyond) for m in unit.modules()
+                 if isinstance(m, nn.Conv2d) and max(m.kernel_size) > 1]
+        try:
+            x = unit(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        r = conv_reach(unit)
+        if r:  # a dense copy: convolutions' backward on a strided view can be very slow on a CPU
+            layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+            x, valid = x[..., r:-r, r:-r].contiguous(memory_format=layout), valid[..., r:-r, r:-r]
+    return x
 
 
 # --------------------------------------------------------------------------- VGG-A
