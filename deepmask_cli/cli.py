@@ -497,7 +497,8 @@ class _TrainDisplay:
                 self.cache_task = p.add_task("cache", total=info["total"], stats="trunk maps of the pyramid")
             p.update(self.cache_task, completed=info["done"])
         elif kind == "cache_done":
-            p.console.print(f"feature cache{' (loaded)' if info.get('loaded') else ''}: {info['levels']} maps, {info['positives']} positive and "
+            how = " (loaded)" if info.get("loaded") else (f" ({info['reused']} images' maps reused)" if info.get("reused") else "")
+            p.console.print(f"feature cache{how}: {info['levels']} maps, {info['positives']} positive and "
                             f"{info['negatives']} negative windows, built in {info['seconds']:.0f} s")
         elif kind == "start":
             p.update(self.task, completed=info["start_step"])

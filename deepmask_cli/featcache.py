@@ -31,6 +31,7 @@ figures).
 from __future__ import annotations
 
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +48,16 @@ from .model import DeepMask
 from .pyramid import level_size, pyramid_canvas
 
 CACHE_VERSION = 1
+#: Images per file of an unfinished build (``PATH.parts/``): what an
+#: interruption can lose.
+PART_IMAGES = 16
+
+
+def _entry(rest, fmap) -> tuple:
+    """A stored level's ``(flip, scale, sx, sy, ny, nx)`` and map as
+    :class:`_Level`'s fields after ``image``."""
+    fl, sc, sx, sy, ny, nx = rest
+    return bool(fl), float(sc), float(sx), float(sy), fmap, int(ny), int(nx)
 
 
 @dataclass
@@ -71,7 +82,8 @@ class FeatureCache:
 
     def __init__(self, model: DeepMask, records: list[ImageRecord], scales: tuple[float, ...], sampler: SamplerConfig,
                  *, flips: bool = True, device: torch.device | str = "cpu", on_image=None,
-                 levels: list[_Level] | None = None, max_side: int | None = None, tail: int = 0) -> None:
+                 levels: list[_Level] | None = None, max_side: int | None = None, tail: int = 0,
+                 reuse: dict[str, list[tuple]] | None = None, parts: Path | None = None) -> None:
         self.model_config: ModelConfig = model.config
         #: The trunk's last blocks that train (``--train-blocks``): the maps
         #: are those of their input, and windows carry their reach.
@@ -84,7 +96,10 @@ class FeatureCache:
         #: Longer sides above this are capped before the pyramid, as inference
         #: does (default: InferenceConfig's).
         self.max_side = InferenceConfig.max_side if max_side is None else max_side
-        self.levels: list[_Level] = levels if levels is not None else self._build(model, device, on_image)
+        #: Images whose maps came from an earlier build (``reuse``) rather than the trunk.
+        self.reused = 0
+        self.levels: list[_Level] = levels if levels is not None else self._build(model, device, on_image, reuse or {},
+                                                                                 parts)
         pos, neg, hard = [], [], []
         for li, lv in enumerate(self.levels):
             a, b, c = self._label(li, lv, records[lv.image])
@@ -97,10 +112,14 @@ class FeatureCache:
         if len(self.positives) == 0:
             raise ConfigError("no positive window in the cached pyramid: objects are outside the scales' range")
 
-    def _build(self, model: DeepMask, device, on_image) -> list[_Level]:
-        levels = []
-        p = model.config.patch_size
-        f = model.config.feat_size
+    def _build(self, model: DeepMask, device, on_image, reuse: dict[str, list[tuple]], parts: Path | None
+               ) -> list[_Level]:
+        """Every image's maps: an image in ``reuse`` (its path -> its levels'
+        ``(flip, scale, sx, sy, fmap, ny, nx)``) takes them from there; the
+        others run the trunk, and with ``parts`` (a folder) they are also
+        written there every :data:`PART_IMAGES` images, so an interrupted build
+        resumes where it stopped (:meth:`load_or_build`)."""
+        levels, fresh = [], []
         model = model.eval()
         device = torch.device(device)
         # the frozen trunk with its batch norms folded: the same maps, fewer
@@ -110,20 +129,47 @@ class FeatureCache:
         if self.tail:  # the maps the trained blocks read
             trunk = trunk.split(self.tail)[0]
         for n, rec in enumerate(self.records):
-            img = record_image(rec)
-            base = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1).to(device)
-            for flip in (False, True) if self.flips else (False,):
-                t = base.flip(2) if flip else base
-                for scale in self.scales:
-                    h, w = level_size(rec.height, rec.width, scale, self.max_side)  # as inference sizes it
-                    canvas = pyramid_canvas([t], [(h, w)], p, model.normalize)
-                    with torch.no_grad():
-                        fmap = trunk(canvas.contiguous(memory_format=torch.channels_last))[0]
-                    ny, nx = fmap.shape[1] - f + 1, fmap.shape[2] - f + 1
-                    levels.append(_Level(n, flip, scale, w / rec.width, h / rec.height, fmap.half().cpu().contiguous(), ny, nx))
+            got = reuse.get(str(rec.path))
+            if got is not None:
+                levels.extend(_Level(n, *entry) for entry in got)
+                self.reused += 1
+            else:
+                mine = self._image_levels(model, trunk, n, rec, device)
+                levels.extend(mine)
+                fresh.extend(mine)
+                if parts is not None and len({lv.image for lv in fresh}) >= PART_IMAGES:
+                    self._save_part(parts, fresh)
+                    fresh = []
             if on_image:
                 on_image(n + 1, len(self.records))
         return levels
+
+    def _image_levels(self, model: DeepMask, trunk, n: int, rec: ImageRecord, device) -> list[_Level]:
+        """Image ``n``'s maps at every scale (and of its mirror image)."""
+        p, f = model.config.patch_size, model.config.feat_size
+        img = record_image(rec)
+        base = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1).to(device)
+        out = []
+        for flip in (False, True) if self.flips else (False,):
+            t = base.flip(2) if flip else base
+            for scale in self.scales:
+                h, w = level_size(rec.height, rec.width, scale, self.max_side)  # as inference sizes it
+                canvas = pyramid_canvas([t], [(h, w)], p, model.normalize)
+                with torch.no_grad():
+                    fmap = trunk(canvas.contiguous(memory_format=torch.channels_last))[0]
+                ny, nx = fmap.shape[1] - f + 1, fmap.shape[2] - f + 1
+                out.append(_Level(n, flip, scale, w / rec.width, h / rec.height, fmap.half().cpu().contiguous(), ny, nx))
+        return out
+
+    def _save_part(self, parts: Path, levels: list[_Level]) -> None:
+        """Write ``levels`` (whole images) to a file of the ``parts`` folder,
+        atomically, keyed by their images' paths."""
+        parts.mkdir(parents=True, exist_ok=True)
+        meta = self._meta(self.model_config, [], self.scales, self.flips, self.max_side, self.tail)
+        atomic_save({"meta": meta,
+                     "levels": [(str(self.records[lv.image].path), lv.flip, lv.scale, lv.sx, lv.sy, lv.ny, lv.nx)
+                                for lv in levels],
+                     "fmaps": [lv.fmap for lv in levels]}, parts / f"{levels[0].image:06d}.pt")
 
     # ------------------------------------------------------------ persistence
     @staticmethod
@@ -160,21 +206,54 @@ class FeatureCache:
                       sampler: SamplerConfig, *, flips: bool = True, device: torch.device | str = "cpu",
                       on_image=None, max_side: int | None = None, tail: int = 0) -> tuple["FeatureCache", bool]:
         """The cache saved at ``path`` when it was made from the same images,
-        trunk, patch size and scales; otherwise a fresh one, saved there.
+        trunk, patch size and scales; otherwise one built and saved there.
         Returns ``(cache, loaded)``. (The trunk's weights are not compared:
-        a cache file belongs to one pretrained trunk.)"""
+        a cache file belongs to one pretrained trunk.)
+
+        A build reuses what it can: the maps of any image that the file at
+        ``path`` holds with the same trunk and scales (a cache of some of the
+        images, e.g. before copy-paste composites were added), and those
+        that an interrupted build left in ``PATH.parts/`` (written every
+        :data:`PART_IMAGES` images; removed once the whole cache is saved).
+        ``cache.reused`` says how many images came from them."""
         max_side = InferenceConfig.max_side if max_side is None else max_side
-        if path is not None and Path(path).exists():
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-            if cls._matches(blob.get("meta") or {}, model.config, records, scales, flips, max_side, tail):
-                levels = [_Level(int(i), bool(fl), float(sc), float(sx), float(sy), fm, int(ny), int(nx))
-                          for (i, fl, sc, sx, sy, ny, nx), fm in zip(blob["levels"], blob["fmaps"])]
-                return cls(model, records, scales, sampler, flips=flips, levels=levels, max_side=max_side,
-                           tail=tail), True
+        reuse: dict[str, list[tuple]] = {}
+        parts = None
+        if path is not None:
+            path = Path(path)
+            parts = path.with_name(path.name + ".parts")
+            want = cls._meta(model.config, [], scales, flips, max_side, tail)
+            needed = {str(r.path) for r in records}
+            if path.exists():
+                blob = torch.load(path, map_location="cpu", weights_only=True)
+                meta = blob.get("meta") or {}
+                if cls._matches(meta, model.config, records, scales, flips, max_side, tail):
+                    levels = [_Level(int(i), bool(fl), float(sc), float(sx), float(sy), fm, int(ny), int(nx))
+                              for (i, fl, sc, sx, sy, ny, nx), fm in zip(blob["levels"], blob["fmaps"])]
+                    return cls(model, records, scales, sampler, flips=flips, levels=levels, max_side=max_side,
+                               tail=tail), True
+                if {**meta, "images": []} == want:  # other images, same maps: keep theirs
+                    names = meta["images"]
+                    for (i, *rest), fm in zip(blob["levels"], blob["fmaps"]):
+                        if names[int(i)] in needed:
+                            reuse.setdefault(names[int(i)], []).append(_entry(rest, fm))
+                del blob
+            for part in sorted(parts.glob("*.pt")) if parts.is_dir() else []:
+                try:
+                    blob = torch.load(part, map_location="cpu", weights_only=True)
+                except Exception:  # noqa: BLE001 - a part cut short by the interruption: rebuilt
+                    continue
+                if blob.get("meta") == want:
+                    got: dict[str, list[tuple]] = {}
+                    for (name, *rest), fm in zip(blob["levels"], blob["fmaps"]):
+                        if name in needed:
+                            got.setdefault(name, []).append(_entry(rest, fm))
+                    reuse.update(got)
         cache = cls(model, records, scales, sampler, flips=flips, device=device, on_image=on_image, max_side=max_side,
-                    tail=tail)
+                    tail=tail, reuse=reuse, parts=parts)
         if path is not None:
             cache.save(path)
+            shutil.rmtree(parts, ignore_errors=True)
         return cache, False
 
     def _label(self, li: int, lv: _Level, rec: ImageRecord):

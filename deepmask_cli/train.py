@@ -348,7 +348,7 @@ def train(
                                                    pyramid.scales, sampler_cfg, device=device, tail=config.train_blocks,
                                                    on_image=lambda n, total: emit("cache", {"done": n, "total": total}))
         emit("cache_done", {"seconds": time.time() - t_cache, "levels": len(cache), "positives": len(cache.positives),
-                            "negatives": len(cache.negatives), "loaded": loaded})
+                            "negatives": len(cache.negatives), "loaded": loaded, "reused": cache.reused})
         loader = (cache.batch(t, config.batch_size, config.seed, rank, world) for t in range(start_step, config.steps))
     else:
         dataset = PatchDataset(records, target_config, sampler_cfg, seed=config.seed, fill=fill)

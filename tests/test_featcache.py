@@ -100,3 +100,62 @@ def test_windows_for_trained_tail_blocks_give_inferences_maps(records):
             torch.testing.assert_close(got[1], ref[1], atol=5e-2, rtol=5e-2)
     feats, masks, labels, valid = cache.batch(0, 4, seed=0)
     assert feats.shape[-2:] == valid.shape[-2:] == (f + 8, f + 8) and valid.shape[1] == 1
+
+
+def _counting(monkeypatch):
+    """Count the images whose maps the trunk computes."""
+    computed = []
+    real = FeatureCache._image_levels
+
+    def spy(self, model, trunk, n, rec, device):
+        computed.append(str(rec.path))
+        return real(self, model, trunk, n, rec, device)
+
+    monkeypatch.setattr(FeatureCache, "_image_levels", spy)
+    return computed
+
+
+def _same_maps(a, b):
+    assert [(lv.image, lv.flip, lv.scale) for lv in a.levels] == [(lv.image, lv.flip, lv.scale) for lv in b.levels]
+    assert all(torch.equal(x.fmap, y.fmap) for x, y in zip(a.levels, b.levels))
+    assert np.array_equal(a.positives, b.positives) and np.array_equal(a.negatives, b.negatives)
+
+
+def test_an_interrupted_cache_build_resumes_where_it_stopped(records, tmp_path, monkeypatch):
+    """The maps are written every PART_IMAGES images; a build cut short
+    (Ctrl-C, a killed job) loses at most the part in progress, and the next
+    run computes only the rest, to the same cache."""
+    from deepmask_cli import featcache
+
+    monkeypatch.setattr(featcache, "PART_IMAGES", 2)
+    model, sampler, path = tiny_model(TINY), SamplerConfig(), tmp_path / "maps.pt"
+    assert len(records) == 4
+    whole = FeatureCache(model, records, SCALES, sampler)
+
+    def stop_after_3(done, total):
+        if done == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        FeatureCache.load_or_build(path, model, records, SCALES, sampler, on_image=stop_after_3)
+    assert not path.exists() and len(list((tmp_path / "maps.pt.parts").glob("*.pt"))) == 1  # images 1-2
+    computed = _counting(monkeypatch)
+    cache, loaded = FeatureCache.load_or_build(path, model, records, SCALES, sampler)
+    assert not loaded and cache.reused == 2 and computed == [str(r.path) for r in records[2:]]
+    _same_maps(cache, whole)
+    assert path.exists() and not (tmp_path / "maps.pt.parts").exists()  # done: one file
+
+
+def test_a_cache_of_some_of_the_images_is_extended(records, tmp_path, monkeypatch):
+    """A cache file of the same trunk and scales over other images (e.g.
+    before copy-paste composites were added) gives the images it has; only
+    the new ones run the trunk. Other scales give nothing."""
+    model, sampler, path = tiny_model(TINY), SamplerConfig(), tmp_path / "maps.pt"
+    FeatureCache.load_or_build(path, model, records[:2], SCALES, sampler)
+    computed = _counting(monkeypatch)
+    cache, loaded = FeatureCache.load_or_build(path, model, records, SCALES, sampler)
+    assert not loaded and cache.reused == 2 and computed == [str(r.path) for r in records[2:]]
+    _same_maps(cache, FeatureCache(model, records, SCALES, sampler))
+    computed.clear()
+    other = FeatureCache.load_or_build(path, model, records, SCALES[:2], sampler)[0]
+    assert other.reused == 0 and len(computed) == len(records)
