@@ -214,8 +214,10 @@ class FeatureCache:
         ``path`` holds with the same trunk and scales (a cache of some of the
         images, e.g. before copy-paste composites were added), and those
         that an interrupted build left in ``PATH.parts/`` (written every
-        :data:`PART_IMAGES` images; removed once the whole cache is saved).
-        ``cache.reused`` says how many images came from them."""
+        :data:`PART_IMAGES` images; removed once the whole cache is built).
+        ``cache.reused`` says how many images came from them. A file holding
+        images this run does not use is left as it is (this run's cache is
+        then not saved)."""
         max_side = InferenceConfig.max_side if max_side is None else max_side
         reuse: dict[str, list[tuple]] = {}
         parts = None
@@ -224,6 +226,7 @@ class FeatureCache:
             parts = path.with_name(path.name + ".parts")
             want = cls._meta(model.config, [], scales, flips, max_side, tail)
             needed = {str(r.path) for r in records}
+            keep_file = False
             if path.exists():
                 blob = torch.load(path, map_location="cpu", weights_only=True)
                 meta = blob.get("meta") or {}
@@ -234,6 +237,7 @@ class FeatureCache:
                                tail=tail), True
                 if {**meta, "images": []} == want:  # other images, same maps: keep theirs
                     names = meta["images"]
+                    keep_file = not set(names) <= needed  # a file with maps this run drops is not overwritten
                     for (i, *rest), fm in zip(blob["levels"], blob["fmaps"]):
                         if names[int(i)] in needed:
                             reuse.setdefault(names[int(i)], []).append(_entry(rest, fm))
@@ -251,8 +255,9 @@ class FeatureCache:
                     reuse.update(got)
         cache = cls(model, records, scales, sampler, flips=flips, device=device, on_image=on_image, max_side=max_side,
                     tail=tail, reuse=reuse, parts=parts)
-        if path is not None:
+        if path is not None and not keep_file:
             cache.save(path)
+        if parts is not None:
             shutil.rmtree(parts, ignore_errors=True)
         return cache, False
 
