@@ -31,7 +31,6 @@ figures).
 from __future__ import annotations
 
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -227,6 +226,7 @@ class FeatureCache:
             want = cls._meta(model.config, [], scales, flips, max_side, tail)
             needed = {str(r.path) for r in records}
             keep_file = False
+            spare: set[Path] = set()  # part files with images this run does not use
             if path.exists():
                 blob = torch.load(path, map_location="cpu", weights_only=True)
                 meta = blob.get("meta") or {}
@@ -245,20 +245,26 @@ class FeatureCache:
             for part in sorted(parts.glob("*.pt")) if parts.is_dir() else []:
                 try:
                     blob = torch.load(part, map_location="cpu", weights_only=True)
-                except Exception:  # noqa: BLE001 - a part cut short by the interruption: rebuilt
+                except Exception:  # noqa: BLE001 - an unreadable part: its images are rebuilt
                     continue
                 if blob.get("meta") == want:
                     got: dict[str, list[tuple]] = {}
                     for (name, *rest), fm in zip(blob["levels"], blob["fmaps"]):
                         if name in needed:
                             got.setdefault(name, []).append(_entry(rest, fm))
+                        else:  # another (larger) build's: kept for it
+                            spare.add(part)
                     reuse.update(got)
         cache = cls(model, records, scales, sampler, flips=flips, device=device, on_image=on_image, max_side=max_side,
                     tail=tail, reuse=reuse, parts=parts)
         if path is not None and not keep_file:
             cache.save(path)
-        if parts is not None:
-            shutil.rmtree(parts, ignore_errors=True)
+        if parts is not None and parts.is_dir():  # what the whole cache now holds
+            for part in parts.glob("*.pt"):
+                if part not in spare:
+                    part.unlink()
+            if not any(parts.iterdir()):
+                parts.rmdir()
         return cache, False
 
     def _label(self, li: int, lv: _Level, rec: ImageRecord):

@@ -146,6 +146,30 @@ def test_an_interrupted_cache_build_resumes_where_it_stopped(records, tmp_path, 
     assert path.exists() and not (tmp_path / "maps.pt.parts").exists()  # done: one file
 
 
+def test_a_smaller_run_leaves_a_larger_builds_parts(records, tmp_path, monkeypatch):
+    """Parts of an unfinished build over more images serve a run over some
+    of them, and are kept for the larger build to resume."""
+    from deepmask_cli import featcache
+
+    monkeypatch.setattr(featcache, "PART_IMAGES", 2)
+    model, sampler, path = tiny_model(TINY), SamplerConfig(), tmp_path / "maps.pt"
+
+    def stop_after_3(done, total):
+        if done == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        FeatureCache.load_or_build(path, model, records, SCALES, sampler, on_image=stop_after_3)
+    parts = sorted((tmp_path / "maps.pt.parts").glob("*.pt"))
+    assert len(parts) == 1  # images 1-2
+    assert FeatureCache.load_or_build(path, model, records[:1], SCALES, sampler)[0].reused == 1
+    assert sorted((tmp_path / "maps.pt.parts").glob("*.pt")) == parts  # image 2 is not in the smaller cache
+    computed = _counting(monkeypatch)
+    path.unlink()  # the smaller run's file: the larger build resumes from the parts alone
+    assert FeatureCache.load_or_build(path, model, records, SCALES, sampler)[0].reused == 2
+    assert computed == [str(r.path) for r in records[2:]]
+
+
 def test_a_cache_of_some_of_the_images_is_extended(records, tmp_path, monkeypatch):
     """A cache file of the same trunk and scales over other images (e.g.
     before copy-paste composites were added) gives the images it has; only
