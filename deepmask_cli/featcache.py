@@ -220,24 +220,23 @@ class FeatureCache:
         max_side = InferenceConfig.max_side if max_side is None else max_side
         reuse: dict[str, list[tuple]] = {}
         parts = None
+        keep_file = False  # the file at path holds maps this run drops: not overwritten
+        spare: set[Path] = set()  # part files with images this run does not use
         if path is not None:
             path = Path(path)
             parts = path.with_name(path.name + ".parts")
             want = cls._meta(model.config, [], scales, flips, max_side, tail)
             needed = {str(r.path) for r in records}
-            keep_file = False
-            spare: set[Path] = set()  # part files with images this run does not use
             if path.exists():
                 blob = torch.load(path, map_location="cpu", weights_only=True)
                 meta = blob.get("meta") or {}
                 if cls._matches(meta, model.config, records, scales, flips, max_side, tail):
-                    levels = [_Level(int(i), bool(fl), float(sc), float(sx), float(sy), fm, int(ny), int(nx))
-                              for (i, fl, sc, sx, sy, ny, nx), fm in zip(blob["levels"], blob["fmaps"])]
+                    levels = [_Level(int(i), *_entry(rest, fm)) for (i, *rest), fm in zip(blob["levels"], blob["fmaps"])]
                     return cls(model, records, scales, sampler, flips=flips, levels=levels, max_side=max_side,
                                tail=tail), True
                 if {**meta, "images": []} == want:  # other images, same maps: keep theirs
                     names = meta["images"]
-                    keep_file = not set(names) <= needed  # a file with maps this run drops is not overwritten
+                    keep_file = not set(names) <= needed
                     for (i, *rest), fm in zip(blob["levels"], blob["fmaps"]):
                         if names[int(i)] in needed:
                             reuse.setdefault(names[int(i)], []).append(_entry(rest, fm))
