@@ -216,7 +216,7 @@ class FeatureCache:
         :data:`PART_IMAGES` images; removed once the whole cache is built).
         ``cache.reused`` says how many images came from them. A file holding
         images this run does not use is left as it is (this run's cache is
-        then not saved)."""
+        then not saved, and the maps it computed stay in the parts)."""
         max_side = InferenceConfig.max_side if max_side is None else max_side
         reuse: dict[str, list[tuple]] = {}
         parts = None
@@ -256,9 +256,10 @@ class FeatureCache:
                     reuse.update(got)
         cache = cls(model, records, scales, sampler, flips=flips, device=device, on_image=on_image, max_side=max_side,
                     tail=tail, reuse=reuse, parts=parts)
-        if path is not None and not keep_file:
-            cache.save(path)
-        if parts is not None and parts.is_dir():  # what the whole cache now holds
+        if path is None or keep_file:  # nothing saved: the parts are this run's only copy
+            return cache, False
+        cache.save(path)
+        if parts.is_dir():  # what the whole cache now holds
             for part in parts.glob("*.pt"):
                 if part not in spare:
                     part.unlink()

@@ -186,3 +186,19 @@ def test_a_cache_of_some_of_the_images_is_extended(records, tmp_path, monkeypatc
     assert torch.load(path, weights_only=True)["meta"]["images"] == held
     other = FeatureCache.load_or_build(path, model, records, SCALES[:2], sampler)[0]
     assert other.reused == 0 and len(computed) == len(records)
+
+
+def test_a_run_that_keeps_a_larger_file_keeps_the_maps_it_computed(records, tmp_path, monkeypatch):
+    """When the file at --cache-file holds images a run does not use, the
+    run does not overwrite it; the maps it computed stay in the parts, for
+    the next run to take."""
+    from deepmask_cli import featcache
+
+    monkeypatch.setattr(featcache, "PART_IMAGES", 1)
+    model, sampler, path = tiny_model(TINY), SamplerConfig(), tmp_path / "maps.pt"
+    FeatureCache.load_or_build(path, model, records[:2], SCALES, sampler)
+    cache = FeatureCache.load_or_build(path, model, records[1:], SCALES, sampler)[0]
+    assert cache.reused == 1 and len(list((tmp_path / "maps.pt.parts").glob("*.pt"))) == 2
+    computed = _counting(monkeypatch)
+    assert FeatureCache.load_or_build(path, model, records, SCALES, sampler)[0].reused == 4 and not computed
+    assert not (tmp_path / "maps.pt.parts").exists()
