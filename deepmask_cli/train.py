@@ -261,6 +261,11 @@ def train(
 
     if config.copy_paste < 0:  # before the data is read
         raise TrainError(f"--copy-paste {config.copy_paste}: give a number of composites, 0 or more")
+    if config.train_blocks < 0:
+        raise TrainError(f"--train-blocks {config.train_blocks}: give a number of blocks, 0 or more")
+    if config.train_blocks and (refine or not config.freeze_trunk):
+        raise TrainError("--train-blocks fine-tunes the last blocks of an otherwise frozen trunk: add --freeze-trunk "
+                         "(--train-trunk trains all of it; --refine keeps DeepMask as it is)")
     categories = frozenset(config.categories) if config.categories is not None else None
     records, report = load_coco(train_data.ann, train_data.images, sampler=sampler_cfg, skip_bad_images=skip_bad_images,
                                 check_decode=True, categories=categories)
@@ -279,11 +284,6 @@ def train(
         emit("data", {"split": "val", "images": len(val_records), "report": vreport,
                       "objects": sum(i.usable for r in val_records for i in r.instances)})
 
-    if config.train_blocks < 0:
-        raise TrainError(f"--train-blocks {config.train_blocks}: give a number of blocks, 0 or more")
-    if config.train_blocks and (refine or not config.freeze_trunk):
-        raise TrainError("--train-blocks fine-tunes the last blocks of an otherwise frozen trunk: add --freeze-trunk "
-                         "(--train-trunk trains all of it; --refine keeps DeepMask as it is)")
     if config.cache_features and not config.freeze_trunk:
         raise TrainError("--cache-features trains the heads on a frozen trunk's maps: add --freeze-trunk")
     if (config.feature_dropout > 0 or config.cache_file) and not config.cache_features:
