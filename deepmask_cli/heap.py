@@ -10,6 +10,17 @@ photo then faults its pages in again, which costs time if done after every
 photo. :class:`MemoryCap` trims only when the process has grown by
 :data:`SLACK_MB` since its first photo: resident memory stays under that
 ceiling, and trims are rare.
+
+The torch runtime allocates each of a pass's tensors with ``malloc``, and
+glibc serves buffers up to 32 MB from its heaps (its mmap threshold rises to
+the size of the largest buffer freed), where they linger and fragment; the
+largest maps, of the high-resolution levels, are mapped on their own, on top
+of that. :func:`map_large_buffers` lowers the threshold so that every buffer
+of :data:`MMAP_THRESHOLD_MB` or more gets its own pages and gives them back
+when freed: the heaps then hold little between photos, and a large photo's
+peak is its pass alone (``benchmarks/memory.py`` measures it). ONNX Runtime
+serves its tensors from its own arena, so the int8 and ONNX runtimes leave the
+threshold as it is.
 """
 
 from __future__ import annotations
@@ -23,6 +34,12 @@ import os
 #: first batch before the free pages are given back.
 SLACK_MB = 512
 
+#: Buffers of at least this size get pages of their own from the OS and
+#: return them when freed (:func:`map_large_buffers`).
+MMAP_THRESHOLD_MB = 4
+
+_M_MMAP_THRESHOLD = -3  # mallopt's parameter number, malloc.h
+
 
 @functools.cache
 def _malloc_trim():
@@ -34,6 +51,26 @@ def _malloc_trim():
         return None
     fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
     return fn
+
+
+@functools.cache
+def _mallopt():
+    """glibc's ``mallopt``, or None."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        fn = libc.mallopt
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return fn
+
+
+def map_large_buffers(threshold_mb: int = MMAP_THRESHOLD_MB) -> bool:
+    """Have glibc give every later buffer of ``threshold_mb`` MB or more its
+    own pages, returned to the OS when it is freed, for the rest of the
+    process. True if set; False where that is not possible (not glibc)."""
+    fn = _mallopt()
+    return bool(fn(_M_MMAP_THRESHOLD, threshold_mb * 2**20)) if fn is not None else False
 
 
 def release_free_memory() -> bool:

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from .errors import UserError
-from .heap import MemoryCap
+from .heap import MemoryCap, map_large_buffers
 from .images import ImageError, InputProblem, collect_images, load_image
 from .inference import Proposer
 from .pyramid import image_to_tensor
@@ -151,7 +151,9 @@ def run_propose(
     ``release_memory`` gives freed memory back to the OS whenever the
     process has grown by :data:`~deepmask_cli.heap.SLACK_MB` since its first
     batch (:class:`~deepmask_cli.heap.MemoryCap`), so resident memory stays
-    flat over a long run.
+    flat over a long run; with the torch runtime on a CPU it also has glibc
+    map large buffers on their own, for the rest of the process
+    (:func:`~deepmask_cli.heap.map_large_buffers`).
     """
     if fmt not in FORMATS:
         raise ProposeError(f"unknown --format {fmt!r}; use {', '.join(FORMATS)}")
@@ -207,6 +209,8 @@ def run_propose(
     batches = [todo[i : i + bs] for i in range(0, len(todo), bs)]
 
     cap = MemoryCap() if release_memory else None
+    if release_memory and proposer.runtime == "torch" and proposer.device.type == "cpu":
+        map_large_buffers()  # torch's CPU tensors are malloc'd one by one (see heap)
     decoder = ThreadPoolExecutor(max_workers=min(4, max(1, bs)), thread_name_prefix="deepmask-decode")
     encoder = None
     if workers > 0:

@@ -20,3 +20,31 @@ def test_memory_cap_does_nothing_without_glibc_or_proc(monkeypatch):
     monkeypatch.undo()
     monkeypatch.setattr(heap, "resident_bytes", lambda: None)
     assert not heap.MemoryCap()()
+
+
+def test_map_large_buffers_sets_glibcs_mmap_threshold(monkeypatch):
+    calls = []
+    monkeypatch.setattr(heap, "_mallopt", lambda: (lambda param, value: calls.append((param, value)) or 1))
+    assert heap.map_large_buffers(8)
+    assert calls == [(-3, 8 * 2**20)]  # M_MMAP_THRESHOLD in malloc.h
+    monkeypatch.setattr(heap, "_mallopt", lambda: None)
+    assert not heap.map_large_buffers()
+
+
+def test_only_the_torch_runtime_on_a_cpu_maps_large_buffers(monkeypatch, tiny_weights, synth_coco, tmp_path):
+    """torch's CPU tensors come from malloc; ONNX Runtime's from its own arena."""
+    from deepmask_cli import propose
+    from deepmask_cli.propose import load_proposer, run_propose
+
+    calls = []
+    monkeypatch.setattr(propose, "map_large_buffers", lambda: calls.append(1) or True)
+    proposer = load_proposer(tiny_weights, device="cpu")
+    assert proposer.runtime == "torch"
+    images = sorted((synth_coco / "images").iterdir())[:1]
+    run_propose(images, tmp_path / "a.json", proposer=proposer)
+    assert calls == [1]
+    run_propose(images, tmp_path / "b.json", proposer=proposer, release_memory=False)
+    assert calls == [1]
+    proposer.runtime = "onnx-int8"  # only read by the policy here: no image is run
+    run_propose([], tmp_path / "c.json", proposer=proposer)
+    assert calls == [1]
