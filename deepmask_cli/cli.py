@@ -22,7 +22,7 @@ from rich.text import Text
 from . import __version__
 from .config import CALIBRATION_METHODS, PRECISIONS, RUNTIMES, TRUNKS, InferenceConfig, ModelConfig, SamplerConfig, TrainConfig
 from .errors import UserError
-from .heap import SLACK_MB
+from .heap import MAPPED_SLACK_MB, MMAP_THRESHOLD_MB, SLACK_MB
 from .sinks import FORMATS
 
 err = Console(stderr=True, highlight=False)
@@ -91,7 +91,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 @click.option("--resume", is_flag=True, help="Continue an interrupted run into the same output, skipping finished images.")
 @click.option("--strict", is_flag=True, help="Stop at the first bad image instead of reporting it and going on.")
 @click.option("--no-exif", is_flag=True, help="Ignore EXIF orientation (default: masks follow the image as viewers show it).")
-@click.option("--release-memory/--keep-memory", default=True, show_default=True, help=f"Give freed memory back to the OS whenever the process has grown by {SLACK_MB} MB since its first image, so resident memory stays flat over a long run.")
+@click.option("--release-memory/--keep-memory", default=True, show_default=True, help=f"Give freed memory back to the OS whenever the process has grown by {SLACK_MB} MB since its first image (with the torch runtime on a CPU: {MAPPED_SLACK_MB} MB, and buffers of {MMAP_THRESHOLD_MB} MB or more mapped on their own), so resident memory stays flat over a long run.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, only errors.")
 def propose(images, out_path, weights, device, gt, fmt, show, max_proposals, score_thresh, mask_thresh, nms, nms_thresh,
             maskness, nms_demote, pre_nms_topk, scales, refine, refine_topk, max_side, batch_size, workers, precision, runtime, shard, resume, strict, no_exif,

@@ -38,6 +38,11 @@ SLACK_MB = 512
 #: return them when freed (:func:`map_large_buffers`).
 MMAP_THRESHOLD_MB = 4
 
+#: The ceiling once large buffers are mapped on their own: the heaps then
+#: grow only by small buffers, a few MB a photo, so a trim is rare and cheap,
+#: and a lower ceiling keeps a long run near its first photos' level.
+MAPPED_SLACK_MB = 256
+
 _M_MMAP_THRESHOLD = -3  # mallopt's parameter number, malloc.h
 
 

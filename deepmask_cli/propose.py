@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from .errors import UserError
-from .heap import MemoryCap, map_large_buffers
+from .heap import MAPPED_SLACK_MB, SLACK_MB, MemoryCap, map_large_buffers
 from .images import ImageError, InputProblem, collect_images, load_image
 from .inference import Proposer
 from .pyramid import image_to_tensor
@@ -153,7 +153,8 @@ def run_propose(
     batch (:class:`~deepmask_cli.heap.MemoryCap`), so resident memory stays
     flat over a long run; with the torch runtime on a CPU it also has glibc
     map large buffers on their own, for the rest of the process
-    (:func:`~deepmask_cli.heap.map_large_buffers`).
+    (:func:`~deepmask_cli.heap.map_large_buffers`), and the ceiling is
+    :data:`~deepmask_cli.heap.MAPPED_SLACK_MB`.
     """
     if fmt not in FORMATS:
         raise ProposeError(f"unknown --format {fmt!r}; use {', '.join(FORMATS)}")
@@ -208,9 +209,11 @@ def run_propose(
     bs = max(1, batch_size)
     batches = [todo[i : i + bs] for i in range(0, len(todo), bs)]
 
-    cap = MemoryCap() if release_memory else None
-    if release_memory and proposer.runtime == "torch" and proposer.device.type == "cpu":
-        map_large_buffers()  # torch's CPU tensors are malloc'd one by one (see heap)
+    cap = None
+    if release_memory:
+        # torch's CPU tensors are malloc'd one by one; ONNX Runtime has its own arena (see heap)
+        mapped = proposer.runtime == "torch" and proposer.device.type == "cpu" and map_large_buffers()
+        cap = MemoryCap(MAPPED_SLACK_MB if mapped else SLACK_MB)
     decoder = ThreadPoolExecutor(max_workers=min(4, max(1, bs)), thread_name_prefix="deepmask-decode")
     encoder = None
     if workers > 0:

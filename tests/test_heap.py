@@ -32,19 +32,26 @@ def test_map_large_buffers_sets_glibcs_mmap_threshold(monkeypatch):
 
 
 def test_only_the_torch_runtime_on_a_cpu_maps_large_buffers(monkeypatch, tiny_weights, synth_coco, tmp_path):
-    """torch's CPU tensors come from malloc; ONNX Runtime's from its own arena."""
+    """torch's CPU tensors come from malloc; ONNX Runtime's from its own
+    arena. Once large buffers are mapped, the ceiling is the lower one."""
     from deepmask_cli import propose
     from deepmask_cli.propose import load_proposer, run_propose
 
-    calls = []
+    calls, slacks = [], []
     monkeypatch.setattr(propose, "map_large_buffers", lambda: calls.append(1) or True)
+    monkeypatch.setattr(propose, "MemoryCap", lambda slack: slacks.append(slack) or heap.MemoryCap(slack))
     proposer = load_proposer(tiny_weights, device="cpu")
     assert proposer.runtime == "torch"
     images = sorted((synth_coco / "images").iterdir())[:1]
     run_propose(images, tmp_path / "a.json", proposer=proposer)
-    assert calls == [1]
+    assert calls == [1] and slacks == [heap.MAPPED_SLACK_MB]
     run_propose(images, tmp_path / "b.json", proposer=proposer, release_memory=False)
-    assert calls == [1]
+    assert calls == [1] and slacks == [heap.MAPPED_SLACK_MB]
     proposer.runtime = "onnx-int8"  # only read by the policy here: no image is run
     run_propose([], tmp_path / "c.json", proposer=proposer)
-    assert calls == [1]
+    assert calls == [1] and slacks == [heap.MAPPED_SLACK_MB, heap.SLACK_MB]
+    # where glibc cannot map them (another C library), the usual ceiling
+    monkeypatch.setattr(propose, "map_large_buffers", lambda: False)
+    proposer.runtime = "torch"
+    run_propose([], tmp_path / "d.json", proposer=proposer)
+    assert slacks[-1] == heap.SLACK_MB
