@@ -39,35 +39,33 @@ SLACK_MB = 512
 MMAP_THRESHOLD_MB = 4
 
 #: The ceiling once large buffers are mapped on their own: the heaps then
-#: grow only by small buffers, a few MB a photo, so a trim is rare and cheap,
-#: and a lower ceiling keeps a long run near its first photos' level.
+#: hold only small buffers, and the lower ceiling keeps a long run near its
+#: first photos' level (``benchmarks/memory.py`` measures it).
 MAPPED_SLACK_MB = 256
 
 _M_MMAP_THRESHOLD = -3  # mallopt's parameter number, malloc.h
 
 
 @functools.cache
-def _malloc_trim():
-    """glibc's ``malloc_trim``, or None (another C library: musl, macOS)."""
+def _libc(name: str, argtypes: tuple) -> object | None:
+    """The C library's function ``name`` (int result), or None where the C
+    library is not glibc (musl, macOS)."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        fn = libc.malloc_trim
+        fn = getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
     except (OSError, AttributeError):
         return None
-    fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+    fn.argtypes, fn.restype = list(argtypes), ctypes.c_int
     return fn
 
 
-@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None."""
+    return _libc("malloc_trim", (ctypes.c_size_t,))
+
+
 def _mallopt():
     """glibc's ``mallopt``, or None."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        fn = libc.mallopt
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes, fn.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return fn
+    return _libc("mallopt", (ctypes.c_int, ctypes.c_int))
 
 
 def map_large_buffers(threshold_mb: int = MMAP_THRESHOLD_MB) -> bool:
