@@ -305,7 +305,7 @@ def merge(parts, out_path) -> None:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda (under torchrun: each process's own GPU).")
 @click.option("--seed", type=int, default=None, help=f"Seed of the sampler and the initialisation. [default: {_T.seed}]")
 @click.option("--refine", is_flag=True, help="SharpMask's second stage: train refinement modules on the frozen DeepMask of --init (patches, positives only).")
-@click.option("--init", "init_weights", type=click.Path(), default=None, help="With --refine: the DeepMask weights folder (or shipped name) to refine.")
+@click.option("--init", "init_weights", type=click.Path(), default=None, help="Weights folder (or shipped name) to start from: fine-tune its network (its architecture and tuned inference values kept), or with --refine, the frozen DeepMask to refine.")
 @click.option("--categories", "categories_spec", default=None, help="Train on these COCO categories only, the others left unlabelled: voc (the 20 PASCAL ones), non-voc, or ids 1,2,3. [default: all]")
 @click.option("--copy-paste", type=int, default=None, help="Add this many copy-paste composites to the training images (each a training image with another's objects pasted on it at a random scale and place; written to the run folder). [default: 0]")
 @click.option("--resume", is_flag=True, help="Continue from the run folder's last checkpoint.")
@@ -372,6 +372,9 @@ def train(data_dir, out_dir, val_dir, ann, images_dir, val_ann, val_images, trun
         freeze_trunk = True if freeze_trunk is None else freeze_trunk
     if init_weights is not None:
         from .weights import weights_folder
+
+        if not refine and (trunk or patch_size or object_size or model_config_file):
+            _fail("--init brings its own network: drop --trunk, --patch-size, --object-size and --model-config")
 
         init_weights = weights_folder(init_weights)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1

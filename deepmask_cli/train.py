@@ -210,7 +210,12 @@ def train(
 ) -> Path:
     """Train DeepMask and return the run folder's exported weights folder.
 
-    With ``model_config.refine`` and ``init`` (a weights folder), the second
+    With ``init`` (a weights folder) alone, fine-tuning: the network is
+    ``init``'s (``model_config`` is not used), trained as ``config`` says
+    (the trunk frozen, its last blocks, or all of it), and the exported weights
+    keep ``init``'s tuned inference values.
+
+    With ``model_config.refine`` and ``init``, the second
     stage of SharpMask: the network is ``init``'s, frozen, with refinement
     modules of those widths on top, trained alone on positive patches with the
     per-pixel loss at their resolution (``model_config``'s other fields are
@@ -243,8 +248,6 @@ def train(
                           f"{', '.join(overridden)} (start a new run folder to train with other settings)", stacklevel=2)
     sampler_cfg = config.sampler
     refine = bool(model_config.refine)
-    if init is not None and not refine:
-        raise TrainError("--init gives the weights --refine starts from; add --refine")
     if refine and config.cache_features:
         raise TrainError("--refine reads the trunk's finer maps, which the feature cache does not hold: "
                          "drop --cache-features")
@@ -256,6 +259,14 @@ def train(
         inherited = init_config.get("inference") or None
         model_config = replace(base_model.config, refine=model_config.refine,
                                refine_from_mask=model_config.refine_from_mask)
+    finetune = init is not None and not refine and ck is None
+    if finetune:  # start from trained weights: their network, and the values tuned for them until retuned
+        base_model, _, init_config = load_weights(init)
+        inherited = init_config.get("inference") or None
+        if base_model.config.refine:
+            raise TrainError(f"{init}: holds SharpMask's refinement, which fine-tuning would leave untrained: "
+                             "start from a DeepMask without it")
+        model_config = base_model.config
     if refine:
         sampler_cfg = replace(sampler_cfg, pos_fraction=1.0)  # the refinement learns from positives only
 
@@ -289,7 +300,9 @@ def train(
     if (config.feature_dropout > 0 or config.cache_file) and not config.cache_features:
         raise TrainError("--feature-dropout and --cache-file work on cached maps: add --freeze-trunk --cache-features")
     torch.manual_seed(config.seed)
-    if refine and ck is None:
+    if finetune:
+        model = base_model
+    elif refine and ck is None:
         model = DeepMask(model_config)
         missing, unexpected = model.load_state_dict(base_model.state_dict(), strict=False)
         assert not unexpected and all(k.startswith("refine_head.") for k in missing), (missing, unexpected)

@@ -388,6 +388,9 @@ def test_refine_stage_trains_only_the_refinement_on_a_frozen_deepmask(synth_coco
     r = CliRunner().invoke(main, args[:-1] + ["--resume", "--steps", "6", "-q"])
     assert r.exit_code == 0, r.output
     assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 6
+    r = CliRunner().invoke(main, ["train", str(synth_coco), "-o", str(tmp_path / "ft"), "--init", str(run / "weights"),
+                                  "--device", "cpu", "--steps", "1"])  # fine-tuning would leave the refinement behind
+    assert r.exit_code != 0 and "refinement" in r.output and "Traceback" not in r.output
     full = tmp_path / "full"  # resuming is bit-exact: the same as 6 steps in one go
     i = args.index("-o")
     r = CliRunner().invoke(main, [*args[:i + 1], str(full), *args[i + 2:-1], "--steps", "6", "-q"])
@@ -412,8 +415,37 @@ def test_refine_needs_weights_and_patches(synth_coco, tmp_path, extra, message):
     r = CliRunner().invoke(main, ["train", str(synth_coco), "-o", str(tmp_path / "r"), "--refine", "--device", "cpu",
                                   *extra, *(["--init", "x"] if extra else [])])
     assert r.exit_code != 0 and message in r.output and "Traceback" not in r.output
-    r = CliRunner().invoke(main, ["train", str(synth_coco), "-o", str(tmp_path / "r"), "--init", "x"])
-    assert r.exit_code != 0 and "add --refine" in r.output
+
+
+def test_init_fine_tunes_trained_weights(synth_coco, tiny_weights, tmp_path):
+    """``train --init W --train-trunk``: W's network (not the default one)
+    trained further, trunk and heads, its tuned inference values kept; with
+    ``--freeze-trunk`` the trunk stays W's, tensor for tensor. A trunk named
+    beside --init, or a SharpMask folder, is refused in one line."""
+    from click.testing import CliRunner
+
+    from deepmask_cli.cli import main
+    from deepmask_cli.weights import load_weights
+
+    before = load_file(str(tiny_weights / "model.safetensors"))
+    common = ["--init", str(tiny_weights), "--steps", "3", "--batch-size", "4", "--workers", "0", "--lr", "0.01",
+              "--device", "cpu", "-q"]
+    for name, flags in (("all", ["--train-trunk"]), ("heads", ["--freeze-trunk", "--no-cache-features"])):
+        run = tmp_path / name
+        r = CliRunner().invoke(main, ["train", str(synth_coco), "-o", str(run), *flags, *common])
+        assert r.exit_code == 0, r.output
+        model, _, cfg = load_weights(run / "weights")
+        assert model.config == load_weights(tiny_weights)[0].config  # W's network, not the default Lite0
+        assert cfg["inference"] == json.loads((tiny_weights / "config.json").read_text())["inference"] != {}
+        after = load_file(str(run / "weights" / "model.safetensors"))
+        assert after.keys() == before.keys()
+        changed = {k for k in before if not torch.equal(after[k].to(before[k].dtype), before[k])}
+        assert any(not k.startswith("trunk.") for k in changed)  # the heads learn
+        assert any(k.startswith("trunk.") for k in changed) == (name == "all"), sorted(changed)
+    r = CliRunner().invoke(main, ["train", str(synth_coco), "-o", str(tmp_path / "r"), "--trunk", "efficientnet-lite0", *common])
+    assert r.exit_code != 0 and "drop --trunk" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(main, ["train", str(synth_coco), "-o", str(tmp_path / "r"), "--init", str(tmp_path / "nothing")])
+    assert r.exit_code != 0 and "nothing" in r.output and "Traceback" not in r.output
 
 
 def test_train_blocks_fine_tunes_the_trunks_last_blocks_on_cached_maps(synth_coco, tmp_path):
