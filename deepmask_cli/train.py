@@ -251,22 +251,21 @@ def train(
     if refine and config.cache_features:
         raise TrainError("--refine reads the trunk's finer maps, which the feature cache does not hold: "
                          "drop --cache-features")
-    if refine and ck is None:
-        if init is None:
-            raise TrainError("--refine trains SharpMask's modules on trained DeepMask weights: add --init WEIGHTS_DIR")
-        base_model, _, init_config = load_weights(init)
-        # the dense pass and the scores stay init's, so do the values tuned for them
-        inherited = init_config.get("inference") or None
-        model_config = replace(base_model.config, refine=model_config.refine,
-                               refine_from_mask=model_config.refine_from_mask)
+    if refine and ck is None and init is None:
+        raise TrainError("--refine trains SharpMask's modules on trained DeepMask weights: add --init WEIGHTS_DIR")
     finetune = init is not None and not refine and ck is None
-    if finetune:  # start from trained weights: their network, and the values tuned for them until retuned
+    if init is not None and ck is None:
         base_model, _, init_config = load_weights(init)
+        # the network (its dense pass and scores) starts as init's, so do the values tuned for it, until retuned
         inherited = init_config.get("inference") or None
-        if base_model.config.refine:
+        if refine:
+            model_config = replace(base_model.config, refine=model_config.refine,
+                                   refine_from_mask=model_config.refine_from_mask)
+        elif base_model.config.refine:
             raise TrainError(f"{init}: holds SharpMask's refinement, which fine-tuning would leave untrained: "
                              "start from a DeepMask without it")
-        model_config = base_model.config
+        else:
+            model_config = base_model.config
     if refine:
         sampler_cfg = replace(sampler_cfg, pos_fraction=1.0)  # the refinement learns from positives only
 
