@@ -80,6 +80,8 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 @click.option("--nms-demote/--nms-drop", "nms_demote", default=None, help=f"What NMS does with a proposal it suppresses: demote it (its score times 1 - its IoU with the kept one) or drop it. [default: the weights' tuned value, else {'demote' if _D.nms_demote else 'drop'}]")
 @click.option("--pre-nms-topk", type=int, default=None, help=f"Windows kept by score before masks are computed. [default: {_D.pre_nms_topk}]")
 @click.option("--scales", default=None, help=f"Pyramid MIN,MAX,STEP in octaves (scales 2^MIN..2^MAX). [default: the weights' tuned values, else {_D.scale_min},{_D.scale_max},{_D.scale_step}]")
+@click.option("--scale-prior", type=float, default=None, help=f"Added to each window's objectness logit per octave of its pyramid scale, before ranking: > 0 favours small objects. [default: the weights' tuned value, else {_D.scale_prior}]")
+@click.option("--flip/--no-flip", default=None, help=f"Also run the mirror image and average each window's score and mask with its mirror twin's (about twice the time). [default: the weights' tuned value, else {'on' if _D.flip else 'off'}]")
 @click.option("--refine/--no-refine", default=None, help=f"With weights that have SharpMask's refinement: refine the best windows' masks. [default: {'on' if _D.refine else 'off'}]")
 @click.option("--refine-topk", type=int, default=None, help=f"Windows refined per image, best first (the rest keep DeepMask's masks). [default: {_D.refine_topk}]")
 @click.option("--max-side", type=int, default=None, help=f"Larger images are run at this longest side (masks stay full size). [default: {_D.max_side}]")
@@ -94,7 +96,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 @click.option("--release-memory/--keep-memory", default=True, show_default=True, help=f"Give freed memory back to the OS whenever the process has grown by {SLACK_MB} MB since its first image (with the torch runtime on a CPU: {MAPPED_SLACK_MB} MB, and buffers of {MMAP_THRESHOLD_MB} MB or more mapped on their own), so resident memory stays flat over a long run.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, only errors.")
 def propose(images, out_path, weights, device, gt, fmt, show, max_proposals, score_thresh, mask_thresh, nms, nms_thresh,
-            maskness, nms_demote, pre_nms_topk, scales, refine, refine_topk, max_side, batch_size, workers, precision, runtime, shard, resume, strict, no_exif,
+            maskness, nms_demote, pre_nms_topk, scales, scale_prior, flip, refine, refine_topk, max_side, batch_size, workers, precision, runtime, shard, resume, strict, no_exif,
             release_memory, quiet) -> None:
     """Propose object masks for IMAGES (files, folders or globs).
 
@@ -107,7 +109,8 @@ def propose(images, out_path, weights, device, gt, fmt, show, max_proposals, sco
 
     overrides = dict(max_proposals=max_proposals, score_thresh=score_thresh, mask_thresh=mask_thresh, nms=nms,
                      nms_thresh=nms_thresh, maskness=maskness, nms_demote=nms_demote, pre_nms_topk=pre_nms_topk, max_side=max_side, precision=precision,
-                     runtime=runtime, refine=refine, refine_topk=refine_topk, **_parse_scales(scales))
+                     runtime=runtime, refine=refine, refine_topk=refine_topk, scale_prior=scale_prior, flip=flip,
+                     **_parse_scales(scales))
     try:
         shard_ = parse_shard(shard) if shard is not None else None
         launch = torchrun_launch()  # under torchrun: this rank's block, its own GPU, rank 0 merges

@@ -168,6 +168,17 @@ class InferenceConfig(_Serialisable):
     # pre_nms_topk best windows, so the top of the list is diverse and
     # nothing is lost further down.
     nms_demote: bool = False
+    # Added to each window's objectness logit per octave of its pyramid
+    # scale, before the windows are ranked: > 0 favours the finer scales
+    # (smaller objects), < 0 the coarser. Training balances positives and
+    # negatives per patch, not per object size, so the scales' scores need
+    # not rank one another as a photo's objects are distributed. 0: none.
+    scale_prior: float = 0.0
+    # Run the network on each pyramid level and on its mirror image, and
+    # average the two passes' score and mask logits window by window (test-
+    # time flip; the mirror of a canvas puts every window's twin on the
+    # stride-16 grid). Twice the network's work.
+    flip: bool = False
     max_side: int = 2048
     # Weights with SharpMask's refinement (ModelConfig.refine): refine the
     # masks of each image's refine_topk best windows (the rest keep DeepMask's

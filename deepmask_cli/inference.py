@@ -50,6 +50,15 @@ class _Level:
     scores: torch.Tensor  # (B, Hf-f+1, Wf-f+1)
     sizes: list[tuple[int, int]] = field(default_factory=list)  # resized (h, w) per image
     canvas: torch.Tensor | None = None  # (B, 3, Hc, Wc) normalised, kept for refinement
+    # InferenceConfig.flip: the pass over the mirrored canvas, as it came out
+    # of the network (the score map flipped back to the windows' order)
+    fmap_flip: torch.Tensor | None = None
+    scores_flip: torch.Tensor | None = None
+
+    def window_scores(self, flip: bool) -> torch.Tensor:
+        """Score logits of every window; ``flip``: averaged with the mirror
+        pass's twin window, when there is one."""
+        return self.scores if not flip or self.scores_flip is None else (self.scores + self.scores_flip) / 2
 
 
 class Proposer:
@@ -190,22 +199,32 @@ class Proposer:
                 canvas = pyramid_canvas(images, sizes, self.patch_size, None, (side, side))
                 if pad_to > real:
                     canvas = torch.cat([canvas, canvas.new_zeros(pad_to - real, *canvas.shape[1:])])
-            if self.runtime == "onnx-int8":  # the int8 network holds the score head too
-                with self._stage("trunk + score head"):
-                    fmap, scores = (torch.from_numpy(a) for a in self._onnx.run(None, {"canvas": canvas.numpy()}))
-                    fmap = fmap.to(self.dtype).contiguous(memory_format=torch.channels_last)
-                levels.append(_Level(scale, fmap[:real], scores[:real], sizes, canvas[:real] if self.refining else None))
-                continue
-            with self._stage("trunk"):
-                if self._onnx is not None:
-                    fmap = torch.from_numpy(self._onnx.run(None, {"canvas": canvas.numpy()})[0]
-                                            ).to(self.dtype).contiguous(memory_format=torch.channels_last)
-                else:
-                    fmap = self.trunk(canvas.to(self.dtype).contiguous(memory_format=torch.channels_last))
-            with self._stage("score head"):
-                scores = self.net.dense_scores(fmap, self._score_weights).float()
-            levels.append(_Level(scale, fmap[:real], scores[:real], sizes, canvas[:real] if self.refining else None))
+            fmap, scores = self._network(canvas)
+            level = _Level(scale, fmap[:real], scores[:real], sizes, canvas[:real] if self.refining else None)
+            if self.config.flip:
+                # The canvas's sides are multiples of the stride and each image
+                # sits half a window (a multiple of the stride) from the left,
+                # so in the mirrored canvas window j is the mirror of window
+                # (columns - 1 - j): the flipped-back score map lines up.
+                fmap_f, scores_f = self._network(canvas.flip(3))
+                level.fmap_flip, level.scores_flip = fmap_f[:real], scores_f[:real].flip(2)
+            levels.append(level)
         return levels
+
+    def _network(self, canvas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Trunk and dense score head on one level's canvases: ``(fmap, score logits)``."""
+        if self.runtime == "onnx-int8":  # the int8 network holds the score head too
+            with self._stage("trunk + score head"):
+                fmap, scores = (torch.from_numpy(a) for a in self._onnx.run(None, {"canvas": canvas.numpy()}))
+                return fmap.to(self.dtype).contiguous(memory_format=torch.channels_last), scores
+        with self._stage("trunk"):
+            if self._onnx is not None:
+                fmap = torch.from_numpy(self._onnx.run(None, {"canvas": canvas.contiguous().numpy()})[0]
+                                        ).to(self.dtype).contiguous(memory_format=torch.channels_last)
+            else:
+                fmap = self.trunk(canvas.to(self.dtype).contiguous(memory_format=torch.channels_last))
+        with self._stage("score head"):
+            return fmap, self.net.dense_scores(fmap, self._score_weights).float()
 
     @torch.no_grad()
     def proposals_from_levels(self, levels: list[_Level], sizes: Sequence[tuple[int, int]], rle: bool = False
@@ -230,6 +249,10 @@ class Proposer:
                 sel = (level == li).nonzero().squeeze(1)
                 if sel.numel():
                     mask_logits[sel] = self.net.window_masks(lv.fmap, img[sel], ys[sel], xs[sel], self._mask_weight).float()
+                    if cfg.flip and lv.fmap_flip is not None:  # the twin window's mask, mirrored back
+                        twin = lv.scores.shape[2] - 1 - xs[sel]
+                        flipped = self.net.window_masks(lv.fmap_flip, img[sel], ys[sel], twin, self._mask_weight)
+                        mask_logits[sel] = (mask_logits[sel] + flipped.float().flip(2)) / 2
             # each window in its image's pixels: resized pixels per image pixel, by level and image
             ratio = torch.tensor([[(h / hh, w / ww) for (h, w), (hh, ww) in zip(lv.sizes, sizes)] for lv in levels],
                                  dtype=torch.float32).to(dev)[level, img]
@@ -345,7 +368,9 @@ class Proposer:
             nx = torch.tensor([canvas_cells(w, p) - f + 1 for _, w in lv.sizes]).to(dev)
             ar_y, ar_x = torch.arange(sy, device=dev), torch.arange(sx, device=dev)
             inside = (ar_y[None, :, None] < ny[:, None, None]) & (ar_x[None, None, :] < nx[:, None, None])
-            flat.append(torch.where(inside, lv.scores.float(), -math.inf).flatten(1))
+            # the scale prior: a logit offset per octave of the level's scale
+            prior = cfg.scale_prior * math.log2(lv.scale)
+            flat.append(torch.where(inside, lv.window_scores(cfg.flip).float() + prior, -math.inf).flatten(1))
             lvl.append(torch.full((sy * sx,), li, dtype=torch.long, device=dev))
             yy.append(ar_y.repeat_interleave(sx))
             xx.append(ar_x.repeat(sy))

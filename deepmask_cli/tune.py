@@ -86,11 +86,11 @@ def tune(proposer: Proposer, images: Sequence[Path], ann: str | Path, grid: dict
     runs = [proposer.with_config(c) for c in configs]
     # one dense pass over the union of every setting's scales, on the loaded
     # proposer's network (the int8 one where runtime auto takes it), keeping
-    # the canvases when a setting refines
+    # the canvases when a setting refines and the mirror pass when one flips
     scales = sorted({round(math.log2(s), 4) for c in configs for s in c.scales})
     dense = proposer.with_config(dataclasses.replace(
         proposer.config, scale_min=scales[0], scale_max=scales[-1], scale_step=min(c.scale_step for c in configs),
-        refine=any(r.refining for r in runs)))
+        refine=any(r.refining for r in runs), flip=any(c.flip for c in configs)))
     if not set(scales) <= {round(math.log2(s), 4) for s in dense.config.scales}:
         raise ConfigError("the grid's scales do not fall on one pyramid; tune scale_min and scale_max in whole steps")
     try:

@@ -15,7 +15,8 @@ from synth import tiny_model
 
 def _proposer(cfg, **kw):
     """A tiny model's proposer, in fp32 torch unless the test asks otherwise."""
-    return Proposer(tiny_model(cfg), InferenceConfig(scale_min=-1, scale_max=0, scale_step=0.5, **{**PINNED, **TUNED, **kw}), "cpu")
+    return Proposer(tiny_model(cfg), InferenceConfig(**{"scale_min": -1, "scale_max": 0, "scale_step": 0.5, **PINNED, **TUNED, **kw}),
+                    "cpu")
 
 
 def test_pil_array_and_tensor_inputs_agree(tiny_config):
@@ -339,3 +340,58 @@ def test_refined_masks_are_each_windows_patch_refined(tiny_config):
     torch.testing.assert_close(refined.windows_xyxy, plain.windows_xyxy)
     assert torch.equal(refined.masks[k:], plain.masks[k:])
     assert all(not torch.equal(a, b) for a, b in zip(refined.masks[:k], plain.masks[:k])), [(int(a.sum()), int(b.sum())) for a, b in zip(refined.masks, plain.masks)]
+
+
+@pytest.mark.parametrize("width", [96, 90])
+def test_flip_pairs_each_window_with_its_mirror_twin(tiny_config, width):
+    """InferenceConfig.flip: the mirror pass of a photo of any width scores,
+    window by window, what a plain pass scores on the mirror image shifted
+    onto the stride's grid (padded on the left with the neutral colour): the
+    mirrored canvas keeps every window's twin on the grid."""
+    p = _proposer(tiny_config, flip=True, scale_min=0, scale_max=0)
+    arr = np.random.default_rng(5).integers(0, 255, (70, width, 3), dtype=np.uint8)
+    t = torch.from_numpy(arr).permute(2, 0, 1).float() / 255
+    (lv,) = p.dense_pass([t])
+    shift = -width % 16
+    mirror = torch.cat([p.model.mean[0].expand(3, 70, shift), t.flip(2)], 2)
+    (plain,) = _proposer(tiny_config, scale_min=0, scale_max=0).dense_pass([mirror])
+    assert plain.scores.shape == lv.scores_flip.shape
+    torch.testing.assert_close(lv.scores_flip, plain.scores.flip(2), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(lv.scores_flip, lv.scores, atol=1e-3)
+    # the fused trunk's maps: the mirror pass's is the shifted mirror image's
+    torch.testing.assert_close(lv.fmap_flip, plain.fmap, atol=1e-4, rtol=1e-4)
+
+
+def test_flip_proposes_the_mirror_image_mirrored(tiny_config):
+    """With flip, a photo and its mirror image (of a width on the stride's
+    grid, so that their canvases are mirrors) get mirrored proposals; without
+    it the network, not symmetric, gives other scores."""
+    arr = np.random.default_rng(6).integers(0, 255, (64, 96, 3), dtype=np.uint8)
+    mirror = np.ascontiguousarray(arr[:, ::-1])
+    on = _proposer(tiny_config, flip=True, scale_min=0, scale_max=0, max_proposals=30)
+    a, b = on(arr), on(mirror)
+    torch.testing.assert_close(a.scores, b.scores, atol=1e-5, rtol=1e-4)
+    assert (a.masks != b.masks.flip(2)).float().mean() < 1e-3
+    off = _proposer(tiny_config, scale_min=0, scale_max=0, max_proposals=30)
+    assert not torch.allclose(off(arr).scores, off(mirror).scores, atol=1e-3)
+    assert not torch.allclose(off(arr).scores, a.scores, atol=1e-3)
+
+
+def test_scale_prior_shifts_each_levels_logits_by_its_octave(tiny_config):
+    """scale_prior adds prior * log2(scale) to every window's objectness
+    logit: with a large one, the finest level's windows come first."""
+    arr = np.random.default_rng(7).integers(0, 255, (70, 90, 3), dtype=np.uint8)
+    base = _proposer(tiny_config, max_proposals=10**6, pre_nms_topk=10**6, maskness=False, nms_thresh=1.0)
+    plain, favoured = base(arr), _proposer(tiny_config, max_proposals=10**6, pre_nms_topk=10**6, maskness=False,
+                                           nms_thresh=1.0, scale_prior=50.0)(arr)
+    assert favoured.scales[: (plain.scales == 1.0).sum()].eq(1.0).all()
+    assert not plain.scales[: (plain.scales == 1.0).sum()].eq(1.0).all()
+    # the same windows, each logit moved by its octave times the prior
+    key = lambda pr: {(tuple(w), s): sc for w, s, sc in zip(pr.windows_xyxy.round(decimals=2).tolist(),
+                                                             pr.scales.tolist(), pr.scores.tolist())}
+    kp, kf = key(plain), key(_proposer(tiny_config, max_proposals=10**6, pre_nms_topk=10**6, maskness=False,
+                                       nms_thresh=1.0, scale_prior=0.5)(arr))
+    assert kp.keys() == kf.keys()
+    for k, sc in kp.items():
+        want = torch.sigmoid(torch.logit(torch.tensor(sc, dtype=torch.float64)) + 0.5 * np.log2(k[1]))
+        assert abs(kf[k] - float(want)) < 1e-4
