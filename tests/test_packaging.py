@@ -64,3 +64,23 @@ def test_weights_by_shipped_name(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a folder of that name in the working directory wins
     (tmp_path / "deepmask-lite0-coco").mkdir()
     assert weights_folder("deepmask-lite0-coco") == Path("deepmask-lite0-coco")
+
+
+def test_accurate_weights_are_the_default_network_with_their_own_settings():
+    """deepmask-lite0-coco-accurate (its model card): the default's tensors and
+    int8 network, bit for bit, with the slower settings tuned for recall
+    (the 2^1.5 scale, the mirror pass, the scale prior) in its config.json."""
+    from safetensors.torch import load_file
+
+    from deepmask_cli.weights import load_weights, shipped_weights, weights_folder
+
+    default, accurate = shipped_weights(), weights_folder("deepmask-lite0-coco-accurate")
+    assert accurate == default.parent / "deepmask-lite0-coco-accurate" and accurate.is_dir()
+    a, b = load_file(str(default / "model.safetensors")), load_file(str(accurate / "model.safetensors"))
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    assert (default / "trunk-int8.onnx").read_bytes() == (accurate / "trunk-int8.onnx").read_bytes()
+    _, fast, cfg_fast = load_weights(default)
+    _, slow, cfg_slow = load_weights(accurate)
+    assert cfg_fast["model"] == cfg_slow["model"]
+    assert slow.flip and not fast.flip
+    assert max(slow.scales) == 2 ** 1.5 > max(fast.scales) and slow.scale_prior < 0
