@@ -219,7 +219,7 @@ class Proposer:
                 return fmap.to(self.dtype).contiguous(memory_format=torch.channels_last), scores
         with self._stage("trunk"):
             if self._onnx is not None:
-                fmap = torch.from_numpy(self._onnx.run(None, {"canvas": canvas.contiguous().numpy()})[0]
+                fmap = torch.from_numpy(self._onnx.run(None, {"canvas": canvas.numpy()})[0]
                                         ).to(self.dtype).contiguous(memory_format=torch.channels_last)
             else:
                 fmap = self.trunk(canvas.to(self.dtype).contiguous(memory_format=torch.channels_last))
@@ -248,11 +248,11 @@ class Proposer:
             for li, lv in enumerate(levels):
                 sel = (level == li).nonzero().squeeze(1)
                 if sel.numel():
-                    mask_logits[sel] = self.net.window_masks(lv.fmap, img[sel], ys[sel], xs[sel], self._mask_weight).float()
+                    m = self.net.window_masks(lv.fmap, img[sel], ys[sel], xs[sel], self._mask_weight).float()
                     if cfg.flip and lv.fmap_flip is not None:  # the twin window's mask, mirrored back
                         twin = lv.scores.shape[2] - 1 - xs[sel]
-                        flipped = self.net.window_masks(lv.fmap_flip, img[sel], ys[sel], twin, self._mask_weight)
-                        mask_logits[sel] = (mask_logits[sel] + flipped.float().flip(2)) / 2
+                        m = (m + self.net.window_masks(lv.fmap_flip, img[sel], ys[sel], twin, self._mask_weight).float().flip(2)) / 2
+                    mask_logits[sel] = m
             # each window in its image's pixels: resized pixels per image pixel, by level and image
             ratio = torch.tensor([[(h / hh, w / ww) for (h, w), (hh, ww) in zip(lv.sizes, sizes)] for lv in levels],
                                  dtype=torch.float32).to(dev)[level, img]

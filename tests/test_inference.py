@@ -381,16 +381,17 @@ def test_scale_prior_shifts_each_levels_logits_by_its_octave(tiny_config):
     """scale_prior adds prior * log2(scale) to every window's objectness
     logit: with a large one, the finest level's windows come first."""
     arr = np.random.default_rng(7).integers(0, 255, (70, 90, 3), dtype=np.uint8)
-    base = _proposer(tiny_config, max_proposals=10**6, pre_nms_topk=10**6, maskness=False, nms_thresh=1.0)
-    plain, favoured = base(arr), _proposer(tiny_config, max_proposals=10**6, pre_nms_topk=10**6, maskness=False,
-                                           nms_thresh=1.0, scale_prior=50.0)(arr)
+
+    def every_window(**kw):
+        return _proposer(tiny_config, max_proposals=10**6, pre_nms_topk=10**6, maskness=False, nms_thresh=1.0, **kw)(arr)
+
+    plain, favoured = every_window(), every_window(scale_prior=50.0)
     assert favoured.scales[: (plain.scales == 1.0).sum()].eq(1.0).all()
     assert not plain.scales[: (plain.scales == 1.0).sum()].eq(1.0).all()
     # the same windows, each logit moved by its octave times the prior
     key = lambda pr: {(tuple(w), s): sc for w, s, sc in zip(pr.windows_xyxy.round(decimals=2).tolist(),
                                                              pr.scales.tolist(), pr.scores.tolist())}
-    kp, kf = key(plain), key(_proposer(tiny_config, max_proposals=10**6, pre_nms_topk=10**6, maskness=False,
-                                       nms_thresh=1.0, scale_prior=0.5)(arr))
+    kp, kf = key(plain), key(every_window(scale_prior=0.5))
     assert kp.keys() == kf.keys()
     for k, sc in kp.items():
         want = torch.sigmoid(torch.logit(torch.tensor(sc, dtype=torch.float64)) + 0.5 * np.log2(k[1]))
