@@ -98,10 +98,11 @@ def tree_rss(pid: int) -> int:
 
 class DoneCounter:
     """Photos finished so far: the complete lines of the results' partial
-    file, read incrementally (the file grows to hundreds of megabytes)."""
+    file after its first (the run's settings), read incrementally (the file
+    grows to hundreds of megabytes)."""
 
     def __init__(self, out: Path) -> None:
-        self.path, self.offset, self.done = partial_path(out), 0, 0
+        self.path, self.offset, self.done = partial_path(out), 0, -1
 
     def __call__(self) -> int:
         try:
@@ -109,11 +110,11 @@ class DoneCounter:
                 fh.seek(self.offset)
                 chunk = fh.read()
         except OSError:  # not yet made, or gone once the results are written
-            return self.done
+            return max(0, self.done)
         end = chunk.rfind(b"\n") + 1
         self.done += chunk.count(b"\n", 0, end)
         self.offset += end
-        return self.done
+        return max(0, self.done)
 
 
 def measure(photos: list[Path], out: Path, extra: list[str], every: float = 0.5) -> list[tuple[float, int, int]]:

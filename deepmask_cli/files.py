@@ -17,7 +17,9 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
     written: results, checkpoints, weights, caches, plots, overlays."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # the temporary name stays under the file system's 255 bytes whatever path's length
+    stem = path.name.encode("utf-8", "surrogateescape")[:64].decode("utf-8", "ignore")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{stem}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import math
 import os
 import time
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -112,9 +114,23 @@ class Proposer:
         self._score_weights = self.net.score_head.dense_weights(torch.channels_last)
         self._mask_weight = self.net.mask_head.window_weight().contiguous()
         self._settings(self.config)
+        #: The files the network was read from (a run never writes over them).
+        self.files: list[Path] = [Path(int8_trunk)] if int8_trunk is not None else []
+        self._digest: str | None = None
         #: Seconds spent per stage, accumulated while ``profile`` is on (for benchmarks).
         self.profile = False
         self.timings: dict[str, float] = defaultdict(float)
+
+    def digest(self) -> str:
+        """A SHA-256 digest of the network's tensors as loaded: which weights
+        made a run's results (``--resume`` checks it)."""
+        if self._digest is None:
+            h = hashlib.sha256()
+            for name, t in sorted(self.model.state_dict().items()):
+                h.update(name.encode())
+                h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+            self._digest = h.hexdigest()
+        return self._digest
 
     def with_config(self, config: InferenceConfig) -> "Proposer":
         """This proposer's network (trunk, runtime, precision, sessions,

@@ -19,7 +19,8 @@ from .images import ImageError, InputProblem, collect_images, load_image
 from .inference import Proposer
 from .pyramid import image_to_tensor
 from .results import merge_results, partial_path
-from .sinks import FORMATS, open_sink
+from .outputs import check_output, refuse_inputs
+from .sinks import FORMATS, make_sink
 from .weights import WeightsError, load_weights, shipped_weights, weights_folder
 
 
@@ -68,7 +69,9 @@ def load_proposer(
             raise ProposeError(str(e)) from None
     from .quantize import INT8_TRUNK_NAME
 
-    return Proposer(model, inference, device=device, int8_trunk=folder / INT8_TRUNK_NAME)
+    proposer = Proposer(model, inference, device=device, int8_trunk=folder / INT8_TRUNK_NAME)
+    proposer.files = sorted(p for p in folder.iterdir() if p.is_file())
+    return proposer
 
 
 def gt_ids_by_name(gt: str | Path) -> dict[str, int]:
@@ -83,6 +86,20 @@ def gt_ids_by_name(gt: str | Path) -> dict[str, int]:
         raise ProposeError(f"{path}: no such file (--gt wants a COCO instances JSON)") from None
     except (ValueError, KeyError, TypeError) as e:
         raise ProposeError(f"{path}: not a COCO instances file ({type(e).__name__}: {e})") from None
+
+
+def run_settings(proposer: Proposer, *, fmt: str, show: int, exif: bool, gt: str | Path | None) -> dict[str, Any]:
+    """What shapes a run's results, as JSON values: the network (a digest of
+    its tensors), the resolved runtime and precision, every inference
+    setting, the format and the options that change its output. An
+    interrupted run records it, and ``--resume`` must give the same."""
+    inference = proposer.config.to_dict()
+    inference.update(runtime=proposer.runtime, precision=proposer.precision)
+    out: dict[str, Any] = {"weights": proposer.digest(), "fmt": fmt, "exif": exif, "inference": inference,
+                           "gt": os.path.abspath(gt) if gt is not None else None}
+    if fmt == "png":
+        out["show"] = show
+    return out
 
 
 def pipeline_defaults(proposer: Proposer) -> tuple[int, int]:
@@ -158,6 +175,7 @@ def run_propose(
     """
     if fmt not in FORMATS:
         raise ProposeError(f"unknown --format {fmt!r}; use {', '.join(FORMATS)}")
+    check_output(out, folder=FORMATS[fmt].folder)
     paths, problems = collect_images(inputs)
     if shard is not None and shard[0] > 0:
         problems = []  # shard 0 reports the inputs that are not images
@@ -167,13 +185,12 @@ def run_propose(
         raise ProposeError(f"{problems[0].path}: {problems[0].reason}")
     ids = gt_ids_by_name(gt) if gt is not None else None
     keys = [str(p) for p in paths]
-    if on_start:  # every input is then reported once through on_image
-        on_start(len(block) + len(problems))
-    for prob in problems:
-        if on_image:
-            on_image(Path(prob.path), None, prob.reason)
 
-    sink = open_sink(fmt, out, keys=keys, paths=paths, resume=resume, show=show)
+    settings = run_settings(proposer, fmt=fmt, show=show, exif=exif, gt=gt)
+    sink = make_sink(fmt, out, keys=keys, paths=paths, resume=resume, show=show, settings=settings, shard=shard)
+    refuse_inputs(sink.targets(), {"an input photo": paths, "the --gt file": [gt] if gt is not None else [],
+                                   "a weights file": proposer.files})
+    sink.open()
 
     def fail(path: Path, reason: str) -> None:
         summary.failures.append(InputProblem(str(path), reason))
@@ -197,9 +214,22 @@ def run_propose(
         if on_image:
             on_image(path, count, None)
 
+    if on_start:  # every input is then reported once through on_image
+        on_start(len(block) + len(problems))
+    for prob in problems:
+        if on_image:
+            on_image(Path(prob.path), None, prob.reason)
     todo: list[tuple[int, Path]] = []
     for n in block:
         key, path = keys[n], paths[n]
+        refused = sink.refused(key)
+        if refused is not None:
+            try:
+                fail(path, refused)
+            except BaseException:
+                sink.abort()
+                raise
+            continue
         if resume and sink.is_done(key):
             summary.skipped += 1
             if on_image:

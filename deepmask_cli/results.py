@@ -103,48 +103,70 @@ def partial_path(out: str | Path) -> Path:
     return out.with_name(out.name + PARTIAL_SUFFIX)
 
 
-def read_partial(out: str | Path) -> tuple[dict[str, tuple[int, int]], int]:
-    """Images already done by an interrupted run: ``({key: (offset, length)},
-    end)`` over the complete lines of the partial file; ``end`` is where the
-    last complete line ends (a torn last line is ignored). Reads one line at a
-    time: memory does not grow with the results."""
+def read_partial(out: str | Path) -> tuple[dict[str, tuple[int, int]], int, dict[str, Any] | None]:
+    """What an interrupted run wrote: ``({key: (offset, length)}, end,
+    settings)`` over the complete lines of the partial file; ``end`` is where
+    the last complete line ends (a torn last line is ignored), ``settings``
+    what its first line recorded (``None`` if it recorded none). Reads one
+    line at a time: memory does not grow with the results."""
     index: dict[str, tuple[int, int]] = {}
     path = partial_path(out)
-    end = 0
+    end, settings = 0, None
     if not path.exists():
-        return index, end
+        return index, end, settings
     with open(path, "rb") as fh:
         for raw in fh:
             if not raw.endswith(b"\n"):
                 break  # torn write at the kill
             try:
-                key = json.loads(raw)["key"]
-            except (ValueError, KeyError, TypeError):
+                line = json.loads(raw)
+                if end == 0 and isinstance(line, dict) and isinstance(line.get("settings"), dict):
+                    settings = line["settings"]
+                else:
+                    index[line["key"]] = (end, len(raw))
+            except (ValueError, KeyError, TypeError, RecursionError):
                 break
-            index[key] = (end, len(raw))
             end += len(raw)
-    return index, end
+    return index, end, settings
+
+
+class ResumeError(UserError, ValueError):
+    """``--resume`` of an output written with other settings."""
 
 
 class ResultsWriter:
     """Stream per-image records; ``close()`` publishes the final JSON list atomically.
 
     ``resume=True`` keeps what an interrupted run wrote for the same output;
-    otherwise any old partial file is discarded. Only each image's offset in
-    the partial file is kept in memory, so memory stays flat however many
-    images a run has.
+    otherwise any old partial file is discarded. ``settings`` (the options
+    that shape the results) are the partial file's first line: a resumed run
+    with other settings is refused, naming the first that differs. Only each
+    image's offset in the partial file is kept in memory, so memory stays
+    flat however many images a run has.
     """
 
-    def __init__(self, out: str | Path, *, resume: bool = False) -> None:
+    def __init__(self, out: str | Path, *, resume: bool = False, settings: dict[str, Any] | None = None) -> None:
+        from .outputs import settings_mismatch
+
         self.out = Path(out)
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.partial = partial_path(self.out)
-        self._index, end = read_partial(self.out) if resume else ({}, 0)
+        self._index, end, recorded = read_partial(self.out) if resume else ({}, 0, None)
+        if resume and settings is not None and recorded is not None:
+            differ = settings_mismatch(recorded, settings)
+            if differ is not None:
+                raise ResumeError(f"{self.out}: --resume with other settings than the interrupted run: {differ}; "
+                                  "give the same options, or drop --resume to start over")
         # Keep only complete lines (drops a torn tail) and append after them.
         with open(self.partial, "ab") as fh:
             fh.truncate(end)
         self._fh = open(self.partial, "ab")
         self._end = end
+        if end == 0 and settings is not None:
+            head = (json.dumps({"settings": settings}, separators=(",", ":")) + "\n").encode()
+            self._fh.write(head)
+            self._fh.flush()
+            self._end = len(head)
 
     @property
     def done(self):

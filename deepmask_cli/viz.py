@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .files import atomic_write
 
-__all__ = ["palette", "draw_overlay", "draw_rles", "save_overlay", "overlay_name"]
+__all__ = ["palette", "draw_overlay", "draw_rles", "save_overlay", "is_overlay", "overlay_name"]
 
 _GOLDEN = 0.618033988749895  # 1 / phi: consecutive hues land far apart
 _LABEL_BG = (16, 16, 16)
@@ -223,16 +223,33 @@ def draw_rles(image: Image.Image, rles: list[dict], scores, **kw) -> Image.Image
     return draw_overlay(image, masks, scores[:k], **kw)
 
 
+#: The PNG text chunk that marks an overlay as deepmask's (so a later run may replace it).
+OVERLAY_MARK = ("Software", "deepmask")
+
+
 def save_overlay(img: Image.Image, path) -> Path:
-    """Write ``img`` as PNG to ``path`` atomically; create parent folders."""
-    return atomic_write(path, lambda f: img.save(f, format="PNG"))
+    """Write ``img`` as PNG to ``path`` atomically, marked as deepmask's
+    (:data:`OVERLAY_MARK`); create parent folders."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text(*OVERLAY_MARK)
+    return atomic_write(path, lambda f: img.save(f, format="PNG", pnginfo=info))
 
 
-def overlay_name(image_path: str | Path, used: set[str]) -> str:
-    """``"<stem>.png"``, suffixed ``-1``, ``-2``, ... if already in ``used``.
+def is_overlay(path) -> bool:
+    """Whether ``path`` is a PNG that :func:`save_overlay` wrote."""
+    try:
+        with Image.open(path) as im:
+            return im.format == "PNG" and im.info.get(OVERLAY_MARK[0]) == OVERLAY_MARK[1]
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return False
 
-    The chosen name is added to ``used``.
-    """
-    from .sinks import unique_name
+
+def overlay_name(image_path: str | Path, used: set[str]) -> str | None:
+    """``"<stem>.png"`` made safe, suffixed ``-1``, ``-2``, ... if already in
+    ``used`` (:func:`deepmask_cli.outputs.unique_name`); ``None`` when the
+    photo's name cannot be made safe. The chosen name is added to ``used``."""
+    from .outputs import unique_name
 
     return unique_name(image_path, used, ".png")

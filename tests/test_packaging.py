@@ -30,14 +30,20 @@ def test_wheel_in_a_fresh_environment_finds_its_weights(tmp_path):
                     str(tmp_path / "dist"), str(src)], check=True, timeout=300)
     (wheel,) = (tmp_path / "dist").glob("deepmask-*.whl")
     shutil.rmtree(src)  # nothing of the sources is left to fall back on
-    # dependencies (torch, ...) come from this interpreter's site-packages;
-    # deepmask itself only from the wheel
+    # deepmask itself only from the wheel; its dependencies (torch, ...) from
+    # wherever this interpreter finds them (a venv or the system), through a
+    # .pth file: its lines add folders to sys.path without running their .pth
+    # files, so this environment's editable install of deepmask stays out
     env_dir = tmp_path / "env"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(env_dir)],
-                   check=True, timeout=120)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True, timeout=120)
     py = env_dir / "bin" / "python"
-    subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)], check=True,
-                   timeout=300)
+    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+    deps = [p for p in sys.path if p.endswith("-packages") and Path(p).is_dir()]
+    assert deps, sys.path
+    (Path(site) / "deps.pth").write_text("\n".join(deps) + "\n")
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "--no-index", "-q",
+                    str(wheel)], check=True, timeout=300)
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

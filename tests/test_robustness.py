@@ -179,7 +179,7 @@ def test_propose_killed_then_resumed_equals_uninterrupted(synth_coco, tiny_weigh
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not cut.exists()
-    done_before = len(partial.read_bytes().splitlines())
+    done_before = len(partial.read_bytes().splitlines()) - 1  # the first line records the settings
     assert 0 < done_before < 12
     subprocess.run([*base, "-o", str(cut), "--resume"], check=True, env=env, timeout=300)
     assert json.loads(cut.read_text()) == json.loads((tmp_path / "full.json").read_text())
@@ -256,7 +256,8 @@ def test_network_failure_keeps_the_batches_before_it(synth_coco, tiny_weights, t
     out = tmp_path / "p.json"
     with pytest.raises(RuntimeError, match="simulated"):
         run_propose(images, out, proposer=proposer, batch_size=1)
-    lines = (tmp_path / "p.json.partial.jsonl").read_bytes().splitlines()
+    head, *lines = (tmp_path / "p.json.partial.jsonl").read_bytes().splitlines()
+    assert json.loads(head)["settings"]["inference"]["max_proposals"] == proposer.config.max_proposals
     assert [json.loads(line)["key"] for line in lines] == [str(images[0])]
 
 
