@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from .cocojson import CocoFileError, load_json
 from .config import ModelConfig, SamplerConfig
 from .errors import UserError
 from .images import ImageError, load_image
@@ -110,9 +111,9 @@ def parse_categories(spec: str | None, ann_file: str | Path | None = None) -> fr
         if ann_file is None:
             raise DataError("--categories non-voc needs the annotation file whose other categories it means")
         try:
-            cats = json.loads(Path(ann_file).read_text()).get("categories") or []
+            cats = load_json(ann_file, fix="").get("categories") or []
             ids = {int(c["id"]) for c in cats}
-        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        except (CocoFileError, ValueError, TypeError, KeyError, AttributeError):
             raise DataError(f"{ann_file}: cannot read its categories for --categories non-voc") from None
         return frozenset(ids - VOC_CATEGORIES)
     try:
@@ -163,9 +164,9 @@ def load_coco(
     if not images_dir.is_dir():
         raise DataError(f"{images_dir}: no such images folder")
     try:
-        data = json.loads(ann_file.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{ann_file}: not JSON ({e})") from None
+        data = load_json(ann_file, fix="pass a COCO instances file")
+    except CocoFileError as e:
+        raise DataError(str(e)) from None
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(data.get("annotations"), list):
         raise DataError(f"{ann_file}: not a COCO instances file (needs 'images' and 'annotations' lists)")
     report: dict[str, Any] = {"missing_images": [], "bad_images": [], "bad_annotations": 0, "crowd": 0, "tiny": 0,
@@ -213,23 +214,15 @@ def load_coco(
 
 
 def _instance(a: dict, h: int, w: int, sampler: SamplerConfig) -> Instance | None:
+    """One annotation's instance, or ``None`` for one that is not a mask of
+    its image (counted as a bad annotation and skipped)."""
+    from .rle import normalise
+
     seg = a.get("segmentation")
+    if isinstance(seg, list) and not any(isinstance(p, list) and len(p) >= 6 for p in seg):
+        return None
     try:
-        if isinstance(seg, list):
-            polys = [p for p in seg if isinstance(p, list) and len(p) >= 6]
-            if not polys:
-                return None
-            rle = mask_utils.merge(mask_utils.frPyObjects(polys, h, w))
-        elif isinstance(seg, dict):
-            if isinstance(seg.get("counts"), list):
-                rle = mask_utils.frPyObjects(seg, h, w)
-            else:
-                counts = seg["counts"]
-                rle = {"size": seg["size"], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
-        else:
-            return None
-        if list(rle["size"]) != [h, w]:
-            return None
+        rle = normalise(seg, h, w, lenient=True)
         return instance_from_rle(rle, bool(a.get("iscrowd", 0)), sampler)
     except (KeyError, TypeError, ValueError, IndexError):
         return None

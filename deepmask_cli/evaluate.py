@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
-import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -30,7 +28,9 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval, Params
 from rich.table import Table
 
+from .cocojson import INSTANCES_FIX, CocoFileError, check_results, read_instances, read_results
 from .errors import UserError
+from .rle import RLEError, normalise
 
 IOU_TYPES = ("segm", "bbox")
 NO_GT = -1.0  # value of an AR whose bucket has no (non-crowd) ground truth
@@ -78,18 +78,12 @@ class EvalError(UserError, ValueError):
 
 
 def load_results(path: str | Path) -> list[dict]:
-    """Read a COCO results JSON (a list of proposal dicts) from ``path``."""
-    path = Path(path)
+    """Read a COCO results JSON (a list of proposal dicts) from ``path``,
+    every record checked (:func:`deepmask_cli.cocojson.read_results`)."""
     try:
-        text = path.read_text()
-    except OSError as e:
-        raise EvalError(f"{path}: cannot read results ({e.strerror}); pass the JSON file that `propose` wrote") from None
-    try:
-        data = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise EvalError(f"{path}: not JSON; pass a COCO results file (a JSON list of proposals)") from None
-    _check_results(data, str(path))
-    return data
+        return read_results(path)
+    except CocoFileError as e:
+        raise EvalError(str(e)) from None
 
 
 def evaluate_recall(
@@ -199,22 +193,10 @@ def _fmt(v: float) -> str:
 
 
 def _check_results(results: Any, name: str) -> None:
-    if not isinstance(results, list):
-        raise EvalError(
-            f"{name}: expected a JSON list of proposals, got {type(results).__name__}; pass a COCO results file"
-        )
-    for k, r in enumerate(results):
-        ok = (
-            isinstance(r, dict)
-            and isinstance(r.get("image_id"), numbers.Integral)
-            and isinstance(r.get("score"), numbers.Real)
-            and ("segmentation" in r or "bbox" in r)
-        )
-        if not ok:
-            raise EvalError(
-                f"{name}: entry {k} is not a proposal (needs integer image_id, numeric score and "
-                f"segmentation or bbox); pass a COCO results file"
-            )
+    try:
+        check_results(results, name)
+    except CocoFileError as e:
+        raise EvalError(str(e)) from None
 
 
 def _agnostic_gt(gt: str | Path | COCO, iou_types: Sequence[str], categories: Iterable[int] | None = None
@@ -228,19 +210,10 @@ def _agnostic_gt(gt: str | Path | COCO, iou_types: Sequence[str], categories: It
         name, dataset = "the ground truth", gt.dataset
     else:
         name = str(gt)
-        fix = "pass a COCO instances file such as annotations/instances_val2017.json"
         try:
-            dataset = json.loads(Path(gt).read_text())
-        except OSError as e:
-            raise EvalError(f"{name}: cannot read ground truth ({e.strerror}); {fix}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise EvalError(f"{name}: ground truth is not JSON; {fix}") from None
-        if not (
-            isinstance(dataset, dict)
-            and isinstance(dataset.get("images"), list)
-            and isinstance(dataset.get("annotations"), list)
-        ):
-            raise EvalError(f"{name}: not a COCO instances file (needs 'images' and 'annotations' lists); {fix}")
+            dataset = read_instances(gt)
+        except CocoFileError as e:
+            raise EvalError(str(e)) from None
     need = {"id", "image_id", "area"} | {"segmentation" if t == "segm" else "bbox" for t in iou_types}
     for img in dataset["images"]:
         if not isinstance(img, dict) or not {"id", "height", "width"} <= img.keys():
@@ -251,13 +224,22 @@ def _agnostic_gt(gt: str | Path | COCO, iou_types: Sequence[str], categories: It
                 f"{name}: an annotation lacks one of {sorted(need)}; pass an unmodified COCO instances file"
             )
     keep = set(categories) if categories is not None else None
+    sizes = {im["id"]: (im["height"], im["width"]) for im in dataset["images"]}
+    anns = []
+    for a in dataset["annotations"]:
+        if keep is not None and a.get("category_id") not in keep:
+            continue
+        a = {**a, "category_id": _AGNOSTIC_CAT, "iscrowd": int(a.get("iscrowd", 0))}
+        if "segmentation" in a:  # checked here: pycocotools' C code trusts what it is given
+            try:
+                a["segmentation"] = normalise(a["segmentation"], *sizes[a["image_id"]], lenient=True)
+            except (RLEError, KeyError) as e:
+                raise EvalError(f"{name}: annotation {a.get('id')}: {e}; {INSTANCES_FIX}") from None
+        anns.append(a)
     coco = COCO()
     coco.dataset = {
         "images": dataset["images"],
-        "annotations": [
-            {**a, "category_id": _AGNOSTIC_CAT, "iscrowd": int(a.get("iscrowd", 0))} for a in dataset["annotations"]
-            if keep is None or a.get("category_id") in keep
-        ],
+        "annotations": anns,
         "categories": [{"id": _AGNOSTIC_CAT, "name": "object"}],
     }
     with _quiet():
@@ -266,20 +248,13 @@ def _agnostic_gt(gt: str | Path | COCO, iou_types: Sequence[str], categories: It
 
 
 def _to_rle(seg: Any, img: dict, name: str, k: int) -> dict:
-    """A result's segmentation -> compressed RLE (str or bytes counts) of the image's size."""
-    h, w = img["height"], img["width"]
-    if isinstance(seg, list):  # polygons
-        rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
-    elif isinstance(seg, dict) and "counts" in seg and "size" in seg:
-        rle = mask_utils.frPyObjects(seg, *seg["size"]) if isinstance(seg["counts"], list) else seg
-    else:
-        raise EvalError(f"{name}: entry {k} has an unreadable segmentation; write masks as COCO RLE")
-    if list(rle["size"]) != [h, w]:
-        raise EvalError(
-            f"{name}: entry {k} mask is {rle['size'][0]}x{rle['size'][1]} but image {img['id']} is {h}x{w}; "
-            f"propose on the images listed in the ground truth"
-        )
-    return rle
+    """A result's segmentation -> checked compressed RLE of the image's size
+    (:func:`deepmask_cli.rle.normalise`)."""
+    try:
+        return normalise(seg, img["height"], img["width"])
+    except RLEError as e:
+        raise EvalError(f"{name}: entry {k} (image {img['id']}): {e}; propose on the images listed in the "
+                        "ground truth and write masks as COCO RLE") from None
 
 
 def _prepare_det(r: dict, iou_type: str, coco_gt: COCO, name: str, k: int) -> dict:

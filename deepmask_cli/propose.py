@@ -76,16 +76,9 @@ def load_proposer(
 
 def gt_ids_by_name(gt: str | Path) -> dict[str, int]:
     """``{file_name: image_id}`` from a COCO instances file (base names)."""
-    import json
+    from .cocojson import read_instances
 
-    path = Path(gt)
-    try:
-        data = json.loads(path.read_text())
-        return {Path(im["file_name"]).name: int(im["id"]) for im in data["images"]}
-    except FileNotFoundError:
-        raise ProposeError(f"{path}: no such file (--gt wants a COCO instances JSON)") from None
-    except (ValueError, KeyError, TypeError) as e:
-        raise ProposeError(f"{path}: not a COCO instances file ({type(e).__name__}: {e})") from None
+    return {Path(im["file_name"]).name: im["id"] for im in read_instances(gt, need_annotations=False)["images"]}
 
 
 def run_settings(proposer: Proposer, *, fmt: str, show: int, exif: bool, gt: str | Path | None) -> dict[str, Any]:
@@ -356,10 +349,10 @@ def results_by_image(results_path: str | Path, images_dir: str | Path | None = N
     None, why it cannot be found or None, image_id, records)``. Images are
     found by the ``file_name`` stored in each record, or by its base name
     inside ``images_dir``."""
-    from .evaluate import load_results
+    from .cocojson import read_results
 
     groups: dict[Any, list[dict]] = {}
-    for r in load_results(results_path):
+    for r in read_results(results_path):
         groups.setdefault((r["image_id"], r.get("file_name")), []).append(r)
     for (image_id, file_name), group in groups.items():
         cands = []
@@ -389,37 +382,59 @@ def run_viz(
     """Overlays from an existing results file: one PNG per image of its best
     ``show`` proposals in ``out_dir``; ``html``: the browsable report of
     :mod:`deepmask_cli.report` instead (every proposal, the ground truth of
-    ``gt`` outlined)."""
-    from .viz import draw_rles, overlay_name, save_overlay
+    ``gt`` outlined). The output is checked, locked and kept apart from what
+    the run reads before any image is drawn, as :func:`run_propose`'s."""
+    from .outputs import OutputError, OutputLock, unique_name
 
+    out_dir = check_output(out_dir, folder=True)
     groups = list(results_by_image(results_path, images_dir))
-    summary = ProposeSummary(images=len(groups), out=Path(out_dir))
+    summary = ProposeSummary(images=len(groups), out=out_dir)
+    reads = {"the results file": [results_path], "the --gt file": [gt] if gt is not None else [],
+             "an input photo": [g[1] for g in groups if g[1] is not None]}
     if html:
-        from .report import write_report
+        from .report import GENERATOR, write_report
 
-        summary.done, summary.proposals, summary.failures = write_report(
-            iter(groups), out_dir, results_name=Path(results_path).name, gt=gt, on_image=on_image)
+        index = out_dir / "index.html"
+        refuse_inputs([index, out_dir / "report.js"], reads)
+        with OutputLock(out_dir, folder=True):
+            if index.is_file() and GENERATOR not in index.read_text(errors="replace"):
+                raise OutputError(f"{index}: exists and is not a deepmask report, so it is not replaced; "
+                                  "choose another --html folder")
+            summary.done, summary.proposals, summary.failures = write_report(
+                iter(groups), out_dir, results_name=Path(results_path).name, gt=gt, on_image=on_image)
         return summary
+    from .viz import draw_rles, is_overlay, save_overlay
+
     used: set[str] = set()
-    for label, path, reason, _, group in groups:
-        if reason is None:
-            try:
-                image = load_image(path)
-                group.sort(key=lambda r: -r["score"])
-                rles = [r["segmentation"] for r in group[:show]]
-                drawn = draw_rles(image, rles, [r["score"] for r in group[:show]], show=show)
-            except (ImageError, ValueError, KeyError, TypeError) as e:
-                label, reason = path, str(e)
-        if reason is not None:
-            summary.failures.append(InputProblem(str(label), reason))
+    names = [unique_name(path, used, ".png") if path is not None else None for _, path, _, _, _ in groups]
+    targets = [out_dir / n for n in names if n is not None]
+    refuse_inputs(targets, reads)
+    with OutputLock(out_dir, folder=True):
+        foreign = [t for t in targets if os.path.lexists(t) and not is_overlay(t)]
+        if foreign:
+            raise OutputError(f"{foreign[0]}: exists and is not a deepmask overlay, so it is not replaced; "
+                              "move it, or choose another -o")
+        for (label, path, reason, _, group), name in zip(groups, names):
+            if reason is None and name is None:
+                reason = "its name cannot name an overlay file (empty, or dots only); rename the photo"
+            if reason is None:
+                try:
+                    image = load_image(path)
+                    group.sort(key=lambda r: -r["score"])
+                    rles = [r["segmentation"] for r in group[:show]]
+                    drawn = draw_rles(image, rles, [r["score"] for r in group[:show]], show=show)
+                except (ImageError, ValueError, KeyError, TypeError) as e:
+                    label, reason = path, str(e)
+            if reason is not None:
+                summary.failures.append(InputProblem(str(label), reason))
+                if on_image:
+                    on_image(label, None, reason)
+                continue
+            save_overlay(drawn, out_dir / name)
+            summary.done += 1
+            summary.proposals += len(group)
             if on_image:
-                on_image(label, None, reason)
-            continue
-        save_overlay(drawn, Path(out_dir) / overlay_name(path, used))
-        summary.done += 1
-        summary.proposals += len(group)
-        if on_image:
-            on_image(path, len(group), None)
+                on_image(path, len(group), None)
     return summary
 
 

@@ -18,6 +18,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from .cocojson import CocoFileError, read_results
 from .errors import UserError
 from .files import atomic_write
 from .proposals import Proposals
@@ -224,13 +225,9 @@ def merge_results(parts: list[str | Path], out: str | Path) -> int:
     def recs():
         for part in parts:
             try:
-                part_recs = json.loads(Path(part).read_text())
-            except FileNotFoundError:
-                raise MergeError(f"{part}: no such file") from None
-            except (OSError, ValueError) as e:
-                raise MergeError(f"{part}: not a results JSON file ({e}); merge the .json files propose wrote") from None
-            if not isinstance(part_recs, list) or any(not isinstance(r, dict) or "image_id" not in r for r in part_recs):
-                raise MergeError(f"{part}: not a COCO results list (records with image_id)")
+                part_recs = read_results(part)
+            except CocoFileError as e:
+                raise MergeError(f"{e}; merge the .json files propose wrote") from None
             for i in {r["image_id"] for r in part_recs}:
                 if i in seen:
                     raise MergeError(f"{part}: image_id {i} is also in {seen[i]}; parts must come from "

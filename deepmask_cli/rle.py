@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
@@ -37,10 +39,118 @@ def decode(rles: list[dict]) -> np.ndarray:
 
 
 def to_bytes(rle: dict) -> dict:
+    """An RLE this project made (compressed counts as str or bytes, or
+    uncompressed) as pycocotools takes it. For RLEs from files, which may be
+    anything, use :func:`normalise`."""
     counts = rle["counts"]
     if isinstance(counts, list):  # uncompressed RLE
         return mask_utils.frPyObjects(rle, *rle["size"])
     return {"size": list(rle["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+
+
+class RLEError(ValueError):
+    """A segmentation that is not a mask of the image it belongs to; the message says how."""
+
+
+#: Polygon coordinates are accepted within this many image sides of the image
+#: (COCO's own polygons stray a pixel or so outside it); pycocotools rasterises
+#: whatever it is given, and coordinates far out cost memory without bound.
+POLYGON_MARGIN = 1.0
+
+
+def compressed_runs(counts: bytes) -> np.ndarray:
+    """The runs of a COCO compressed RLE string, checked as they are read
+    (pycocotools' own reader trusts its input): each value 5 bits a char,
+    low first, 0x20 a continuation, 0x10 of the last char the sign; from the
+    fourth on, the difference to the one two before. Raises :class:`RLEError`
+    for a string that is not one."""
+    c = np.frombuffer(counts, np.uint8).astype(np.int64) - 48
+    if c.size == 0:
+        return np.zeros(0, np.int64)
+    if c.min() < 0 or c.max() > 63:
+        raise RLEError("its counts hold characters that no COCO RLE has")
+    more = (c & 0x20) != 0
+    if more[-1]:
+        raise RLEError("its counts end inside a value (cut short)")
+    last = np.flatnonzero(~more)
+    start = np.concatenate(([0], last[:-1] + 1))
+    group = np.repeat(np.arange(last.size), last - start + 1)
+    k = np.arange(c.size) - start[group]
+    if k.max() > 11:  # 12 chars x 5 bits: past any count a 2**31-pixel image has
+        raise RLEError("its counts hold a value too large for any image")
+    x = np.add.reduceat((c & 0x1F) << (5 * k), start)
+    neg = (c[last] & 0x10) != 0
+    x[neg] |= -1 << (5 * (k[last][neg] + 1))
+    runs = x.copy()
+    runs[2::2] = np.cumsum(x[2::2])
+    runs[1::2] = np.cumsum(x[1::2])
+    return runs
+
+
+def normalise(seg: Any, height: int, width: int, *, lenient: bool = False) -> dict:
+    """Any COCO segmentation of an ``height`` x ``width`` image (polygons, an
+    uncompressed RLE, a compressed RLE with str or bytes counts) as the
+    compressed RLE pycocotools takes (``counts`` bytes), after checking that
+    it is one: the size is the image's, the runs cover exactly its pixels,
+    polygon coordinates are finite and near the image. The one reader of
+    segmentations from files; raises :class:`RLEError` naming the problem.
+    ``lenient`` (ground truth): polygons of fewer than three points, which
+    COCO has a few of, are dropped (none left: an empty mask)."""
+    h, w = int(height), int(width)
+    if isinstance(seg, list):
+        if lenient:
+            seg = [p for p in seg if not (isinstance(p, list) and len(p) < 6)]
+            if not seg:
+                return mask_utils.encode(np.zeros((h, w, 1), np.uint8, order="F"))[0]
+        return _polygons(seg, h, w)
+    if not isinstance(seg, dict) or "counts" not in seg or "size" not in seg:
+        raise RLEError("its segmentation is neither polygons nor an RLE ({size, counts})")
+    size = seg["size"]
+    if (not isinstance(size, (list, tuple)) or len(size) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in size)):
+        raise RLEError("its RLE size is not [height, width]")
+    if list(size) != [h, w]:
+        raise RLEError(f"its mask size is {size[0]}x{size[1]} but the image is {h}x{w} (height x width)")
+    counts = seg["counts"]
+    if isinstance(counts, list):
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in counts):
+            raise RLEError("its uncompressed RLE counts are not all integers")
+        runs = np.asarray(counts, dtype=np.int64) if counts else np.zeros(0, np.int64)
+        if counts and max(counts) >= 2**62:
+            raise RLEError("its counts hold a value too large for any image")
+    elif isinstance(counts, (str, bytes)):
+        try:
+            counts = counts.encode("ascii") if isinstance(counts, str) else counts
+        except UnicodeEncodeError:
+            raise RLEError("its counts hold characters that no COCO RLE has") from None
+        runs = compressed_runs(counts)
+    else:
+        raise RLEError("its RLE counts are neither a string nor a list of integers")
+    if runs.size and (runs.min() < 0 or runs[1:].min(initial=1) < 0):
+        raise RLEError("its counts hold a negative run")
+    if int(runs.sum()) != h * w:
+        raise RLEError(f"its runs cover {int(runs.sum())} pixels, not the image's {h * w}")
+    if isinstance(counts, list):
+        return mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)
+    return {"size": [h, w], "counts": counts}
+
+
+def _polygons(seg: list, h: int, w: int) -> dict:
+    if not seg:
+        raise RLEError("its segmentation is an empty list of polygons")
+    side = max(h, w)
+    lo, hi = -POLYGON_MARGIN * side, (1 + POLYGON_MARGIN) * side
+    polys = []
+    for poly in seg:
+        if not isinstance(poly, list) or len(poly) < 6 or len(poly) % 2:
+            raise RLEError("a polygon is not a list of at least three x, y pairs")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in poly):
+            raise RLEError("a polygon holds something other than numbers")
+        arr = np.asarray(poly, dtype=np.float64)
+        if not np.isfinite(arr).all() or arr.min() < lo or arr.max() > hi:
+            raise RLEError(f"a polygon has coordinates far outside the {w}x{h} image")
+        polys.append(arr.tolist())
+    return mask_utils.merge(mask_utils.frPyObjects(polys, h, w))
 
 
 def area(rles: list[dict]) -> np.ndarray:

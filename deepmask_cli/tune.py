@@ -93,11 +93,9 @@ def tune(proposer: Proposer, images: Sequence[Path], ann: str | Path, grid: dict
         refine=any(r.refining for r in runs), flip=any(c.flip for c in configs)))
     if not set(scales) <= {round(math.log2(s), 4) for s in dense.config.scales}:
         raise ConfigError("the grid's scales do not fall on one pyramid; tune scale_min and scale_max in whole steps")
-    try:
-        names_to_id = {im["file_name"]: im["id"] for im in json.loads(Path(ann).read_text())["images"]}
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"{ann}: not a readable COCO instances file ({type(e).__name__}); "
-                          "pass one with images and annotations") from None
+    from .cocojson import read_instances
+
+    names_to_id = {im["file_name"]: im["id"] for im in read_instances(ann)["images"]}
     results: list[list[dict]] = [[] for _ in configs]
     done_ids = []
     with torch.no_grad():

@@ -185,19 +185,6 @@ def draw_overlay(
     return out
 
 
-def _rle_obj(rle: dict) -> dict:
-    """Normalise one COCO RLE into what ``pycocotools.mask.decode`` accepts."""
-    from pycocotools import mask as mask_utils
-
-    h, w = (int(v) for v in rle["size"])
-    counts = rle["counts"]
-    if isinstance(counts, list):  # uncompressed RLE
-        return mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)
-    if isinstance(counts, str):
-        counts = counts.encode("ascii")
-    return {"size": [h, w], "counts": counts}
-
-
 def draw_rles(image: Image.Image, rles: list[dict], scores, **kw) -> Image.Image:
     """Decode the first ``show`` COCO RLEs and draw them with :func:`draw_overlay`."""
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
@@ -205,18 +192,19 @@ def draw_rles(image: Image.Image, rles: list[dict], scores, **kw) -> Image.Image
         raise ValueError(f"got {len(rles)} RLEs but {scores.shape[0]} scores")
     width, height = image.size
     k = max(0, min(int(kw.get("show", 20)), len(rles)))
-    for j, rle in enumerate(rles[:k]):
-        h, w = (int(v) for v in rle["size"])
-        if (h, w) != (height, width):
-            raise ValueError(
-                f"RLE {j} size {w}x{h} (WxH) does not match image size "
-                f"{width}x{height}"
-            )
     if k:
         from pycocotools import mask as mask_utils
 
+        from .rle import RLEError, normalise
+
+        objs = []
+        for j, rle in enumerate(rles[:k]):
+            try:
+                objs.append(normalise(rle, height, width))
+            except RLEError as e:
+                raise RLEError(f"proposal {j}: {e}") from None
         # One decode call for all k masks: (H, W, k) -> (k, H, W).
-        decoded = mask_utils.decode([_rle_obj(r) for r in rles[:k]])
+        decoded = mask_utils.decode(objs)
         masks = np.ascontiguousarray(decoded.transpose(2, 0, 1)).astype(bool)
     else:
         masks = np.zeros((0, height, width), dtype=bool)
