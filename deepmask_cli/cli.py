@@ -6,6 +6,7 @@ tuned defaults a weights folder carries, win unless the user sets something.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import warnings
@@ -20,9 +21,12 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
 from rich.text import Text
 
 from . import __version__
-from .config import CALIBRATION_METHODS, PRECISIONS, RUNTIMES, TRUNKS, InferenceConfig, ModelConfig, SamplerConfig, TrainConfig
+from .config import (CALIBRATION_METHODS, MAX_PROPOSALS, MAX_SIDE, PRECISIONS, RUNTIMES, TRUNKS, InferenceConfig, ModelConfig,
+                     SamplerConfig, TrainConfig)
 from .errors import UserError
 from .heap import MAPPED_SLACK_MB, MMAP_THRESHOLD_MB, SLACK_MB
+from .images import MAX_PIXELS
+from .outputs import printable
 from .sinks import FORMATS
 
 err = Console(stderr=True, highlight=False)
@@ -35,8 +39,24 @@ _M = ModelConfig()
 _S = SamplerConfig()
 
 
+def _esc(text: object) -> str:
+    """Text from outside (file names, messages that quote them) made safe to
+    print: control characters shown as escapes, rich's markup escaped."""
+    return escape(printable(str(text)))
+
+
+class _Prob(click.FloatRange):
+    """A finite number within a range (click's FloatRange lets nan and inf through)."""
+
+    def convert(self, value, param, ctx):
+        v = super().convert(value, param, ctx)
+        if not math.isfinite(v):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return v
+
+
 def _fail(message: str, code: int = 2) -> NoReturn:
-    err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+    err.print(f"[bold red]error:[/] {_esc(message)}", soft_wrap=True)
     sys.exit(code)
 
 
@@ -59,7 +79,7 @@ def main() -> None:
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """Warnings as one line, like errors (not Python's file:line and source)."""
-    err.print(f"[bold yellow]warning:[/] {escape(str(message))}", soft_wrap=True)
+    err.print(f"[bold yellow]warning:[/] {_esc(str(message))}", soft_wrap=True)
 
 
 # ------------------------------------------------------------------- propose
@@ -70,23 +90,23 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 @click.option("--device", default="auto", show_default=True, help="auto (the GPU when there is one), cpu, cuda or cuda:N (under torchrun: each process's own GPU).")
 @click.option("--gt", type=click.Path(), default=None, help="COCO instances JSON: take image ids from it by file name, so `deepmask eval` can score the results.")
 @click.option("--format", "fmt", type=click.Choice(list(FORMATS)), default="coco", show_default=True, help="coco: a COCO results JSON file; png: one overlay PNG per image; masks: a folder per image of mask PNGs and metadata.csv (segment-anything's layout).")
-@click.option("--show", type=int, default=20, show_default=True, help="Proposals drawn per overlay (--format png).")
-@click.option("--max-proposals", type=int, default=None, help=f"Proposals kept per image, best first. [default: {_D.max_proposals}]")
-@click.option("--score-thresh", type=float, default=None, help=f"Drop proposals whose score (objectness, after rescoring and NMS) is below this. [default: {_D.score_thresh}]")
-@click.option("--mask-thresh", type=float, default=None, help=f"Probability above which a pixel is in a mask. [default: the weights' tuned value, else {_D.mask_thresh}]")
+@click.option("--show", type=click.IntRange(0, 1000), default=20, show_default=True, help="Proposals drawn per overlay (--format png).")
+@click.option("--max-proposals", type=click.IntRange(1, MAX_PROPOSALS), default=None, help=f"Proposals kept per image, best first. [default: {_D.max_proposals}]")
+@click.option("--score-thresh", type=_Prob(0.0, 1.0, max_open=True), default=None, help=f"Drop proposals whose score (objectness, after rescoring and NMS) is below this. [default: {_D.score_thresh}]")
+@click.option("--mask-thresh", type=_Prob(0.0, 1.0, min_open=True, max_open=True), default=None, help=f"Probability above which a pixel is in a mask. [default: the weights' tuned value, else {_D.mask_thresh}]")
 @click.option("--nms", type=click.Choice(["box", "mask"]), default=None, help=f"Overlap measure for NMS. [default: {_D.nms}]")
-@click.option("--nms-thresh", type=float, default=None, help=f"NMS IoU threshold; 1.0 turns NMS off. [default: {_D.nms_thresh}]")
+@click.option("--nms-thresh", type=_Prob(0.0, 1.0, min_open=True), default=None, help=f"NMS IoU threshold; 1.0 turns NMS off. [default: {_D.nms_thresh}]")
 @click.option("--maskness/--no-maskness", default=None, help=f"Multiply each score by its mask's mean probability over the pixels it keeps, before NMS. [default: the weights' tuned value, else {'on' if _D.maskness else 'off'}]")
 @click.option("--nms-demote/--nms-drop", "nms_demote", default=None, help=f"What NMS does with a proposal it suppresses: demote it (its score times 1 - its IoU with the kept one) or drop it. [default: the weights' tuned value, else {'demote' if _D.nms_demote else 'drop'}]")
-@click.option("--pre-nms-topk", type=int, default=None, help=f"Windows kept by score before masks are computed. [default: {_D.pre_nms_topk}]")
+@click.option("--pre-nms-topk", type=click.IntRange(1, MAX_PROPOSALS), default=None, help=f"Windows kept by score before masks are computed. [default: {_D.pre_nms_topk}]")
 @click.option("--scales", default=None, help=f"Pyramid MIN,MAX,STEP in octaves (scales 2^MIN..2^MAX). [default: the weights' tuned values, else {_D.scale_min},{_D.scale_max},{_D.scale_step}]")
-@click.option("--scale-prior", type=float, default=None, help=f"Added to each window's objectness logit per octave of its pyramid scale, before ranking: > 0 favours small objects. [default: the weights' tuned value, else {_D.scale_prior}]")
+@click.option("--scale-prior", type=_Prob(-10.0, 10.0), default=None, help=f"Added to each window's objectness logit per octave of its pyramid scale, before ranking: > 0 favours small objects. [default: the weights' tuned value, else {_D.scale_prior}]")
 @click.option("--flip/--no-flip", default=None, help=f"Also run the mirror image and average each window's score and mask with its mirror twin's (about twice the time). [default: the weights' tuned value, else {'on' if _D.flip else 'off'}]")
 @click.option("--refine/--no-refine", default=None, help=f"With weights that have SharpMask's refinement: refine the best windows' masks. [default: {'on' if _D.refine else 'off'}]")
-@click.option("--refine-topk", type=int, default=None, help=f"Windows refined per image, best first (the rest keep DeepMask's masks). [default: {_D.refine_topk}]")
-@click.option("--max-side", type=int, default=None, help=f"Larger images are run at this longest side (masks stay full size). [default: {_D.max_side}]")
-@click.option("--batch-size", type=int, default=None, help="Images run through the network together. [default: 1 on a CPU, 8 on a GPU]")
-@click.option("--workers", type=int, default=None, help="Processes that RLE-encode and write results beside the network. [default: 0 on a CPU, up to 8 on a GPU]")
+@click.option("--refine-topk", type=click.IntRange(0, MAX_PROPOSALS), default=None, help=f"Windows refined per image, best first (the rest keep DeepMask's masks). [default: {_D.refine_topk}]")
+@click.option("--max-side", type=click.IntRange(32, MAX_SIDE), default=None, help=f"Larger images are run at this longest side (masks stay full size). [default: {_D.max_side}]")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=None, help="Images run through the network together. [default: 1 on a CPU, 8 on a GPU]")
+@click.option("--workers", type=click.IntRange(0, 256), default=None, help="Processes that RLE-encode and write results beside the network. [default: 0 on a CPU, up to 8 on a GPU]")
 @click.option("--precision", type=click.Choice(PRECISIONS), default=None, help=f"Network arithmetic: fp32, fp16 (GPU only) or bf16; auto is fp16 on a GPU, bf16 on a CPU with native bf16, else fp32. [default: {_D.precision}]")
 @click.option("--runtime", type=click.Choice(RUNTIMES), default=None, help=f"Where the trunk runs: torch, or ONNX Runtime on a CPU: onnx in float32 (pip install 'deepmask[onnx]'), onnx-int8 the weights' int8 trunk (deepmask quantize). auto: onnx-int8 on x86-64 CPUs with AVX2 when the weights have one and --precision is not fp32, else torch. [default: {_D.runtime}]")
 @click.option("--shard", default=None, help="I/N: run only the I-th of N contiguous parts of the inputs (0-based); join the parts with deepmask merge.")
@@ -94,10 +114,11 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 @click.option("--strict", is_flag=True, help="Stop at the first bad image instead of reporting it and going on.")
 @click.option("--no-exif", is_flag=True, help="Ignore EXIF orientation (default: masks follow the image as viewers show it).")
 @click.option("--release-memory/--keep-memory", default=True, show_default=True, help=f"Give freed memory back to the OS whenever the process has grown by {SLACK_MB} MB since its first image (with the torch runtime on a CPU: {MAPPED_SLACK_MB} MB, and buffers of {MMAP_THRESHOLD_MB} MB or more mapped on their own), so resident memory stays flat over a long run.")
+@click.option("--max-pixels", type=click.IntRange(1, 178_956_970), default=MAX_PIXELS, show_default=True, help="Refuse photos with more pixels than this (read from the file's header, before decoding): full-size masks of larger ones take several GB.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, only errors.")
 def propose(images, out_path, weights, device, gt, fmt, show, max_proposals, score_thresh, mask_thresh, nms, nms_thresh,
             maskness, nms_demote, pre_nms_topk, scales, scale_prior, flip, refine, refine_topk, max_side, batch_size, workers, precision, runtime, shard, resume, strict, no_exif,
-            release_memory, quiet) -> None:
+            release_memory, max_pixels, quiet) -> None:
     """Propose object masks for IMAGES (files, folders or globs).
 
     \b
@@ -137,14 +158,15 @@ def propose(images, out_path, weights, device, gt, fmt, show, max_proposals, sco
 
     def on_image(path, n, reason) -> None:
         if reason is not None:
-            progress.console.print(f"[red]✗[/] {escape(f'{path}: {reason}')}", soft_wrap=True)
+            progress.console.print(f"[red]✗[/] {_esc(f'{path}: {reason}')}", soft_wrap=True)
         if task is not None:
             progress.advance(task)
 
     try:
         with progress:
             kwargs = dict(proposer=proposer, fmt=fmt, gt=gt, show=show, batch_size=batch_size, resume=resume, strict=strict,
-                          exif=not no_exif, workers=workers, release_memory=release_memory, on_start=on_start, on_image=on_image)
+                          exif=not no_exif, workers=workers, release_memory=release_memory, max_pixels=max_pixels,
+                          on_start=on_start, on_image=on_image)
             summary = (run_propose(images, out_path, shard=shard_, **kwargs) if launch is None
                        else run_propose_launched(images, out_path, launch=launch, **kwargs))
     except KeyboardInterrupt:
@@ -155,7 +177,7 @@ def propose(images, out_path, weights, device, gt, fmt, show, max_proposals, sco
     if summary.skipped:
         done += f", {summary.skipped} already done"
     if not quiet:
-        err.print(f"[green]✓[/] {done} → {escape(str(summary.out))}" + (f"; [red]{len(summary.failures)} failed[/]" if summary.failures else ""))
+        err.print(f"[green]✓[/] {done} → {_esc(str(summary.out))}" + (f"; [red]{len(summary.failures)} failed[/]" if summary.failures else ""))
     elif summary.failures:
         err.print(f"{len(summary.failures)} input(s) failed")
     sys.exit(1 if summary.failures else 0)
@@ -181,7 +203,7 @@ def _progress(quiet: bool, info_column: ProgressColumn) -> Progress:
 @click.option("--html", "html_dir", type=click.Path(file_okay=False), default=None, help="Write a report to browse every proposal in a web browser into this folder instead (open its index.html).")
 @click.option("--gt", type=click.Path(), default=None, help="With --html: COCO instances JSON whose objects are outlined (RESULTS made with propose --gt).")
 @click.option("--images", "images_dir", type=click.Path(), default=None, help="Folder holding the images (default: the paths stored in RESULTS).")
-@click.option("--show", type=int, default=20, show_default=True, help="Proposals drawn per image (PNG overlays).")
+@click.option("--show", type=click.IntRange(0, 1000), default=20, show_default=True, help="Proposals drawn per image (PNG overlays).")
 @click.option("-q", "--quiet", is_flag=True)
 def viz(results, out_dir, html_dir, gt, images_dir, show, quiet) -> None:
     """Draw overlays of an existing results file, or a report to browse it.
@@ -201,7 +223,7 @@ def viz(results, out_dir, html_dir, gt, images_dir, show, quiet) -> None:
 
     def on_image(path, n, reason) -> None:
         if reason is not None:
-            err.print(f"[red]✗[/] {escape(f'{path}: {reason}')}", soft_wrap=True)
+            err.print(f"[red]✗[/] {_esc(f'{path}: {reason}')}", soft_wrap=True)
 
     try:
         summary = run_viz(results, target, images_dir=images_dir, show=show, html=html_dir is not None, gt=gt,
@@ -209,8 +231,8 @@ def viz(results, out_dir, html_dir, gt, images_dir, show, quiet) -> None:
     except UserError as e:
         _fail(str(e))
     if not quiet:
-        what = (f"report of {summary.done} image(s) → {escape(str(Path(target) / 'index.html'))}" if html_dir
-                else f"{summary.done} overlay(s) → {escape(str(target))}")
+        what = (f"report of {summary.done} image(s) → {_esc(str(Path(target) / 'index.html'))}" if html_dir
+                else f"{summary.done} overlay(s) → {_esc(str(target))}")
         err.print(f"[green]✓[/] {what}" + (f"; [red]{len(summary.failures)} failed[/]" if summary.failures else ""))
     sys.exit(1 if summary.failures else 0)
 
@@ -260,7 +282,7 @@ def eval_cmd(results, gt, as_json, plot, by_size, categories_spec) -> None:
                 table.title = f"{table.title}: {label}"
             out.print(table)
     if plot is not None and not as_json:
-        err.print(f"[green]✓[/] recall curves → {escape(str(plot))}")
+        err.print(f"[green]✓[/] recall curves → {_esc(str(plot))}")
 
 
 # --------------------------------------------------------------------- merge
@@ -280,7 +302,7 @@ def merge(parts, out_path) -> None:
         n = merge_results(list(parts), out_path)
     except UserError as e:
         _fail(str(e))
-    err.print(f"[green]✓[/] {len(parts)} part(s), {n} proposals → {escape(str(out_path))}")
+    err.print(f"[green]✓[/] {len(parts)} part(s), {n} proposals → {_esc(str(out_path))}")
 
 
 # --------------------------------------------------------------------- train
@@ -293,35 +315,35 @@ def merge(parts, out_path) -> None:
 @click.option("--val-ann", type=click.Path(), default=None, help="Validation annotation file.")
 @click.option("--val-images", type=click.Path(), default=None, help="Validation images folder.")
 @click.option("--trunk", type=click.Choice(TRUNKS), default=None, help=f"Trunk network. [default: {_M.trunk}]")
-@click.option("--steps", type=int, default=None, help=f"Optimisation steps. [default: {_T.steps}; {_C['steps']} on cached maps]")
-@click.option("--batch-size", type=int, default=None, help=f"Patches per step, over all processes. [default: {_T.batch_size}]")
-@click.option("--lr", type=float, default=None, help=f"Learning rate (the official step schedule is applied to it). [default: {_T.lr:g}; {_C['lr']:g} on cached maps]")
-@click.option("--trunk-lr-mult", type=float, default=None, help=f"Learning-rate multiplier for the trunk. [default: {_T.trunk_lr_mult}]")
+@click.option("--steps", type=click.IntRange(1), default=None, help=f"Optimisation steps. [default: {_T.steps}; {_C['steps']} on cached maps]")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=None, help=f"Patches per step, over all processes. [default: {_T.batch_size}]")
+@click.option("--lr", type=_Prob(0.0, 100.0, min_open=True), default=None, help=f"Learning rate (the official step schedule is applied to it). [default: {_T.lr:g}; {_C['lr']:g} on cached maps]")
+@click.option("--trunk-lr-mult", type=_Prob(0.0, 1000.0), default=None, help=f"Learning-rate multiplier for the trunk. [default: {_T.trunk_lr_mult}]")
 @click.option("--freeze-trunk/--train-trunk", default=None, help="Train the heads only, or the trunk too. [default: frozen on a CPU, trained on a GPU]")
-@click.option("--train-blocks", type=int, default=None, help=f"With --freeze-trunk: train the trunk's last N blocks all the same (the ones at stride 16; on cached maps, maps of their input are cached). [default: {_T.train_blocks}]")
+@click.option("--train-blocks", type=click.IntRange(0, 64), default=None, help=f"With --freeze-trunk: train the trunk's last N blocks all the same (the ones at stride 16; on cached maps, maps of their input are cached). [default: {_T.train_blocks}]")
 @click.option("--cache-features/--no-cache-features", default=None, help="With --freeze-trunk: train the heads on the trunk's maps of the inference pyramid, cached once (fastest on a CPU). [default: on with a frozen trunk on a CPU]")
 @click.option("--cache-scales", default=None, help=f"With --cache-features: pyramid MIN,MAX,STEP in octaves. [default: {','.join(f'{v:g}' for v in _C['cache_scales'])}]")
 @click.option("--cache-file", type=click.Path(dir_okay=False), default=None, help="With --cache-features: save the cache to this file, or reuse it when it holds the same images, trunk and scales.")
-@click.option("--feature-dropout", type=float, default=None, help=f"With --cache-features: dropout on the cached maps before the heads. [default: {_C['feature_dropout']:g}]")
-@click.option("--score-weight", type=float, default=None, help=f"lambda, the weight of the score loss. [default: {_T.score_weight:g}; {_C['score_weight']:g} on cached maps]")
-@click.option("--workers", type=int, default=None, help=f"DataLoader worker processes (0: load in the main process). [default: {_T.workers}]")
+@click.option("--feature-dropout", type=_Prob(0.0, 1.0, max_open=True), default=None, help=f"With --cache-features: dropout on the cached maps before the heads. [default: {_C['feature_dropout']:g}]")
+@click.option("--score-weight", type=_Prob(0.0, 1000.0), default=None, help=f"lambda, the weight of the score loss. [default: {_T.score_weight:g}; {_C['score_weight']:g} on cached maps]")
+@click.option("--workers", type=click.IntRange(0, 256), default=None, help=f"DataLoader worker processes (0: load in the main process). [default: {_T.workers}]")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda (under torchrun: each process's own GPU).")
-@click.option("--seed", type=int, default=None, help=f"Seed of the sampler and the initialisation. [default: {_T.seed}]")
+@click.option("--seed", type=click.IntRange(0), default=None, help=f"Seed of the sampler and the initialisation. [default: {_T.seed}]")
 @click.option("--refine", is_flag=True, help="SharpMask's second stage: train refinement modules on the frozen DeepMask of --init (patches, positives only).")
 @click.option("--init", "init_weights", type=click.Path(), default=None, help="Weights folder (or shipped name) to start from: fine-tune its network (its architecture and tuned inference values kept), or with --refine, the frozen DeepMask to refine.")
 @click.option("--categories", "categories_spec", default=None, help="Train on these COCO categories only, the others left unlabelled: voc (the 20 PASCAL ones), non-voc, or ids 1,2,3. [default: all]")
-@click.option("--copy-paste", type=int, default=None, help="Add this many copy-paste composites to the training images (each a training image with another's objects pasted on it at a random scale and place; written to the run folder). [default: 0]")
+@click.option("--copy-paste", type=click.IntRange(0), default=None, help="Add this many copy-paste composites to the training images (each a training image with another's objects pasted on it at a random scale and place; written to the run folder). [default: 0]")
 @click.option("--resume", is_flag=True, help="Continue from the run folder's last checkpoint.")
-@click.option("--checkpoint-every", type=int, default=None, help=f"Steps between checkpoints. [default: {_T.checkpoint_every}]")
-@click.option("--val-every", type=int, default=None, help=f"Steps between validations. [default: {_T.val_every}]")
-@click.option("--val-batches", type=int, default=None, help=f"Validation batches (fixed patches). [default: {_T.val_batches}]")
-@click.option("--patch-size", type=int, default=None, help=f"Network input window in pixels. [default: {_M.patch_size}]")
-@click.option("--object-size", type=int, default=None, help=f"Canonical longer side of a centred object, pixels. [default: {_M.object_size}]")
+@click.option("--checkpoint-every", type=click.IntRange(1), default=None, help=f"Steps between checkpoints. [default: {_T.checkpoint_every}]")
+@click.option("--val-every", type=click.IntRange(1), default=None, help=f"Steps between validations. [default: {_T.val_every}]")
+@click.option("--val-batches", type=click.IntRange(1), default=None, help=f"Validation batches (fixed patches). [default: {_T.val_batches}]")
+@click.option("--patch-size", type=click.IntRange(32, 1024), default=None, help=f"Network input window in pixels. [default: {_M.patch_size}]")
+@click.option("--object-size", type=click.IntRange(1, 1024), default=None, help=f"Canonical longer side of a centred object, pixels. [default: {_M.object_size}]")
 @click.option("--model-config", "model_config_file", type=click.Path(), default=None, help="JSON file of ModelConfig fields (mask size, widths, ...); --trunk/--patch-size/--object-size override it.")
-@click.option("--pos-shift", type=float, default=None, help=f"Positives: object centre within this many window pixels. [default: {_S.pos_shift:g}]")
-@click.option("--pos-scale", type=float, default=None, help=f"Positives: object size within this many octaves of the canonical. [default: {_S.pos_scale:g}]")
-@click.option("--neg-shift", type=float, default=None, help=f"Negatives: every object at least this many window pixels off... [default: {_S.neg_shift:g}]")
-@click.option("--neg-scale", type=float, default=None, help=f"...or this many octaves off its canonical size. [default: {_S.neg_scale:g}]")
+@click.option("--pos-shift", type=_Prob(0.0, 1024.0), default=None, help=f"Positives: object centre within this many window pixels. [default: {_S.pos_shift:g}]")
+@click.option("--pos-scale", type=_Prob(0.0, 8.0), default=None, help=f"Positives: object size within this many octaves of the canonical. [default: {_S.pos_scale:g}]")
+@click.option("--neg-shift", type=_Prob(0.0, 1024.0), default=None, help=f"Negatives: every object at least this many window pixels off... [default: {_S.neg_shift:g}]")
+@click.option("--neg-scale", type=_Prob(0.0, 8.0), default=None, help=f"...or this many octaves off its canonical size. [default: {_S.neg_scale:g}]")
 @click.option("--no-pretrained", is_flag=True, help="Start the trunk from random weights instead of ImageNet.")
 @click.option("--trunk-weights", type=click.Path(), default=None, help="ImageNet state dict file for the trunk (instead of the default source).")
 @click.option("--strict-data", is_flag=True, help="Stop on missing or unreadable images instead of skipping them.")
@@ -412,10 +434,10 @@ def train(data_dir, out_dir, val_dir, ann, images_dir, val_ann, val_images, trun
         _fail(str(e))
     if not quiet:
         by_device = tc.chosen_defaults(**given)
-        err.print(escape(f"run folder: {out_dir}" + (f"; validation: {va.ann}" if va is not None else "")))
+        err.print(_esc(f"run folder: {out_dir}" + (f"; validation: {va.ann}" if va is not None else "")))
         if by_device and not resume:
             flags = " ".join(_flag(k, v) for k, v in by_device.items())
-            err.print(escape(f"on a {dev.type.upper()}, by default: {flags}"
+            err.print(_esc(f"on a {dev.type.upper()}, by default: {flags}"
                              + (" (the fast path there; --train-trunk trains the trunk too)" if tc.cache_features else "")))
 
     display = _TrainDisplay(tc.steps, quiet)
@@ -432,7 +454,7 @@ def train(data_dir, out_dir, val_dir, ann, images_dir, val_ann, val_images, trun
         if distributed and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     if not quiet:
-        err.print(escape(f"✓ weights → {weights}  (use: deepmask propose IMAGES --weights {weights} -o props.json)"))
+        err.print(_esc(f"✓ weights → {weights}  (use: deepmask propose IMAGES --weights {weights} -o props.json)"))
 
 
 def _flag(name: str, value: object) -> str:
@@ -497,7 +519,7 @@ class _TrainDisplay:
                 + (f"; {r['copy_paste']} of the images are copy-paste composites" if r.get("copy_paste") else "") + ")"
             )
             for m in (r["missing_images"] + r["bad_images"])[:5]:
-                p.console.print(f"  [yellow]skipped[/] {escape(str(m))}")
+                p.console.print(f"  [yellow]skipped[/] {_esc(str(m))}")
         elif kind == "cache":
             if not hasattr(self, "cache_task"):
                 self.cache_task = p.add_task("cache", total=info["total"], stats="trunk maps of the pyramid")
@@ -535,14 +557,14 @@ def export(checkpoint, out_dir, half) -> None:
         folder = export_checkpoint(checkpoint, out_dir, half=half)
     except UserError as e:
         _fail(str(e))
-    err.print(f"[green]✓[/] {escape(str(folder))}")
+    err.print(f"[green]✓[/] {_esc(str(folder))}")
 
 
 @main.command()
 @click.argument("images", nargs=-1, required=True)
 @click.option("--weights", type=click.Path(), default=None, help="Weights folder whose trunk and score head to quantize. [default: the shipped weights]")
 @click.option("-o", "--out", "out_path", type=click.Path(), default=None, help="ONNX file to write. [default: WEIGHTS/trunk-int8.onnx]")
-@click.option("--limit", type=int, default=16, show_default=True, help="Calibration photos, spread evenly over IMAGES.")
+@click.option("--limit", type=click.IntRange(1), default=16, show_default=True, help="Calibration photos, spread evenly over IMAGES.")
 @click.option("--keep-float", multiple=True, help="Leave the convolutions of these layers in float32: parameter-name prefixes such as trunk.blocks.10. or score_head. (repeatable).")
 @click.option("--calibration", type=click.Choice(CALIBRATION_METHODS), default=CALIBRATION_METHODS[0], show_default=True, help="How activation ranges are chosen from the calibration photos' maps: minmax (all that was seen), entropy (KL divergence; holds every map in memory) or percentile (the 99.999th).")
 def quantize(images, weights, out_path, limit, keep_float, calibration) -> None:
@@ -566,24 +588,24 @@ def quantize(images, weights, out_path, limit, keep_float, calibration) -> None:
         _fail(str(e))
     paths, problems = collect_images(images)
     for pr in problems:
-        err.print(f"[yellow]![/] {escape(pr.path)}: {escape(pr.reason)}")
+        err.print(f"[yellow]![/] {_esc(pr.path)}: {_esc(pr.reason)}")
     out = Path(out_path) if out_path else folder / INT8_TRUNK_NAME
     with err.status(f"calibrating on up to {limit} of {len(paths)} photos"):
         try:
             written = quantize_trunk(model, paths, out, limit=limit, keep_float=keep_float, method=calibration)
         except UserError as e:
             _fail(str(e))
-    err.print(f"[green]✓[/] {escape(str(written))} ({written.stat().st_size / 1e6:.1f} MB)")
+    err.print(f"[green]✓[/] {_esc(str(written))} ({written.stat().st_size / 1e6:.1f} MB)")
 
 
 @main.command()
 @click.argument("images", nargs=-1, required=True)
 @click.option("--weights", type=click.Path(), default=None, help="Weights folder to compress. [default: the shipped weights]")
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(), help="Weights folder to write.")
-@click.option("--score-rank", type=int, default=0, show_default=True,
+@click.option("--score-rank", type=click.IntRange(0, 16384), default=0, show_default=True,
               help="Width of the bottleneck put before the score head's first layer (0: leave it).")
-@click.option("--mask-rank", type=int, default=0, show_default=True, help="The mask head's new hidden width (0: leave it).")
-@click.option("--limit", type=int, default=16, show_default=True, help="Calibration photos, spread evenly over IMAGES.")
+@click.option("--mask-rank", type=click.IntRange(0, 16384), default=0, show_default=True, help="The mask head's new hidden width (0: leave it).")
+@click.option("--limit", type=click.IntRange(1), default=16, show_default=True, help="Calibration photos, spread evenly over IMAGES.")
 @click.option("--half", is_flag=True, help="Store the tensors as float16 (half the size).")
 def compress(images, weights, out_dir, score_rank, mask_rank, limit, half) -> None:
     """Thinner heads, fewer multiply-adds per window: each layer replaced by
@@ -603,7 +625,7 @@ def compress(images, weights, out_dir, score_rank, mask_rank, limit, half) -> No
     folder = weights_folder(weights) if weights else default_weights()
     paths, problems = collect_images(images)
     for pr in problems:
-        err.print(f"[yellow]![/] {escape(pr.path)}: {escape(pr.reason)}")
+        err.print(f"[yellow]![/] {_esc(pr.path)}: {_esc(pr.reason)}")
     with err.status(f"measuring the heads on up to {limit} of {len(paths)} photos"):
         try:
             written, kept = compress_weights(folder, paths, out_dir, score_rank=score_rank, mask_rank=mask_rank,
@@ -611,14 +633,14 @@ def compress(images, weights, out_dir, score_rank, mask_rank, limit, half) -> No
         except UserError as e:
             _fail(str(e))
     shares = ", ".join(f"{k} head {v:.1%}" for k, v in kept.items())
-    err.print(f"[green]✓[/] {escape(str(written))} (output variance kept: {shares or 'nothing compressed'})")
+    err.print(f"[green]✓[/] {_esc(str(written))} (output variance kept: {shares or 'nothing compressed'})")
 
 
 @main.command("tune")
 @click.argument("val_dir", type=click.Path())
 @click.option("--weights", type=click.Path(), default=None, help="Weights folder whose settings to tune. [default: the shipped weights]")
 @click.option("--grid", "grid_specs", multiple=True, metavar="FIELD=V1,V2", help="Settings to try, every combination (repeatable). [default: mask_thresh=0.3,0.4,0.5 maskness=false,true nms_demote=false,true]")
-@click.option("--limit", type=int, default=None, help="Only the first N photos, sorted by name.")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N photos, sorted by name.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--write", is_flag=True, help="Save the best settings in the weights folder's config.json (its inference defaults).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write every row (settings, mask and box AR) to this JSON file.")
@@ -676,9 +698,9 @@ def tune_cmd(val_dir, weights, grid_specs, limit, device, write, json_path, quie
             path = save_tuned(folder, best)
         except (UserError, OSError) as e:
             _fail(f"{folder}: could not save the tuned settings ({e})")
-        err.print(f"[green]✓[/] {escape(str(path))}: inference {escape(json.dumps(best))}")
+        err.print(f"[green]✓[/] {_esc(str(path))}: inference {_esc(json.dumps(best))}")
     else:
-        err.print(f"best: {escape(json.dumps(best))} (--write saves it with the weights)")
+        err.print(f"best: {_esc(json.dumps(best))} (--write saves it with the weights)")
 
 
 if __name__ == "__main__":

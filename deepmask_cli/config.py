@@ -36,9 +36,73 @@ CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 #: Trunk names, from the one registry in :mod:`deepmask_cli.trunks`.
 TRUNKS = tuple(TRUNK_BUILDERS)
 
+# Bounds on what a config.json or an option may ask for: far past any use,
+# short of asking for more memory than a machine has.
+MAX_PATCH = 1024
+MAX_MASK_SIZE = 512
+MAX_WIDTH = 16384
+#: Most pyramid scales, and the octaves they may span (2**-8 .. 2**4).
+MAX_SCALES = 64
+SCALE_RANGE = (-8.0, 4.0)
+MAX_SIDE = 16384
+MAX_PROPOSALS = 1_000_000
+
+
+def _type_ok(value: Any, spec: str) -> bool:
+    """Whether ``value`` has the field type ``spec`` (an annotation's text:
+    int, float, bool, str, X | None, tuple[X, ...], tuple[X, Y]). Numbers
+    must be finite; a bool is not an int; an int is a float."""
+    spec = spec.strip()
+    if spec.endswith("| None"):
+        return value is None or _type_ok(value, spec[: -len("| None")])
+    if spec.startswith("tuple["):
+        inner = [t.strip() for t in spec[len("tuple["):-1].split(",")]
+        if not isinstance(value, (tuple, list)):
+            return False
+        if inner[-1] == "...":
+            return all(_type_ok(v, inner[0]) for v in value)
+        return len(value) == len(inner) and all(_type_ok(v, t) for v, t in zip(value, inner))
+    if spec == "bool":
+        return isinstance(value, bool)
+    if spec == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if spec == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if spec == "str":
+        return isinstance(value, str)
+    return True  # nested configs check themselves
+
+
+def _check_range(cfg: Any, name: str, lo: float | None = None, hi: float | None = None) -> None:
+    v = getattr(cfg, name)
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        where = f"at least {lo}" if hi is None else f"at most {hi}" if lo is None else f"in {lo}..{hi}"
+        raise ConfigError(f"{name} must be {where}, got {v}")
+
+
+def _type_words(spec: str) -> str:
+    words = {"int": "an integer", "float": "a finite number", "bool": "true or false", "str": "a string"}
+    spec = spec.strip()
+    if spec.endswith("| None"):
+        return f"{_type_words(spec[: -len('| None')])} or null"
+    if spec.startswith("tuple["):
+        inner = [t.strip() for t in spec[len("tuple["):-1].split(",")]
+        if inner[-1] == "...":
+            return f"a list of {_type_words(inner[0]).removeprefix('an ').removeprefix('a ')}s"
+        return f"a list of {len(inner)} {_type_words(inner[0]).removeprefix('an ').removeprefix('a ')}s"
+    return words.get(spec, spec)
+
 
 class _Serialisable:
-    """``to_dict``/``from_dict`` for the JSON files (config.json, checkpoints)."""
+    """``to_dict``/``from_dict`` for the JSON files (config.json, checkpoints),
+    and the type check every field gets where a config is made (from a file,
+    an option or a caller): the one validation boundary of settings."""
+
+    def _check_types(self) -> None:
+        for f in fields(self):  # type: ignore[arg-type]
+            v = getattr(self, f.name)
+            if not _type_ok(v, str(f.type)):
+                raise ConfigError(f"{type(self).__name__}.{f.name} must be {_type_words(str(f.type))}, got {v!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[call-overload]
@@ -54,6 +118,8 @@ class _Serialisable:
             raise ConfigError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
         nested = {name: f.default_factory for name, f in by_name.items()  # type: ignore[misc]
                   if isinstance(f.default_factory, type) and issubclass(f.default_factory, _Serialisable)}
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{cls.__name__} must be a JSON object, got {type(data).__name__}")
         values = {}
         for k, v in data.items():
             if k in nested and isinstance(v, Mapping):
@@ -99,6 +165,7 @@ class ModelConfig(_Serialisable):
     refine_from_mask: bool = True
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.trunk not in TRUNKS:
             raise ConfigError(f"unknown trunk {self.trunk!r}; choose one of {', '.join(TRUNKS)}")
         if self.patch_size <= 0 or self.patch_size % (2 * TRUNK_STRIDE):
@@ -116,6 +183,13 @@ class ModelConfig(_Serialisable):
             raise ConfigError(f"refine takes 1 to 4 positive module widths, got {self.refine}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        _check_range(self, "patch_size", hi=MAX_PATCH)
+        _check_range(self, "mask_size", 1, MAX_MASK_SIZE)
+        for name in ("mask_channels", "mask_hidden"):
+            _check_range(self, name, 1, MAX_WIDTH)
+        _check_range(self, "score_bottleneck", hi=MAX_WIDTH)
+        if any(not 0 < k <= MAX_WIDTH for k in (*self.score_hidden, *self.refine)):
+            raise ConfigError(f"score_hidden and refine widths must be in 1..{MAX_WIDTH}")
 
     @property
     def feat_size(self) -> int:
@@ -215,10 +289,24 @@ class InferenceConfig(_Serialisable):
     runtime: str = "auto"
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.scale_step <= 0:
             raise ConfigError(f"scale_step must be > 0, got {self.scale_step}")
         if self.scale_max < self.scale_min:
             raise ConfigError(f"scale_max ({self.scale_max}) < scale_min ({self.scale_min})")
+        lo, hi = SCALE_RANGE
+        if self.scale_min < lo or self.scale_max > hi:
+            raise ConfigError(f"scales must lie within 2^{lo:g}..2^{hi:g} (octaves {lo:g} to {hi:g}), "
+                              f"got {self.scale_min:g}..{self.scale_max:g}")
+        if (self.scale_max - self.scale_min) / self.scale_step + 1 > MAX_SCALES + 1e-6:
+            raise ConfigError(f"the pyramid {self.scale_min:g},{self.scale_max:g},{self.scale_step:g} has more than "
+                              f"{MAX_SCALES} scales; take a larger step")
+        _check_range(self, "max_side", 32, MAX_SIDE)
+        _check_range(self, "pre_nms_topk", hi=MAX_PROPOSALS)
+        _check_range(self, "max_proposals", hi=MAX_PROPOSALS)
+        _check_range(self, "refine_topk", hi=MAX_PROPOSALS)
+        _check_range(self, "paste_chunk", hi=1 << 20)
+        _check_range(self, "shape_bucket", -1, 4096)
         if self.nms not in ("box", "mask"):
             raise ConfigError(f"nms must be 'box' or 'mask', got {self.nms!r}")
         for name in ("mask_thresh",):
@@ -273,6 +361,13 @@ class SamplerConfig(_Serialisable):
     hflip: bool = True
     color_jitter: float = 0.2
 
+    def __post_init__(self) -> None:
+        self._check_types()
+        for name in ("pos_fraction", "hard_neg_fraction", "color_jitter"):
+            _check_range(self, name, 0.0, 1.0)
+        for name in ("pos_shift", "pos_scale", "neg_shift", "neg_scale", "min_object_area", "min_object_side"):
+            _check_range(self, name, 0.0)
+
 
 
 @dataclass(frozen=True)
@@ -322,6 +417,17 @@ class TrainConfig(_Serialisable):
     val_batches: int = 20
     amp: bool = True
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
+
+    def __post_init__(self) -> None:
+        self._check_types()
+        if not isinstance(self.sampler, SamplerConfig):
+            raise ConfigError(f"TrainConfig.sampler must be a SamplerConfig, got {self.sampler!r}")
+        for name in ("steps", "batch_size", "workers", "checkpoint_every", "val_every", "val_batches"):
+            _check_range(self, name, 0 if name == "workers" else 1)
+        for name in ("momentum", "feature_dropout"):
+            _check_range(self, name, 0.0, 1.0)
+        for name in ("lr", "weight_decay", "score_weight", "trunk_lr_mult", "train_blocks", "copy_paste"):
+            _check_range(self, name, 0)
 
     #: Fields whose default depends on the device a run trains on. On a CPU,
     #: back-propagating through the trunk makes each step tens of times

@@ -14,8 +14,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import UserError
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"})
-#: Pillow refuses images above twice this many pixels as decompression bombs.
-MAX_PIXELS = 89_478_485
+#: Photos with more pixels are refused before they are decoded (``propose
+#: --max-pixels`` raises it): a 48-megapixel phone photo passes; past this a
+#: photo's full-size masks and pyramid take several GB (docs/security.md).
+MAX_PIXELS = 50_000_000
 
 
 class ImageError(UserError, ValueError):
@@ -59,8 +61,10 @@ def collect_images(inputs: Sequence[str | Path], *, recursive: bool = False) -> 
                 problems.append(InputProblem(s, "folder holds no image files (.jpg, .png, ...)"))
             for q in files:
                 add(q)
-        elif p.exists():
+        elif p.is_file():
             add(p)
+        elif p.exists():
+            problems.append(InputProblem(s, "not a regular file (a device, a pipe, ...); give photo files"))
         elif _has_glob(s):
             matches = sorted(glob.glob(s, recursive=True))
             files = [Path(m) for m in matches if Path(m).is_file()]
@@ -87,25 +91,30 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: str | Path, *, exif: bool = True) -> Image.Image:
+def load_image(path: str | Path, *, exif: bool = True, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Decode an image file to RGB.
 
     ``exif=True`` applies the EXIF orientation, so masks line up with the image
     as viewers show it (COCO's own images carry none).
-    Raises :class:`ImageError` with a one-line reason for anything unusable.
+    Raises :class:`ImageError` with a one-line reason for anything unusable,
+    a photo of more than ``max_pixels`` pixels included (read from its
+    header, before anything is decoded).
     """
     path = Path(path)
     try:
         if path.is_dir():
             raise ImageError("is a folder, not an image")
+        if path.exists() and not path.is_file():
+            raise ImageError("not a regular file (a device, a pipe, ...)")
         with Image.open(path) as img:
             if img.format == "PNG":
                 # Pillow checks PNG chunk CRCs only in verify(); a damaged file
                 # should be reported, not half-decoded.
                 img.verify()
         with Image.open(path) as img:
-            if img.width * img.height > 2 * MAX_PIXELS:
-                raise ImageError(f"{img.width}x{img.height} pixels is over the {2 * MAX_PIXELS:,}-pixel limit")
+            if img.width * img.height > max_pixels:
+                raise ImageError(f"{img.width}x{img.height} is {img.width * img.height:,} pixels, over the "
+                                 f"{max_pixels:,}-pixel limit; raise it with --max-pixels if memory allows")
             img.load()
             if exif:
                 img = ImageOps.exif_transpose(img)

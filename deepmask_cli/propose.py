@@ -15,7 +15,7 @@ import torch
 
 from .errors import UserError
 from .heap import MAPPED_SLACK_MB, SLACK_MB, MemoryCap, map_large_buffers
-from .images import ImageError, InputProblem, collect_images, load_image
+from .images import MAX_PIXELS, ImageError, InputProblem, collect_images, load_image
 from .inference import Proposer
 from .pyramid import image_to_tensor
 from .results import merge_results, partial_path
@@ -140,6 +140,7 @@ def run_propose(
     shard: tuple[int, int] | None = None,
     workers: int = 0,
     release_memory: bool = True,
+    max_pixels: int = MAX_PIXELS,
     on_start: Callable[[int], None] | None = None,
     on_image: Callable[[Path, int | None, str | None], None] | None = None,
 ) -> ProposeSummary:
@@ -158,6 +159,7 @@ def run_propose(
     (worth it on a GPU, where one CPU core cannot keep up). ``shard=(i, n)``
     runs only the ``i``-th of ``n`` contiguous blocks of the inputs (image ids
     stay those of the whole list), for :func:`merge_results`.
+    Photos of more than ``max_pixels`` pixels are refused, each on its line.
     ``release_memory`` gives freed memory back to the OS whenever the
     process has grown by :data:`~deepmask_cli.heap.SLACK_MB` since its first
     batch (:class:`~deepmask_cli.heap.MemoryCap`), so resident memory stays
@@ -197,7 +199,7 @@ def run_propose(
         if ids is not None and path.name not in ids:
             return n, path, None, f"not in {gt}; --gt images are matched by file name"
         try:
-            return n, path, load_image(path, exif=exif), None
+            return n, path, load_image(path, exif=exif, max_pixels=max_pixels), None
         except ImageError as e:
             return n, path, None, str(e)
 

@@ -99,6 +99,8 @@ def read_config(folder: str | Path) -> dict[str, Any]:
         raise WeightsError(f"{path}: missing; a weights folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
     try:
         config = json.loads(path.read_text())
+    except RecursionError:
+        raise WeightsError(f"{path}: JSON nested too deeply to be a weights config") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise WeightsError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(config, dict) or "model" not in config:
@@ -151,5 +153,10 @@ def load_weights(folder: str | Path, *, device: str | torch.device = "cpu") -> t
                 f"{path}: tensor {name} has shape {tuple(state[name].shape)}, "
                 f"the config's model needs {tuple(ref.shape)}"
             )
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise WeightsError(f"{path}: tensor {bad[0]} holds NaN or infinite values"
+                           f"{f' ({len(bad)} such tensors)' if len(bad) > 1 else ''}; the weights are damaged, "
+                           "retrain or export them again")
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
     return model.to(device).eval(), inference, config

@@ -101,4 +101,4 @@ def test_train_with_copy_paste(synth_coco, tmp_path):
     ck = __import__("torch").load(run / "checkpoint.pt", weights_only=False)
     assert ck["train_config"]["copy_paste"] == 3
     r = CliRunner().invoke(main, args[:-1] + ["-1", "-o", str(tmp_path / "bad")])
-    assert r.exit_code != 0 and "--copy-paste -1" in r.output and "Traceback" not in r.output
+    assert r.exit_code == 2 and "--copy-paste" in r.output and "-1" in r.output and "Traceback" not in r.output

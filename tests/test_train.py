@@ -474,7 +474,7 @@ def test_train_blocks_fine_tunes_the_trunks_last_blocks_on_cached_maps(synth_coc
 
 @pytest.mark.parametrize("extra,message", [
     (["--train-blocks", "9"], "give 1 to 5"),
-    (["--train-blocks", "-1"], "0 or more"),
+    (["--train-blocks", "-1"], "--train-blocks"),
     (["--train-blocks", "1", "--train-trunk"], "add --freeze-trunk"),
 ])
 def test_train_blocks_bad_values_are_one_line_errors(synth_coco, tmp_path, extra, message):
