@@ -3,13 +3,15 @@
     python benchmarks/memory.py ../shared/data/coco-val/images --n 2000 --varied
     python benchmarks/memory.py ../shared/data/coco-val/images --n 300 --varied --run="--runtime torch" --run="--runtime onnx-int8"
     python benchmarks/memory.py ../shared/data/coco-val/images --n 300 --varied --run="" --run=--keep-memory --repeat 2
+    python benchmarks/memory.py ../shared/data/coco-val/images --n 150 --scale 0.55,1.0
 
 Runs the real command (``python -m deepmask_cli propose DIR -o ...``) once
 per ``--run`` (its options of ``deepmask propose``; default: one run with
 the defaults) over N photos: the folder's, cycled, and with
 ``--varied`` each copy resized to its own random size (longest side 200 to
-640 pixels, the aspect ratio kept), so that a long run meets many photo
-sizes, as a real folder does. Every 0.5 s it samples the resident memory
+640 pixels, the aspect ratio kept), or with ``--scale LO,HI`` by its own
+random factor in LO..HI, so that a long run meets many photo sizes, as a
+real folder does. Every 0.5 s it samples the resident memory
 (VmRSS, summed over the command's process and its children: the encoder
 processes) and counts the photos finished in the results' partial file.
 It prints the CPU, a table of resident memory against photos done, the
@@ -46,10 +48,12 @@ from _script import run  # noqa: E402
 console = Console(width=160)
 
 
-def make_photos(src: Path, n: int, varied: bool, dest: Path, seed: int = 0) -> list[Path]:
+def make_photos(src: Path, n: int, varied: bool, dest: Path, seed: int = 0,
+                scale: tuple[float, float] | None = None) -> list[Path]:
     """``n`` photos in ``dest``: the folder's cycled; ``varied``: each resized
-    to a random longest side in [200, 640] (so nearly every one has its own
-    size)."""
+    to a random longest side in [200, 640]; ``scale=(lo, hi)``: each resized
+    by its own random factor in [lo, hi] (either way nearly every photo has
+    its own size)."""
     photos, _ = collect_images([src])
     if not photos:
         raise FileNotFoundError(f"{src}: no photos in it")
@@ -58,11 +62,10 @@ def make_photos(src: Path, n: int, varied: bool, dest: Path, seed: int = 0) -> l
     for i in range(n):
         p = photos[i % len(photos)]
         target = dest / f"{i:05d}.jpg"
-        if varied:
+        if varied or scale:
             with Image.open(p) as im:
                 im = im.convert("RGB")
-                side = rng.randint(200, 640)
-                f = side / max(im.size)
+                f = rng.uniform(*scale) if scale else rng.randint(200, 640) / max(im.size)
                 im.resize((max(1, round(im.width * f)), max(1, round(im.height * f))), Image.BILINEAR).save(
                     target, quality=90)
         else:
@@ -153,6 +156,8 @@ def main() -> int:
     ap.add_argument("folder", type=Path)
     ap.add_argument("--n", type=int, default=300, help="photos in the run (the folder's, cycled)")
     ap.add_argument("--varied", action="store_true", help="each photo resized to its own random size")
+    ap.add_argument("--scale", default=None, metavar="LO,HI",
+                    help="each photo resized by its own random factor in LO..HI (e.g. 0.55,1.0)")
     ap.add_argument("--run", action="append", default=None, metavar="OPTIONS",
                     help='options of deepmask propose for one run, e.g. "--runtime torch" (repeatable; default: one '
                          'run with the defaults)')
@@ -168,11 +173,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="deepmask-memory-") as tmp:
         tmp = Path(tmp)
         (tmp / "photos").mkdir()
-        photos = make_photos(args.folder, args.n, args.varied, tmp / "photos")
+        scale = tuple(float(v) for v in args.scale.split(",")) if args.scale else None
+        photos = make_photos(args.folder, args.n, args.varied, tmp / "photos", scale=scale)
+        sizes = "as they are" if not (args.varied or scale) else f"each x{args.scale}" if scale else "varied sizes"
         for i, options in enumerate(runs * args.repeat):
             name = (options or "defaults") + (f" #{i // len(runs) + 1}" if args.repeat > 1 else "")
             console.print(f"[bold]{name}[/]: deepmask propose over {len(photos)} photos "
-                          f"({'varied sizes' if args.varied else 'as they are'})")
+                          f"({sizes})")
             curves[name] = measure(photos, tmp / f"props-{i}.json", shlex.split(options))
 
     marks = [k for k in (1, 10, 20, 40, 80, 160, 320, 640, 1000, 1500, 2000, 4000) if k < args.n] + [args.n]
@@ -192,7 +199,8 @@ def main() -> int:
                       f"{early / 2**20:.0f} -> {late / 2**20:.0f} ({(late - early) / 2**20:+.0f})", f"{secs:.2f}")
     console.print(table)
     if args.json:
-        args.json.write_text(json.dumps({"cpu": describe_cpu(), "n": args.n, "varied": args.varied, "runs": runs,
+        args.json.write_text(json.dumps({"cpu": describe_cpu(), "n": args.n, "varied": args.varied,
+                                         "scale": args.scale, "runs": runs,
                                          "curves": curves}))
     if args.plot:
         import matplotlib
@@ -205,7 +213,8 @@ def main() -> int:
             ax.plot([d for _, d, _ in s], [r / 2**20 for _, _, r in s], label=name, lw=0.8)
         ax.set_xlabel("photos done")
         ax.set_ylabel("resident memory (MB)")
-        ax.set_title(f"deepmask propose, {args.n} photos{', varied sizes' if args.varied else ''}", fontsize=10)
+        ax.set_title(f"deepmask propose, {args.n} photos{', varied sizes' if args.varied or args.scale else ''}",
+                     fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()

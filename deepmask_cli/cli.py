@@ -202,7 +202,7 @@ def _progress(quiet: bool, info_column: ProgressColumn) -> Progress:
 @click.option("-o", "--out", "out_dir", type=click.Path(), default=None, help="Folder for the overlay PNGs. [default: beside RESULTS, props.json -> props_viz/]")
 @click.option("--html", "html_dir", type=click.Path(file_okay=False), default=None, help="Write a report to browse every proposal in a web browser into this folder instead (open its index.html).")
 @click.option("--gt", type=click.Path(), default=None, help="With --html: COCO instances JSON whose objects are outlined (RESULTS made with propose --gt).")
-@click.option("--images", "images_dir", type=click.Path(), default=None, help="Folder holding the images (default: the paths stored in RESULTS).")
+@click.option("--images", "images_dir", type=click.Path(), default=None, help="Folder holding the images: only it is read, by each stored file name's base name. [default: the paths stored in RESULTS]")
 @click.option("--show", type=click.IntRange(0, 1000), default=20, show_default=True, help="Proposals drawn per image (PNG overlays).")
 @click.option("-q", "--quiet", is_flag=True)
 def viz(results, out_dir, html_dir, gt, images_dir, show, quiet) -> None:
@@ -257,8 +257,13 @@ def eval_cmd(results, gt, as_json, plot, by_size, categories_spec) -> None:
     from .data import parse_categories
     from .evaluate import evaluate_recall, format_table, load_results, to_json
 
+    from .outputs import check_output, refuse_inputs
+
     runs = {}
     try:
+        if plot is not None:  # checked before the (long) evaluation, as every output is
+            check_output(plot, folder=False, option="--plot")
+            refuse_inputs([plot], {"a results file": results, "the --gt file": [gt]}, option="--plot")
         categories = parse_categories(categories_spec, gt)
         for path in results:
             label = Path(path).stem

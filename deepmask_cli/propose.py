@@ -349,8 +349,10 @@ def results_by_image(results_path: str | Path, images_dir: str | Path | None = N
                      ) -> Iterator[tuple[Path, Path | None, str | None, Any, list[dict]]]:
     """A results file's records grouped by image: ``(label, image path or
     None, why it cannot be found or None, image_id, records)``. Images are
-    found by the ``file_name`` stored in each record, or by its base name
-    inside ``images_dir``."""
+    found by the ``file_name`` stored in each record or, with ``images_dir``,
+    by its base name inside that folder only (a results file from someone
+    else may name any file on this disk: ``images_dir`` keeps the reading
+    to one folder)."""
     from .cocojson import read_results
 
     groups: dict[Any, list[dict]] = {}
@@ -361,7 +363,8 @@ def results_by_image(results_path: str | Path, images_dir: str | Path | None = N
         if file_name:
             if images_dir is not None:
                 cands.append(Path(images_dir) / Path(file_name).name)
-            cands.append(Path(file_name))
+            else:
+                cands.append(Path(file_name))
         path = next((c for c in cands if c.is_file()), None)
         label = Path(file_name) if file_name else Path(f"image_id {image_id}")
         reason = None

@@ -219,7 +219,13 @@ class MergeError(UserError, ValueError):
 def merge_results(parts: list[str | Path], out: str | Path) -> int:
     """Concatenate results files (``propose --shard i/n`` parts, in shard
     order) into one, written atomically. Refuses parts that share an image.
-    Returns the number of records. Holds one part in memory at a time."""
+    Returns the number of records. Holds one part in memory at a time. The
+    output is checked, locked and kept apart from the parts before any is
+    read (:mod:`deepmask_cli.outputs`)."""
+    from .outputs import OutputLock, check_output, refuse_inputs
+
+    check_output(out, folder=False)
+    refuse_inputs([out], {"a part": parts})
     seen: dict[Any, str] = {}
 
     def recs():
@@ -236,4 +242,5 @@ def merge_results(parts: list[str | Path], out: str | Path) -> int:
             yield from part_recs
             del part_recs  # one part in memory at a time
 
-    return write_records(out, recs())
+    with OutputLock(out, folder=False):
+        return write_records(out, recs())

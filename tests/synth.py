@@ -135,3 +135,17 @@ def tiny_model(config=None, seed: int = 0):
 
     torch.manual_seed(seed)
     return unit_scale_(DeepMask(config or tiny_config()), seed=seed)
+
+
+def fail_on_pass(proposer, n: int, message: str) -> None:
+    """Make ``proposer``'s ``n``-th dense pass raise ``RuntimeError(message)``
+    (a network that dies mid-run), the others run as usual."""
+    real, calls = proposer.dense_pass, []
+
+    def dense_pass(*a, **kw):
+        calls.append(1)
+        if len(calls) == n:
+            raise RuntimeError(message)
+        return real(*a, **kw)
+
+    proposer.dense_pass = dense_pass

@@ -243,16 +243,10 @@ def test_a_second_run_on_the_same_output_stops_at_once(tmp_path, propose_args):
 def test_resume_refuses_other_settings_naming_the_option(tmp_path, tiny_weights, synth_coco):
     from deepmask_cli.propose import load_proposer, run_propose
 
+    from synth import fail_on_pass
+
     proposer = load_proposer(tiny_weights, device="cpu", overrides={"max_proposals": 20})
-    real, calls = proposer.dense_pass, []
-
-    def dense_pass(*a, **kw):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("killed (simulated)")
-        return real(*a, **kw)
-
-    proposer.dense_pass = dense_pass
+    fail_on_pass(proposer, 2, "killed (simulated)")
     images = synth_coco / "images"
     out = tmp_path / "p.json"
     with pytest.raises(RuntimeError, match="simulated"):
@@ -477,3 +471,31 @@ def test_wrong_typed_gt_fields_are_one_line_errors(tmp_path, one_result):
             r = run(*args)
             line = error_line(r)
             assert r.exit_code == 2 and "gt.json" in line and words in line, (args, r.output)
+
+
+def test_merge_and_eval_plots_never_replace_their_inputs(tmp_path, one_result):
+    props, _, gt = one_result
+    before = snapshot(props.parent, gt.parent)
+    r = run("merge", props, "-o", props)
+    assert r.exit_code == 2 and "would replace a part" in error_line(r)
+    r = run("eval", props, "--gt", gt, "--plot", gt)
+    assert r.exit_code == 2 and "--plot" in error_line(r) and "the --gt file" in error_line(r)
+    r = run("eval", props, "--gt", gt, "--plot", tmp_path)
+    assert r.exit_code == 2 and ("is a folder" in error_line(r) or "is a directory" in error_line(r))
+    assert unchanged(before)
+
+
+def test_viz_with_images_reads_only_that_folder(tmp_path, one_result):
+    """A results file may name any photo on the disk; with --images DIR only
+    photos in DIR are read (and copied into a report)."""
+    props, recs, _ = one_result
+    private = photo(tmp_path / "private" / "secret.jpg")
+    recs[0]["file_name"] = str(private)
+    recs[0]["image_id"] = 999
+    named = tmp_path / "named.json"
+    named.write_text(json.dumps(recs))
+    shown = tmp_path / "shown"
+    photo(shown / Path(recs[1]["file_name"]).name)
+    r = run("viz", named, "--html", tmp_path / "report", "--images", shown)
+    assert r.exit_code == 1 and "secret.jpg: image not found" in r.output
+    assert not any("secret" in p.name for p in (tmp_path / "report").rglob("*"))

@@ -242,16 +242,10 @@ def test_network_failure_keeps_the_batches_before_it(synth_coco, tiny_weights, t
     (for --resume) before the error comes out."""
     from deepmask_cli.propose import load_proposer, run_propose
 
+    from synth import fail_on_pass
+
     proposer = load_proposer(tiny_weights, device="cpu")
-    real, calls = proposer.dense_pass, []
-
-    def dense_pass(*a, **kw):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("out of memory (simulated)")
-        return real(*a, **kw)
-
-    proposer.dense_pass = dense_pass
+    fail_on_pass(proposer, 2, "out of memory (simulated)")
     images = sorted((synth_coco / "images").iterdir())[:3]
     out = tmp_path / "p.json"
     with pytest.raises(RuntimeError, match="simulated"):
