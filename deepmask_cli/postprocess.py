@@ -11,7 +11,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torchvision.ops import batched_nms, box_iou
-from torchvision.ops import nms as box_nms
 
 
 def logit(p: float) -> float:
@@ -359,13 +358,6 @@ def cluster_nms(iou: torch.Tensor, thresh: float) -> torch.Tensor:
             break
         keep = new_keep
     return keep
-
-
-def nms_boxes(boxes_xyxy: torch.Tensor, scores: torch.Tensor, thresh: float) -> torch.Tensor:
-    """Indices kept by greedy box NMS, by decreasing score (torchvision)."""
-    if thresh >= 1.0:
-        return torch.argsort(scores, descending=True)
-    return box_nms(boxes_xyxy.float(), scores.float(), thresh)
 
 
 def demotion(iou: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:

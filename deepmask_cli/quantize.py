@@ -5,7 +5,7 @@ window of every pyramid level) are exported to ONNX as one network and
 quantized statically with ONNX Runtime: int8 weights (per output channel)
 and uint8 activations, whose ranges are calibrated on pyramid levels of real
 photos (the whole range seen: for this ReLU6 network ONNX Runtime's entropy
-calibration chose the same ranges, at nine times the memory, because it
+calibration chose the same ranges, at several times the memory, because it
 keeps every activation map until the end). The weights use 7 of their 8 bits
 (``reduce_range``): x86 CPUs without int8 dot-product instructions (VNNI)
 multiply uint8 activations by int8 weights in pairs summed into int16

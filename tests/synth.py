@@ -149,3 +149,13 @@ def fail_on_pass(proposer, n: int, message: str) -> None:
         return real(*a, **kw)
 
     proposer.dense_pass = dense_pass
+
+
+def free_port() -> int:
+    """A TCP port on this machine that nothing listens on now (for
+    torchrun's --master-port, so that runs side by side do not collide)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

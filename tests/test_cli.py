@@ -115,6 +115,7 @@ def test_png_format_and_viz_write_images_of_the_right_size(runner, tiny_weights,
     assert sorted(f.name for f in (tmp_path / "props_viz").glob("*.png")) == [f.name for f in files]
 
 
+@pytest.mark.slow
 def test_masks_format_is_segment_anythings_layout_with_the_same_proposals(runner, tiny_weights, synth_coco, tmp_path):
     """--format masks: a folder per image, ``{id}.png`` per mask (0/255, best
     first) and metadata.csv; the masks are the COCO results' masks, whether

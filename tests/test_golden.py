@@ -57,6 +57,7 @@ def test_every_weights_folder_is_covered():
     assert sorted(p.name for p in GOLDEN.glob("*-samples.json")) == sorted(f"{f.name}-samples.json" for f in SHIPPED)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("folder", SHIPPED, ids=[f.name for f in SHIPPED])
 def test_shipped_weights_propose_what_they_did(folder):
     got = _run(folder)

@@ -234,9 +234,16 @@ def test_onnx_runtime_trunk_gives_the_same_proposals(tiny_config):
         assert abs(a[w][0] - b[w][0]) < 1e-4 and (a[w][1] != b[w][1]).float().mean() < 1e-3
 
 
-def test_onnx_runtime_is_refused_on_a_gpu_device_name(tiny_config):
-    with pytest.raises((ValueError, RuntimeError)):
-        Proposer(DeepMask(tiny_config), InferenceConfig(runtime="onnx"), "cuda")
+@pytest.mark.parametrize("runtime", ["onnx", "onnx-int8"])
+def test_onnx_runtime_is_refused_on_a_gpu_device_name(tiny_config, runtime):
+    """The refusal is ONNX Runtime's own (asked of the session directly, so
+    that a machine without a GPU refuses for this reason, not for lacking one)."""
+    from deepmask_cli.errors import ConfigError
+    from deepmask_cli.runtime import onnx_session
+
+    model = DeepMask(tiny_config)
+    with pytest.raises(ConfigError, match=f"runtime {runtime} runs the trunk on the CPU; use runtime torch"):
+        onnx_session(model.trunk, torch.device("cuda"), runtime, None, model)
 
 
 def test_auto_precision_is_bf16_only_on_a_cpu_with_native_bf16(monkeypatch):

@@ -14,6 +14,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="venv layout")
 def test_wheel_in_a_fresh_environment_finds_its_weights(tmp_path):
     """Build a wheel from the project's files, install it (and nothing else)

@@ -230,6 +230,7 @@ def _activation_scales(path) -> dict[str, float]:
             if n.op_type == "QuantizeLinear" and init[n.input[1]].ndim == 0}
 
 
+@pytest.mark.slow
 def test_calibration_method_is_chosen_and_recorded(tiny_weights, tmp_path):
     """``quantize --calibration minmax`` covers every activation value seen,
     so no range is narrower than percentile calibration's (which clips the

@@ -119,9 +119,14 @@ def test_strict_stops_at_first_bad(corpus, tiny_weights, tmp_path, monkeypatch):
 
 
 def test_folder_mixing_files_only_takes_images(corpus, tiny_weights, tmp_path, monkeypatch):
+    """A folder contributes its files with an image suffix, and only those:
+    notes.txt is neither run nor reported; every good image has results."""
     d, bad, good = corpus
-    r = _propose(CliRunner(), tiny_weights, [str(d), "-o", str(tmp_path / "p.json"), "-q"], monkeypatch)
+    out = tmp_path / "p.json"
+    r = _propose(CliRunner(), tiny_weights, [str(d), "-o", str(out), "-q"], monkeypatch)
     assert "notes.txt" not in r.output
+    names = {os.path.basename(rec["file_name"]) for rec in json.loads(out.read_text())}
+    assert names == set(good) and not any(n.endswith(".txt") for n in names)
 
 
 def test_viz_and_eval_reject_non_results(tmp_path, synth_coco):
@@ -163,6 +168,7 @@ def test_train_annotation_problems_are_counted_not_fatal(tmp_path, synth_coco):
     assert r.exit_code == 2 and "gone.jpg" in r.output and "Traceback" not in r.output
 
 
+@pytest.mark.slow
 def test_propose_killed_then_resumed_equals_uninterrupted(synth_coco, tiny_weights, tmp_path):
     from synth import make_coco
 
@@ -207,6 +213,7 @@ def test_unreadable_file_is_reported(tmp_path, tiny_weights, monkeypatch):
     assert {os.path.basename(x["file_name"]) for x in json.loads((tmp_path / "p.json").read_text())} == {"good.png"}
 
 
+@pytest.mark.slow
 def test_ctrl_c_keeps_work_and_says_how_to_resume(tiny_weights, tmp_path):
     from synth import make_coco
 
@@ -318,6 +325,7 @@ def test_out_of_gpu_memory_halves_the_group_and_loses_nothing(synth_coco, tiny_w
     ("tune.py", ["{missing}", "--limit", "1"]),
     ("live_units.py", ["{data}", "{missing}"]),
 ])
+@pytest.mark.slow
 def test_benchmark_scripts_name_a_users_mistake_in_one_line(synth_coco, tmp_path, script, args):
     """benchmarks/*.py end a run with a missing weights folder or data folder
     with exit status 2 and one ``error:`` line naming it, not a traceback."""

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from deepmask_cli.cli import main
 from deepmask_cli.propose import load_proposer, run_propose, shard_slice
 from deepmask_cli.results import MergeError, ResultsWriter, merge_results, records
+from synth import free_port
 
 
 def _propose(args, tiny_weights, tmp_path, name):
@@ -23,7 +24,10 @@ def test_shards_merge_to_the_unsharded_result(synth_coco, tiny_weights, tmp_path
     images = str(synth_coco / "images")
     whole = _propose([images], tiny_weights, tmp_path, "whole.json")
     parts = [_propose([images, "--shard", f"{i}/3"], tiny_weights, tmp_path, f"part{i}.json") for i in range(3)]
-    assert all(json.loads(p.read_text()) is not None for p in parts)
+    # every part holds its own contiguous block of the photos, and none is empty
+    blocks = [[rec["image_id"] for rec in json.loads(p.read_text())] for p in parts]
+    assert all(blocks) and [min(b) for b in blocks] == sorted(min(b) for b in blocks)
+    assert all(max(a) < min(b) for a, b in zip(blocks, blocks[1:]))
     r = CliRunner().invoke(main, ["merge", *map(str, parts), "-o", str(tmp_path / "merged.json")])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "merged.json").read_text() == whole.read_text()
@@ -65,6 +69,7 @@ def test_fp16_on_a_cpu_is_a_clear_error(synth_coco, tiny_weights, tmp_path):
     assert r.exit_code == 2 and "fp16 needs a GPU" in r.output
 
 
+@pytest.mark.slow
 def test_worker_processes_write_the_same_file(synth_coco, tiny_weights, tmp_path):
     proposer = load_proposer(tiny_weights, device="cpu")
     run_propose([synth_coco / "images"], tmp_path / "plain.json", proposer=proposer, batch_size=3)
@@ -145,6 +150,7 @@ def test_runtime_option_through_the_cli(synth_coco, tiny_weights, tmp_path, monk
     assert r.exit_code == 2 and "deepmask[onnx]" in r.output and "Traceback" not in r.output
 
 
+@pytest.mark.slow
 def test_propose_under_torchrun_writes_what_one_process_writes(synth_coco, tiny_weights, tmp_path):
     """torchrun: each rank proposes for its block of the inputs, rank 0
     joins the parts after a barrier; the file is byte for byte the
@@ -160,7 +166,7 @@ def test_propose_under_torchrun_writes_what_one_process_writes(synth_coco, tiny_
     env = dict(os.environ, OMP_NUM_THREADS="1")  # one thread in both runs: the same float rounding
     r = subprocess.run([sys.executable, *args, "-o", str(whole)], env=env, timeout=300, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29573", *args,
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()), *args,
            "-o", str(out)]
     r = subprocess.run(cmd, env=env, timeout=300, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[:3000]

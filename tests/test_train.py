@@ -18,6 +18,7 @@ from deepmask_cli.config import SamplerConfig, TrainConfig
 from deepmask_cli.data import DataError, PatchDataset, load_coco, resolve_coco
 from deepmask_cli.model import DeepMask
 from deepmask_cli.train import TrainData, deepmask_loss, lr_factor, train
+from synth import free_port
 
 from conftest import TINY
 
@@ -97,6 +98,7 @@ def _tiny_train_config(**kw):
     return dataclasses.replace(base, **kw)
 
 
+@pytest.mark.slow
 def test_a_few_steps_lower_the_loss(synth_coco, tmp_path):
     recs = _records(synth_coco)
     ds = PatchDataset(recs, TINY, SamplerConfig(), seed=99, fill=(0.5, 0.5, 0.5), augment=False)
@@ -126,6 +128,7 @@ def _cli_train(root, run, steps, extra=()):
             *extra]
 
 
+@pytest.mark.slow
 def test_kill_and_resume_equals_uninterrupted(synth_coco, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     full = tmp_path / "full"
@@ -150,23 +153,25 @@ def test_kill_and_resume_equals_uninterrupted(synth_coco, tmp_path):
     assert steps == list(range(1, 41))
 
 
+@pytest.mark.slow
 def test_two_process_gloo_ddp(synth_coco, tmp_path):
     run = tmp_path / "ddp"
     cmd = _cli_train(synth_coco, run, 6)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29571", *cmd[1:]]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()), *cmd[1:]]
     r = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (run / "weights" / "model.safetensors").exists()
     assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 6
 
 
+@pytest.mark.slow
 def test_two_process_gloo_ddp_refine_stage(synth_coco, tiny_weights, tmp_path):
     """SharpMask's stage under torchrun: DeepMask frozen in every process, the
     refinement trained and exported."""
     from safetensors.torch import load_file
 
     run = tmp_path / "ddp-refine"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29572", "-m",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()), "-m",
            "deepmask_cli", "train", str(synth_coco), "-o", str(run), "--refine", "--init", str(tiny_weights), "--steps", "4",
            "--batch-size", "4", "--workers", "0", "--val-every", "1000", "--device", "cpu", "-q"]
     r = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300, capture_output=True, text=True)
@@ -356,6 +361,7 @@ def test_validation_reports_the_share_of_live_score_units():
     assert patch_metrics(model, batches, torch.device("cpu"))["score_live"] == 0.0
 
 
+@pytest.mark.slow
 def test_refine_stage_trains_only_the_refinement_on_a_frozen_deepmask(synth_coco, tiny_weights, tmp_path):
     """``train --refine --init W``: SharpMask's second stage. The exported
     network is W's, tensor for tensor, plus trained refinement modules; it
