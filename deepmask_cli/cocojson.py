@@ -75,6 +75,11 @@ def is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def is_box(v: Any) -> bool:
+    """A COCO box: four finite numbers ``[x, y, w, h]``."""
+    return isinstance(v, list) and len(v) == 4 and all(map(is_number, v))
+
+
 def _segmentation_problem(seg: Any) -> str | None:
     """What is wrong with the shape of a segmentation, or ``None`` (its runs
     and size against the image are :func:`deepmask_cli.rle.normalise`'s)."""
@@ -123,7 +128,7 @@ def _result_problem(r: Any) -> str | None:
         return "file_name must be a string"
     if "category_id" in r and not is_int(r["category_id"]):
         return "category_id must be an integer"
-    if "bbox" in r and not (isinstance(r["bbox"], list) and len(r["bbox"]) == 4 and all(map(is_number, r["bbox"]))):
+    if "bbox" in r and not is_box(r["bbox"]):
         return "bbox must be four finite numbers [x, y, w, h]"
     if "area" in r and not is_number(r["area"]):
         return "area must be a finite number"
@@ -193,7 +198,7 @@ def _annotation_problem(a: Any, image_ids: set[int]) -> str | None:
         return "category_id must be an integer"
     if not is_number(a.get("area", 0)) or a.get("area", 0) < 0:
         return "area must be a finite number >= 0"
-    if "bbox" in a and not (isinstance(a["bbox"], list) and len(a["bbox"]) == 4 and all(map(is_number, a["bbox"]))):
+    if "bbox" in a and not is_box(a["bbox"]):
         return "bbox must be four finite numbers [x, y, w, h]"
     if a.get("iscrowd", 0) not in (0, 1) or isinstance(a.get("iscrowd"), bool):
         return "iscrowd must be 0 or 1"

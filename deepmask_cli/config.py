@@ -48,27 +48,37 @@ MAX_SIDE = 16384
 MAX_PROPOSALS = 1_000_000
 
 
-def _type_ok(value: Any, spec: str) -> bool:
-    """Whether ``value`` has the field type ``spec`` (an annotation's text:
-    int, float, bool, str, X | None, tuple[X, ...], tuple[X, Y]). Numbers
-    must be finite; a bool is not an int; an int is a float."""
+def _spec(spec: str) -> tuple[bool, list[str] | None, str]:
+    """A field annotation's text (int, float, bool, str, X | None,
+    tuple[X, ...], tuple[X, Y]) as ``(optional, tuple's item types or None,
+    type)``."""
     spec = spec.strip()
     if spec.endswith("| None"):
-        return value is None or _type_ok(value, spec[: -len("| None")])
+        return True, *_spec(spec[: -len("| None")])[1:]
     if spec.startswith("tuple["):
-        inner = [t.strip() for t in spec[len("tuple["):-1].split(",")]
+        return False, [t.strip() for t in spec[len("tuple["):-1].split(",")], "tuple"
+    return False, None, spec
+
+
+def _type_ok(value: Any, spec: str) -> bool:
+    """Whether ``value`` has the field type ``spec`` (:func:`_spec`). Numbers
+    must be finite; a bool is not an int; an int is a float."""
+    optional, items, kind = _spec(spec)
+    if value is None:
+        return optional
+    if items is not None:
         if not isinstance(value, (tuple, list)):
             return False
-        if inner[-1] == "...":
-            return all(_type_ok(v, inner[0]) for v in value)
-        return len(value) == len(inner) and all(_type_ok(v, t) for v, t in zip(value, inner))
-    if spec == "bool":
+        if items[-1] == "...":
+            return all(_type_ok(v, items[0]) for v in value)
+        return len(value) == len(items) and all(_type_ok(v, t) for v, t in zip(value, items))
+    if kind == "bool":
         return isinstance(value, bool)
-    if spec == "int":
+    if kind == "int":
         return isinstance(value, int) and not isinstance(value, bool)
-    if spec == "float":
+    if kind == "float":
         return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if spec == "str":
+    if kind == "str":
         return isinstance(value, str)
     return True  # nested configs check themselves
 
@@ -81,16 +91,15 @@ def _check_range(cfg: Any, name: str, lo: float | None = None, hi: float | None 
 
 
 def _type_words(spec: str) -> str:
+    """The type ``spec`` (:func:`_spec`) in words, for messages."""
+    optional, items, kind = _spec(spec)
     words = {"int": "an integer", "float": "a finite number", "bool": "true or false", "str": "a string"}
-    spec = spec.strip()
-    if spec.endswith("| None"):
-        return f"{_type_words(spec[: -len('| None')])} or null"
-    if spec.startswith("tuple["):
-        inner = [t.strip() for t in spec[len("tuple["):-1].split(",")]
-        if inner[-1] == "...":
-            return f"a list of {_type_words(inner[0]).removeprefix('an ').removeprefix('a ')}s"
-        return f"a list of {len(inner)} {_type_words(inner[0]).removeprefix('an ').removeprefix('a ')}s"
-    return words.get(spec, spec)
+    if items is not None:
+        item = _type_words(items[0]).removeprefix("an ").removeprefix("a ")
+        text = f"a list of {item}s" if items[-1] == "..." else f"a list of {len(items)} {item}s"
+    else:
+        text = words.get(kind, kind)
+    return f"{text} or null" if optional else text
 
 
 class _Serialisable:
@@ -112,14 +121,14 @@ class _Serialisable:
         """Build from a mapping, refusing unknown keys: the inverse of
         :meth:`to_dict` through JSON (lists become tuples, nested configs
         are rebuilt)."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{cls.__name__} must be a JSON object, got {type(data).__name__}")
         by_name = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
         unknown = sorted(set(data) - set(by_name))
         if unknown:
             raise ConfigError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
         nested = {name: f.default_factory for name, f in by_name.items()  # type: ignore[misc]
                   if isinstance(f.default_factory, type) and issubclass(f.default_factory, _Serialisable)}
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"{cls.__name__} must be a JSON object, got {type(data).__name__}")
         values = {}
         for k, v in data.items():
             if k in nested and isinstance(v, Mapping):

@@ -36,6 +36,7 @@ from .cocojson import CocoFileError, load_json
 from .config import ModelConfig, SamplerConfig
 from .errors import UserError
 from .images import ImageError, load_image
+from .rle import normalise
 
 
 class DataError(UserError, ValueError):
@@ -216,8 +217,6 @@ def load_coco(
 def _instance(a: dict, h: int, w: int, sampler: SamplerConfig) -> Instance | None:
     """One annotation's instance, or ``None`` for one that is not a mask of
     its image (counted as a bad annotation and skipped)."""
-    from .rle import normalise
-
     seg = a.get("segmentation")
     if isinstance(seg, list) and not any(isinstance(p, list) and len(p) >= 6 for p in seg):
         return None

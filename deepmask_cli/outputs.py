@@ -17,13 +17,17 @@ import hashlib
 import os
 import unicodedata
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from .errors import UserError
 
 #: Longest output name, in UTF-8 bytes: a file system's 255, less room for
 #: the temporary names (``.NAME.XXXXXXXX.tmp``) written beside it.
 MAX_NAME_BYTES = 200
+
+
+#: Why a photo whose name :func:`safe_name` cannot make safe gets no output.
+UNSAFE_NAME = "its name cannot name an output file (empty, or dots only); rename the photo"
 
 
 class OutputError(UserError, ValueError):
@@ -111,6 +115,18 @@ def refuse_inputs(targets: Iterable[str | Path], protected: Mapping[str, Iterabl
             raise OutputError(f"{t}: writing it would replace {what} ({p}); choose another {option}")
 
 
+def refuse_foreign(targets: Iterable[Path], is_ours: Callable[[Path], bool], what: str,
+                   option: str = "-o") -> None:
+    """Refuse (before any work) when a path the run will write already holds
+    something that ``is_ours`` does not recognise as deepmask's ``what``:
+    only deepmask's own outputs are ever replaced."""
+    foreign = [t for t in targets if os.path.lexists(t) and not is_ours(t)]
+    if foreign:
+        more = f" ({len(foreign)} such)" if len(foreign) > 1 else ""
+        raise OutputError(f"{foreign[0]}: exists and is not {what}, so it is not replaced{more}; "
+                          f"move it, or choose another {option}")
+
+
 class OutputLock:
     """One run at a time per output: an exclusive lock on a hidden file beside
     a file output (``.NAME.lock``) or inside a folder output (``.deepmask.lock``,
@@ -170,3 +186,12 @@ def settings_mismatch(recorded: Mapping[str, Any], now: Mapping[str, Any]) -> st
         if a.get(k) != b.get(k):
             return f"{option_name(k)} {b.get(k)} (the interrupted run had {a.get(k)})"
     return None
+
+
+def refuse_other_settings(out: str | Path, recorded: Mapping[str, Any], now: Mapping[str, Any]) -> None:
+    """Refuse a ``--resume`` of ``out`` whose settings differ from those the
+    interrupted run recorded, naming the first option that differs."""
+    differ = settings_mismatch(recorded, now)
+    if differ is not None:
+        raise OutputError(f"{out}: --resume with other settings than the interrupted run: {differ}; "
+                          "give the same options, or drop --resume to start over")

@@ -389,7 +389,7 @@ def run_viz(
     :mod:`deepmask_cli.report` instead (every proposal, the ground truth of
     ``gt`` outlined). The output is checked, locked and kept apart from what
     the run reads before any image is drawn, as :func:`run_propose`'s."""
-    from .outputs import OutputError, OutputLock, unique_name
+    from .outputs import UNSAFE_NAME, OutputLock, refuse_foreign
 
     out_dir = check_output(out_dir, folder=True)
     groups = list(results_by_image(results_path, images_dir))
@@ -397,31 +397,26 @@ def run_viz(
     reads = {"the results file": [results_path], "the --gt file": [gt] if gt is not None else [],
              "an input photo": [g[1] for g in groups if g[1] is not None]}
     if html:
-        from .report import GENERATOR, write_report
+        from .report import is_report, write_report
 
         index = out_dir / "index.html"
         refuse_inputs([index, out_dir / "report.js"], reads)
         with OutputLock(out_dir, folder=True):
-            if index.is_file() and GENERATOR not in index.read_text(errors="replace"):
-                raise OutputError(f"{index}: exists and is not a deepmask report, so it is not replaced; "
-                                  "choose another --html folder")
+            refuse_foreign([index], is_report, "a deepmask report", option="--html")
             summary.done, summary.proposals, summary.failures = write_report(
                 iter(groups), out_dir, results_name=Path(results_path).name, gt=gt, on_image=on_image)
         return summary
-    from .viz import draw_rles, is_overlay, save_overlay
+    from .viz import draw_rles, is_overlay, overlay_name, save_overlay
 
     used: set[str] = set()
-    names = [unique_name(path, used, ".png") if path is not None else None for _, path, _, _, _ in groups]
+    names = [overlay_name(path, used) if path is not None else None for _, path, _, _, _ in groups]
     targets = [out_dir / n for n in names if n is not None]
     refuse_inputs(targets, reads)
     with OutputLock(out_dir, folder=True):
-        foreign = [t for t in targets if os.path.lexists(t) and not is_overlay(t)]
-        if foreign:
-            raise OutputError(f"{foreign[0]}: exists and is not a deepmask overlay, so it is not replaced; "
-                              "move it, or choose another -o")
+        refuse_foreign(targets, is_overlay, "a deepmask overlay")
         for (label, path, reason, _, group), name in zip(groups, names):
             if reason is None and name is None:
-                reason = "its name cannot name an overlay file (empty, or dots only); rename the photo"
+                reason = UNSAFE_NAME
             if reason is None:
                 try:
                     image = load_image(path)

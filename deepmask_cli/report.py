@@ -47,6 +47,14 @@ def _templates():
     return env
 
 
+def is_report(index: Path) -> bool:
+    """Whether ``index`` is the index.html of a report deepmask wrote."""
+    try:
+        return index.is_file() and GENERATOR in index.read_text(errors="replace")
+    except OSError:
+        return False
+
+
 def _asset(name: str) -> bytes:
     return (resources.files("deepmask_cli") / "report_assets" / name).read_bytes()
 
@@ -82,13 +90,12 @@ def _gt_by_image(gt: str | Path | None) -> dict[int, list[dict]]:
 
 def _page(name: str, label: str, data: dict, has_gt: bool) -> str:
     return _templates().get_template("page.html.j2").render(
-        name=name, title=label, data=data, has_gt=has_gt, show=SHOW, style=_asset("style.css").decode())
+        name=name, title=label, data=data, has_gt=has_gt, show=SHOW)
 
 
 def _index(cards: list[tuple[str, str, int]], results_name: str) -> str:
     return _templates().get_template("index.html.j2").render(
-        cards=[{"name": n, "label": f, "count": k} for n, f, k in cards], results_name=results_name,
-        style=_asset("style.css").decode())
+        cards=[{"name": n, "label": f, "count": k} for n, f, k in cards], results_name=results_name)
 
 
 def write_report(
@@ -103,7 +110,7 @@ def write_report(
     """The report of ``groups`` (from :func:`deepmask_cli.propose.results_by_image`)
     in ``out_dir``; ``top`` proposals per image at most. Returns ``(images
     done, proposals, failures)``."""
-    from .outputs import printable, unique_name
+    from .outputs import UNSAFE_NAME, printable, unique_name
     from .viz import palette
 
     out = Path(out_dir)
@@ -139,7 +146,7 @@ def write_report(
             continue
         name = unique_name(path, used)
         if name is None:
-            reason = "its name cannot name a report page (empty, or dots only); rename the photo"
+            reason = UNSAFE_NAME
             failures.append(InputProblem(str(label), reason))
             if on_image:
                 on_image(label, None, reason)

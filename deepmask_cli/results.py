@@ -21,6 +21,7 @@ import numpy as np
 from .cocojson import CocoFileError, read_results
 from .errors import UserError
 from .files import atomic_write
+from .outputs import OutputLock, check_output, refuse_inputs, refuse_other_settings
 from .proposals import Proposals
 
 PARTIAL_SUFFIX = ".partial.jsonl"
@@ -131,10 +132,6 @@ def read_partial(out: str | Path) -> tuple[dict[str, tuple[int, int]], int, dict
     return index, end, settings
 
 
-class ResumeError(UserError, ValueError):
-    """``--resume`` of an output written with other settings."""
-
-
 class ResultsWriter:
     """Stream per-image records; ``close()`` publishes the final JSON list atomically.
 
@@ -147,17 +144,12 @@ class ResultsWriter:
     """
 
     def __init__(self, out: str | Path, *, resume: bool = False, settings: dict[str, Any] | None = None) -> None:
-        from .outputs import settings_mismatch
-
         self.out = Path(out)
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.partial = partial_path(self.out)
         self._index, end, recorded = read_partial(self.out) if resume else ({}, 0, None)
         if resume and settings is not None and recorded is not None:
-            differ = settings_mismatch(recorded, settings)
-            if differ is not None:
-                raise ResumeError(f"{self.out}: --resume with other settings than the interrupted run: {differ}; "
-                                  "give the same options, or drop --resume to start over")
+            refuse_other_settings(self.out, recorded, settings)
         # Keep only complete lines (drops a torn tail) and append after them.
         with open(self.partial, "ab") as fh:
             fh.truncate(end)
@@ -222,8 +214,6 @@ def merge_results(parts: list[str | Path], out: str | Path) -> int:
     Returns the number of records. Holds one part in memory at a time. The
     output is checked, locked and kept apart from the parts before any is
     read (:mod:`deepmask_cli.outputs`)."""
-    from .outputs import OutputLock, check_output, refuse_inputs
-
     check_output(out, folder=False)
     refuse_inputs([out], {"a part": parts})
     seen: dict[Any, str] = {}

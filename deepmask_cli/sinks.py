@@ -35,13 +35,10 @@ import numpy as np
 from PIL import Image
 
 from .files import atomic_write
-from .outputs import OutputError, OutputLock, unique_name
+from .outputs import UNSAFE_NAME, OutputLock, refuse_foreign, refuse_other_settings, unique_name
 from .results import ResultsWriter, compact, encode_line, partial_path
 
 Job = tuple[Callable[..., Any], tuple]
-
-#: Why a photo whose name cannot name an output file is not run.
-UNSAFE_NAME = "its name cannot name an output file (empty, or dots only); rename the photo"
 
 
 class Sink:
@@ -174,19 +171,13 @@ class _PerImageSink(Sink):
         try:
             self._check_run_record()
             if not self.resume:
-                foreign = [t for t in self.targets() if os.path.lexists(t) and not self.is_ours(t)]
-                if foreign:
-                    raise OutputError(f"{foreign[0]}: exists and is not deepmask's {self.name} output, so it is "
-                                      f"not replaced{f' ({len(foreign)} such)' if len(foreign) > 1 else ''}; "
-                                      "move it, or choose another -o")
+                refuse_foreign(self.targets(), self.is_ours, f"deepmask's {self.name} output")
         except BaseException:
             self._unlock()
             raise
         return self
 
     def _check_run_record(self) -> None:
-        from .outputs import settings_mismatch
-
         if self.settings is None:
             return
         record = self.out / RUN_RECORD
@@ -196,10 +187,7 @@ class _PerImageSink(Sink):
             except (OSError, ValueError, RecursionError):
                 recorded = None
             if isinstance(recorded, dict):
-                differ = settings_mismatch(recorded, self.settings)
-                if differ is not None:
-                    raise OutputError(f"{self.out}: --resume with other settings than the interrupted run: {differ}; "
-                                      "give the same options, or drop --resume to start over")
+                refuse_other_settings(self.out, recorded, self.settings)
                 return
         text = json.dumps(self.settings, indent=1, sort_keys=True) + "\n"
         atomic_write(record, lambda f: f.write(text.encode()))
