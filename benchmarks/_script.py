@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
-from deepmask_cli.errors import UserError
+from deepmask_cli.core.errors import UserError
 
 USER_ERRORS = (UserError, FileNotFoundError)
 

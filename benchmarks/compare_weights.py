@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from deepmask_cli import load_proposer, rle
-from deepmask_cli.images import load_image
+from deepmask_cli import load_proposer
+from deepmask_cli.formats import rle
+from deepmask_cli.formats.images import load_image
 
 
 def main(argv=None) -> int:

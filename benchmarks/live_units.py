@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from deepmask_cli.config import ModelConfig, SamplerConfig
-from deepmask_cli.data import PatchDataset, load_coco, resolve_coco
-from deepmask_cli.model import build_model
-from deepmask_cli.train import load_checkpoint, patch_metrics
+from deepmask_cli.core.config import ModelConfig, SamplerConfig
+from deepmask_cli.training.data import PatchDataset, load_coco, resolve_coco
+from deepmask_cli.modeling.model import build_model
+from deepmask_cli.training.loop import load_checkpoint, patch_metrics
 
 
 def main(argv=None) -> int:

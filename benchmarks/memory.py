@@ -38,9 +38,9 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-from deepmask_cli.images import collect_images
-from deepmask_cli.runtime import describe_cpu
-from deepmask_cli.results import partial_path
+from deepmask_cli.formats.images import collect_images
+from deepmask_cli.inference.runtime import describe_cpu
+from deepmask_cli.formats.results import partial_path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _script import run  # noqa: E402

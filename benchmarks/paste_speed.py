@@ -19,8 +19,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from deepmask_cli import rle
-from deepmask_cli.postprocess import crop_runs, paste_crops, paste_runs
+from deepmask_cli.formats import rle
+from deepmask_cli.inference.postprocess import crop_runs, paste_crops, paste_runs
 
 
 def main(argv=None) -> int:

@@ -14,10 +14,10 @@ from pathlib import Path
 
 from torch.profiler import ProfilerActivity, profile
 
-from deepmask_cli.images import load_image
-from deepmask_cli.pyramid import image_to_tensor
-from deepmask_cli.propose import load_proposer
-from deepmask_cli.results import compact
+from deepmask_cli.formats.images import load_image
+from deepmask_cli.inference.pyramid import image_to_tensor
+from deepmask_cli.pipeline.propose import load_proposer
+from deepmask_cli.formats.results import compact
 
 
 def main(argv=None) -> int:

@@ -24,9 +24,9 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from deepmask_cli.evaluate import evaluate_recall
-from deepmask_cli.propose import load_proposer, run_propose
-from deepmask_cli.tune import parse_value
+from deepmask_cli.evaluation.recall import evaluate_recall
+from deepmask_cli.pipeline.propose import load_proposer, run_propose
+from deepmask_cli.evaluation.tune import parse_value
 
 
 def selective_search(images: list[Path], ids: dict[str, int], max_boxes: int = 1000) -> tuple[list[dict], float]:

@@ -43,13 +43,13 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from deepmask_cli import rle
-from deepmask_cli.evaluate import evaluate_recall
-from deepmask_cli.images import load_image
-from deepmask_cli.pyramid import image_to_tensor
-from deepmask_cli.runtime import describe_cpu
-from deepmask_cli.propose import load_proposer, pipeline_defaults, run_propose
-from deepmask_cli.results import ResultsWriter, records
+from deepmask_cli.formats import rle
+from deepmask_cli.evaluation.recall import evaluate_recall
+from deepmask_cli.formats.images import load_image
+from deepmask_cli.inference.pyramid import image_to_tensor
+from deepmask_cli.inference.runtime import describe_cpu
+from deepmask_cli.pipeline.propose import load_proposer, pipeline_defaults, run_propose
+from deepmask_cli.formats.results import ResultsWriter, records
 
 sys.path.insert(0, str(Path(__file__).parent))
 from recall import parse_overrides, selective_search  # noqa: E402  (the sibling benchmark)

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-from deepmask_cli.config import InferenceConfig, ModelConfig, SamplerConfig, TrainConfig
-from deepmask_cli.data import PatchDataset, load_coco, resolve_coco
-from deepmask_cli.featcache import FeatureCache
-from deepmask_cli.model import build_model
-from deepmask_cli.runtime import describe_cpu
-from deepmask_cli.train import deepmask_loss
+from deepmask_cli.core.config import InferenceConfig, ModelConfig, SamplerConfig, TrainConfig
+from deepmask_cli.training.data import PatchDataset, load_coco, resolve_coco
+from deepmask_cli.training.featcache import FeatureCache
+from deepmask_cli.modeling.model import build_model
+from deepmask_cli.inference.runtime import describe_cpu
+from deepmask_cli.training.loop import deepmask_loss
 
 
 def main(argv=None) -> int:

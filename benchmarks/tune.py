@@ -4,7 +4,7 @@
         --grid mask_thresh=0.3,0.4,0.5 --grid nms_thresh=1.0,0.8 --grid scale_max=0.5,1.0
 
 Kept so that the commands in the model cards still run: it is
-``deepmask tune`` (``deepmask_cli.tune``) with the command echoed for the
+``deepmask tune`` (``deepmask_cli.evaluation.tune``) with the command echoed for the
 record. Tune on the validation split only.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from deepmask_cli.cli import main as cli
+from deepmask_cli.cli.main import main as cli
 
 
 def main(argv=None) -> int:

@@ -12,12 +12,12 @@ The library behind the ``deepmask`` command::
 
 __version__ = "0.1.0"
 
-from .config import InferenceConfig, ModelConfig, SamplerConfig, TrainConfig  # noqa: E402
-from .inference import Proposer  # noqa: E402
-from .model import DeepMask, build_model  # noqa: E402
-from .proposals import Proposals  # noqa: E402
-from .propose import load_proposer, run_propose  # noqa: E402
-from .weights import load_weights, save_weights  # noqa: E402
+from deepmask_cli.core.config import InferenceConfig, ModelConfig, SamplerConfig, TrainConfig  # noqa: E402
+from deepmask_cli.inference.proposer import Proposer  # noqa: E402
+from deepmask_cli.modeling.model import DeepMask, build_model  # noqa: E402
+from deepmask_cli.formats.proposals import Proposals  # noqa: E402
+from deepmask_cli.pipeline.propose import load_proposer, run_propose  # noqa: E402
+from deepmask_cli.modeling.weights import load_weights, save_weights  # noqa: E402
 
 __all__ = [
     "DeepMask",

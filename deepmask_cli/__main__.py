@@ -1,3 +1,3 @@
-from .cli import main
+from deepmask_cli.cli.main import main
 
 main()

@@ -8,7 +8,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-from deepmask_cli.config import ModelConfig  # noqa: E402
+from deepmask_cli.core.config import ModelConfig  # noqa: E402
 import synth  # noqa: E402
 
 #: A tiny DeepMask: 64-pixel patches, 4x4 feature windows, 16x16 masks.
@@ -31,7 +31,7 @@ def tiny_config() -> ModelConfig:
 def tiny_weights(tmp_path):
     """A weights folder holding a tiny random model (activations of unit
     scale), whose inference defaults pin the arithmetic (:data:`PINNED`)."""
-    from deepmask_cli.weights import save_weights
+    from deepmask_cli.modeling.weights import save_weights
 
     return save_weights(synth.tiny_model(TINY), tmp_path / "tiny-weights",
                         inference={"scale_min": -1.0, "scale_max": 0.0, "scale_step": 0.5, "max_proposals": 50,

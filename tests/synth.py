@@ -119,7 +119,7 @@ def unit_scale_(model, *, seed: int = 0, batch: int = 8):
 
 def tiny_config():
     """A tiny DeepMask: 64-pixel patches, 4x4 feature windows, 16x16 masks."""
-    from deepmask_cli.config import ModelConfig
+    from deepmask_cli.core.config import ModelConfig
 
     return ModelConfig(trunk="efficientnet-lite0", patch_size=64, object_size=40, mask_size=16,
                        mask_channels=8, mask_hidden=32, score_hidden=(16, 16), dropout=0.0)
@@ -131,7 +131,7 @@ def tiny_model(config=None, seed: int = 0):
     scores differ."""
     import torch
 
-    from deepmask_cli.model import DeepMask
+    from deepmask_cli.modeling.model import DeepMask
 
     torch.manual_seed(seed)
     return unit_scale_(DeepMask(config or tiny_config()), seed=seed)

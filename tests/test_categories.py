@@ -9,8 +9,8 @@ import torch
 from click.testing import CliRunner
 
 from conftest import TINY
-from deepmask_cli.cli import main
-from deepmask_cli.data import VOC_CATEGORIES, DataError, load_coco, parse_categories
+from deepmask_cli.cli.main import main
+from deepmask_cli.training.data import VOC_CATEGORIES, DataError, load_coco, parse_categories
 
 PERSON, TRAFFIC_LIGHT = 1, 10  # a VOC category and a non-VOC one
 

@@ -9,7 +9,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from deepmask_cli.cli import main
+from deepmask_cli.cli.main import main
 
 
 @pytest.fixture
@@ -159,7 +159,7 @@ def test_masks_format_is_segment_anythings_layout_with_the_same_proposals(runner
 
 
 def test_releasing_memory_changes_no_result(runner, tiny_weights, synth_coco, tmp_path):
-    from deepmask_cli.heap import release_free_memory
+    from deepmask_cli.core.memory import release_free_memory
 
     assert isinstance(release_free_memory(), bool)
     outs = []
@@ -282,7 +282,7 @@ def test_library_call_and_cli_give_the_same_proposals(runner, tiny_weights, synt
     import torch
 
     from deepmask_cli import load_proposer
-    from deepmask_cli.images import load_image
+    from deepmask_cli.formats.images import load_image
 
     out = tmp_path / "props.json"
     r = runner.invoke(main, ["propose", str(synth_coco / "images"), "-o", str(out), "--weights", str(tiny_weights),

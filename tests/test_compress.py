@@ -9,11 +9,11 @@ from click.testing import CliRunner
 from PIL import Image
 
 from conftest import PINNED, TINY, TUNED
-from deepmask_cli.cli import main
-from deepmask_cli.compress import CompressError, compress_heads, head_statistics
-from deepmask_cli.config import InferenceConfig
-from deepmask_cli.inference import Proposer
-from deepmask_cli.weights import load_weights
+from deepmask_cli.cli.main import main
+from deepmask_cli.export.compress import CompressError, compress_heads, head_statistics
+from deepmask_cli.core.config import InferenceConfig
+from deepmask_cli.inference.proposer import Proposer
+from deepmask_cli.modeling.weights import load_weights
 from synth import tiny_model
 
 CFG = InferenceConfig(scale_min=-1, scale_max=0, scale_step=0.5, max_proposals=30, **PINNED, **TUNED)

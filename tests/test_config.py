@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from deepmask_cli.config import InferenceConfig, ModelConfig, SamplerConfig, TrainConfig
+from deepmask_cli.core.config import InferenceConfig, ModelConfig, SamplerConfig, TrainConfig
 
 
 def _trip(cfg):

@@ -7,13 +7,13 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from deepmask_cli.config import SamplerConfig
-from deepmask_cli.copypaste import composite, make_composites
-from deepmask_cli.data import ImageRecord, load_coco
+from deepmask_cli.core.config import SamplerConfig
+from deepmask_cli.training.copypaste import composite, make_composites
+from deepmask_cli.training.data import ImageRecord, load_coco
 
 
 def _record(path, h, w, boxes):
-    from deepmask_cli.copypaste import _instance
+    from deepmask_cli.training.copypaste import _instance
 
     insts = []
     for x0, y0, x1, y1 in boxes:
@@ -88,7 +88,7 @@ def test_train_with_copy_paste(synth_coco, tmp_path):
     the training images; a negative N is a one-line error."""
     from click.testing import CliRunner
 
-    from deepmask_cli.cli import main
+    from deepmask_cli.cli.main import main
 
     run = tmp_path / "run"
     args = ["train", str(synth_coco), "-o", str(run), "--steps", "2", "--batch-size", "4", "--workers", "0",

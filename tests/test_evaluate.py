@@ -1,4 +1,4 @@
-"""Class-agnostic COCO AR (deepmask_cli.evaluate) on tiny synthetic COCO files."""
+"""Class-agnostic COCO AR (deepmask_cli.evaluation.recall) on tiny synthetic COCO files."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from rich.console import Console
 
-from deepmask_cli.evaluate import (
+from deepmask_cli.evaluation.recall import (
     EvalError,
     RecallResult,
     evaluate_recall,
@@ -248,7 +248,7 @@ def test_recall_curves_agree_with_the_ar_and_with_geometry(tmp_path):
     mean over IoU is the AR that the summary gives; a proposal that overlaps
     its object with IoU 0.75 is found at thresholds up to 0.75 and not above;
     recall only grows with more proposals."""
-    from deepmask_cli.evaluate import AREAS, CURVE_DETS, IOU_THRESHOLDS
+    from deepmask_cli.evaluation.recall import AREAS, CURVE_DETS, IOU_THRESHOLDS
 
     h, w = 64, 64
     obj = rect(h, w, 8, 8, 40, 40)

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from conftest import PINNED, TINY
-from deepmask_cli.config import TRUNK_STRIDE, InferenceConfig, SamplerConfig
-from deepmask_cli.data import PatchSampler, canonical_log2, load_coco
-from deepmask_cli.featcache import FeatureCache
-from deepmask_cli.inference import Proposer
+from deepmask_cli.core.config import TRUNK_STRIDE, InferenceConfig, SamplerConfig
+from deepmask_cli.training.data import PatchSampler, canonical_log2, load_coco
+from deepmask_cli.training.featcache import FeatureCache
+from deepmask_cli.inference.proposer import Proposer
 from synth import tiny_model
 
 SCALES = (0.5, 2 ** -0.25, 1.0)
@@ -57,8 +57,8 @@ def test_cache_caps_large_images_as_inference_does(records):
     proposer = Proposer(model, InferenceConfig(scale_min=-1, scale_max=0, scale_step=0.25, max_side=cap,
                                                shape_bucket=0, **PINNED), "cpu")
     assert proposer.config.scales == pytest.approx((0.5, 2 ** -0.75, 2 ** -0.5, 2 ** -0.25, 1.0))
-    from deepmask_cli.data import record_image
-    from deepmask_cli.pyramid import image_to_tensor
+    from deepmask_cli.training.data import record_image
+    from deepmask_cli.inference.pyramid import image_to_tensor
 
     levels = {lv.scale: lv for lv in proposer.dense_pass([image_to_tensor(record_image(records[0]))])}
     for lv in cache.levels:
@@ -74,8 +74,8 @@ def test_windows_for_trained_tail_blocks_give_inferences_maps(records):
     window of the map inference computes (edge windows included)."""
     from torchvision.ops import FrozenBatchNorm2d
 
-    from deepmask_cli.data import record_image
-    from deepmask_cli.pyramid import image_to_tensor
+    from deepmask_cli.training.data import record_image
+    from deepmask_cli.inference.pyramid import image_to_tensor
 
     model = tiny_model(TINY)
     with torch.no_grad():  # shifts that make a forgotten map edge show
@@ -125,7 +125,7 @@ def test_an_interrupted_cache_build_resumes_where_it_stopped(records, tmp_path, 
     """The maps are written every PART_IMAGES images; a build cut short
     (Ctrl-C, a killed job) loses at most the part in progress, and the next
     run computes only the rest, to the same cache."""
-    from deepmask_cli import featcache
+    from deepmask_cli.training import featcache
 
     monkeypatch.setattr(featcache, "PART_IMAGES", 2)
     model, sampler, path = tiny_model(TINY), SamplerConfig(), tmp_path / "maps.pt"
@@ -149,7 +149,7 @@ def test_an_interrupted_cache_build_resumes_where_it_stopped(records, tmp_path, 
 def test_a_smaller_run_leaves_a_larger_builds_parts(records, tmp_path, monkeypatch):
     """Parts of an unfinished build over more images serve a run over some
     of them, and are kept for the larger build to resume."""
-    from deepmask_cli import featcache
+    from deepmask_cli.training import featcache
 
     monkeypatch.setattr(featcache, "PART_IMAGES", 2)
     model, sampler, path = tiny_model(TINY), SamplerConfig(), tmp_path / "maps.pt"
@@ -192,7 +192,7 @@ def test_a_run_that_keeps_a_larger_file_keeps_the_maps_it_computed(records, tmp_
     """When the file at --cache-file holds images a run does not use, the
     run does not overwrite it; the maps it computed stay in the parts, for
     the next run to take."""
-    from deepmask_cli import featcache
+    from deepmask_cli.training import featcache
 
     monkeypatch.setattr(featcache, "PART_IMAGES", 1)
     model, sampler, path = tiny_model(TINY), SamplerConfig(), tmp_path / "maps.pt"

@@ -25,9 +25,9 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from deepmask_cli.images import load_image
-from deepmask_cli.propose import load_proposer
-from deepmask_cli.weights import shipped_weights
+from deepmask_cli.formats.images import load_image
+from deepmask_cli.pipeline.propose import load_proposer
+from deepmask_cli.modeling.weights import shipped_weights
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).parent / "golden"

@@ -1,6 +1,6 @@
-"""The memory policy of long propose runs (deepmask_cli.heap)."""
+"""The memory policy of long propose runs (deepmask_cli.core.memory)."""
 
-from deepmask_cli import heap
+from deepmask_cli.core import memory as heap
 
 
 def test_memory_cap_trims_only_past_its_slack(monkeypatch):
@@ -34,8 +34,8 @@ def test_map_large_buffers_sets_glibcs_mmap_threshold(monkeypatch):
 def test_only_the_torch_runtime_on_a_cpu_maps_large_buffers(monkeypatch, tiny_weights, synth_coco, tmp_path):
     """torch's CPU tensors come from malloc; ONNX Runtime's from its own
     arena. Once large buffers are mapped, the ceiling is the lower one."""
-    from deepmask_cli import propose
-    from deepmask_cli.propose import load_proposer, run_propose
+    from deepmask_cli.pipeline import propose
+    from deepmask_cli.pipeline.propose import load_proposer, run_propose
 
     calls, slacks = [], []
     monkeypatch.setattr(propose, "map_large_buffers", lambda: calls.append(1) or True)

@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from deepmask_cli.cli import main
+from deepmask_cli.cli.main import main
 
 
 def snapshot(*roots: Path) -> dict[str, bytes]:
@@ -227,7 +227,7 @@ def test_a_read_only_folder_is_refused(tmp_path, propose_args):
 
 
 def test_a_second_run_on_the_same_output_stops_at_once(tmp_path, propose_args):
-    from deepmask_cli.outputs import OutputLock
+    from deepmask_cli.core.outputs import OutputLock
 
     src = tmp_path / "src"
     photo(src / "a.jpg")
@@ -241,7 +241,7 @@ def test_a_second_run_on_the_same_output_stops_at_once(tmp_path, propose_args):
 
 
 def test_resume_refuses_other_settings_naming_the_option(tmp_path, tiny_weights, synth_coco):
-    from deepmask_cli.propose import load_proposer, run_propose
+    from deepmask_cli.pipeline.propose import load_proposer, run_propose
 
     from synth import fail_on_pass
 

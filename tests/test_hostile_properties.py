@@ -17,10 +17,10 @@ from hypothesis import strategies as st
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from deepmask_cli.cocojson import CocoFileError, check_instances, check_results
-from deepmask_cli.errors import UserError
-from deepmask_cli.outputs import MAX_NAME_BYTES, unique_name
-from deepmask_cli.rle import RLEError, normalise
+from deepmask_cli.formats.coco import CocoFileError, check_instances, check_results
+from deepmask_cli.core.errors import UserError
+from deepmask_cli.core.outputs import MAX_NAME_BYTES, unique_name
+from deepmask_cli.formats.rle import RLEError, normalise
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -121,8 +121,8 @@ def test_output_names_are_one_safe_component_and_distinct(stems):
 def proposer():
     import synth
 
-    from deepmask_cli.inference import Proposer
-    from deepmask_cli.config import InferenceConfig
+    from deepmask_cli.inference.proposer import Proposer
+    from deepmask_cli.core.config import InferenceConfig
 
     return Proposer(synth.tiny_model(synth.tiny_config()),
                     InferenceConfig(scale_min=-1.0, scale_max=0.0, max_proposals=3, precision="fp32", runtime="torch"),
@@ -134,7 +134,7 @@ def proposer():
 @given(st.lists(st.text(st.characters(blacklist_characters="/\0", blacklist_categories=("Cs",)), min_size=1,
                         max_size=60), min_size=1, max_size=3, unique=True), st.sampled_from(["png", "masks"]))
 def test_random_photo_names_write_only_inside_the_output(proposer, stems, fmt):
-    from deepmask_cli.propose import run_propose
+    from deepmask_cli.pipeline.propose import run_propose
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -6,9 +6,10 @@ import torch
 from PIL import Image
 from torchvision.ops import box_iou
 
-from deepmask_cli import Proposer, load_proposer, rle
-from deepmask_cli.config import InferenceConfig
-from deepmask_cli.model import DeepMask
+from deepmask_cli import Proposer, load_proposer
+from deepmask_cli.formats import rle
+from deepmask_cli.core.config import InferenceConfig
+from deepmask_cli.modeling.model import DeepMask
 from conftest import PINNED, TUNED
 from synth import tiny_model
 
@@ -90,7 +91,7 @@ def test_padded_batch_gives_the_real_images_levels(tiny_config):
     """dense_pass(pad_to=N) runs blank images after the real ones (a GPU's
     short last batch keeps the other batches' shapes) and returns the real
     images' maps and scores alone, as the unpadded pass gives them."""
-    from deepmask_cli.pyramid import image_to_tensor
+    from deepmask_cli.inference.pyramid import image_to_tensor
 
     p = _proposer(tiny_config, shape_bucket=64)
     rng = np.random.default_rng(7)
@@ -107,7 +108,7 @@ def test_padded_batch_gives_the_real_images_levels(tiny_config):
 
 
 def test_runs_come_back_as_int32_unless_they_need_more():
-    from deepmask_cli.proposals import to_host as _to_host
+    from deepmask_cli.formats.proposals import to_host as _to_host
 
     small = _to_host(torch.tensor([0, 5, 2**31 - 1]))
     assert small.dtype == np.int32 and small.tolist() == [0, 5, 2**31 - 1]
@@ -141,7 +142,7 @@ def test_thresholds_and_cap(tiny_config):
     iou = box_iou(nms.boxes_xyxy, nms.boxes_xyxy) - torch.eye(len(nms))
     assert float(iou.max()) <= 0.5 + 1e-6
     mask_nms = _proposer(tiny_config, nms="mask", nms_thresh=0.5, nms_demote=False)(arr)
-    from deepmask_cli import rle
+    from deepmask_cli.formats import rle
 
     enc = mask_nms.to_rles()
     m_iou = rle.iou(enc, enc) - np.eye(len(enc))
@@ -156,7 +157,7 @@ def test_nms_demote_keeps_the_suppressed_behind_their_suppressor(tiny_config, rl
     """nms_demote: NMS's survivors with their scores, and every proposal it
     suppressed too, its score times (1 - its IoU with the best survivor that
     suppressed it): the same set as without NMS, ranked by those scores."""
-    from deepmask_cli.postprocess import demotion
+    from deepmask_cli.inference.postprocess import demotion
 
     arr = np.random.default_rng(3).integers(0, 255, (72, 64, 3), dtype=np.uint8)
     k = 40
@@ -238,8 +239,8 @@ def test_onnx_runtime_trunk_gives_the_same_proposals(tiny_config):
 def test_onnx_runtime_is_refused_on_a_gpu_device_name(tiny_config, runtime):
     """The refusal is ONNX Runtime's own (asked of the session directly, so
     that a machine without a GPU refuses for this reason, not for lacking one)."""
-    from deepmask_cli.errors import ConfigError
-    from deepmask_cli.runtime import onnx_session
+    from deepmask_cli.core.errors import ConfigError
+    from deepmask_cli.inference.runtime import onnx_session
 
     model = DeepMask(tiny_config)
     with pytest.raises(ConfigError, match=f"runtime {runtime} runs the trunk on the CPU; use runtime torch"):
@@ -247,7 +248,7 @@ def test_onnx_runtime_is_refused_on_a_gpu_device_name(tiny_config, runtime):
 
 
 def test_auto_precision_is_bf16_only_on_a_cpu_with_native_bf16(monkeypatch):
-    from deepmask_cli import runtime as inference
+    from deepmask_cli.inference import runtime as inference
 
     monkeypatch.setattr(inference, "native_bf16", lambda: True)
     assert inference.resolve_precision("auto", torch.device("cpu")) == "bf16"
@@ -270,7 +271,7 @@ def test_precision_sets_the_networks_arithmetic(tiny_config, precision, dtype):
 
 
 def test_int8_dot_products_are_read_from_cpu_flags():
-    from deepmask_cli.runtime import cpuinfo_has_int8_dot
+    from deepmask_cli.inference.runtime import cpuinfo_has_int8_dot
 
     assert cpuinfo_has_int8_dot("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni avx512_bf16\n")
     assert cpuinfo_has_int8_dot("flags\t: fpu avx2 avx_vnni\n")
@@ -280,7 +281,7 @@ def test_int8_dot_products_are_read_from_cpu_flags():
 
 
 def test_describe_cpu_names_the_model_and_the_instruction_sets_that_matter():
-    from deepmask_cli.runtime import describe_cpu
+    from deepmask_cli.inference.runtime import describe_cpu
 
     text = describe_cpu("model name\t: AMD EPYC\nflags\t\t: fpu sse2 avx2 fma\n")
     assert text == "AMD EPYC; has: avx2 fma; lacks: avx512f avx512_vnni avx_vnni avx512_bf16 amx_tile"
@@ -291,7 +292,7 @@ def test_describe_cpu_names_the_model_and_the_instruction_sets_that_matter():
 def test_canvas_sides_share_few_shapes():
     """GPU canvases: 128-pixel steps from 640 up, so every photo of 640
     pixels or less (all of COCO) shares one shape and 2048 stays 2048."""
-    from deepmask_cli.pyramid import GPU_MIN_SIDE, GPU_SHAPE_BUCKET, canvas_side
+    from deepmask_cli.inference.pyramid import GPU_MIN_SIDE, GPU_SHAPE_BUCKET, canvas_side
 
     gpu = lambda longest: canvas_side(longest, GPU_SHAPE_BUCKET, GPU_MIN_SIDE)
     assert {gpu(n) for n in (1, 200, 384, 500, 512, 612, 640)} == {640}
@@ -306,8 +307,8 @@ def test_refined_masks_are_each_windows_patch_refined(tiny_config):
     give DeepMask's proposals exactly."""
     import dataclasses
 
-    from deepmask_cli.postprocess import logit, paste_masks
-    from deepmask_cli.pyramid import image_to_tensor, level_size, pyramid_canvas
+    from deepmask_cli.inference.postprocess import logit, paste_masks
+    from deepmask_cli.inference.pyramid import image_to_tensor, level_size, pyramid_canvas
 
     cfg = dataclasses.replace(tiny_config, refine=(8, 4))
     model = tiny_model(cfg)

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from deepmask_cli.config import ModelConfig
-from deepmask_cli.model import DeepMask
-from deepmask_cli.trunks import build_trunk
+from deepmask_cli.core.config import ModelConfig
+from deepmask_cli.modeling.model import DeepMask
+from deepmask_cli.modeling.trunks import build_trunk
 
 
 @pytest.mark.parametrize("name,channels", [("vgg-a", 512), ("resnet50", 1024), ("efficientnet-lite0", 112), ("efficientnet-lite1", 112), ("efficientnet-lite2", 120)])
@@ -93,7 +93,7 @@ def test_score_fc1_by_parity_equals_the_dilated_convolution(f, h, w, channels_la
     convolution's sums, on maps of any size down to one window."""
     import torch.nn.functional as F
 
-    from deepmask_cli.model import ScoreHead
+    from deepmask_cli.modeling.model import ScoreHead
 
     torch.manual_seed(f + h + w)
     head = ScoreHead(in_channels=8, feat_size=f, hidden=(16, 8), dropout=0.0).eval()

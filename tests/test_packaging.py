@@ -51,7 +51,7 @@ def test_wheel_in_a_fresh_environment_finds_its_weights(tmp_path):
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (120, 160, 3), dtype=np.uint8)).save(elsewhere / "photo.jpg")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "DEEPMASK_WEIGHTS")}
-    where = subprocess.run([str(py), "-c", "from deepmask_cli.propose import default_weights; print(default_weights())"],
+    where = subprocess.run([str(py), "-c", "from deepmask_cli.pipeline.propose import default_weights; print(default_weights())"],
                            cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120)
     assert where.returncode == 0, where.stderr
     assert Path(where.stdout.strip()).is_relative_to(env_dir), where.stdout
@@ -64,7 +64,7 @@ def test_wheel_in_a_fresh_environment_finds_its_weights(tmp_path):
 
 
 def test_weights_by_shipped_name(tmp_path, monkeypatch):
-    from deepmask_cli.weights import shipped_weights, weights_folder
+    from deepmask_cli.modeling.weights import shipped_weights, weights_folder
 
     assert weights_folder("deepmask-lite0-coco") == shipped_weights()
     assert weights_folder("no-such-weights") == Path("no-such-weights")
@@ -79,7 +79,7 @@ def test_accurate_weights_are_the_default_network_with_their_own_settings():
     (the 2^1.5 scale, the mirror pass, the scale prior) in its config.json."""
     from safetensors.torch import load_file
 
-    from deepmask_cli.weights import load_weights, shipped_weights, weights_folder
+    from deepmask_cli.modeling.weights import load_weights, shipped_weights, weights_folder
 
     default, accurate = shipped_weights(), weights_folder("deepmask-lite0-coco-accurate")
     assert accurate == default.parent / "deepmask-lite0-coco-accurate" and accurate.is_dir()

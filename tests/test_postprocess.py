@@ -11,11 +11,11 @@ from hypothesis import strategies as st
 from pycocotools import mask as mask_utils
 from torchvision.ops import box_iou, nms
 
-from deepmask_cli import rle
-from deepmask_cli.config import InferenceConfig
-from deepmask_cli.inference import Proposer
-from deepmask_cli.model import DeepMask
-from deepmask_cli.postprocess import (batched_nms_rank, cluster_nms, crop_runs, demotion, logit, masks_to_boxes, maskness, paste_crops,
+from deepmask_cli.formats import rle
+from deepmask_cli.core.config import InferenceConfig
+from deepmask_cli.inference.proposer import Proposer
+from deepmask_cli.modeling.model import DeepMask
+from deepmask_cli.inference.postprocess import (batched_nms_rank, cluster_nms, crop_runs, demotion, logit, masks_to_boxes, maskness, paste_crops,
                                      paste_runs, paste_masks)
 
 
@@ -330,7 +330,7 @@ def test_runs_of_windows_of_several_images_equal_each_image_alone(sizes, k, seed
 def test_runs_pasted_in_parts_when_over_budget_equal_one_call(monkeypatch):
     """Calls over PASTE_BUDGET (large windows on big photos) are split into
     halves; the result is that of one call."""
-    from deepmask_cli import postprocess
+    from deepmask_cli.inference import postprocess
 
     g = torch.Generator().manual_seed(3)
     k = 9

@@ -9,10 +9,10 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from deepmask_cli.cli import main
-from deepmask_cli.config import InferenceConfig, ModelConfig
-from deepmask_cli.inference import Proposer
-from deepmask_cli.weights import load_weights
+from deepmask_cli.cli.main import main
+from deepmask_cli.core.config import InferenceConfig, ModelConfig
+from deepmask_cli.inference.proposer import Proposer
+from deepmask_cli.modeling.weights import load_weights
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -29,7 +29,7 @@ def _photos(folder, n=3):
 
 
 def test_int8_trunk_is_quantized_calibrated_and_close_to_float(tiny_weights, tmp_path):
-    from deepmask_cli.quantize import quantize_trunk
+    from deepmask_cli.export.quantize import quantize_trunk
 
     model, _, _ = load_weights(tiny_weights)
     photos = sorted(_photos(tmp_path / "photos").iterdir())
@@ -93,8 +93,8 @@ def test_cli_quantize_refuses_unreadable_photos_and_a_broken_model(tiny_weights,
 def test_an_int8_trunk_made_from_other_weights_is_refused(tiny_weights, tmp_path):
     """A stale trunk-int8.onnx (the weights were retrained or replaced after
     quantizing) is caught, not silently run."""
-    from deepmask_cli.model import DeepMask
-    from deepmask_cli.quantize import quantize_trunk
+    from deepmask_cli.modeling.model import DeepMask
+    from deepmask_cli.export.quantize import quantize_trunk
 
     model, _, _ = load_weights(tiny_weights)
     photos = sorted(_photos(tmp_path / "photos").iterdir())
@@ -111,9 +111,9 @@ def test_runtime_auto_takes_the_int8_trunk_only_where_it_pays(tiny_weights, tmp_
     """auto: the int8 trunk on an x86-64 CPU with AVX2 when the weights
     have one and fp32 was not asked for; torch otherwise, and torch with a
     warning (not a failure) when the weights' int8 trunk is stale."""
-    import deepmask_cli.runtime as inference
-    from deepmask_cli.model import DeepMask
-    from deepmask_cli.quantize import quantize_trunk
+    import deepmask_cli.inference.runtime as inference
+    from deepmask_cli.modeling.model import DeepMask
+    from deepmask_cli.export.quantize import quantize_trunk
 
     model, _, _ = load_weights(tiny_weights)
     out = quantize_trunk(model, sorted(_photos(tmp_path / "photos").iterdir()), tmp_path / "t.onnx", limit=1)
@@ -134,9 +134,9 @@ def test_runtime_auto_takes_the_int8_trunk_only_where_it_pays(tiny_weights, tmp_
 
 
 def test_cli_auto_runtime_warns_in_one_line_and_goes_on_without_a_stale_int8_trunk(tiny_weights, tmp_path, monkeypatch):
-    import deepmask_cli.runtime as inference
-    from deepmask_cli.model import DeepMask
-    from deepmask_cli.quantize import quantize_trunk
+    import deepmask_cli.inference.runtime as inference
+    from deepmask_cli.modeling.model import DeepMask
+    from deepmask_cli.export.quantize import quantize_trunk
 
     monkeypatch.setattr(inference, "int8_cpu", lambda: True)
     photos = _photos(tmp_path / "photos")
@@ -158,7 +158,7 @@ def test_trunk_and_score_head_export_computes_what_torch_does(tiny_weights):
 
     import onnxruntime as ort
 
-    from deepmask_cli.runtime import export_trunk_onnx
+    from deepmask_cli.inference.runtime import export_trunk_onnx
 
     model, _, _ = load_weights(tiny_weights)
     model.eval()
@@ -178,8 +178,8 @@ def test_trunk_and_score_head_export_computes_what_torch_does(tiny_weights):
 def test_an_8bit_int8_trunk_is_refused_on_a_cpu_without_vnni(tiny_weights, tmp_path, monkeypatch):
     """A file from before 7-bit weights would give wrong maps without VNNI:
     refused there with the fix, and auto goes on in torch with a warning."""
-    import deepmask_cli.runtime as inference
-    from deepmask_cli.quantize import quantize_trunk
+    import deepmask_cli.inference.runtime as inference
+    from deepmask_cli.export.quantize import quantize_trunk
 
     model, _, _ = load_weights(tiny_weights)
     out = quantize_trunk(model, sorted(_photos(tmp_path / "photos").iterdir()), tmp_path / "t.onnx", limit=1)
@@ -205,7 +205,7 @@ def test_keep_float_leaves_the_named_layers_in_float32(tiny_weights, tmp_path):
     others are quantized; an unknown prefix is a clear error."""
     import onnx
 
-    from deepmask_cli.quantize import QuantizeError, quantize_trunk
+    from deepmask_cli.export.quantize import QuantizeError, quantize_trunk
 
     model, _, _ = load_weights(tiny_weights)
     photos = sorted(_photos(tmp_path / "photos").iterdir())
@@ -236,7 +236,7 @@ def test_calibration_method_is_chosen_and_recorded(tiny_weights, tmp_path):
     so no range is narrower than percentile calibration's (which clips the
     outliers) and most are wider; the method is in the file's metadata; an
     unknown method is a one-line error."""
-    from deepmask_cli.quantize import QuantizeError, quantize_trunk
+    from deepmask_cli.export.quantize import QuantizeError, quantize_trunk
 
     model, _, _ = load_weights(tiny_weights)
     photos = _photos(tmp_path / "photos")

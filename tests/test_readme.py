@@ -20,10 +20,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from deepmask_cli import propose as propose_mod
-from deepmask_cli.cli import propose as propose_cmd
-from deepmask_cli.config import InferenceConfig
-from deepmask_cli.weights import load_weights
+from deepmask_cli.pipeline import propose as propose_mod
+from deepmask_cli.cli.main import propose as propose_cmd
+from deepmask_cli.core.config import InferenceConfig
+from deepmask_cli.modeling.weights import load_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 from pycocotools import mask as mask_utils
 
-from deepmask_cli.cli import main
+from deepmask_cli.cli.main import main
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from deepmask_cli.cli import main
+from deepmask_cli.cli.main import main
 
 
 def _jpeg(arr, **kw):
@@ -151,7 +151,7 @@ def test_viz_reports_missing_images(tmp_path, synth_coco, tiny_weights):
 
 
 def test_train_annotation_problems_are_counted_not_fatal(tmp_path, synth_coco):
-    from deepmask_cli.data import load_coco
+    from deepmask_cli.training.data import load_coco
 
     data = json.loads((synth_coco / "instances.json").read_text())
     data["images"].append({"id": 99, "file_name": "gone.jpg", "height": 10, "width": 10})
@@ -234,7 +234,7 @@ def test_ctrl_c_keeps_work_and_says_how_to_resume(tiny_weights, tmp_path):
 
 
 def test_train_lists_and_skips_undecodable_images(tmp_path, synth_coco):
-    from deepmask_cli.data import DataError, load_coco
+    from deepmask_cli.training.data import DataError, load_coco
 
     (synth_coco / "images" / "img001.jpg").write_text("not a jpeg any more")
     recs, report = load_coco(synth_coco / "instances.json", synth_coco / "images", check_decode=True)
@@ -247,7 +247,7 @@ def test_network_failure_keeps_the_batches_before_it(synth_coco, tiny_weights, t
     """The next batch's network is started before this batch's results are
     written; if it fails, this batch's results still reach the partial file
     (for --resume) before the error comes out."""
-    from deepmask_cli.propose import load_proposer, run_propose
+    from deepmask_cli.pipeline.propose import load_proposer, run_propose
 
     from synth import fail_on_pass
 
@@ -268,7 +268,7 @@ def test_a_batch_is_freed_before_the_next_one_runs(synth_coco, tiny_weights, tmp
     import gc
     import weakref
 
-    from deepmask_cli.propose import load_proposer, run_propose
+    from deepmask_cli.pipeline.propose import load_proposer, run_propose
 
     proposer = load_proposer(tiny_weights, device="cpu")
     real, refs, alive = proposer.dense_pass, [], []
@@ -294,7 +294,7 @@ def test_out_of_gpu_memory_halves_the_group_and_loses_nothing(synth_coco, tiny_w
     results are those of a run at that batch size."""
     import torch
 
-    from deepmask_cli.propose import load_proposer, run_propose
+    from deepmask_cli.pipeline.propose import load_proposer, run_propose
 
     images = sorted((synth_coco / "images").iterdir())
     assert len(images) == 4

@@ -7,9 +7,9 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from deepmask_cli.cli import main
-from deepmask_cli.propose import load_proposer, run_propose, shard_slice
-from deepmask_cli.results import MergeError, ResultsWriter, merge_results, records
+from deepmask_cli.cli.main import main
+from deepmask_cli.pipeline.propose import load_proposer, run_propose, shard_slice
+from deepmask_cli.formats.results import MergeError, ResultsWriter, merge_results, records
 from synth import free_port
 
 
@@ -174,7 +174,8 @@ def test_propose_under_torchrun_writes_what_one_process_writes(synth_coco, tiny_
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("launched")) == ["launched.json"]
     # --resume keeps a part its rank finished before the launch died (here
     # rank 1's, written empty so that keeping it shows), and redoes the rest
-    from deepmask_cli.propose import Launch, rank_part
+    from deepmask_cli.core.launch import Launch
+    from deepmask_cli.pipeline.propose import rank_part
 
     rank_part(out, Launch(1, 2, 1)).write_text("[]")
     out.unlink()
@@ -189,9 +190,9 @@ def test_propose_under_torchrun_writes_what_one_process_writes(synth_coco, tiny_
 
 
 def test_torchrun_launch_reads_torchruns_variables():
-    from deepmask_cli.propose import Launch, ProposeError, torchrun_launch
+    from deepmask_cli.core.launch import Launch, LaunchError, torchrun_launch
 
     assert torchrun_launch({}) is None and torchrun_launch({"WORLD_SIZE": "1", "RANK": "0"}) is None
     assert torchrun_launch({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1"}) == Launch(3, 4, 1)
-    with pytest.raises(ProposeError, match="integers"):
+    with pytest.raises(LaunchError, match="integers"):
         torchrun_launch({"WORLD_SIZE": "two"})

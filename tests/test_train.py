@@ -14,10 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from deepmask_cli.config import SamplerConfig, TrainConfig
-from deepmask_cli.data import DataError, PatchDataset, load_coco, resolve_coco
-from deepmask_cli.model import DeepMask
-from deepmask_cli.train import TrainData, deepmask_loss, lr_factor, train
+from deepmask_cli.core.config import SamplerConfig, TrainConfig
+from deepmask_cli.training.data import DataError, PatchDataset, load_coco, resolve_coco
+from deepmask_cli.modeling.model import DeepMask
+from deepmask_cli.training.loop import TrainData, deepmask_loss, lr_factor, train
 from synth import free_port
 
 from conftest import TINY
@@ -113,7 +113,7 @@ def test_a_few_steps_lower_the_loss(synth_coco, tmp_path):
     before = loss_of(DeepMask(TINY))
     weights = train(TrainData(synth_coco / "instances.json", synth_coco / "images"), tmp_path / "run",
                     model_config=TINY, config=_tiny_train_config(steps=60, lr=0.3), pretrained=False)
-    from deepmask_cli.weights import load_weights
+    from deepmask_cli.modeling.weights import load_weights
 
     after = loss_of(load_weights(weights)[0])
     assert after < 0.8 * before
@@ -185,7 +185,7 @@ def test_two_process_gloo_ddp_refine_stage(synth_coco, tiny_weights, tmp_path):
 def test_cache_features_path_and_export_then_propose(synth_coco, tmp_path):
     from click.testing import CliRunner
 
-    from deepmask_cli.cli import main
+    from deepmask_cli.cli.main import main
 
     weights = train(TrainData(synth_coco / "instances.json", synth_coco / "images"), tmp_path / "run",
                     model_config=TINY, config=_tiny_train_config(freeze_trunk=True, cache_features=True, steps=12),
@@ -208,7 +208,7 @@ def test_train_coco_layout_as_the_design_writes_it(synth_coco, tmp_path, monkeyp
     gets the frozen, cached trunk and says so; --resume picks the last run."""
     from click.testing import CliRunner
 
-    from deepmask_cli.cli import main
+    from deepmask_cli.cli.main import main
 
     tmp_path = tmp_path / "work"  # (synth_coco is tmp_path/coco)
     coco = tmp_path / "coco"
@@ -254,7 +254,7 @@ def test_train_coco_layout_as_the_design_writes_it(synth_coco, tmp_path, monkeyp
 def test_resume_without_a_run_is_a_one_line_error(synth_coco, tmp_path, monkeypatch):
     from click.testing import CliRunner
 
-    from deepmask_cli.cli import main
+    from deepmask_cli.cli.main import main
 
     monkeypatch.chdir(tmp_path)
     r = CliRunner().invoke(main, ["train", str(synth_coco), "--resume", "--device", "cpu"])
@@ -276,7 +276,7 @@ def test_bad_annotation_files_are_clear_errors(tmp_path, content, message):
 def test_feature_cache_file_is_reused_and_gives_the_same_run(synth_coco, tmp_path):
     """A run with --cache-file saves the maps; a second run loads them (no
     trunk pass) and trains to the same weights as a run without the file."""
-    from deepmask_cli import featcache
+    from deepmask_cli.training import featcache
 
     data = TrainData(synth_coco / "instances.json", synth_coco / "images")
     cfg = _tiny_train_config(freeze_trunk=True, cache_features=True, steps=4, feature_dropout=0.2,
@@ -308,7 +308,7 @@ def test_feature_cache_file_is_reused_and_gives_the_same_run(synth_coco, tmp_pat
 
 
 def test_feature_dropout_needs_cached_features(synth_coco, tmp_path):
-    from deepmask_cli.train import TrainError
+    from deepmask_cli.training.loop import TrainError
 
     with pytest.raises(TrainError, match="--cache-features"):
         train(TrainData(synth_coco / "instances.json", synth_coco / "images"), tmp_path / "r", model_config=TINY,
@@ -346,7 +346,7 @@ def test_validation_reports_the_share_of_live_score_units():
     """score_live: the share of the score head's first-layer ReLUs that some
     validation patch turns on; silenced units (the failure a too-high lr
     causes) count as dead."""
-    from deepmask_cli.train import patch_metrics
+    from deepmask_cli.training.loop import patch_metrics
 
     torch.manual_seed(0)
     model = DeepMask(TINY)
@@ -369,9 +369,9 @@ def test_refine_stage_trains_only_the_refinement_on_a_frozen_deepmask(synth_coco
     from click.testing import CliRunner
     from safetensors.torch import load_file
 
-    from deepmask_cli.cli import main
-    from deepmask_cli.config import SHARPMASK_REFINE
-    from deepmask_cli.weights import load_weights
+    from deepmask_cli.cli.main import main
+    from deepmask_cli.core.config import SHARPMASK_REFINE
+    from deepmask_cli.modeling.weights import load_weights
 
     run = tmp_path / "refine"
     args = ["train", str(synth_coco), "--val", str(synth_coco), "-o", str(run), "--refine", "--init", str(tiny_weights), "--steps", "4",
@@ -416,7 +416,7 @@ def test_refine_stage_trains_only_the_refinement_on_a_frozen_deepmask(synth_coco
 def test_refine_needs_weights_and_patches(synth_coco, tmp_path, extra, message):
     from click.testing import CliRunner
 
-    from deepmask_cli.cli import main
+    from deepmask_cli.cli.main import main
 
     r = CliRunner().invoke(main, ["train", str(synth_coco), "-o", str(tmp_path / "r"), "--refine", "--device", "cpu",
                                   *extra, *(["--init", "x"] if extra else [])])
@@ -430,8 +430,8 @@ def test_init_fine_tunes_trained_weights(synth_coco, tiny_weights, tmp_path):
     beside --init, or a SharpMask folder, is refused in one line."""
     from click.testing import CliRunner
 
-    from deepmask_cli.cli import main
-    from deepmask_cli.weights import load_weights
+    from deepmask_cli.cli.main import main
+    from deepmask_cli.modeling.weights import load_weights
 
     before = load_file(str(tiny_weights / "model.safetensors"))
     common = ["--init", str(tiny_weights), "--steps", "3", "--batch-size", "4", "--workers", "0", "--lr", "0.01",
@@ -458,8 +458,8 @@ def test_train_blocks_fine_tunes_the_trunks_last_blocks_on_cached_maps(synth_coc
     """--train-blocks 2 on cached maps: the trunk's last two blocks learn,
     the rest of the trunk stays as it was, and the exported weights carry
     the new blocks (inference runs them; nothing else changes there)."""
-    from deepmask_cli.model import build_model
-    from deepmask_cli.weights import load_weights
+    from deepmask_cli.modeling.model import build_model
+    from deepmask_cli.modeling.weights import load_weights
 
     torch.manual_seed(5)  # train() seeds the same way: the trunk it starts from
     start = build_model(TINY).trunk.state_dict()
@@ -486,7 +486,7 @@ def test_train_blocks_fine_tunes_the_trunks_last_blocks_on_cached_maps(synth_coc
 def test_train_blocks_bad_values_are_one_line_errors(synth_coco, tmp_path, extra, message):
     from click.testing import CliRunner
 
-    from deepmask_cli.cli import main
+    from deepmask_cli.cli.main import main
 
     r = CliRunner().invoke(main, ["train", str(synth_coco), "-o", str(tmp_path / "r"), "--device", "cpu", "--no-pretrained",
                                   "--steps", "1", "--workers", "0", "-q", *extra])

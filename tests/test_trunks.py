@@ -8,7 +8,7 @@ from PIL import Image
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from deepmask_cli.trunks import (
+from deepmask_cli.modeling.trunks import (
     TRUNK_BUILDERS, EfficientNetLite0Trunk, EfficientNetLite2Trunk, PretrainedWeightsError, ResNet50Trunk, VGGATrunk, _MBConv,
 )
 
@@ -172,7 +172,7 @@ def test_a_window_of_the_tails_input_gives_the_whole_maps_output(name):
     """--train-blocks trains the trunk's last blocks on cached windows of
     their input: with the map's edge masked, the blocks' output on a window
     is the whole map's output there, at the map's borders too."""
-    from deepmask_cli.trunks import window_forward
+    from deepmask_cli.modeling.trunks import window_forward
 
     torch.manual_seed(0)
     trunk = _busy_batch_norms(TRUNK_BUILDERS[name]())
@@ -207,3 +207,11 @@ def test_tail_units_stop_at_the_stride():
     assert ResNet50Trunk().tail_units() == 5 and VGGATrunk().tail_units() == 2
     with pytest.raises(ValueError, match="cannot split off 6"):
         EfficientNetLite0Trunk().split(6)
+
+
+def test_config_names_exactly_the_trunks_that_can_be_built():
+    """config.TRUNKS (what a config.json may name) and TRUNK_BUILDERS (what
+    build_trunk makes) are one list, in the same order (--trunk's choices)."""
+    from deepmask_cli.core.config import TRUNKS
+
+    assert TRUNKS == tuple(TRUNK_BUILDERS)

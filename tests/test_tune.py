@@ -8,13 +8,13 @@ from click.testing import CliRunner
 from conftest import PINNED, TINY, TUNED
 
 import synth
-from deepmask_cli.cli import main
-from deepmask_cli.errors import ConfigError
-from deepmask_cli.evaluate import evaluate_recall
-from deepmask_cli.images import collect_images
-from deepmask_cli.propose import load_proposer, run_propose
-from deepmask_cli.tune import parse_grid, save_tuned, tune
-from deepmask_cli.weights import load_weights, save_weights
+from deepmask_cli.cli.main import main
+from deepmask_cli.core.errors import ConfigError
+from deepmask_cli.evaluation.recall import evaluate_recall
+from deepmask_cli.formats.images import collect_images
+from deepmask_cli.pipeline.propose import load_proposer, run_propose
+from deepmask_cli.evaluation.tune import parse_grid, save_tuned, tune
+from deepmask_cli.modeling.weights import load_weights, save_weights
 
 
 def test_grid_values_are_typed_and_mistakes_named():

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from deepmask_cli.viz import (
+from deepmask_cli.viz.overlays import (
     draw_overlay,
     draw_rles,
     overlay_name,
