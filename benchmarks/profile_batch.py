@@ -16,7 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from deepmask_cli.formats.images import load_image
 from deepmask_cli.inference.pyramid import image_to_tensor
-from deepmask_cli.pipeline.propose import load_proposer
+from deepmask_cli.pipeline.loading import load_proposer
 from deepmask_cli.formats.results import compact
 
 

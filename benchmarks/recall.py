@@ -25,7 +25,8 @@ from rich.console import Console
 from rich.table import Table
 
 from deepmask_cli.evaluation.recall import evaluate_recall
-from deepmask_cli.pipeline.propose import load_proposer, run_propose
+from deepmask_cli.pipeline.loading import load_proposer
+from deepmask_cli.pipeline.propose import run_propose
 from deepmask_cli.evaluation.tune import parse_value
 
 

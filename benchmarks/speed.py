@@ -48,7 +48,8 @@ from deepmask_cli.evaluation.recall import evaluate_recall
 from deepmask_cli.formats.images import load_image
 from deepmask_cli.inference.pyramid import image_to_tensor
 from deepmask_cli.inference.runtime import describe_cpu
-from deepmask_cli.pipeline.propose import load_proposer, pipeline_defaults, run_propose
+from deepmask_cli.pipeline.loading import load_proposer
+from deepmask_cli.pipeline.propose import pipeline_defaults, run_propose
 from deepmask_cli.formats.results import ResultsWriter, records
 
 sys.path.insert(0, str(Path(__file__).parent))

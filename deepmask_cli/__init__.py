@@ -16,7 +16,8 @@ from deepmask_cli.core.config import InferenceConfig, ModelConfig, SamplerConfig
 from deepmask_cli.inference.proposer import Proposer  # noqa: E402
 from deepmask_cli.modeling.model import DeepMask, build_model  # noqa: E402
 from deepmask_cli.formats.proposals import Proposals  # noqa: E402
-from deepmask_cli.pipeline.propose import load_proposer, run_propose  # noqa: E402
+from deepmask_cli.pipeline.loading import load_proposer  # noqa: E402
+from deepmask_cli.pipeline.propose import run_propose  # noqa: E402
 from deepmask_cli.modeling.weights import load_weights, save_weights  # noqa: E402
 
 __all__ = [

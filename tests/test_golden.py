@@ -26,7 +26,7 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from deepmask_cli.formats.images import load_image
-from deepmask_cli.pipeline.propose import load_proposer
+from deepmask_cli.pipeline.loading import load_proposer
 from deepmask_cli.modeling.weights import shipped_weights
 
 ROOT = Path(__file__).resolve().parent.parent

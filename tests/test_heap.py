@@ -35,7 +35,8 @@ def test_only_the_torch_runtime_on_a_cpu_maps_large_buffers(monkeypatch, tiny_we
     """torch's CPU tensors come from malloc; ONNX Runtime's from its own
     arena. Once large buffers are mapped, the ceiling is the lower one."""
     from deepmask_cli.pipeline import propose
-    from deepmask_cli.pipeline.propose import load_proposer, run_propose
+    from deepmask_cli.pipeline.loading import load_proposer
+    from deepmask_cli.pipeline.propose import run_propose
 
     calls, slacks = [], []
     monkeypatch.setattr(propose, "map_large_buffers", lambda: calls.append(1) or True)

@@ -241,7 +241,8 @@ def test_a_second_run_on_the_same_output_stops_at_once(tmp_path, propose_args):
 
 
 def test_resume_refuses_other_settings_naming_the_option(tmp_path, tiny_weights, synth_coco):
-    from deepmask_cli.pipeline.propose import load_proposer, run_propose
+    from deepmask_cli.pipeline.loading import load_proposer
+    from deepmask_cli.pipeline.propose import run_propose
 
     from synth import fail_on_pass
 

@@ -51,7 +51,7 @@ def test_wheel_in_a_fresh_environment_finds_its_weights(tmp_path):
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (120, 160, 3), dtype=np.uint8)).save(elsewhere / "photo.jpg")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "DEEPMASK_WEIGHTS")}
-    where = subprocess.run([str(py), "-c", "from deepmask_cli.pipeline.propose import default_weights; print(default_weights())"],
+    where = subprocess.run([str(py), "-c", "from deepmask_cli.pipeline.loading import default_weights; print(default_weights())"],
                            cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120)
     assert where.returncode == 0, where.stderr
     assert Path(where.stdout.strip()).is_relative_to(env_dir), where.stdout

@@ -20,10 +20,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from deepmask_cli.pipeline import propose as propose_mod
-from deepmask_cli.cli.main import propose as propose_cmd
+from deepmask_cli.cli.propose import propose as propose_cmd
 from deepmask_cli.core.config import InferenceConfig
-from deepmask_cli.modeling.weights import load_weights
+from deepmask_cli.modeling.weights import load_weights, weights_folder
+from deepmask_cli.pipeline import propose as propose_mod
+from deepmask_cli.pipeline.loading import default_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -80,7 +81,7 @@ def _inference_value(name: str, cfg: InferenceConfig):
 
 
 INFERENCE_FIELDS = {f.name for f in dataclasses.fields(InferenceConfig)} | {"scales"}
-SHIPPED_INFERENCE = load_weights(propose_mod.default_weights())[1]
+SHIPPED_INFERENCE = load_weights(default_weights())[1]
 
 
 def _resolved_defaults() -> dict:
@@ -118,8 +119,8 @@ def check_cell(spelling: str, cell: str, monkeypatch) -> None:
         monkeypatch.delenv("DEEPMASK_WEIGHTS", raising=False)
         monkeypatch.chdir(ROOT / "tests")  # no folder of that name here
         assert DEFAULTS[p.name] is None
-        shipped = propose_mod.default_weights().resolve()
-        named = propose_mod.weights_folder(text).resolve()
+        shipped = default_weights().resolve()
+        named = weights_folder(text).resolve()
         assert named == shipped, f"{spelling}: README says {text} ({named}), the code {shipped}"
         return
     if p.name in INFERENCE_FIELDS:
@@ -168,7 +169,7 @@ def test_readme_summarises_every_option():
 def test_readme_names_the_values_the_shipped_weights_tune():
     """The shipped weights carry their tuned values in config.json, and the
     paragraph over the table names exactly the options they set."""
-    tuned = load_weights(propose_mod.default_weights())[2].get("inference") or {}
+    tuned = load_weights(default_weights())[2].get("inference") or {}
     assert tuned, "the shipped weights carry no tuned inference values"
     option_of = {"scale_min": "--scales", "scale_max": "--scales", "scale_step": "--scales"}
     want = set()

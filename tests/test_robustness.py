@@ -247,7 +247,8 @@ def test_network_failure_keeps_the_batches_before_it(synth_coco, tiny_weights, t
     """The next batch's network is started before this batch's results are
     written; if it fails, this batch's results still reach the partial file
     (for --resume) before the error comes out."""
-    from deepmask_cli.pipeline.propose import load_proposer, run_propose
+    from deepmask_cli.pipeline.loading import load_proposer
+    from deepmask_cli.pipeline.propose import run_propose
 
     from synth import fail_on_pass
 
@@ -268,7 +269,9 @@ def test_a_batch_is_freed_before_the_next_one_runs(synth_coco, tiny_weights, tmp
     import gc
     import weakref
 
-    from deepmask_cli.pipeline.propose import load_proposer, run_propose
+    from deepmask_cli.pipeline.loading import load_proposer
+
+    from deepmask_cli.pipeline.propose import run_propose
 
     proposer = load_proposer(tiny_weights, device="cpu")
     real, refs, alive = proposer.dense_pass, [], []
@@ -294,7 +297,9 @@ def test_out_of_gpu_memory_halves_the_group_and_loses_nothing(synth_coco, tiny_w
     results are those of a run at that batch size."""
     import torch
 
-    from deepmask_cli.pipeline.propose import load_proposer, run_propose
+    from deepmask_cli.pipeline.loading import load_proposer
+
+    from deepmask_cli.pipeline.propose import run_propose
 
     images = sorted((synth_coco / "images").iterdir())
     assert len(images) == 4

@@ -8,7 +8,8 @@ import pytest
 from click.testing import CliRunner
 
 from deepmask_cli.cli.main import main
-from deepmask_cli.pipeline.propose import load_proposer, run_propose, shard_slice
+from deepmask_cli.pipeline.loading import load_proposer
+from deepmask_cli.pipeline.propose import run_propose, shard_slice
 from deepmask_cli.formats.results import MergeError, ResultsWriter, merge_results, records
 from synth import free_port
 
@@ -175,7 +176,7 @@ def test_propose_under_torchrun_writes_what_one_process_writes(synth_coco, tiny_
     # --resume keeps a part its rank finished before the launch died (here
     # rank 1's, written empty so that keeping it shows), and redoes the rest
     from deepmask_cli.core.launch import Launch
-    from deepmask_cli.pipeline.propose import rank_part
+    from deepmask_cli.pipeline.launch import rank_part
 
     rank_part(out, Launch(1, 2, 1)).write_text("[]")
     out.unlink()

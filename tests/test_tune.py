@@ -12,7 +12,8 @@ from deepmask_cli.cli.main import main
 from deepmask_cli.core.errors import ConfigError
 from deepmask_cli.evaluation.recall import evaluate_recall
 from deepmask_cli.formats.images import collect_images
-from deepmask_cli.pipeline.propose import load_proposer, run_propose
+from deepmask_cli.pipeline.loading import load_proposer
+from deepmask_cli.pipeline.propose import run_propose
 from deepmask_cli.evaluation.tune import parse_grid, save_tuned, tune
 from deepmask_cli.modeling.weights import load_weights, save_weights
 

@@ -18,9 +18,10 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any
 
 from deepmask_cli.core.errors import ConfigError
+from deepmask_cli.core.schema import Serialisable, check_range
 
 #: The stride of every trunk's output map, in input pixels.
 TRUNK_STRIDE = 16
@@ -49,99 +50,8 @@ MAX_SIDE = 16384
 MAX_PROPOSALS = 1_000_000
 
 
-def _spec(spec: str) -> tuple[bool, list[str] | None, str]:
-    """A field annotation's text (int, float, bool, str, X | None,
-    tuple[X, ...], tuple[X, Y]) as ``(optional, tuple's item types or None,
-    type)``."""
-    spec = spec.strip()
-    if spec.endswith("| None"):
-        return True, *_spec(spec[: -len("| None")])[1:]
-    if spec.startswith("tuple["):
-        return False, [t.strip() for t in spec[len("tuple["):-1].split(",")], "tuple"
-    return False, None, spec
-
-
-def _type_ok(value: Any, spec: str) -> bool:
-    """Whether ``value`` has the field type ``spec`` (:func:`_spec`). Numbers
-    must be finite; a bool is not an int; an int is a float."""
-    optional, items, kind = _spec(spec)
-    if value is None:
-        return optional
-    if items is not None:
-        if not isinstance(value, (tuple, list)):
-            return False
-        if items[-1] == "...":
-            return all(_type_ok(v, items[0]) for v in value)
-        return len(value) == len(items) and all(_type_ok(v, t) for v, t in zip(value, items))
-    if kind == "bool":
-        return isinstance(value, bool)
-    if kind == "int":
-        return isinstance(value, int) and not isinstance(value, bool)
-    if kind == "float":
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if kind == "str":
-        return isinstance(value, str)
-    return True  # nested configs check themselves
-
-
-def _check_range(cfg: Any, name: str, lo: float | None = None, hi: float | None = None) -> None:
-    v = getattr(cfg, name)
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        where = f"at least {lo}" if hi is None else f"at most {hi}" if lo is None else f"in {lo}..{hi}"
-        raise ConfigError(f"{name} must be {where}, got {v}")
-
-
-def _type_words(spec: str) -> str:
-    """The type ``spec`` (:func:`_spec`) in words, for messages."""
-    optional, items, kind = _spec(spec)
-    words = {"int": "an integer", "float": "a finite number", "bool": "true or false", "str": "a string"}
-    if items is not None:
-        item = _type_words(items[0]).removeprefix("an ").removeprefix("a ")
-        text = f"a list of {item}s" if items[-1] == "..." else f"a list of {len(items)} {item}s"
-    else:
-        text = words.get(kind, kind)
-    return f"{text} or null" if optional else text
-
-
-class _Serialisable:
-    """``to_dict``/``from_dict`` for the JSON files (config.json, checkpoints),
-    and the type check every field gets where a config is made (from a file,
-    an option or a caller): the one validation boundary of settings."""
-
-    def _check_types(self) -> None:
-        for f in fields(self):  # type: ignore[arg-type]
-            v = getattr(self, f.name)
-            if not _type_ok(v, str(f.type)):
-                raise ConfigError(f"{type(self).__name__}.{f.name} must be {_type_words(str(f.type))}, got {v!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)  # type: ignore[call-overload]
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]):
-        """Build from a mapping, refusing unknown keys: the inverse of
-        :meth:`to_dict` through JSON (lists become tuples, nested configs
-        are rebuilt)."""
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"{cls.__name__} must be a JSON object, got {type(data).__name__}")
-        by_name = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
-        unknown = sorted(set(data) - set(by_name))
-        if unknown:
-            raise ConfigError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
-        nested = {name: f.default_factory for name, f in by_name.items()  # type: ignore[misc]
-                  if isinstance(f.default_factory, type) and issubclass(f.default_factory, _Serialisable)}
-        values = {}
-        for k, v in data.items():
-            if k in nested and isinstance(v, Mapping):
-                v = nested[k].from_dict(v)
-            elif isinstance(v, list):
-                v = tuple(v)
-            values[k] = v
-        return cls(**values)
-
-
 @dataclass(frozen=True)
-class ModelConfig(_Serialisable):
+class ModelConfig(Serialisable):
     """The DeepMask architecture (Pinheiro et al., NIPS 2015).
 
     The network looks at a square ``patch_size`` input window. Its trunk maps it
@@ -175,7 +85,7 @@ class ModelConfig(_Serialisable):
     refine_from_mask: bool = True
 
     def __post_init__(self) -> None:
-        self._check_types()
+        self.check_types()
         if self.trunk not in TRUNKS:
             raise ConfigError(f"unknown trunk {self.trunk!r}; choose one of {', '.join(TRUNKS)}")
         if self.patch_size <= 0 or self.patch_size % (2 * TRUNK_STRIDE):
@@ -193,11 +103,11 @@ class ModelConfig(_Serialisable):
             raise ConfigError(f"refine takes 1 to 4 positive module widths, got {self.refine}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
-        _check_range(self, "patch_size", hi=MAX_PATCH)
-        _check_range(self, "mask_size", 1, MAX_MASK_SIZE)
+        check_range(self, "patch_size", hi=MAX_PATCH)
+        check_range(self, "mask_size", 1, MAX_MASK_SIZE)
         for name in ("mask_channels", "mask_hidden"):
-            _check_range(self, name, 1, MAX_WIDTH)
-        _check_range(self, "score_bottleneck", hi=MAX_WIDTH)
+            check_range(self, name, 1, MAX_WIDTH)
+        check_range(self, "score_bottleneck", hi=MAX_WIDTH)
         if any(not 0 < k <= MAX_WIDTH for k in (*self.score_hidden, *self.refine)):
             raise ConfigError(f"score_hidden and refine widths must be in 1..{MAX_WIDTH}")
 
@@ -215,7 +125,7 @@ SHARPMASK_REFINE = (32, 16, 8)
 
 
 @dataclass(frozen=True)
-class InferenceConfig(_Serialisable):
+class InferenceConfig(Serialisable):
     """Full-scene proposal generation.
 
     The image is resized by every scale ``2**s`` for ``s`` in
@@ -299,7 +209,7 @@ class InferenceConfig(_Serialisable):
     runtime: str = "auto"
 
     def __post_init__(self) -> None:
-        self._check_types()
+        self.check_types()
         if self.scale_step <= 0:
             raise ConfigError(f"scale_step must be > 0, got {self.scale_step}")
         if self.scale_max < self.scale_min:
@@ -311,12 +221,12 @@ class InferenceConfig(_Serialisable):
         if (self.scale_max - self.scale_min) / self.scale_step + 1 > MAX_SCALES + 1e-6:
             raise ConfigError(f"the pyramid {self.scale_min:g},{self.scale_max:g},{self.scale_step:g} has more than "
                               f"{MAX_SCALES} scales; take a larger step")
-        _check_range(self, "max_side", 32, MAX_SIDE)
-        _check_range(self, "pre_nms_topk", hi=MAX_PROPOSALS)
-        _check_range(self, "max_proposals", hi=MAX_PROPOSALS)
-        _check_range(self, "refine_topk", hi=MAX_PROPOSALS)
-        _check_range(self, "paste_chunk", hi=1 << 20)
-        _check_range(self, "shape_bucket", -1, 4096)
+        check_range(self, "max_side", 32, MAX_SIDE)
+        check_range(self, "pre_nms_topk", hi=MAX_PROPOSALS)
+        check_range(self, "max_proposals", hi=MAX_PROPOSALS)
+        check_range(self, "refine_topk", hi=MAX_PROPOSALS)
+        check_range(self, "paste_chunk", hi=1 << 20)
+        check_range(self, "shape_bucket", -1, 4096)
         if self.nms not in ("box", "mask"):
             raise ConfigError(f"nms must be 'box' or 'mask', got {self.nms!r}")
         for name in ("mask_thresh",):
@@ -351,7 +261,7 @@ class InferenceConfig(_Serialisable):
 
 
 @dataclass(frozen=True)
-class SamplerConfig(_Serialisable):
+class SamplerConfig(Serialisable):
     """How training patches are cut from images (the paper's labelling rule).
 
     A positive patch has an object centred within ``pos_shift`` pixels and with
@@ -372,16 +282,16 @@ class SamplerConfig(_Serialisable):
     color_jitter: float = 0.2
 
     def __post_init__(self) -> None:
-        self._check_types()
+        self.check_types()
         for name in ("pos_fraction", "hard_neg_fraction", "color_jitter"):
-            _check_range(self, name, 0.0, 1.0)
+            check_range(self, name, 0.0, 1.0)
         for name in ("pos_shift", "pos_scale", "neg_shift", "neg_scale", "min_object_area", "min_object_side"):
-            _check_range(self, name, 0.0)
+            check_range(self, name, 0.0)
 
 
 
 @dataclass(frozen=True)
-class TrainConfig(_Serialisable):
+class TrainConfig(Serialisable):
     """Optimisation for ``deepmask train`` (defaults: the paper and official code)."""
 
     steps: int = 20000
@@ -429,15 +339,15 @@ class TrainConfig(_Serialisable):
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
 
     def __post_init__(self) -> None:
-        self._check_types()
+        self.check_types()
         if not isinstance(self.sampler, SamplerConfig):
             raise ConfigError(f"TrainConfig.sampler must be a SamplerConfig, got {self.sampler!r}")
         for name in ("steps", "batch_size", "workers", "checkpoint_every", "val_every", "val_batches"):
-            _check_range(self, name, 0 if name == "workers" else 1)
+            check_range(self, name, 0 if name == "workers" else 1)
         for name in ("momentum", "feature_dropout"):
-            _check_range(self, name, 0.0, 1.0)
+            check_range(self, name, 0.0, 1.0)
         for name in ("lr", "weight_decay", "score_weight", "trunk_lr_mult", "train_blocks", "copy_paste"):
-            _check_range(self, name, 0)
+            check_range(self, name, 0)
 
     #: Fields whose default depends on the device a run trains on. On a CPU,
     #: back-propagating through the trunk makes each step tens of times

@@ -210,3 +210,19 @@ def _annotation_problem(a: Any, image_ids: set[int]) -> str | None:
 def read_instances(path: str | Path, *, need_annotations: bool = True) -> dict:
     """A COCO instances file, read and checked (:func:`check_instances`)."""
     return check_instances(load_json(path, fix=INSTANCES_FIX), str(path), need_annotations=need_annotations)
+
+
+def image_ids_by_name(dataset: dict, name: str | Path) -> dict[str, int]:
+    """``{base name: image id}`` of a checked instances ``dataset`` (read from
+    ``name``): the one rule that matches photos to ground-truth images, by
+    the base name of the photo and of each image's ``file_name`` (COCO's own
+    are base names; one stored with folders is matched by its last part).
+    Two images of one base name are refused: a photo could not be told which."""
+    ids: dict[str, int] = {}
+    for im in dataset["images"]:
+        base = Path(im["file_name"]).name
+        if base in ids and ids[base] != im["id"]:
+            raise CocoFileError(f"{name}: two images are named {base!r} (ids {ids[base]} and {im['id']}); "
+                                "photos are matched to images by file name: give each image its own")
+        ids[base] = im["id"]
+    return ids
