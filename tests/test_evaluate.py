@@ -270,3 +270,39 @@ def test_recall_curves_agree_with_the_ar_and_with_geometry(tmp_path):
         assert r.recall[:, 0, r.max_dets.index(2)].max() == 0.0  # not among the 2 best
     assert evaluate_recall(props, tmp_path / "gt.json")["segm"].recall is None
     del data
+
+
+def test_eval_scores_the_photos_it_has_results_for_and_says_so(gt, tmp_path):
+    """Results for images 1 and 2 only (their objects found exactly): eval
+    scores those two photos (full recall) and names the other three in one
+    line; --all-images counts them as misses."""
+    from click.testing import CliRunner
+
+    from deepmask_cli.cli.main import main
+
+    path, data = gt
+    props = tmp_path / "props.json"
+    props.write_text(json.dumps([p for p in gt_proposals(data) if p["image_id"] in (1, 2)]))
+
+    def run(*extra):  # the JSON on stdout; click before 8.2 mixes stderr's line into output
+        r = CliRunner().invoke(main, ["eval", str(props), "--gt", str(path), "--json", *extra])
+        assert r.exit_code == 0, r.output
+        return json.JSONDecoder().raw_decode(r.output[r.output.index("{"):])[0], " ".join(r.output.split())
+
+    scored, output = run()
+    assert scored["segm"]["num_images"] == 2 and scored["segm"]["num_gt"] == 3
+    assert scored["segm"]["AR@100"] == 1.0
+    assert ("2 of 5 photos of instances.json have results; scoring those 2; "
+            "--all-images to count the rest as misses") in output
+    every, output = run("--all-images")
+    assert every["segm"]["num_images"] == 5 and every["segm"]["AR@100"] == 0.5
+    assert "have results" not in output
+
+
+def test_recall_as_json_has_four_decimals(gt):
+    """A recall of 1/3 reads 0.3333, not 0.3333333333333333."""
+    path, data = gt
+    props = [p for p in gt_proposals(data) if p["image_id"] == 1]  # 2 of the 6 objects
+    out = to_json(evaluate_recall(props, path))
+    assert out["segm"]["AR@100"] == 0.3333
+    assert all(v == round(v, 4) for r in out.values() for v in r.values())

@@ -19,32 +19,30 @@ from deepmask_cli.core.errors import UserError
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Also draw recall against proposals and against IoU, for every RESULTS file, to this PNG.")
 @click.option("--by-size", is_flag=True, help="With --plot: curves for small, medium and large objects too.")
 @click.option("--categories", "categories_spec", default=None, help="Count only objects of these categories: voc, non-voc (e.g. those a VOC-trained model never saw), or ids 1,2,3. [default: all]")
-def eval_cmd(results, gt, as_json, plot, by_size, categories_spec) -> None:
+@click.option("--all-images", is_flag=True, help="Score every photo of --gt, those without results as misses. [default: only the photos RESULTS has results for]")
+def eval_cmd(results, gt, as_json, plot, by_size, categories_spec, all_images) -> None:
     """Class-agnostic average recall (AR@10/100/1000, small/medium/large) of RESULTS.
 
     \b
     deepmask eval props.json --gt instances.json
     deepmask eval ours.json selective-search.json --gt instances.json --plot recall.png
     """
-    from deepmask_cli.training.data import parse_categories
-    from deepmask_cli.evaluation.recall import evaluate_recall, format_table, load_results, to_json
-
     from deepmask_cli.core.outputs import check_output, refuse_inputs
+    from deepmask_cli.evaluation.recall import coverage_note, evaluate_files, format_table, to_json
+    from deepmask_cli.training.data import parse_categories
 
-    runs = {}
     try:
         if plot is not None:  # checked before the (long) evaluation, as every output is
             check_output(plot, folder=False, option="--plot")
             refuse_inputs([plot], {"a results file": results, "the --gt file": [gt]}, option="--plot")
         categories = parse_categories(categories_spec, gt)
-        for path in results:
-            label = Path(path).stem
-            while label in runs:
-                label += "'"
-            runs[label] = evaluate_recall(load_results(path), gt, results_name=Path(path).name, curves=plot is not None,
-                                          categories=categories)
+        runs = evaluate_files(results, gt, curves=plot is not None, categories=categories, all_images=all_images)
     except UserError as e:
         fail(str(e))
+    for label, res in runs.items():
+        note = coverage_note(next(iter(res.values())), Path(gt).name)
+        if note:
+            err.print(esc(f"{label}: {note}" if len(runs) > 1 else note), soft_wrap=True)
     if plot is not None:
         from deepmask_cli.evaluation.plots import recall_figure
 
