@@ -299,3 +299,30 @@ def test_library_call_and_cli_give_the_same_proposals(runner, tiny_weights, synt
         assert np.array_equal(masks, props.masks.numpy())
         assert [rec["score"] for rec in written] == pytest.approx(props.scores.tolist(), abs=1e-6)
         assert torch.equal(props.masks.sum((1, 2)), torch.tensor([rec["area"] for rec in written]).long())
+
+
+def test_results_name_photos_relative_to_the_file_so_viz_works_from_anywhere(runner, tiny_weights, synth_coco,
+                                                                            tmp_path, monkeypatch):
+    """propose run in one folder on relative paths stores each photo relative
+    to the results file; viz run from another folder finds every photo, and
+    merge into a third folder rebases the names."""
+    import shutil
+
+    work = tmp_path / "work"
+    for src in sorted((synth_coco / "images").glob("*.jpg"))[:2]:
+        (work / "photos").mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, work / "photos" / src.name)
+    monkeypatch.chdir(work)
+    r = runner.invoke(main, ["propose", "photos", "-o", "out/props.json", "--weights", str(tiny_weights),
+                             "--device", "cpu", "--max-proposals", "3", "-q"])
+    assert r.exit_code == 0, r.output
+    recs = json.loads((work / "out" / "props.json").read_text())
+    assert {rec["file_name"] for rec in recs} == {f"../photos/{p.name}" for p in (work / "photos").iterdir()}
+    monkeypatch.chdir(tmp_path)
+    r = runner.invoke(main, ["viz", "work/out/props.json", "-o", "overlays", "-q"])
+    assert r.exit_code == 0, r.output
+    assert len(list((tmp_path / "overlays").glob("*.png"))) == 2
+    r = runner.invoke(main, ["merge", "work/out/props.json", "-o", "elsewhere/all.json"])
+    assert r.exit_code == 0, r.output
+    merged = json.loads((tmp_path / "elsewhere" / "all.json").read_text())
+    assert {rec["file_name"] for rec in merged} == {f"../work/photos/{p.name}" for p in (work / "photos").iterdir()}

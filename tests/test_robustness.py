@@ -118,6 +118,25 @@ def test_strict_stops_at_first_bad(corpus, tiny_weights, tmp_path, monkeypatch):
     assert r.exit_code == 2 and "empty.jpg: empty file" in r.output and "Traceback" not in r.output
 
 
+def test_inputs_that_hold_no_photo_are_an_error_and_write_nothing(corpus, tiny_weights, tmp_path, monkeypatch):
+    """An empty glob (the shell passes it on unexpanded) names the pattern,
+    exits 2 and writes no results file, rather than an empty one and a ✓."""
+    d, _, _ = corpus
+    out = tmp_path / "p.json"
+    r = _propose(CliRunner(), tiny_weights, [str(d / "nothing-*.jpg"), "-o", str(out)], monkeypatch)
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert "nothing-*.jpg: pattern matches no file; no photo to propose for" in " ".join(r.output.split())
+    assert not out.exists() and not list(tmp_path.glob("p.json*"))
+
+
+def test_a_run_where_every_photo_fails_says_so(corpus, tiny_weights, tmp_path, monkeypatch):
+    """Photos found but none readable: each named, then a ✗ summary, exit 1."""
+    d, _, _ = corpus
+    r = _propose(CliRunner(), tiny_weights, [str(d / "empty.jpg"), "-o", str(tmp_path / "p.json")], monkeypatch)
+    assert r.exit_code == 1 and "empty.jpg: empty file" in r.output
+    assert "✗ 0 image(s), 0 proposals" in r.output and "✓" not in r.output
+
+
 def test_folder_mixing_files_only_takes_images(corpus, tiny_weights, tmp_path, monkeypatch):
     """A folder contributes its files with an image suffix, and only those:
     notes.txt is neither run nor reported; every good image has results."""

@@ -96,11 +96,14 @@ def propose(images, out_path, weights, device, gt, fmt, show, max_proposals, sco
     done = f"{summary.done} image(s), {summary.proposals} proposals"
     if summary.skipped:
         done += f", {summary.skipped} already done"
+    # a shard whose block is empty ran all it was given
+    ran = summary.done + summary.skipped > 0 or (summary.images == 0 and not summary.failures)
     if not quiet:
-        err.print(f"[green]✓[/] {done} → {esc(str(summary.out))}" + (f"; [red]{len(summary.failures)} failed[/]" if summary.failures else ""))
+        mark = "[green]✓[/]" if ran else "[red]✗[/]"
+        err.print(f"{mark} {done} → {esc(str(summary.out))}" + (f"; [red]{len(summary.failures)} failed[/]" if summary.failures else ""))
     elif summary.failures:
         err.print(f"{len(summary.failures)} input(s) failed")
-    sys.exit(1 if summary.failures else 0)
+    sys.exit(1 if summary.failures or not ran else 0)
 
 
 @click.command()
@@ -139,8 +142,9 @@ def viz(results, out_dir, html_dir, gt, images_dir, show, quiet) -> None:
     if not quiet:
         what = (f"report of {summary.done} image(s) → {esc(str(Path(target) / 'index.html'))}" if html_dir
                 else f"{summary.done} overlay(s) → {esc(str(target))}")
-        err.print(f"[green]✓[/] {what}" + (f"; [red]{len(summary.failures)} failed[/]" if summary.failures else ""))
-    sys.exit(1 if summary.failures else 0)
+        mark = "[green]✓[/]" if summary.done else "[red]✗[/]"
+        err.print(f"{mark} {what}" + (f"; [red]{len(summary.failures)} failed[/]" if summary.failures else ""))
+    sys.exit(1 if summary.failures or not summary.done else 0)
 
 
 @click.command()

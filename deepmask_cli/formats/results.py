@@ -204,6 +204,40 @@ class ResultsWriter:
             self._fh.close()
 
 
+def stored_name(photo: str | Path, out: str | Path) -> str:
+    """A photo's ``file_name`` as a results file at ``out`` stores it:
+    relative to the file's folder, so that the file and the photos can be
+    read from any folder and moved together; absolute if it was given so."""
+    photo = os.fspath(photo)
+    if os.path.isabs(photo):
+        return photo
+    return Path(os.path.relpath(os.path.abspath(photo), os.path.dirname(os.path.abspath(out)))).as_posix()
+
+
+def stored_photo(file_name: str, results: str | Path) -> list[Path]:
+    """Where the photo a record of the results file ``results`` names may
+    be, first choice first: its ``file_name`` relative to the file's folder
+    (:func:`stored_name`), then as it stands (relative to the current folder,
+    as files written before names travelled hold them)."""
+    cands = [Path(file_name)]
+    if not os.path.isabs(file_name):
+        cands.insert(0, Path(os.path.dirname(os.path.abspath(results))) / file_name)
+    return cands
+
+
+def _rebased(recs: list[dict], part: str | Path, out: str | Path) -> list[dict]:
+    """``part``'s records with relative ``file_name`` values made relative to
+    ``out``'s folder instead (the same photos)."""
+    src, dst = os.path.dirname(os.path.abspath(part)), os.path.dirname(os.path.abspath(out))
+    if src == dst:
+        return recs
+    for r in recs:
+        name = r.get("file_name")
+        if isinstance(name, str) and name and not os.path.isabs(name):
+            r["file_name"] = Path(os.path.relpath(os.path.join(src, name), dst)).as_posix()
+    return recs
+
+
 class MergeError(UserError, ValueError):
     """Parts that cannot be merged (not results files, or overlapping)."""
 
@@ -211,6 +245,7 @@ class MergeError(UserError, ValueError):
 def merge_results(parts: list[str | Path], out: str | Path) -> int:
     """Concatenate results files (``propose --shard i/n`` parts, in shard
     order) into one, written atomically. Refuses parts that share an image.
+    Photo names relative to a part's folder are made relative to ``out``'s.
     Returns the number of records. Holds one part in memory at a time. The
     output is checked, locked and kept apart from the parts before any is
     read (:mod:`deepmask_cli.core.outputs`)."""
@@ -229,7 +264,7 @@ def merge_results(parts: list[str | Path], out: str | Path) -> int:
                     raise MergeError(f"{part}: image_id {i} is also in {seen[i]}; parts must come from "
                                      "different --shard values of one run")
                 seen[i] = str(part)
-            yield from part_recs
+            yield from _rebased(part_recs, part, out)
             del part_recs  # one part in memory at a time
 
     with OutputLock(out, folder=False):

@@ -113,6 +113,9 @@ def run_propose(
         raise ProposeError(f"unknown --format {fmt!r}; use {', '.join(FORMATS)}")
     check_output(out, folder=FORMATS[fmt].folder)
     paths, problems = collect_images(inputs)
+    if problems and not paths:  # nothing to run: an error, not an empty results file
+        raise ProposeError("; ".join(f"{p.path}: {p.reason}" for p in problems[:3])
+                           + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "") + "; no photo to propose for")
     if shard is not None and shard[0] > 0:
         problems = []  # shard 0 reports the inputs that are not images
     block = shard_slice(len(paths), shard)

@@ -36,7 +36,7 @@ from PIL import Image
 
 from deepmask_cli.core.files import atomic_write
 from deepmask_cli.core.outputs import UNSAFE_NAME, OutputLock, refuse_foreign, refuse_other_settings, unique_name
-from deepmask_cli.formats.results import ResultsWriter, compact, encode_line, partial_path
+from deepmask_cli.formats.results import ResultsWriter, compact, encode_line, partial_path, stored_name
 
 Job = tuple[Callable[..., Any], tuple]
 
@@ -122,7 +122,7 @@ class CocoSink(Sink):
         return key in self._writer.done
 
     def job(self, key, image_id, path, image, props) -> Job:
-        return encode_line, (key, image_id, str(path), compact(props))
+        return encode_line, (key, image_id, stored_name(path, self.out), compact(props))
 
     def write(self, key: str, result: str) -> None:
         self._writer.add_line(key, result)

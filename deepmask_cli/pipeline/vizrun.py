@@ -9,6 +9,7 @@ from typing import Any, Callable, Iterator
 from deepmask_cli.core.outputs import UNSAFE_NAME, OutputLock, check_output, refuse_foreign, refuse_inputs
 from deepmask_cli.formats.coco import read_results
 from deepmask_cli.formats.images import ImageError, InputProblem, load_image
+from deepmask_cli.formats.results import stored_photo
 from deepmask_cli.pipeline.summary import ProposeSummary
 from deepmask_cli.viz.overlays import draw_rles, is_overlay, overlay_name, save_overlay
 from deepmask_cli.viz.report import is_report, write_report
@@ -25,7 +26,8 @@ def results_by_image(results_path: str | Path, images_dir: str | Path | None = N
                      ) -> Iterator[tuple[Path, Path | None, str | None, Any, list[dict]]]:
     """A results file's records grouped by image: ``(label, image path or
     None, why it cannot be found or None, image_id, records)``. Images are
-    found by the ``file_name`` stored in each record or, with ``images_dir``,
+    found by the ``file_name`` stored in each record (relative to the
+    results file's folder: :func:`~deepmask_cli.formats.results.stored_photo`) or, with ``images_dir``,
     by its base name inside that folder only (a results file from someone
     else may name any file on this disk: ``images_dir`` keeps the reading
     to one folder)."""
@@ -38,7 +40,7 @@ def results_by_image(results_path: str | Path, images_dir: str | Path | None = N
             if images_dir is not None:
                 cands.append(Path(images_dir) / Path(file_name).name)
             else:
-                cands.append(Path(file_name))
+                cands += stored_photo(file_name, results_path)
         path = next((c for c in cands if c.is_file()), None)
         label = Path(file_name) if file_name else Path(f"image_id {image_id}")
         reason = None
