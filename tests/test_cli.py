@@ -136,6 +136,9 @@ def test_masks_format_is_segment_anythings_layout_with_the_same_proposals(runner
         for folder in folders:
             recs = [c for c in coco if Path(c["file_name"]).stem == folder]
             rows = list(csv.DictReader((out / folder / "metadata.csv").open()))
+            assert list(rows[0])[:14] == ["id", "area", "bbox_x0", "bbox_y0", "bbox_w", "bbox_h", "point_input_x",
+                                          "point_input_y", "predicted_iou", "stability_score", "crop_box_x0",
+                                          "crop_box_y0", "crop_box_w", "crop_box_h"]
             assert [int(r["id"]) for r in rows] == list(range(len(recs))) and len(recs) == 7
             assert sorted(p.name for p in (out / folder).glob("*.png")) == sorted(f"{i}.png" for i in range(7))
             for row, rec in zip(rows, recs):
@@ -145,6 +148,11 @@ def test_masks_format_is_segment_anythings_layout_with_the_same_proposals(runner
                 assert int(row["area"]) == int(rec["area"])
                 assert float(row["score"]) == pytest.approx(rec["score"], abs=1e-6)
                 assert [float(row[k]) for k in ("bbox_x0", "bbox_y0", "bbox_w", "bbox_h")] == pytest.approx(rec["bbox"], abs=0.01)
+                # segment-anything's columns: the score, the window's centre (inside the photo), the whole photo
+                assert float(row["predicted_iou"]) == float(row["score"]) and row["stability_score"] == ""
+                h, w = rec["segmentation"]["size"]
+                assert [row[k] for k in ("crop_box_x0", "crop_box_y0", "crop_box_w", "crop_box_h")] == ["0", "0", str(w), str(h)]
+                assert 0 <= float(row["point_input_x"]) <= w and 0 <= float(row["point_input_y"]) <= h
     # resume: a finished folder is kept as it is, a missing one is made
     out = tmp_path / "masks0"
     victim = sorted(out.iterdir())[0]

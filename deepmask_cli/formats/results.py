@@ -56,8 +56,10 @@ def result_line(key: str, image_id: int, recs: list[dict[str, Any]]) -> str:
 
 def compact(props: Proposals) -> dict[str, Any]:
     """What :func:`encode_line` needs of a :class:`Proposals`, as small numpy
-    arrays (cheap to send to a worker process): scores, boxes and the RLE runs."""
-    out = {"scores": props.scores.cpu().numpy(), "bbox": props.bbox_xywh.cpu().numpy(), "size": props.image_size}
+    arrays (cheap to send to a worker process): scores, boxes, the windows
+    the masks come from and the RLE runs."""
+    out = {"scores": props.scores.cpu().numpy(), "bbox": props.bbox_xywh.cpu().numpy(), "size": props.image_size,
+           "windows": props.windows_xyxy.cpu().numpy().reshape(-1, 4)}
     if props.rles is None and props.runs is not None:
         owner, pos = props.runs
         out["per"] = np.bincount(owner, minlength=len(props)).astype(np.int32)

@@ -224,8 +224,19 @@ class PngSink(_PerImageSink):
                                props.scores[:k].cpu().numpy(), self.show)
 
 
-#: The columns of a ``--format masks`` folder's ``metadata.csv``.
-MASKS_COLUMNS = ["id", "area", "bbox_x0", "bbox_y0", "bbox_w", "bbox_h", "score"]
+#: The columns of a ``--format masks`` folder's ``metadata.csv``: segment-
+#: anything's (``amg.py``), then deepmask's score. ``predicted_iou`` is the
+#: score (DeepMask's objectness: whether an object is centred in the window
+#: at its scale), the point is the centre of the window the mask comes from
+#: (within the photo: a window at the border reaches past it),
+#: the crop box the whole photo (DeepMask runs no crops), and
+#: ``stability_score`` is left empty: SAM computes it from mask logits, which
+#: are gone once the mask is pasted.
+MASKS_COLUMNS = ["id", "area", "bbox_x0", "bbox_y0", "bbox_w", "bbox_h", "point_input_x", "point_input_y",
+                 "predicted_iou", "stability_score", "crop_box_x0", "crop_box_y0", "crop_box_w", "crop_box_h",
+                 "score"]
+#: The header of mask folders written before SAM's columns, still recognised as deepmask's.
+_OLD_COLUMNS = ["id", "area", "bbox_x0", "bbox_y0", "bbox_w", "bbox_h", "score"]
 _MASK_FILE = re.compile(r"\d+\.png\Z")
 
 
@@ -239,7 +250,8 @@ def is_mask_folder(target: Path) -> bool:
             header = fh.readline().strip()
     except (OSError, UnicodeDecodeError):
         return False
-    return header == ",".join(MASKS_COLUMNS) and all(n == "metadata.csv" or _MASK_FILE.match(n) for n in names)
+    return (header in (",".join(MASKS_COLUMNS), ",".join(_OLD_COLUMNS))
+            and all(n == "metadata.csv" or _MASK_FILE.match(n) for n in names))
 
 
 class MasksSink(_PerImageSink):
@@ -296,10 +308,15 @@ def _write_mask_folder(target: Path, data: dict[str, Any]) -> None:
         table = io.StringIO()
         rows = csv.writer(table, lineterminator="\n")
         rows.writerow(MASKS_COLUMNS)
-        for i, (r, score, box) in enumerate(zip(rles, data["scores"].tolist(), data["bbox"].tolist())):
+        height, width = data["size"]
+        centres = np.clip((data["windows"][:, :2] + data["windows"][:, 2:]) / 2, 0, [width, height])
+        for i, (r, score, box, (px, py)) in enumerate(zip(rles, data["scores"].tolist(), data["bbox"].tolist(),
+                                                            centres.tolist())):
             m = mask_utils.decode({"size": r["size"], "counts": r["counts"]})
             Image.fromarray(m * np.uint8(255)).save(tmp / f"{i}.png", optimize=False)
-            rows.writerow([i, int(m.sum()), *(round(float(v), 2) for v in box), round(float(score), 6)])
+            score = round(float(score), 6)
+            rows.writerow([i, int(m.sum()), *(round(float(v), 2) for v in box), round(px, 2), round(py, 2),
+                           score, "", 0, 0, width, height, score])
         (tmp / "metadata.csv").write_text(table.getvalue())
         os.chmod(tmp, 0o755)  # mkdtemp creates 0700
         if os.path.lexists(target):  # an earlier run's folder, not resumed: swapped out
