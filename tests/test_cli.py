@@ -225,7 +225,8 @@ def test_bad_image_is_reported_and_the_others_kept(runner, tiny_weights, synth_c
 
 
 @pytest.mark.parametrize("damage,message", [
-    ("nofolder", "no such weights folder"),
+    ("nofolder", "no such weights folder; pass --weights DIR holding config.json and model.safetensors, or a "
+                 "shipped name (deepmask-lite0-coco"),
     ("noconfig", "config.json: missing"),
     ("badjson", "not valid JSON"),
     ("newer", "newer than this deepmask understands"),
@@ -334,3 +335,42 @@ def test_results_name_photos_relative_to_the_file_so_viz_works_from_anywhere(run
     assert r.exit_code == 0, r.output
     merged = json.loads((tmp_path / "elsewhere" / "all.json").read_text())
     assert {rec["file_name"] for rec in merged} == {f"../work/photos/{p.name}" for p in (work / "photos").iterdir()}
+
+
+def test_progress_fits_80_columns_and_rates_wait_for_a_second_of_work():
+    """At 80 columns no column is cut (rich marks a cut with …): a training
+    run's losses go on their own line under the bar; a rate shows only once
+    a second of work has measured it."""
+    import io
+
+    from rich.console import Console
+
+    from deepmask_cli.cli.common import RateColumn, progress_bar
+
+    stats = "loss mask 0.231 score 0.402 lr 1.0e-02 1234 samples/s | val IoU 0.612 @.7 0.48 acc 0.91"
+    for column, fields in ((None, {"stats": stats}), (RateColumn(), {})):
+        buf = io.StringIO()
+        bar = progress_bar(False, column, Console(file=buf, width=80, force_terminal=True, color_system=None))
+        task = bar.add_task("train", total=120000, completed=16234, **fields)
+        bar.console.print(*bar.get_renderables())
+        lines = buf.getvalue().splitlines()
+        assert "…" not in buf.getvalue() and all(len(ln) <= 80 for ln in lines)
+        assert "16234/120000" in lines[0] and "ETA" in lines[0]
+        if fields:  # wrapped at a space when longer than a line, never cut
+            assert " ".join(ln.strip() for ln in lines[1:]) == stats
+    assert RateColumn().render(bar.tasks[task]).plain == ""  # no second of work yet
+
+
+def test_help_shows_the_values_the_default_weights_use():
+    """--help states the value a run will use (the shipped weights' tuned
+    ones), not "the weights' tuned value, else 0.5"."""
+    from deepmask_cli.modeling.weights import load_weights
+    from deepmask_cli.pipeline.loading import default_weights
+
+    tuned = load_weights(default_weights())[1]
+    text = " ".join(CliRunner().invoke(main, ["propose", "--help"], terminal_width=200).output.split())
+    assert "tuned value" not in text
+    for option, value in (("--mask-thresh", tuned.mask_thresh), ("--max-proposals", tuned.max_proposals),
+                          ("--scales", f"{tuned.scale_min},{tuned.scale_max},{tuned.scale_step}")):
+        help_text = text[text.index(option):]
+        assert f"[default: {value}]" in help_text[:400], option

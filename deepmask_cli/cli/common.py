@@ -59,13 +59,29 @@ def parse_scales(text: str | None) -> dict:
 
 
 class RateColumn(ProgressColumn):
-    """Images per second, once rich has measured it."""
+    """Images per second, once a second of work has measured it."""
 
     def render(self, task) -> Text:
-        return Text(f"{task.speed:.2f} img/s" if task.speed else "")
+        return Text(f"{task.speed:.2f} img/s" if task.speed and (task.elapsed or 0) >= 1 else "")
 
 
-def progress_bar(quiet: bool, info_column: ProgressColumn) -> Progress:
-    """The bar both long commands show: label, bar, done/total, ``info_column``, times."""
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), info_column,
-                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=err, disable=quiet)
+class _StatsBelow(Progress):
+    """A progress display whose tasks' ``stats`` field, when set, is a line of
+    its own under the bar: a training run's losses do not fit in 80 columns
+    beside it, and a column that does not fit is cut (``16…``)."""
+
+    def get_renderables(self):
+        yield self.make_tasks_table(self.tasks)
+        for task in self.tasks:
+            if task.visible and task.fields.get("stats"):
+                yield Text(str(task.fields["stats"]), overflow="fold")
+
+
+def progress_bar(quiet: bool, info_column: ProgressColumn | None = None, console: Console | None = None) -> Progress:
+    """The bar the long commands show on ``console`` (stderr): label, bar,
+    done/total, ``info_column`` (short: a rate), times; a task's ``stats``
+    field goes on the line below."""
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               *([info_column] if info_column is not None else []), TimeElapsedColumn(), TextColumn("ETA"),
+               TimeRemainingColumn()]
+    return _StatsBelow(*columns, console=console or err, disable=quiet)

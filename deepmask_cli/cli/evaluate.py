@@ -7,7 +7,6 @@ from pathlib import Path
 
 import click
 from rich.console import Console
-from rich.progress import TextColumn
 
 from deepmask_cli.cli.common import err, esc, fail, out, progress_bar
 from deepmask_cli.core.errors import UserError
@@ -94,7 +93,7 @@ def tune_cmd(val_dir, weights, grid_specs, limit, device, write, json_path, quie
         fail(str(e))
     paths, _ = collect_images([images_dir])
     paths = paths[:limit]
-    with progress_bar(quiet, TextColumn("")) as progress:
+    with progress_bar(quiet) as progress:
         task = progress.add_task("tuning", total=len(paths))
         try:
             rows = tune(proposer, paths, ann, grid, on_image=lambda done, total: progress.update(task, completed=done))

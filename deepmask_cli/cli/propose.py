@@ -8,13 +8,15 @@ from pathlib import Path
 import click
 
 from deepmask_cli.cli.common import Prob, RateColumn, err, esc, fail, parse_scales, progress_bar
-from deepmask_cli.core.config import MAX_PROPOSALS, MAX_SIDE, PRECISIONS, RUNTIMES, InferenceConfig
+from deepmask_cli.core.config import MAX_PROPOSALS, MAX_SIDE, PRECISIONS, RUNTIMES
 from deepmask_cli.core.errors import UserError
 from deepmask_cli.core.memory import MAPPED_SLACK_MB, MMAP_THRESHOLD_MB, SLACK_MB
 from deepmask_cli.formats.images import MAX_PIXELS
+from deepmask_cli.pipeline.loading import default_inference
 from deepmask_cli.pipeline.sinks import FORMATS
 
-_D = InferenceConfig()
+#: what the default weights will use: the values --help shows
+_D = default_inference()
 
 @click.command()
 @click.argument("images", nargs=-1, required=True)
@@ -26,15 +28,15 @@ _D = InferenceConfig()
 @click.option("--show", type=click.IntRange(0, 1000), default=20, show_default=True, help="Proposals drawn per overlay (--format png).")
 @click.option("--max-proposals", type=click.IntRange(1, MAX_PROPOSALS), default=None, help=f"Proposals kept per image, best first. [default: {_D.max_proposals}]")
 @click.option("--score-thresh", type=Prob(0.0, 1.0, max_open=True), default=None, help=f"Drop proposals whose score (objectness, after rescoring and NMS) is below this. [default: {_D.score_thresh}]")
-@click.option("--mask-thresh", type=Prob(0.0, 1.0, min_open=True, max_open=True), default=None, help=f"Probability above which a pixel is in a mask. [default: the weights' tuned value, else {_D.mask_thresh}]")
+@click.option("--mask-thresh", type=Prob(0.0, 1.0, min_open=True, max_open=True), default=None, help=f"Probability above which a pixel is in a mask. [default: {_D.mask_thresh}]")
 @click.option("--nms", type=click.Choice(["box", "mask"]), default=None, help=f"Overlap measure for NMS. [default: {_D.nms}]")
 @click.option("--nms-thresh", type=Prob(0.0, 1.0, min_open=True), default=None, help=f"NMS IoU threshold; 1.0 turns NMS off. [default: {_D.nms_thresh}]")
-@click.option("--maskness/--no-maskness", default=None, help=f"Multiply each score by its mask's mean probability over the pixels it keeps, before NMS. [default: the weights' tuned value, else {'on' if _D.maskness else 'off'}]")
-@click.option("--nms-demote/--nms-drop", "nms_demote", default=None, help=f"What NMS does with a proposal it suppresses: demote it (its score times 1 - its IoU with the kept one) or drop it. [default: the weights' tuned value, else {'demote' if _D.nms_demote else 'drop'}]")
+@click.option("--maskness/--no-maskness", default=None, help=f"Multiply each score by its mask's mean probability over the pixels it keeps, before NMS. [default: {'on' if _D.maskness else 'off'}]")
+@click.option("--nms-demote/--nms-drop", "nms_demote", default=None, help=f"What NMS does with a proposal it suppresses: demote it (its score times 1 - its IoU with the kept one) or drop it. [default: {'demote' if _D.nms_demote else 'drop'}]")
 @click.option("--pre-nms-topk", type=click.IntRange(1, MAX_PROPOSALS), default=None, help=f"Windows kept by score before masks are computed. [default: {_D.pre_nms_topk}]")
-@click.option("--scales", default=None, help=f"Pyramid MIN,MAX,STEP in octaves (scales 2^MIN..2^MAX). [default: the weights' tuned values, else {_D.scale_min},{_D.scale_max},{_D.scale_step}]")
-@click.option("--scale-prior", type=Prob(-10.0, 10.0), default=None, help=f"Added to each window's objectness logit per octave of its pyramid scale, before ranking: > 0 favours small objects. [default: the weights' tuned value, else {_D.scale_prior}]")
-@click.option("--flip/--no-flip", default=None, help=f"Also run the mirror image and average each window's score and mask with its mirror twin's (about twice the time). [default: the weights' tuned value, else {'on' if _D.flip else 'off'}]")
+@click.option("--scales", default=None, help=f"Pyramid MIN,MAX,STEP in octaves (scales 2^MIN..2^MAX). [default: {_D.scale_min},{_D.scale_max},{_D.scale_step}]")
+@click.option("--scale-prior", type=Prob(-10.0, 10.0), default=None, help=f"Added to each window's objectness logit per octave of its pyramid scale, before ranking: > 0 favours small objects. [default: {_D.scale_prior}]")
+@click.option("--flip/--no-flip", default=None, help=f"Also run the mirror image and average each window's score and mask with its mirror twin's (about twice the time). [default: {'on' if _D.flip else 'off'}]")
 @click.option("--refine/--no-refine", default=None, help=f"With weights that have SharpMask's refinement: refine the best windows' masks. [default: {'on' if _D.refine else 'off'}]")
 @click.option("--refine-topk", type=click.IntRange(0, MAX_PROPOSALS), default=None, help=f"Windows refined per image, best first (the rest keep DeepMask's masks). [default: {_D.refine_topk}]")
 @click.option("--max-side", type=click.IntRange(32, MAX_SIDE), default=None, help=f"Larger images are run at this longest side (masks stay full size). [default: {_D.max_side}]")
@@ -53,6 +55,8 @@ def propose(images, out_path, weights, device, gt, fmt, show, max_proposals, sco
             maskness, nms_demote, pre_nms_topk, scales, scale_prior, flip, refine, refine_topk, max_side, batch_size, workers, precision, runtime, shard, resume, strict, no_exif,
             release_memory, max_pixels, quiet) -> None:
     """Propose object masks for IMAGES (files, folders or globs).
+
+    Defaults shown are the default weights' settings; --weights brings its own.
 
     \b
     deepmask propose img/*.jpg -o props.json

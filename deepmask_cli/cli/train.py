@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import click
-from rich.progress import TextColumn
 
 from deepmask_cli.cli.common import Prob, err, esc, fail, parse_scales, progress_bar
 from deepmask_cli.core.config import TRUNKS, ModelConfig, SamplerConfig, TrainConfig
@@ -146,7 +145,7 @@ class _TrainDisplay:
 
     def __init__(self, steps: int, quiet: bool) -> None:
         self.quiet = quiet
-        self.progress = progress_bar(quiet, TextColumn("{task.fields[stats]}"))
+        self.progress = progress_bar(quiet)
         self.task = self.progress.add_task("train", total=steps, stats="")
         self.val = ""
 
@@ -175,7 +174,7 @@ class _TrainDisplay:
                 p.console.print(f"  [yellow]skipped[/] {esc(str(m))}")
         elif kind == "cache":
             if not hasattr(self, "cache_task"):
-                self.cache_task = p.add_task("cache", total=info["total"], stats="trunk maps of the pyramid")
+                self.cache_task = p.add_task("cache", total=info["total"], stats="")
             p.update(self.cache_task, completed=info["done"])
         elif kind == "cache_done":
             how = " (loaded)" if info.get("loaded") else (f" ({info['reused']} images' maps reused)" if info.get("reused") else "")

@@ -46,6 +46,15 @@ def shipped_weights() -> Path:
     return Path(__file__).resolve().parents[2] / "weights" / SHIPPED
 
 
+def shipped_names() -> list[str]:
+    """The names of the shipped weights folders, as ``--weights`` takes them."""
+    parent = shipped_weights().parent
+    try:
+        return sorted(d.name for d in parent.iterdir() if (d / CONFIG_NAME).is_file())
+    except OSError:
+        return []
+
+
 def weights_folder(name: str | Path) -> Path:
     """``--weights NAME``: a folder, or the name of a shipped one (``deepmask-lite0-coco``)."""
     folder = Path(name)
@@ -91,7 +100,9 @@ def read_config(folder: str | Path) -> dict[str, Any]:
     """The parsed and checked ``config.json`` of a weights folder."""
     folder = Path(folder)
     if not folder.exists():
-        raise WeightsError(f"{folder}: no such weights folder; pass --weights DIR holding {CONFIG_NAME} and {WEIGHTS_NAME}")
+        names = ", ".join(shipped_names()) or "none installed"
+        raise WeightsError(f"{folder}: no such weights folder; pass --weights DIR holding {CONFIG_NAME} and "
+                           f"{WEIGHTS_NAME}, or a shipped name ({names})")
     if not folder.is_dir():
         raise WeightsError(f"{folder}: weights must be a folder holding {CONFIG_NAME} and {WEIGHTS_NAME}")
     path = folder / CONFIG_NAME

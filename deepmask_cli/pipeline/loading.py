@@ -7,9 +7,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+from deepmask_cli.core.config import InferenceConfig
+from deepmask_cli.core.errors import UserError
 from deepmask_cli.export.quantize import INT8_TRUNK_NAME
 from deepmask_cli.inference.proposer import Proposer
-from deepmask_cli.modeling.weights import WeightsError, load_weights, shipped_weights, weights_folder
+from deepmask_cli.modeling.weights import WeightsError, load_weights, read_config, shipped_weights, weights_folder
 from deepmask_cli.pipeline.summary import ProposeError
 
 
@@ -17,6 +19,16 @@ def default_weights() -> Path:
     """``$DEEPMASK_WEIGHTS`` or the shipped folder (:func:`shipped_weights`)."""
     env = os.environ.get("DEEPMASK_WEIGHTS")
     return Path(env) if env else shipped_weights()
+
+
+def default_inference() -> InferenceConfig:
+    """The inference settings of the default weights (their tuned values
+    over :class:`InferenceConfig`'s), as ``--help`` shows them; the
+    dataclass's own where those weights cannot be read."""
+    try:
+        return InferenceConfig.from_dict(read_config(default_weights()).get("inference") or {})
+    except (UserError, TypeError, ValueError, OSError):
+        return InferenceConfig()
 
 
 def load_proposer(
