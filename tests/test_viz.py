@@ -42,16 +42,6 @@ def three_masks():
     )
 
 
-def label_zone(masks):
-    """Pixels that a score label may cover (from each mask's bbox corner)."""
-    z = np.zeros(masks.shape[1:], dtype=bool)
-    for m in masks:
-        ys, xs = np.nonzero(m)
-        if ys.size:
-            z[ys.min() : ys.min() + LABEL_H, xs.min() : xs.min() + LABEL_W] = True
-    return z
-
-
 SCORES = [0.93, 0.61, 0.42]
 
 
@@ -75,15 +65,62 @@ def test_outside_unchanged_without_labels(mode):
     assert not np.array_equal(out[~outside], before[~outside])
 
 
-def test_outside_unchanged_with_labels_far_from_label():
+def test_labels_lie_inside_their_masks():
+    """Labels are drawn inside the masks: every pixel outside them is the
+    photo's, and the best mask's label is there."""
     img = noise_image()
     masks = three_masks()
     before = np.array(img)
     out = np.array(draw_overlay(img, masks, SCORES))
-    far = ~masks.any(0) & ~label_zone(masks)
-    assert np.array_equal(out[far], before[far])
-    # The label for the best mask is drawn (something changed near its corner).
-    assert not np.array_equal(out[20:32, 20:44], before[20:32, 20:44])
+    outside = ~masks.any(0)
+    assert np.array_equal(out[outside], before[outside])
+    nolab = np.array(draw_overlay(img, masks, SCORES, labels=False))
+    assert not np.array_equal(out[masks[0]], nolab[masks[0]])
+
+
+def _labels(masks, scores):
+    """The label boxes draw_overlay puts on a grey photo (no fill, no
+    outline: only labels change pixels), as (label image, count)."""
+    from skimage.measure import label
+
+    img = Image.new("RGB", (W, H), (128, 128, 128))
+    out = np.array(draw_overlay(img, masks, scores, alpha=0.0, outline=False))
+    changed = (out != 128).any(-1)
+    return label(changed, connectivity=2), changed
+
+
+def test_each_label_sits_in_the_visible_part_of_its_mask_clear_of_the_others():
+    """Mask 1 lies partly under the best one: its label lies in the part
+    left visible. A mask wholly under a better one gets no label."""
+    best = square(20, 80, 20, 100)
+    partly_under = square(50, 110, 60, 140)
+    hidden = square(30, 60, 30, 60)  # wholly under the best
+    comps, changed = _labels(np.stack([best, partly_under, hidden]), [0.9, 0.8, 0.7])
+    assert comps.max() == 2  # two labels, apart
+    visible1 = partly_under & ~best
+    boxes = [comps == k for k in (1, 2)]
+    assert sum(b.any() and (b <= best).all() for b in boxes) == 1
+    assert sum(b.any() and (b <= visible1).all() for b in boxes) == 1
+
+
+def test_a_mask_too_small_for_its_label_gets_none_and_labels_never_overlap():
+    many = np.stack([square(10 + 2 * k, 60 + 2 * k, 10 + 3 * k, 90 + 3 * k) for k in range(6)]
+                    + [square(100, 104, 150, 154)])
+    comps, changed = _labels(many, [0.9 - 0.1 * k for k in range(7)])
+    assert not changed[100:104, 150:154].any()  # the 4x4 mask: no label
+    # every label box is whole (a rectangle): none was drawn over another
+    for k in range(1, comps.max() + 1):
+        ys, xs = np.nonzero(comps == k)
+        assert len(ys) == (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
+
+
+def test_a_mask_over_nearly_the_whole_photo_is_left_out():
+    img = Image.new("RGB", (W, H), (128, 128, 128))
+    whole = np.ones((H, W), dtype=bool)
+    whole[:4] = False  # 97% of the photo
+    small = square(40, 80, 40, 100)
+    out = np.array(draw_overlay(img, np.stack([whole, small]), [0.95, 0.5], labels=False))
+    assert (out[~small] == 128).all() and not (out[small] == 128).all()
 
 
 def test_input_not_modified():
@@ -97,9 +134,9 @@ def test_top_mask_moves_toward_its_colour():
     img = Image.new("RGB", (W, H), (128, 128, 128))
     masks = three_masks()
     alpha = 0.45
-    out = np.array(draw_overlay(img, masks, SCORES, alpha=alpha)).astype(int)
+    out = np.array(draw_overlay(img, masks, SCORES, alpha=alpha, labels=False)).astype(int)
     colour = palette(3)[0].astype(int)
-    # Interior of the best mask, away from the outline and the label corner.
+    # Interior of the best mask, away from the outline.
     region = out[46:68, 22:48]
     expected = np.rint(128 * (1 - alpha) + colour * alpha).astype(int)
     assert (region == expected).all()

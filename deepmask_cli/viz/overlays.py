@@ -1,9 +1,9 @@
 """Proposal overlays drawn with Pillow and numpy.
 
 Each proposal mask is composited onto the photo as a translucent fill in its
-own colour, with a thin outline and its score written in a small dark box at
-the top-left corner of the mask's bounding box.  Lower-ranked masks are drawn
-first so the best proposal ends up on top.
+own colour, with a thin outline and its score written in a small dark box
+inside the mask. Lower-ranked masks are drawn first so the best proposal ends
+up on top; a mask that covers nearly the whole photo is left out.
 """
 
 from __future__ import annotations
@@ -86,6 +86,13 @@ def _text_size(draw: ImageDraw.ImageDraw, text: str, font) -> tuple[int, int, in
     return left, top, right, bottom
 
 
+#: A mask covering more of the photo than this is left out of overlays (the
+#: whole frame tells nothing and hides the rest); results keep it.
+WHOLE_PHOTO = 0.9
+#: Fewest pixels of a mask that must stay visible under better ones for it to get a label.
+MIN_VISIBLE = 64
+
+
 def draw_overlay(
     image: Image.Image,
     masks: np.ndarray,
@@ -96,93 +103,109 @@ def draw_overlay(
     outline: bool = True,
     labels: bool = True,
 ) -> Image.Image:
-    """Draw the first ``show`` ranked masks over ``image``.
+    """Draw the first ``show`` ranked masks over ``image``, best on top.
 
     ``masks`` is ``(N, H, W)`` bool matching the image size, ``scores`` is
-    ``(N,)``.  Returns a new RGB image of the same size; ``image`` is left
-    untouched.
+    ``(N,)``. Masks covering more than :data:`WHOLE_PHOTO` of the photo are
+    left out (they stay in the results). Each score label lies inside the
+    part of its mask that better masks leave visible, clear of the labels
+    of better masks; a mask with no room for one gets none. Returns a new
+    RGB image of the same size; ``image`` is left untouched.
     """
     rgb = image.convert("RGB")  # always a new image, even for RGB input
+    masks, scores = _checked(rgb.size, masks, scores, alpha)
     width, height = rgb.size
+    drawn = [i for i in range(masks.shape[0]) if masks[i].any() and masks[i].mean() <= WHOLE_PHOTO][: max(0, int(show))]
+    if not drawn:
+        return rgb
+    arr = np.array(rgb, dtype=np.uint8)  # (H, W, 3), writable copy
+    colours = palette(len(drawn))
+    line = 2 if min(width, height) >= 128 else 1
+    for rank in range(len(drawn) - 1, -1, -1):  # worst first, so the best is composited last (on top)
+        _paint(arr, masks[drawn[rank]], colours[rank], alpha, line if outline else 0)
+    out = Image.fromarray(arr)
+    if labels:
+        _draw_labels(out, [masks[i] for i in drawn], [scores[i] for i in drawn], colours)
+    return out
 
+
+def _checked(size: tuple[int, int], masks, scores, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """``masks`` as ``(N, H, W)`` bool and ``scores`` as ``(N,)``, checked against the image ``size``."""
+    width, height = size
     masks = np.asarray(masks)
     if masks.ndim == 2:
         masks = masks[None]
     if masks.ndim != 3:
         raise ValueError(f"masks must have shape (N, H, W), got {masks.shape}")
     if masks.shape[1:] != (height, width):
-        raise ValueError(
-            f"mask size {masks.shape[2]}x{masks.shape[1]} (WxH) does not match "
-            f"image size {width}x{height}"
-        )
+        raise ValueError(f"mask size {masks.shape[2]}x{masks.shape[1]} (WxH) does not match image size {width}x{height}")
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     if scores.shape[0] != masks.shape[0]:
-        raise ValueError(
-            f"got {masks.shape[0]} masks but {scores.shape[0]} scores"
-        )
+        raise ValueError(f"got {masks.shape[0]} masks but {scores.shape[0]} scores")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    return (masks if masks.dtype == np.bool_ else masks != 0), scores
 
-    k = max(0, min(int(show), masks.shape[0]))
-    if k == 0:
-        return rgb
 
-    arr = np.array(rgb, dtype=np.uint8)  # (H, W, 3), writable copy
-    colours = palette(k)
-    line = 2 if min(width, height) >= 128 else 1
-    boxes: list[tuple[int, tuple[int, int, int, int]]] = []
+def _paint(arr: np.ndarray, m: np.ndarray, colour: np.ndarray, alpha: float, line: int) -> None:
+    """Blend ``colour`` into ``arr`` over mask ``m`` and outline it ``line`` pixels wide (0: none)."""
+    y0, y1, x0, x1 = _bbox(m)
+    sub_m = m[y0:y1, x0:x1]
+    sub = arr[y0:y1, x0:x1]  # view into arr
+    if alpha > 0:
+        # Blend through a per-channel lookup table (256 entries) instead
+        # of gathering/scattering float pixels: same result, much faster.
+        lut = _blend_lut(colour, alpha)
+        for ch in range(3):
+            plane = sub[..., ch]
+            np.copyto(plane, lut[ch][plane], where=sub_m)
+    if line:
+        # The crop is the bounding box, so everything outside it is False
+        # and padding with False inside _erode is exact.
+        sub[_boundary(sub_m, line)] = colour
 
-    # Worst first, so the best-ranked mask is composited last (on top).
-    for i in range(k - 1, -1, -1):
-        m = masks[i]
-        if m.dtype != np.bool_:
-            m = m != 0
-        box = _bbox(m)
-        if box is None:
+
+def _draw_labels(out: Image.Image, masks: list[np.ndarray], scores: list[float], colours: np.ndarray) -> None:
+    """Each mask's score in a dark box framed in its colour, placed best
+    first inside the mask's visible part and clear of placed labels."""
+    draw = ImageDraw.Draw(out)
+    font = ImageFont.load_default()
+    covered = np.zeros(masks[0].shape, dtype=bool)  # by better masks
+    taken = np.zeros_like(covered)  # by placed labels
+    for m, score, colour in zip(masks, scores, colours):
+        visible = m & ~covered
+        covered |= m
+        if visible.sum() < MIN_VISIBLE:
             continue
-        y0, y1, x0, x1 = box
-        sub_m = m[y0:y1, x0:x1]
-        sub = arr[y0:y1, x0:x1]  # view into arr
-        if alpha > 0:
-            # Blend through a per-channel lookup table (256 entries) instead
-            # of gathering/scattering float pixels: same result, much faster.
-            lut = _blend_lut(colours[i], alpha)
-            for ch in range(3):
-                plane = sub[..., ch]
-                np.copyto(plane, lut[ch][plane], where=sub_m)
-        if outline:
-            # The crop is the bounding box, so everything outside it is False
-            # and padding with False inside _erode is exact.
-            sub[_boundary(sub_m, line)] = colours[i]
-        boxes.append((i, box))
+        text = f"{score:.2f}"
+        left, top, right, bottom = _text_size(draw, text, font)
+        bw, bh = right - left + 2 * _LABEL_PAD, bottom - top + 2 * _LABEL_PAD
+        spot = _room(visible & ~taken, bw, bh)
+        if spot is None:
+            continue
+        bx, by = spot
+        taken[by : by + bh, bx : bx + bw] = True
+        draw.rectangle([bx, by, bx + bw - 1, by + bh - 1], fill=_LABEL_BG, outline=tuple(int(c) for c in colour), width=1)
+        draw.text((bx + _LABEL_PAD - left, by + _LABEL_PAD - top), text, fill=_LABEL_FG, font=font)
 
-    out = Image.fromarray(arr)
-    if labels and boxes:
-        draw = ImageDraw.Draw(out)
-        font = ImageFont.load_default()
-        # boxes are already worst-first, so the best label is drawn last.
-        for i, (y0, _y1, x0, _x1) in boxes:
-            text = f"{scores[i]:.2f}"
-            left, top, right, bottom = _text_size(draw, text, font)
-            bw = right - left + 2 * _LABEL_PAD
-            bh = bottom - top + 2 * _LABEL_PAD
-            # Keep the label box inside the image.
-            bx = min(max(x0, 0), max(width - bw, 0))
-            by = min(max(y0, 0), max(height - bh, 0))
-            # Dark box framed in the mask's colour, white text on top.
-            draw.rectangle(
-                [bx, by, bx + bw - 1, by + bh - 1],
-                fill=_LABEL_BG,
-                outline=tuple(int(c) for c in colours[i]),
-                width=1,
-            )
-            draw.text(
-                (bx + _LABEL_PAD - left, by + _LABEL_PAD - top),
-                text,
-                fill=_LABEL_FG,
-                font=font,
-            )
-    return out
+
+def _room(free: np.ndarray, bw: int, bh: int) -> tuple[int, int] | None:
+    """The top-left ``(x, y)`` of a ``bw`` x ``bh`` box lying wholly in
+    ``free``, the one nearest the centre of ``free``'s pixels; None if none fits."""
+    box = _bbox(free)
+    if box is None or box[1] - box[0] < bh or box[3] - box[2] < bw:
+        return None
+    y0, y1, x0, x1 = box
+    crop = free[y0:y1, x0:x1]
+    s = np.zeros((crop.shape[0] + 1, crop.shape[1] + 1), dtype=np.int32)
+    s[1:, 1:] = crop.cumsum(0).cumsum(1)
+    inside = (s[bh:, bw:] - s[:-bh, bw:] - s[bh:, :-bw] + s[:-bh, :-bw]) == bw * bh
+    ys, xs = np.nonzero(inside)
+    if ys.size == 0:
+        return None
+    cy, cx = (np.mean(a) for a in np.nonzero(crop))
+    k = int(np.argmin((ys + bh / 2 - cy) ** 2 + (xs + bw / 2 - cx) ** 2))
+    return x0 + int(xs[k]), y0 + int(ys[k])
 
 
 def draw_rles(image: Image.Image, rles: list[dict], scores, **kw) -> Image.Image:
