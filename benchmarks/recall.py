@@ -49,8 +49,9 @@ def selective_search(images: list[Path], ids: dict[str, int], max_boxes: int = 1
 
 
 def parse_overrides(pairs: list[str]) -> dict:
-    """``["mask_thresh=0.3", "precision=bf16"]`` -> typed InferenceConfig overrides."""
-    return {k: parse_value(k, v) for k, _, v in (kv.partition("=") for kv in pairs)}
+    """``["mask_thresh=0.3", "precision=bf16"]`` -> typed InferenceConfig
+    overrides; ``preset=NAME`` names one of the weights' presets."""
+    return {k: v if k == "preset" else parse_value(k, v) for k, _, v in (kv.partition("=") for kv in pairs)}
 
 
 def main(argv=None) -> int:
@@ -84,7 +85,8 @@ def main(argv=None) -> int:
 
     rows, configs = {}, {}
     for name, over in runs.items():  # one pass each, in turn, in this process
-        proposer = load_proposer(args.weights, device=args.device, overrides=over)
+        over = dict(over)
+        proposer = load_proposer(args.weights, device=args.device, preset=over.pop("preset", None), overrides=over)
         console.print(f"{name} on {len(images)} images, {proposer.device}; inference: {proposer.config}")
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "props.json"

@@ -17,7 +17,7 @@ and box AR@100, so that a speed change can be checked against recall.
 ``--scale-sets`` repeats the timing and AR@100 for other pyramids (the
 speed/recall trade-off of the scale range), ``--variant`` for any other
 inference settings (``FIELD=VALUE[,FIELD=VALUE]``; ``weights=DIR`` runs
-another weights folder). These run side by side
+another weights folder, ``preset=NAME`` one of its presets). These run side by side
 with the default again and Selective Search, taking turns image by image,
 so that the ratios between them hold on a machine whose speed drifts. ``--e2e N`` times the whole
 ``deepmask propose`` pipeline (prefetching decoder, batched network, RLE and
@@ -58,11 +58,11 @@ from recall import parse_overrides, selective_search  # noqa: E402  (the sibling
 console = Console(width=200)
 
 
-def proposer_for(args, weights=None, **changes):
-    """The shipped (or --weights, or ``weights``) proposer with the run's
-    precision and runtime, and ``changes`` on top."""
+def proposer_for(args, weights=None, preset=None, **changes):
+    """The shipped (or --weights, or ``weights``) proposer at ``preset``
+    with the run's precision and runtime, and ``changes`` on top."""
     overrides = {"precision": args.precision, "runtime": args.runtime, **changes}
-    return load_proposer(weights or args.weights, device=args.device, overrides=overrides)
+    return load_proposer(weights or args.weights, device=args.device, overrides=overrides, preset=preset)
 
 
 def per_image_pass(proposer, images, ids):
@@ -182,7 +182,7 @@ def main(argv=None) -> int:
                     help="also time these pyramids and print their AR@100 (repeatable)")
     ap.add_argument("--variant", action="append", default=[], metavar="FIELD=VALUE[,FIELD=VALUE]",
                     help="also time these inference settings and print their AR@100, side by side (repeatable), "
-                         "e.g. --variant precision=fp32, or another weights folder: --variant weights=DIR")
+                         "e.g. --variant precision=fp32, another weights folder: --variant weights=DIR, a preset: --variant preset=accurate")
     ap.add_argument("--e2e", type=int, default=0, metavar="N", help="time the whole propose pipeline over N images")
     ap.add_argument("--batch-size", type=int, default=None, help="--e2e batch (default: the CLI's)")
     ap.add_argument("--workers", type=int, default=None, help="--e2e encoding processes (default: the CLI's)")

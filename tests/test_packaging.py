@@ -73,21 +73,37 @@ def test_weights_by_shipped_name(tmp_path, monkeypatch):
     assert weights_folder("deepmask-lite0-coco") == Path("deepmask-lite0-coco")
 
 
-def test_accurate_weights_are_the_default_network_with_their_own_settings():
-    """deepmask-lite0-coco-accurate (its model card): the default's tensors and
-    int8 network, bit for bit, with the slower settings tuned for recall
-    (the 2^1.5 scale, the mirror pass, the scale prior) in its config.json."""
-    from safetensors.torch import load_file
+def test_the_shipped_weights_are_one_network_with_named_presets(tmp_path):
+    """One folder, presets fast (the default) and accurate (the 2^1.5 scale,
+    the mirror pass, the scale prior); --preset picks one and options given
+    win over it; an unknown name lists those there are; the figures the
+    listing shows are the model card's."""
+    import json
 
-    from deepmask_cli.modeling.weights import load_weights, shipped_weights, weights_folder
+    from deepmask_cli import load_proposer
+    from deepmask_cli.modeling.weights import shipped_names, shipped_weights
+    from deepmask_cli.pipeline.loading import describe_weights
 
-    default, accurate = shipped_weights(), weights_folder("deepmask-lite0-coco-accurate")
-    assert accurate == default.parent / "deepmask-lite0-coco-accurate" and accurate.is_dir()
-    a, b = load_file(str(default / "model.safetensors")), load_file(str(accurate / "model.safetensors"))
-    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
-    assert (default / "trunk-int8.onnx").read_bytes() == (accurate / "trunk-int8.onnx").read_bytes()
-    _, fast, cfg_fast = load_weights(default)
-    _, slow, cfg_slow = load_weights(accurate)
-    assert cfg_fast["model"] == cfg_slow["model"]
+    assert shipped_names() == ["deepmask-lite0-coco"]
+    fast = load_proposer(device="cpu").config
+    slow = load_proposer(device="cpu", preset="accurate").config
+    assert load_proposer(device="cpu", preset="fast").config == fast
     assert slow.flip and not fast.flip
     assert max(slow.scales) == 2 ** 1.5 > max(fast.scales) and slow.scale_prior < 0
+    assert not load_proposer(device="cpu", preset="accurate", overrides={"flip": False}).config.flip
+    with pytest.raises(ValueError, match="no such preset \\(it has: fast, accurate\\)"):
+        load_proposer(device="cpu", preset="best")
+    (listing,) = describe_weights()
+    card = (shipped_weights() / "MODEL_CARD.md").read_text()
+    assert [p["name"] for p in listing["presets"]] == ["fast", "accurate"] and listing["default"]
+    for p in listing["presets"]:
+        assert set(p["measured"]) == {"mask_AR@100", "box_AR@100", "seconds_per_photo"}
+        assert all(f"{v:.3f}" in card for v in p["measured"].values()), p
+    # a folder's presets are checked where the file is read
+    bad = tmp_path / "w"
+    bad.mkdir()
+    cfg = json.loads((shipped_weights() / "config.json").read_text())
+    cfg["presets"]["accurate"]["flip"] = "yes"
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="preset accurate: InferenceConfig.flip must be true or false"):
+        describe_weights([bad])

@@ -24,7 +24,7 @@ from deepmask_cli.cli.propose import propose as propose_cmd
 from deepmask_cli.core.config import InferenceConfig
 from deepmask_cli.modeling.weights import load_weights, weights_folder
 from deepmask_cli.pipeline import propose as propose_mod
-from deepmask_cli.pipeline.loading import default_weights
+from deepmask_cli.pipeline.loading import default_presets, default_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -122,6 +122,10 @@ def check_cell(spelling: str, cell: str, monkeypatch) -> None:
         shipped = default_weights().resolve()
         named = weights_folder(text).resolve()
         assert named == shipped, f"{spelling}: README says {text} ({named}), the code {shipped}"
+        return
+    if p.name == "preset":  # the default weights' first preset
+        assert DEFAULTS[p.name] is None
+        assert text == default_presets()[0], f"{spelling}: README says {text}, the weights {default_presets()}"
         return
     if p.name in INFERENCE_FIELDS:
         # the option defers to the config and the weights' tuned values

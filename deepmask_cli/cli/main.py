@@ -17,6 +17,7 @@ from deepmask_cli.cli.evaluate import eval_cmd, tune_cmd
 from deepmask_cli.cli.export import compress, quantize
 from deepmask_cli.cli.propose import merge, propose, viz
 from deepmask_cli.cli.train import export, train
+from deepmask_cli.cli.weights import weights
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -26,5 +27,5 @@ def main() -> None:
     warnings.showwarning = show_warning
 
 
-for _command in (propose, viz, eval_cmd, merge, train, export, quantize, compress, tune_cmd):
+for _command in (propose, viz, eval_cmd, merge, train, export, quantize, compress, tune_cmd, weights):
     main.add_command(_command)

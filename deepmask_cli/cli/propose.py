@@ -12,11 +12,12 @@ from deepmask_cli.core.config import MAX_PROPOSALS, MAX_SIDE, PRECISIONS, RUNTIM
 from deepmask_cli.core.errors import UserError
 from deepmask_cli.core.memory import MAPPED_SLACK_MB, MMAP_THRESHOLD_MB, SLACK_MB
 from deepmask_cli.formats.images import MAX_PIXELS
-from deepmask_cli.pipeline.loading import default_inference
+from deepmask_cli.pipeline.loading import default_inference, default_presets
 from deepmask_cli.pipeline.sinks import FORMATS
 
 #: what the default weights will use: the values --help shows
 _D = default_inference()
+_PRESETS = default_presets()
 
 @click.command()
 @click.argument("images", nargs=-1, required=True)
@@ -26,6 +27,7 @@ _D = default_inference()
 @click.option("--gt", type=click.Path(), default=None, help="COCO instances JSON: take image ids from it by file name, so `deepmask eval` can score the results.")
 @click.option("--format", "fmt", type=click.Choice(list(FORMATS)), default="coco", show_default=True, help="coco: a COCO results JSON file; png: one overlay PNG per image; masks: a folder per image of mask PNGs and metadata.csv (segment-anything's layout).")
 @click.option("--show", type=click.IntRange(0, 1000), default=20, show_default=True, help="Proposals drawn per overlay (--format png).")
+@click.option("--preset", default=None, help=f"Named settings of the weights, under the options given. [default: {_PRESETS[0] if _PRESETS else 'none'}; the default weights have: {', '.join(_PRESETS) or 'none'}]")
 @click.option("--max-proposals", type=click.IntRange(1, MAX_PROPOSALS), default=None, help=f"Proposals kept per image, best first. [default: {_D.max_proposals}]")
 @click.option("--score-thresh", type=Prob(0.0, 1.0, max_open=True), default=None, help=f"Drop proposals whose score (objectness, after rescoring and NMS) is below this. [default: {_D.score_thresh}]")
 @click.option("--mask-thresh", type=Prob(0.0, 1.0, min_open=True, max_open=True), default=None, help=f"Probability above which a pixel is in a mask. [default: {_D.mask_thresh}]")
@@ -51,7 +53,7 @@ _D = default_inference()
 @click.option("--release-memory/--keep-memory", default=True, show_default=True, help=f"Give freed memory back to the OS whenever the process has grown by {SLACK_MB} MB since its first image (with the torch runtime on a CPU: {MAPPED_SLACK_MB} MB, and buffers of {MMAP_THRESHOLD_MB} MB or more mapped on their own), so resident memory stays flat over a long run.")
 @click.option("--max-pixels", type=click.IntRange(1, 178_956_970), default=MAX_PIXELS, show_default=True, help="Refuse photos with more pixels than this (read from the file's header, before decoding): full-size masks of larger ones take several GB.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, only errors.")
-def propose(images, out_path, weights, device, gt, fmt, show, max_proposals, score_thresh, mask_thresh, nms, nms_thresh,
+def propose(images, out_path, weights, device, gt, fmt, show, preset, max_proposals, score_thresh, mask_thresh, nms, nms_thresh,
             maskness, nms_demote, pre_nms_topk, scales, scale_prior, flip, refine, refine_topk, max_side, batch_size, workers, precision, runtime, shard, resume, strict, no_exif,
             release_memory, max_pixels, quiet) -> None:
     """Propose object masks for IMAGES (files, folders or globs).
@@ -90,6 +92,7 @@ def propose(images, out_path, weights, device, gt, fmt, show, max_proposals, sco
     try:
         with progress:
             summary = propose_files(images, out_path, weights=weights, device=device, overrides=overrides, shard=shard,
+                                    preset=preset,
                                     launch=launch, fmt=fmt, gt=gt, show=show, batch_size=batch_size, resume=resume,
                                     strict=strict, exif=not no_exif, workers=workers, release_memory=release_memory,
                                     max_pixels=max_pixels, on_start=on_start, on_image=on_image)

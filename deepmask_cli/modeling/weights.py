@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.resources
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -125,10 +126,58 @@ def read_config(folder: str | Path) -> dict[str, Any]:
         )
     try:
         ModelConfig.from_dict(config["model"])
-        InferenceConfig.from_dict(config.get("inference") or {})
+        inference = InferenceConfig.from_dict(config.get("inference") or {})
     except (TypeError, ValueError) as e:
         raise WeightsError(f"{path}: {e}") from None
+    _check_presets(config, inference, path)
     return config
+
+
+#: A preset's name: short, lower case, safe to print and to type.
+PRESET_NAME = re.compile(r"[a-z][a-z0-9-]{0,31}\Z")
+
+
+def _check_presets(config: dict, inference: InferenceConfig, path: Path) -> None:
+    """``presets`` (optional): an object of named inference settings, each
+    over the folder's ``inference``; ``default_preset`` names one of them."""
+    presets = config.get("presets")
+    if presets is None:
+        if "default_preset" in config:
+            raise WeightsError(f"{path}: default_preset without presets")
+        return
+    if not isinstance(presets, dict) or not presets:
+        raise WeightsError(f"{path}: presets must be an object of named inference settings")
+    for name, settings in presets.items():
+        if not PRESET_NAME.match(name):
+            raise WeightsError(f"{path}: preset name {name!r} must be lower-case letters, digits and '-'")
+        if not isinstance(settings, dict):
+            raise WeightsError(f"{path}: preset {name} must be an object of inference settings")
+        try:
+            InferenceConfig.from_dict({**inference.to_dict(), **settings})
+        except (TypeError, ValueError) as e:
+            raise WeightsError(f"{path}: preset {name}: {e}") from None
+    if config.get("default_preset", next(iter(presets))) not in presets:
+        raise WeightsError(f"{path}: default_preset {config['default_preset']!r} is not one of its presets")
+
+
+def presets_of(config: dict) -> dict[str, dict[str, Any]]:
+    """A checked ``config.json``'s presets, ``{name: settings over its
+    inference}``, the default first; ``{}`` when it has none."""
+    presets = config.get("presets") or {}
+    first = config.get("default_preset", next(iter(presets), None))
+    return {n: presets[n] for n in sorted(presets, key=lambda n: n != first)}
+
+
+def apply_preset(inference: InferenceConfig, config: dict, preset: str | None, folder: str | Path) -> InferenceConfig:
+    """``inference`` with ``preset``'s settings (the folder's default preset
+    when ``None``); an unknown name is refused with the ones there are."""
+    presets = presets_of(config)
+    if preset is None:
+        return inference.replace(**next(iter(presets.values()), {}))
+    if preset not in presets:
+        have = ", ".join(presets) if presets else "none"
+        raise WeightsError(f"--preset {preset}: {folder} has no such preset (it has: {have})")
+    return inference.replace(**presets[preset])
 
 
 def load_weights(folder: str | Path, *, device: str | torch.device = "cpu") -> tuple[DeepMask, InferenceConfig, dict]:

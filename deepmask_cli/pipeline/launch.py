@@ -62,11 +62,12 @@ def run_propose_launched(inputs: Sequence[str | Path], out: str | Path, *, launc
 
 
 def propose_files(images: Sequence[str | Path], out: str | Path, *, weights: str | Path | None = None,
-                  device: str = "auto", overrides: dict[str, Any] | None = None, shard: str | None = None,
+                  device: str = "auto", overrides: dict[str, Any] | None = None, preset: str | None = None,
+                  shard: str | None = None,
                   batch_size: int | None = None, workers: int | None = None, launch: Launch | None = None,
                   **kwargs) -> ProposeSummary:
     """What ``deepmask propose`` runs: the proposer of ``weights`` (the
-    shipped ones by default) with ``overrides`` over its tuned settings, the
+    shipped ones by default) with ``overrides`` over its ``preset``, the
     device's batch size and workers unless given, and :func:`run_propose`
     over ``images`` (``shard`` as ``"I/N"``). Within a ``torchrun``
     ``launch`` (:func:`~deepmask_cli.core.launch.torchrun_launch`) this
@@ -78,7 +79,7 @@ def propose_files(images: Sequence[str | Path], out: str | Path, *, weights: str
             raise ProposeError("--shard is set by torchrun (RANK/WORLD_SIZE) in a launch; drop it")
         if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
             device = f"cuda:{launch.local_rank}"
-    proposer = load_proposer(weights, device=device, overrides=overrides)
+    proposer = load_proposer(weights, device=device, overrides=overrides, preset=preset)
     auto_batch, auto_workers = pipeline_defaults(proposer)
     kwargs.update(proposer=proposer, batch_size=auto_batch if batch_size is None else batch_size,
                   workers=auto_workers if workers is None else workers)

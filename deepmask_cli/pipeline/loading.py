@@ -11,7 +11,8 @@ from deepmask_cli.core.config import InferenceConfig
 from deepmask_cli.core.errors import UserError
 from deepmask_cli.export.quantize import INT8_TRUNK_NAME
 from deepmask_cli.inference.proposer import Proposer
-from deepmask_cli.modeling.weights import WeightsError, load_weights, read_config, shipped_weights, weights_folder
+from deepmask_cli.modeling.weights import (WeightsError, apply_preset, load_weights, presets_of, read_config,
+                                          shipped_names, shipped_weights, weights_folder)
 from deepmask_cli.pipeline.summary import ProposeError
 
 
@@ -25,10 +26,21 @@ def default_inference() -> InferenceConfig:
     """The inference settings of the default weights (their tuned values
     over :class:`InferenceConfig`'s), as ``--help`` shows them; the
     dataclass's own where those weights cannot be read."""
+    folder = default_weights()
     try:
-        return InferenceConfig.from_dict(read_config(default_weights()).get("inference") or {})
+        config = read_config(folder)
+        return apply_preset(InferenceConfig.from_dict(config.get("inference") or {}), config, None, folder)
     except (UserError, TypeError, ValueError, OSError):
         return InferenceConfig()
+
+
+def default_presets() -> list[str]:
+    """The default weights' preset names, the default first (none when
+    they have none or cannot be read)."""
+    try:
+        return list(presets_of(read_config(default_weights())))
+    except (UserError, OSError):
+        return []
 
 
 def load_proposer(
@@ -36,11 +48,14 @@ def load_proposer(
     *,
     device: str = "auto",
     overrides: dict[str, Any] | None = None,
+    preset: str | None = None,
 ) -> Proposer:
     """A :class:`Proposer` from a weights folder (default: the shipped one).
 
-    ``overrides`` change :class:`InferenceConfig` fields; ``None`` values are
-    ignored, so the weights' tuned defaults win unless the user set something.
+    ``preset`` names one of the folder's presets (its default one when
+    ``None``): named settings over its tuned defaults. ``overrides`` change
+    :class:`InferenceConfig` fields on top; ``None`` values are ignored, so
+    the weights' own values win unless the user set something.
     """
     folder = weights_folder(weights) if weights is not None else default_weights()
     if weights is None and not folder.exists():
@@ -48,7 +63,8 @@ def load_proposer(
             f"{folder}: the shipped weights are missing (the package was installed without them; "
             "reinstall it from a wheel or a clone), or pass --weights DIR"
         )
-    model, inference, _ = load_weights(folder)
+    model, inference, config = load_weights(folder)
+    inference = apply_preset(inference, config, preset, folder)
     if overrides:
         try:
             inference = inference.replace(**overrides)
@@ -57,3 +73,21 @@ def load_proposer(
     proposer = Proposer(model, inference, device=device, int8_trunk=folder / INT8_TRUNK_NAME)
     proposer.files = sorted(p for p in folder.iterdir() if p.is_file())
     return proposer
+
+
+def describe_weights(names: list[str | Path] | None = None) -> list[dict[str, Any]]:
+    """``deepmask weights``: each folder of ``names`` (default: the shipped
+    ones) with its presets, the settings each changes, and the recall and
+    time its ``config.json`` records as measured (its model card has how)."""
+    folders = [weights_folder(n) for n in names] if names else [shipped_weights().parent / n for n in shipped_names()]
+    out = []
+    for folder in folders:
+        config = read_config(folder)
+        measured = config.get("measured") if isinstance(config.get("measured"), dict) else {}
+        presets = presets_of(config) or {"(settings)": {}}
+        out.append({"name": folder.name, "path": folder, "default": folder == default_weights(),
+                    "on": measured.get("on") if isinstance(measured.get("on"), str) else None,
+                    "presets": [{"name": n, "settings": s,
+                                 "measured": measured.get(n) if isinstance(measured.get(n), dict) else {}}
+                                for n, s in presets.items()]})
+    return out
