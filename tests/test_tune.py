@@ -79,3 +79,26 @@ def test_bad_settings_are_one_line_errors_and_leave_the_weights_alone(synth_coco
     (synth_coco / "instances.json").write_text("{not json")
     r = CliRunner().invoke(main, ["tune", str(synth_coco), "--weights", str(tiny_weights), "--device", "cpu"])
     assert r.exit_code == 2 and "instances.json" in r.output and "Traceback" not in r.output
+
+
+def test_commands_that_change_weights_never_change_the_shipped_ones(synth_coco, tiny_weights, tmp_path):
+    """tune --write and quantize without -o refuse the shipped weights (in an
+    installed package they are site-packages) before any work; tune --write
+    -o DIR writes a changed copy and leaves the source as it was."""
+    from deepmask_cli.modeling.weights import shipped_weights
+
+    shipped = shipped_weights()
+    before = {p.name: p.read_bytes() for p in shipped.iterdir()}
+    r = CliRunner().invoke(main, ["tune", str(synth_coco), "--write"])
+    assert r.exit_code == 2 and "the shipped weights are never changed; add -o DIR" in " ".join(r.output.split())
+    r = CliRunner().invoke(main, ["quantize", str(synth_coco / "images")])
+    assert r.exit_code == 2 and "the shipped weights are never changed; give -o FILE" in " ".join(r.output.split())
+    assert {p.name: p.read_bytes() for p in shipped.iterdir()} == before
+    source = (tiny_weights / "config.json").read_text()
+    r = CliRunner().invoke(main, ["tune", str(synth_coco), "--weights", str(tiny_weights), "--grid", "mask_thresh=0.3,0.6",
+                                  "--device", "cpu", "--limit", "2", "--write", "-o", str(tmp_path / "tuned"), "-q"])
+    assert r.exit_code == 0, r.output
+    assert (tiny_weights / "config.json").read_text() == source
+    copy = json.loads((tmp_path / "tuned" / "config.json").read_text())
+    assert copy["inference"]["mask_thresh"] in (0.3, 0.6) and copy["model"] == json.loads(source)["model"]
+    assert (tmp_path / "tuned" / "model.safetensors").read_bytes() == (tiny_weights / "model.safetensors").read_bytes()

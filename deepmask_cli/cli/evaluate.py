@@ -65,10 +65,11 @@ def eval_cmd(results, gt, as_json, plot, by_size, categories_spec, all_images) -
 @click.option("--grid", "grid_specs", multiple=True, metavar="FIELD=V1,V2", help="Settings to try, every combination (repeatable). [default: mask_thresh=0.3,0.4,0.5 maskness=false,true nms_demote=false,true]")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N photos, sorted by name.")
 @click.option("--device", default="auto", show_default=True)
-@click.option("--write", is_flag=True, help="Save the best settings in the weights folder's config.json (its inference defaults).")
+@click.option("--write", is_flag=True, help="Save the best settings in the weights folder's config.json (its inference defaults); the shipped weights only into a copy (-o).")
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False), default=None, help="With --write: a new weights folder, a copy of --weights with the best settings.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write every row (settings, mask and box AR) to this JSON file.")
 @click.option("-q", "--quiet", is_flag=True)
-def tune_cmd(val_dir, weights, grid_specs, limit, device, write, json_path, quiet) -> None:
+def tune_cmd(val_dir, weights, grid_specs, limit, device, write, out_dir, json_path, quiet) -> None:
     """Tune the weights' inference settings on a validation split (a COCO
     folder): best by mask AR@100, one dense pass per photo for all settings.
 
@@ -82,9 +83,14 @@ def tune_cmd(val_dir, weights, grid_specs, limit, device, write, json_path, quie
     from deepmask_cli.formats.images import collect_images
     from deepmask_cli.pipeline.loading import default_weights, load_proposer
     from deepmask_cli.evaluation.tune import METRIC, parse_grid, save_tuned, tune
-    from deepmask_cli.modeling.weights import weights_folder
+    from deepmask_cli.modeling.weights import is_shipped, weights_folder, weights_to_change
 
     folder = weights_folder(weights) if weights else default_weights()
+    if out_dir is not None and not write:
+        fail("-o names the folder --write saves into; add --write")
+    if write and out_dir is None and is_shipped(folder):
+        fail(f"{folder}: the shipped weights are never changed; add -o DIR for a copy with the tuned settings, or "
+             "--weights DIR of your own")
     try:
         ann, images_dir = resolve_coco(val_dir, split="val")
         grid = parse_grid(grid_specs) if grid_specs else None
@@ -116,7 +122,7 @@ def tune_cmd(val_dir, weights, grid_specs, limit, device, write, json_path, quie
     best = rows[0]["settings"]
     if write:
         try:
-            path = save_tuned(folder, best)
+            path = save_tuned(weights_to_change(folder, out_dir), best)
         except (UserError, OSError) as e:
             fail(f"{folder}: could not save the tuned settings ({e})")
         err.print(f"[green]✓[/] {esc(str(path))}: inference {esc(json.dumps(best))}")

@@ -13,7 +13,7 @@ from deepmask_cli.core.errors import UserError
 @click.command()
 @click.argument("images", nargs=-1, required=True)
 @click.option("--weights", type=click.Path(), default=None, help="Weights folder whose trunk and score head to quantize. [default: the shipped weights]")
-@click.option("-o", "--out", "out_path", type=click.Path(), default=None, help="ONNX file to write. [default: WEIGHTS/trunk-int8.onnx]")
+@click.option("-o", "--out", "out_path", type=click.Path(), default=None, help="ONNX file to write. [default: WEIGHTS/trunk-int8.onnx, for --weights of your own]")
 @click.option("--limit", type=click.IntRange(1), default=16, show_default=True, help="Calibration photos, spread evenly over IMAGES.")
 @click.option("--keep-float", multiple=True, help="Leave the convolutions of these layers in float32: parameter-name prefixes such as trunk.blocks.10. or score_head. (repeatable).")
 @click.option("--calibration", type=click.Choice(CALIBRATION_METHODS), default=CALIBRATION_METHODS[0], show_default=True, help="How activation ranges are chosen from the calibration photos' maps: minmax (all that was seen), entropy (KL divergence; holds every map in memory) or percentile (the 99.999th).")
@@ -26,16 +26,19 @@ def quantize(images, weights, out_path, limit, keep_float, calibration) -> None:
     \b
     deepmask quantize coco/train2017/ --weights my-weights/
     """
+    from deepmask_cli.export.quantize import quantize_trunk
     from deepmask_cli.formats.images import collect_images
+    from deepmask_cli.modeling.weights import INT8_TRUNK_NAME, is_shipped, load_weights, weights_folder
     from deepmask_cli.pipeline.loading import default_weights
-    from deepmask_cli.export.quantize import INT8_TRUNK_NAME, quantize_trunk
-    from deepmask_cli.modeling.weights import load_weights, weights_folder
 
     folder = weights_folder(weights) if weights else default_weights()
     try:
         model, _, _ = load_weights(folder)
     except UserError as e:
         fail(str(e))
+    if out_path is None and is_shipped(folder):
+        fail(f"{folder}: the shipped weights are never changed; give -o FILE (e.g. -o my-int8.onnx), or "
+             "--weights DIR of your own")
     paths, problems = collect_images(images)
     for pr in problems:
         err.print(f"[yellow]![/] {esc(pr.path)}: {esc(pr.reason)}")

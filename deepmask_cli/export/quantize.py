@@ -42,8 +42,6 @@ from deepmask_cli.modeling.model import DeepMask
 from deepmask_cli.inference.pyramid import image_to_tensor, level_size, pyramid_canvas
 from deepmask_cli.inference.runtime import export_trunk_onnx, network_fingerprint
 
-#: The int8 trunk's (and score head's) file name in a weights folder.
-INT8_TRUNK_NAME = "trunk-int8.onnx"
 #: Pyramid scales and the side of the square crops calibration reads.
 CALIBRATION_SCALES = (0.5, 1.0, 2.0)
 CALIBRATION_CROP = 448

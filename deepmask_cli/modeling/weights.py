@@ -28,6 +28,8 @@ from deepmask_cli.modeling.model import DeepMask
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+#: The int8 trunk's (and score head's) file name in a weights folder (``deepmask quantize``).
+INT8_TRUNK_NAME = "trunk-int8.onnx"
 _PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
 
 #: The name of the shipped weights folder.
@@ -54,6 +56,37 @@ def shipped_names() -> list[str]:
         return sorted(d.name for d in parent.iterdir() if (d / CONFIG_NAME).is_file())
     except OSError:
         return []
+
+
+def is_shipped(folder: str | Path) -> bool:
+    """Whether ``folder`` is one of the shipped weights (inside the installed
+    package, or a clone's ``weights/``): commands never change those."""
+    try:
+        return Path(folder).resolve().parent == shipped_weights().parent.resolve()
+    except OSError:
+        return False
+
+
+def weights_to_change(folder: str | Path, out: str | Path | None, *, option: str = "-o") -> Path:
+    """The weights folder a command that changes weights writes: ``out``, a
+    new folder made as a copy of ``folder``'s network files; else ``folder``
+    itself, unless it is shipped (refused: the message names ``option``)."""
+    folder = Path(folder)
+    if out is None:
+        if is_shipped(folder):
+            raise WeightsError(f"{folder}: the shipped weights are never changed; give {option} DIR for a changed "
+                               "copy, or --weights DIR of your own")
+        return folder
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise WeightsError(f"{out}: exists and is not an empty folder; {option} names a new weights folder")
+    read_config(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in (CONFIG_NAME, WEIGHTS_NAME, INT8_TRUNK_NAME):
+        if (folder / name).is_file():
+            data = (folder / name).read_bytes()
+            atomic_write(out / name, lambda f, data=data: f.write(data))
+    return out
 
 
 def weights_folder(name: str | Path) -> Path:

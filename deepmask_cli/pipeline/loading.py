@@ -9,9 +9,8 @@ from typing import Any
 
 from deepmask_cli.core.config import InferenceConfig
 from deepmask_cli.core.errors import UserError
-from deepmask_cli.export.quantize import INT8_TRUNK_NAME
 from deepmask_cli.inference.proposer import Proposer
-from deepmask_cli.modeling.weights import (WeightsError, apply_preset, load_weights, presets_of, read_config,
+from deepmask_cli.modeling.weights import (INT8_TRUNK_NAME, WeightsError, apply_preset, load_weights, presets_of, read_config,
                                           shipped_names, shipped_weights, weights_folder)
 from deepmask_cli.pipeline.summary import ProposeError
 
