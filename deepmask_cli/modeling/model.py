@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepmask_cli.core.config import ModelConfig
-from deepmask_cli.modeling.trunks import Trunk, build_trunk, window_forward
+from deepmask_cli.modeling.trunk_base import Trunk, window_forward
+from deepmask_cli.modeling.trunks import build_trunk
 
 
 class MaskHead(nn.Module):
@@ -256,7 +257,7 @@ class DeepMask(nn.Module):
         patches; with ``tail`` > 0 they are windows of the input of the trunk's
         last ``tail`` blocks, ``f`` plus their reach (:meth:`Trunk.tail_halo`)
         on each side, with ``valid`` ``(B, 1, ., .)`` marking the cells on the
-        map (:func:`~deepmask_cli.modeling.trunks.window_forward`); the blocks run on
+        map (:func:`~deepmask_cli.modeling.trunk_base.window_forward`); the blocks run on
         them first. ``refine=True`` gives the refined masks (:meth:`refined_masks`)."""
         if refine:
             return self.refined_masks(patches)
