@@ -157,7 +157,7 @@ def test_nms_demote_keeps_the_suppressed_behind_their_suppressor(tiny_config, rl
     """nms_demote: NMS's survivors with their scores, and every proposal it
     suppressed too, its score times (1 - its IoU with the best survivor that
     suppressed it): the same set as without NMS, ranked by those scores."""
-    from deepmask_cli.inference.postprocess import demotion
+    from deepmask_cli.inference.ranking import demotion
 
     arr = np.random.default_rng(3).integers(0, 255, (72, 64, 3), dtype=np.uint8)
     k = 40
@@ -307,7 +307,8 @@ def test_refined_masks_are_each_windows_patch_refined(tiny_config):
     give DeepMask's proposals exactly."""
     import dataclasses
 
-    from deepmask_cli.inference.postprocess import logit, paste_masks
+    from deepmask_cli.inference.paste import paste_masks
+    from deepmask_cli.inference.ranking import logit
     from deepmask_cli.inference.pyramid import image_to_tensor, level_size, pyramid_canvas
 
     cfg = dataclasses.replace(tiny_config, refine=(8, 4))

@@ -37,7 +37,8 @@ from deepmask_cli.formats import rle as rle_utils
 from deepmask_cli.core.config import TRUNK_STRIDE, InferenceConfig
 from deepmask_cli.core.errors import ConfigError
 from deepmask_cli.modeling.model import DeepMask
-from deepmask_cli.inference.postprocess import batched_nms_rank, image_major, logit, maskness, paste_runs
+from deepmask_cli.inference.paste import paste_runs
+from deepmask_cli.inference.ranking import batched_nms_rank, image_major, logit, maskness
 from deepmask_cli.formats.proposals import Proposals, select_runs
 from deepmask_cli.inference.pyramid import GPU_MIN_SIDE, GPU_SHAPE_BUCKET, canvas_cells, canvas_side, image_to_tensor, level_size, pyramid_canvas
 from deepmask_cli.inference.runtime import onnx_session, resolve_device, resolve_precision, resolve_runtime

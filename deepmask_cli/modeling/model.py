@@ -17,7 +17,7 @@ Two ways to run the same weights:
   dilated convolution over the stride-1 pooled map.
 
 The model returns logits only; thresholds, NMS and pasting live in
-:mod:`deepmask_cli.inference.postprocess`.
+:mod:`deepmask_cli.inference.paste` and :mod:`deepmask_cli.inference.ranking`.
 """
 
 from __future__ import annotations
