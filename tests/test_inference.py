@@ -67,14 +67,13 @@ def test_batch_of_same_size_images_equals_one_by_one(tiny_config):
 
 @pytest.mark.parametrize("mixed", [False, True])
 @pytest.mark.parametrize("nms_thresh, demote, rescore", [(1.0, True, False), (0.6, False, False), (0.6, True, True)])
-def test_batch_of_different_sizes_gives_each_image_its_own_runs(tiny_config, monkeypatch, mixed, nms_thresh, demote, rescore):
+def test_batch_of_different_sizes_gives_each_image_its_own_runs(tiny_config, mixed, nms_thresh, demote, rescore):
     """RLE proposals of a batch of images of different sizes (ranked, masks
     pasted and box NMS done for the whole batch at once; ``mixed``:
     pasted in small chunks that mix images and scales, as on a GPU) are each
     image's own: those of the same batch made whole-mask image by image."""
     p = _proposer(tiny_config, max_proposals=25, nms_thresh=nms_thresh, nms_demote=demote, maskness=rescore)
-    chunks = Proposer._paste_chunks
-    monkeypatch.setattr(Proposer, "_paste_chunks", staticmethod(lambda s, size, **kw: chunks(s, 7, mixed)))
+    p.paste_chunk, p.paste_mixed = 7, mixed
     rng = np.random.default_rng(5)
     ims = [rng.integers(0, 255, size, dtype=np.uint8) for size in ((64, 80, 3), (37, 50, 3), (90, 41, 3))]
     runs = p.propose_batch(ims, rle=True)

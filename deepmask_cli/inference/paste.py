@@ -7,8 +7,11 @@ their inputs are on. Nothing here knows about the network or files.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from deepmask_cli.formats.proposals import select_runs
 
 
 def _interp_index(coords: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -345,3 +348,39 @@ def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
     empty = ~rows.any(1)
     boxes[empty] = 0
     return boxes
+
+
+def paste_chunks(scale_of: torch.Tensor, size: int, mixed: bool = False) -> list[torch.Tensor]:
+    """Window indices in chunks of at most ``size``, by scale (so by window
+    size, so by crop size): each chunk of one scale, or (``mixed``, on a
+    GPU, where fewer and larger calls pay) of neighbouring ones. ``scale_of``:
+    each window's pyramid scale."""
+    by_size = torch.argsort(scale_of, stable=True)
+    if by_size.numel() == 0:
+        return []
+    if mixed:
+        return list(by_size.split(size))
+    sorted_scales = scale_of[by_size]
+    bounds = [0, *((sorted_scales[1:] != sorted_scales[:-1]).nonzero().squeeze(1) + 1).tolist(), by_size.numel()]
+    chunks = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        chunks.extend(by_size[i : min(i + size, b)] for i in range(a, b, size))
+    return chunks
+
+
+def runs_by_image(run_owner: torch.Tensor, run_pos: torch.Tensor, idx: torch.Tensor, img: torch.Tensor, n_images: int,
+                  n: int) -> list[tuple[int, int, tuple[np.ndarray, np.ndarray]]]:
+    """The runs of windows ``idx`` (of ``n``, in (image, score) order; window
+    ``i`` of image ``img[i]``), image by image: ``(a, e, (owner, pos))`` with
+    the image's windows at positions ``a..e-1`` of ``idx`` and ``owner``
+    numbered from 0 within the image. ``run_owner``, ``run_pos``: the run
+    changes of all ``n`` windows, as :func:`paste_runs` gives them."""
+    owner, pos = select_runs(run_owner, run_pos, idx, n)
+    starts = np.cumsum([0, *torch.bincount(img[idx], minlength=n_images).tolist()])
+    cut = np.searchsorted(owner, starts)
+    out = []
+    for b in range(n_images):
+        a, e = int(starts[b]), int(starts[b + 1])
+        r = slice(cut[b], cut[b + 1])
+        out.append((a, e, (owner[r] - a, pos[r])))
+    return out

@@ -9,9 +9,14 @@ their inputs are on. Nothing here knows about the network or files.
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
+import numpy as np
 import torch
 from torchvision.ops import batched_nms, box_iou
+
+from deepmask_cli.core.config import InferenceConfig
+from deepmask_cli.formats import rle as rle_utils
 
 
 def logit(p: float) -> float:
@@ -104,3 +109,44 @@ def maskness(mask_logits: torch.Tensor, thresh_logit: float) -> torch.Tensor:
     ``mask_logits: (N, h, w)``; returns ``(N,)``."""
     hard = mask_logits > thresh_logit
     return (torch.sigmoid(mask_logits) * hard).sum((1, 2)) / hard.sum((1, 2)).clamp(min=1)
+
+
+def rank_in_image(img: torch.Tensor, n_images: int) -> torch.Tensor:
+    """Each proposal's place within its image, for proposals in (image,
+    score) order (``img``: each one's image, of ``n_images``): 0 for each
+    image's best."""
+    counts = torch.bincount(img, minlength=n_images)
+    return torch.arange(img.numel(), device=img.device) - (torch.cumsum(counts, 0) - counts)[img]
+
+
+def mask_iou_from_runs(per_image: list[tuple[int, int, tuple[np.ndarray, np.ndarray]]], sizes: Sequence[tuple[int, int]],
+                       device: torch.device) -> torch.Tensor:
+    """Pairwise mask IoU of proposals given by their runs, image by image
+    (as :func:`deepmask_cli.inference.paste.runs_by_image` gives them, each
+    image ``(H, W)`` of ``sizes``): pycocotools within each image, 0 across
+    images, for :func:`batched_nms_rank`."""
+    blocks = []
+    for (a, e, (owner, pos)), (h, w) in zip(per_image, sizes):
+        rles, _ = rle_utils.from_run_starts(owner, pos, e - a, h, w)
+        blocks.append(torch.from_numpy(rle_utils.iou(rles, rles)).float().reshape(e - a, e - a))
+    return torch.block_diag(*blocks).to(device)
+
+
+def nms_and_cut(boxes_xyxy: torch.Tensor, probs: torch.Tensor, img: torch.Tensor, idx: torch.Tensor, n_images: int,
+                config: InferenceConfig, mask_iou: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Of proposals ``idx`` (in (image, score) order; proposal ``i`` of image
+    ``img[i]`` with box ``boxes_xyxy[i]`` and score ``probs[i]``), those that
+    survive :func:`batched_nms_rank` within each image (``nms_thresh``,
+    ``nms_demote``; ``mask_iou``, of ``idx``, for mask NMS), then
+    ``score_thresh`` on the final scores and each image's ``max_proposals``
+    best: ``(survivors in (image, score) order, scores)``, the scores a copy
+    with the demoted ones changed."""
+    if config.nms_thresh < 1.0 and idx.numel():  # in (image, score) order
+        pos, new_scores = batched_nms_rank(boxes_xyxy[idx], probs[idx], img[idx], config.nms_thresh, config.nms_demote,
+                                           mask_iou)
+        probs = probs.clone()
+        probs[idx] = new_scores
+        idx = idx[pos]
+    if config.score_thresh > 0:  # on the final scores (the windows were cut on objectness alone)
+        idx = idx[probs[idx] > config.score_thresh]
+    return idx[rank_in_image(img[idx], n_images) < config.max_proposals], probs
