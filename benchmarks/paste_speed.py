@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from deepmask_cli.formats import rle
-from deepmask_cli.inference.postprocess import crop_runs, paste_crops, paste_runs
+from deepmask_cli.inference.paste import crop_runs, paste_crops, paste_runs
 
 
 def main(argv=None) -> int:

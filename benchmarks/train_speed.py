@@ -83,7 +83,7 @@ def main(argv=None) -> int:
 
         def cstep(s, model=model, opt=opt, cache=cache, n=n):
             f, m, y, *valid = cache.batch(s, args.batch_size, 0)
-            out = model(f, from_features=True, tail=n, valid=valid[0] if valid else None)
+            out = model.tail_heads(f, n, valid[0]) if n else model.heads(f)
             loss = deepmask_loss(*out, m, y, tc.score_weight)[0]
             opt.zero_grad()
             loss.backward()

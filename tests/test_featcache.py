@@ -94,7 +94,7 @@ def test_windows_for_trained_tail_blocks_give_inferences_maps(records):
             win, valid = cache._window(lv.fmap, i, j, f)
             assert win.shape[-1] == f + 2 * cache.halo
             with torch.no_grad():
-                got = model(win[None].float(), from_features=True, tail=2, valid=valid[None])
+                got = model.tail_heads(win[None].float(), 2, valid[None])
                 ref = model.heads(want[None, :, i : i + f, j : j + f])
             torch.testing.assert_close(got[0], ref[0], atol=5e-2, rtol=5e-2)  # float16 in the cache
             torch.testing.assert_close(got[1], ref[1], atol=5e-2, rtol=5e-2)

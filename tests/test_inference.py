@@ -67,14 +67,13 @@ def test_batch_of_same_size_images_equals_one_by_one(tiny_config):
 
 @pytest.mark.parametrize("mixed", [False, True])
 @pytest.mark.parametrize("nms_thresh, demote, rescore", [(1.0, True, False), (0.6, False, False), (0.6, True, True)])
-def test_batch_of_different_sizes_gives_each_image_its_own_runs(tiny_config, monkeypatch, mixed, nms_thresh, demote, rescore):
+def test_batch_of_different_sizes_gives_each_image_its_own_runs(tiny_config, mixed, nms_thresh, demote, rescore):
     """RLE proposals of a batch of images of different sizes (ranked, masks
     pasted and box NMS done for the whole batch at once; ``mixed``:
     pasted in small chunks that mix images and scales, as on a GPU) are each
     image's own: those of the same batch made whole-mask image by image."""
     p = _proposer(tiny_config, max_proposals=25, nms_thresh=nms_thresh, nms_demote=demote, maskness=rescore)
-    chunks = Proposer._paste_chunks
-    monkeypatch.setattr(Proposer, "_paste_chunks", staticmethod(lambda s, size, **kw: chunks(s, 7, mixed)))
+    p.paste_chunk, p.paste_mixed = 7, mixed
     rng = np.random.default_rng(5)
     ims = [rng.integers(0, 255, size, dtype=np.uint8) for size in ((64, 80, 3), (37, 50, 3), (90, 41, 3))]
     runs = p.propose_batch(ims, rle=True)
@@ -157,7 +156,7 @@ def test_nms_demote_keeps_the_suppressed_behind_their_suppressor(tiny_config, rl
     """nms_demote: NMS's survivors with their scores, and every proposal it
     suppressed too, its score times (1 - its IoU with the best survivor that
     suppressed it): the same set as without NMS, ranked by those scores."""
-    from deepmask_cli.inference.postprocess import demotion
+    from deepmask_cli.inference.ranking import demotion
 
     arr = np.random.default_rng(3).integers(0, 255, (72, 64, 3), dtype=np.uint8)
     k = 40
@@ -307,7 +306,8 @@ def test_refined_masks_are_each_windows_patch_refined(tiny_config):
     give DeepMask's proposals exactly."""
     import dataclasses
 
-    from deepmask_cli.inference.postprocess import logit, paste_masks
+    from deepmask_cli.inference.paste import paste_masks
+    from deepmask_cli.inference.ranking import logit
     from deepmask_cli.inference.pyramid import image_to_tensor, level_size, pyramid_canvas
 
     cfg = dataclasses.replace(tiny_config, refine=(8, 4))

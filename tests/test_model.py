@@ -102,7 +102,7 @@ def test_score_fc1_by_parity_equals_the_dilated_convolution(f, h, w, channels_la
     w1 = head.dense_weights(fmt)[0]
     with torch.no_grad():
         want = F.conv2d(pooled, w1, head.fc1.bias, dilation=2)
-        got = head._fc1_by_parity(pooled, w1, head.fc1.bias)
+        got = head.fc1_by_parity(pooled, w1, head.fc1.bias)
     assert got.shape == want.shape == (2, 16, h + 1, w + 1)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 

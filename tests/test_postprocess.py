@@ -15,8 +15,8 @@ from deepmask_cli.formats import rle
 from deepmask_cli.core.config import InferenceConfig
 from deepmask_cli.inference.proposer import Proposer
 from deepmask_cli.modeling.model import DeepMask
-from deepmask_cli.inference.postprocess import (batched_nms_rank, cluster_nms, crop_runs, demotion, logit, masks_to_boxes, maskness, paste_crops,
-                                     paste_runs, paste_masks)
+from deepmask_cli.inference.paste import crop_runs, masks_to_boxes, paste_crops, paste_masks, paste_runs
+from deepmask_cli.inference.ranking import batched_nms_rank, cluster_nms, demotion, logit, maskness
 
 
 def _reference_paste(logits, x0, y0, size, h, w, t):
@@ -330,7 +330,7 @@ def test_runs_of_windows_of_several_images_equal_each_image_alone(sizes, k, seed
 def test_runs_pasted_in_parts_when_over_budget_equal_one_call(monkeypatch):
     """Calls over PASTE_BUDGET (large windows on big photos) are split into
     halves; the result is that of one call."""
-    from deepmask_cli.inference import postprocess
+    from deepmask_cli.inference import paste
 
     g = torch.Generator().manual_seed(3)
     k = 9
@@ -340,7 +340,7 @@ def test_runs_pasted_in_parts_when_over_budget_equal_one_call(monkeypatch):
     half = (10 + torch.rand(k, 1, generator=g) * 80) / 2
     windows = torch.cat([centres - half, centres + half], 1)
     whole = paste_runs(logits, windows, hw[:, 0], hw[:, 1], 0.2), paste_runs(logits, windows, 50, 70, 0.2)
-    monkeypatch.setattr(postprocess, "PASTE_BUDGET", 9 * 40)  # about one window a call
+    monkeypatch.setattr(paste, "PASTE_BUDGET", 9 * 40)  # about one window a call
     parts = paste_runs(logits, windows, hw[:, 0], hw[:, 1], 0.2), paste_runs(logits, windows, 50, 70, 0.2)
     for w, p in zip(whole, parts):
         assert w[0].numel() > 0

@@ -8,9 +8,10 @@ from PIL import Image
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from deepmask_cli.modeling.trunks import (
-    TRUNK_BUILDERS, EfficientNetLite0Trunk, EfficientNetLite2Trunk, PretrainedWeightsError, ResNet50Trunk, VGGATrunk, _MBConv,
-)
+from deepmask_cli.modeling.efficientnet_lite import EfficientNetLite0Trunk, EfficientNetLite2Trunk, MBConv
+from deepmask_cli.modeling.torchvision_trunks import ResNet50Trunk, VGGATrunk
+from deepmask_cli.modeling.trunk_base import PretrainedWeightsError
+from deepmask_cli.modeling.trunks import TRUNK_BUILDERS
 
 
 def test_vgg_a_maps_torchvision_vgg11(tmp_path):
@@ -65,7 +66,7 @@ def _lite_classifier(variant: int):
         mid, cin = sd[f"_blocks.{i}._expand_conv.weight"].shape[:2]
         kernel = sd[f"_blocks.{i}._depthwise_conv.weight"].shape[-1]
         cout = sd[f"_blocks.{i}._project_conv.weight"].shape[0]
-        rest.append(_MBConv(cin, cout, kernel, 2 if i == n else 1, mid // cin))
+        rest.append(MBConv(cin, cout, kernel, 2 if i == n else 1, mid // cin))
     rest = nn.Sequential(*rest)
     rest.load_state_dict({
         ".".join([str(int(k.split(".")[1]) - n), k.split(".")[2].lstrip("_")] + k.split(".")[3:]): v
@@ -172,7 +173,7 @@ def test_a_window_of_the_tails_input_gives_the_whole_maps_output(name):
     """--train-blocks trains the trunk's last blocks on cached windows of
     their input: with the map's edge masked, the blocks' output on a window
     is the whole map's output there, at the map's borders too."""
-    from deepmask_cli.modeling.trunks import window_forward
+    from deepmask_cli.modeling.trunk_base import window_forward
 
     torch.manual_seed(0)
     trunk = _busy_batch_norms(TRUNK_BUILDERS[name]())

@@ -95,7 +95,7 @@ def head_statistics(model: DeepMask, images: Sequence[torch.Tensor], config: Inf
             if rows.shape[0] > windows_per_level:
                 rows = rows[torch.randperm(rows.shape[0], generator=g)[:windows_per_level]]
             score.add(rows)
-        img, level, ys, xs, _ = proposer._select(levels, [tuple(t.shape[1:])])
+        img, level, ys, xs, _ = proposer.select_windows(levels)
         for li, lv in enumerate(levels):
             sel = (level == li).nonzero().squeeze(1)
             if sel.numel():

@@ -13,7 +13,7 @@ def encode(masks: torch.Tensor | np.ndarray) -> list[dict]:
     """``masks: (K, H, W)`` bool -> K COCO RLEs ``{"size": [H, W], "counts": str}``.
 
     pycocotools wants a Fortran-ordered ``(H, W, K)`` uint8 array; the masks that
-    :func:`deepmask_cli.inference.postprocess.paste_masks` returns are already laid out so
+    :func:`deepmask_cli.inference.paste.paste_masks` returns are already laid out so
     that this needs no copy.
     """
     if isinstance(masks, torch.Tensor):
@@ -173,7 +173,7 @@ def iou(rles_a: list[dict], rles_b: list[dict]) -> np.ndarray:
 
 def from_run_starts(owner: np.ndarray, pos: np.ndarray, n: int, height: int, width: int) -> tuple[list[dict], np.ndarray]:
     """COCO RLEs of ``n`` masks from where their runs change value (as
-    :func:`deepmask_cli.inference.postprocess.crop_runs` gives them: mask index and
+    :func:`deepmask_cli.inference.paste.crop_runs` gives them: mask index and
     column-major pixel index, sorted), without ever building a mask.
 
     Returns ``(rles, areas)``; the ``counts`` strings are byte-for-byte what

@@ -13,7 +13,9 @@ map (one score per stride-16 window, thanks to the interleaved max-pool); the
 best ``pre_nms_topk`` windows over all scales are kept, and only those get
 their mask head evaluated, rescored by mask quality, pasted back into the
 image and thresholded. Box NMS then demotes (or drops) near-duplicates, and
-``max_proposals`` finishes the job.
+``max_proposals`` finishes the job. The steps' tensor work is in
+:mod:`~deepmask_cli.inference.windows` (which windows, where),
+:mod:`~deepmask_cli.inference.paste` and :mod:`~deepmask_cli.inference.ranking`.
 """
 
 from __future__ import annotations
@@ -21,46 +23,24 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-import math
 import os
 import time
 import warnings
 from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 
-from deepmask_cli.formats import rle as rle_utils
 from deepmask_cli.core.config import TRUNK_STRIDE, InferenceConfig
 from deepmask_cli.core.errors import ConfigError
-from deepmask_cli.modeling.model import DeepMask
-from deepmask_cli.inference.postprocess import batched_nms_rank, image_major, logit, maskness, paste_runs
-from deepmask_cli.formats.proposals import Proposals, select_runs
-from deepmask_cli.inference.pyramid import GPU_MIN_SIDE, GPU_SHAPE_BUCKET, canvas_cells, canvas_side, image_to_tensor, level_size, pyramid_canvas
+from deepmask_cli.formats.proposals import Proposals
+from deepmask_cli.inference.paste import paste_chunks, paste_runs, runs_by_image
+from deepmask_cli.inference.pyramid import GPU_MIN_SIDE, GPU_SHAPE_BUCKET, canvas_side, image_to_tensor, level_size, pyramid_canvas
+from deepmask_cli.inference.ranking import image_major, logit, mask_iou_from_runs, maskness, nms_and_cut, rank_in_image
 from deepmask_cli.inference.runtime import onnx_session, resolve_device, resolve_precision, resolve_runtime
-
-
-@dataclass
-class _Level:
-    """One pyramid level of one batch: the trunk's map and per-image geometry."""
-
-    scale: float
-    fmap: torch.Tensor  # (B, C, Hf, Wf)
-    scores: torch.Tensor  # (B, Hf-f+1, Wf-f+1)
-    sizes: list[tuple[int, int]] = field(default_factory=list)  # resized (h, w) per image
-    canvas: torch.Tensor | None = None  # (B, 3, Hc, Wc) normalised, kept for refinement
-    # InferenceConfig.flip: the pass over the mirrored canvas, as it came out
-    # of the network (the score map flipped back to the windows' order)
-    fmap_flip: torch.Tensor | None = None
-    scores_flip: torch.Tensor | None = None
-
-    def window_scores(self, flip: bool) -> torch.Tensor:
-        """Score logits of every window; ``flip``: averaged with the mirror
-        pass's twin window, when there is one."""
-        return self.scores if not flip or self.scores_flip is None else (self.scores + self.scores_flip) / 2
+from deepmask_cli.inference.windows import KeptWindows, PyramidLevel, SelectedWindows, best_windows, window_boxes
+from deepmask_cli.modeling.model import DeepMask
 
 
 class Proposer:
@@ -150,6 +130,9 @@ class Proposer:
         self.refining = bool(config.refine and config.refine_topk and self.model.refine_head is not None)
         #: Windows pasted together.
         self.paste_chunk = config.paste_chunk or (4096 if self.device.type == "cuda" else 1024)
+        #: Whether a chunk of windows pasted together may mix scales (so crop
+        #: sizes) and images: on a GPU, where fewer and larger calls pay.
+        self.paste_mixed = self.device.type == "cuda"
 
     @contextlib.contextmanager
     def _stage(self, name: str):
@@ -192,7 +175,7 @@ class Proposer:
         return level_size(height, width, scale, self.config.max_side)
 
     @torch.no_grad()
-    def dense_pass(self, images: list[torch.Tensor], pad_to: int = 0) -> list[_Level]:
+    def dense_pass(self, images: list[torch.Tensor], pad_to: int = 0) -> list[PyramidLevel]:
         """Trunk and dense score head at every scale; maps are kept for the mask head.
 
         ``pad_to``: run the network on at least this many images, blank ones
@@ -216,7 +199,7 @@ class Proposer:
                 if pad_to > real:
                     canvas = torch.cat([canvas, canvas.new_zeros(pad_to - real, *canvas.shape[1:])])
             fmap, scores = self._network(canvas)
-            level = _Level(scale, fmap[:real], scores[:real], sizes, canvas[:real] if self.refining else None)
+            level = PyramidLevel(scale, fmap[:real], scores[:real], sizes, canvas[:real] if self.refining else None)
             if self.config.flip:
                 # The canvas's sides are multiples of the stride and each image
                 # sits half a window (a multiple of the stride) from the left,
@@ -242,111 +225,146 @@ class Proposer:
         with self._stage("score head"):
             return fmap, self.net.dense_scores(fmap, self._score_weights).float()
 
+    def select_windows(self, levels: list[PyramidLevel]) -> SelectedWindows:
+        """The windows every image of a :meth:`dense_pass` keeps before
+        masks, under this proposer's settings: image by image and best first
+        within an image, the ``pre_nms_topk`` best over all scales (only
+        ``max_proposals`` when NMS is off) above ``score_thresh``
+        (:func:`~deepmask_cli.inference.windows.best_windows`)."""
+        return best_windows(levels, self.config, patch_size=self.patch_size, feat_size=self.model.config.feat_size,
+                            device=self.device)
+
     @torch.no_grad()
-    def proposals_from_levels(self, levels: list[_Level], sizes: Sequence[tuple[int, int]], rle: bool = False
+    def proposals_from_levels(self, levels: list[PyramidLevel], sizes: Sequence[tuple[int, int]], rle: bool = False
                               ) -> list[Proposals]:
         """The proposals of every image of a :meth:`dense_pass`, whose
-        original ``(H, W)`` are ``sizes``.
+        original ``(H, W)`` are ``sizes``: 1. the best windows of each image
+        over all scales, 2. their masks (mask head) and scores (rescored by
+        mask quality), 3. pasted as runs, thresholded, with boxes, 4. NMS
+        within each image and the cuts, 5. (SharpMask) refined masks for the
+        best, 6. one :class:`Proposals` per image.
 
         The whole batch is done together: one ranking, one mask-head call per
         pyramid level and pasting in chunks of windows from any of the images,
         not a loop over images (on a GPU the per-image loop's small kernels
         and synchronisations cost more than the work)."""
-        cfg = self.config
-        p = self.patch_size
-        dev = self.device
-        # 1. the best windows of each image over all scales
-        img, level, ys, xs, top_scores = self._select(levels, sizes)
-        n = img.numel()
-        # 2. mask head on the kept windows only, one call per level
+        kept = self._kept_windows(levels, sizes)
+        runs = self._paste(kept, torch.arange(kept.img.numel(), device=self.device), kept.mask_logits, sizes)
+        idx = self._survivors(kept, runs, sizes)
+        if self.refining and idx.numel():
+            runs = self._with_refined(levels, kept, idx, runs, sizes)
+        return self._per_image(kept, idx, runs, sizes, rle)
+
+    def _kept_windows(self, levels: list[PyramidLevel], sizes: Sequence[tuple[int, int]]) -> KeptWindows:
+        """Steps 1 and 2: each image's best windows, with their masks,
+        squares in the image and scores, in (image, score) order."""
+        sel = self.select_windows(levels)
         with self._stage("mask head"):
-            mask_logits = torch.empty(n, self.model.config.mask_size, self.model.config.mask_size, device=dev)
-            for li, lv in enumerate(levels):
-                sel = (level == li).nonzero().squeeze(1)
-                if sel.numel():
-                    m = self.net.window_masks(lv.fmap, img[sel], ys[sel], xs[sel], self._mask_weight).float()
-                    if cfg.flip and lv.fmap_flip is not None:  # the twin window's mask, mirrored back
-                        twin = lv.scores.shape[2] - 1 - xs[sel]
-                        m = (m + self.net.window_masks(lv.fmap_flip, img[sel], ys[sel], twin, self._mask_weight).float().flip(2)) / 2
-                    mask_logits[sel] = m
-            # each window in its image's pixels: resized pixels per image pixel, by level and image
-            ratio = torch.tensor([[(h / hh, w / ww) for (h, w), (hh, ww) in zip(lv.sizes, sizes)] for lv in levels],
-                                 dtype=torch.float32).to(dev)[level, img]
-            cy, cx = ys.float() * TRUNK_STRIDE, xs.float() * TRUNK_STRIDE
-            windows = torch.stack([(cx - p / 2) / ratio[:, 1], (cy - p / 2) / ratio[:, 0],
-                                   (cx + p / 2) / ratio[:, 1], (cy + p / 2) / ratio[:, 0]], 1)
-            scale_of = torch.tensor([lv.scale for lv in levels], dtype=torch.float32).to(dev)[level]
-            probs = torch.sigmoid(top_scores)
-            t_logit = logit(cfg.mask_thresh)
-            if cfg.maskness:  # rescored by mask confidence, then back in (image, score) order
-                probs = probs * maskness(mask_logits, t_logit)
-                order = image_major(img, probs)
-                img, mask_logits, windows, scale_of, probs = (img[order], mask_logits[order], windows[order],
-                                                              scale_of[order], probs[order])
-                level, ys, xs = level[order], ys[order], xs[order]
-        # 3. paste as runs, thresholded, with boxes, in chunks across images
+            windows, scale_of = window_boxes(levels, sizes, sel, self.patch_size)
+            kept = KeptWindows(sel.image, sel.level, sel.y, sel.x, self._mask_logits(levels, sel), windows, scale_of,
+                               torch.sigmoid(sel.logit))
+            if self.config.maskness:  # rescored by mask confidence, then back in (image, score) order
+                kept.probs = kept.probs * maskness(kept.mask_logits, logit(self.config.mask_thresh))
+                kept = kept.reordered(image_major(kept.img, kept.probs))
+        return kept
+
+    def _mask_logits(self, levels: list[PyramidLevel], sel: SelectedWindows) -> torch.Tensor:
+        """The mask head on the selected windows only, one call per level:
+        ``(K, m, m)`` float32 logits (with ``flip``, averaged with the
+        mirror pass's twin window's, mirrored back)."""
+        m = self.model.config.mask_size
+        out = torch.empty(sel.image.numel(), m, m, device=self.device)
+        for li, lv in enumerate(levels):
+            at = (sel.level == li).nonzero().squeeze(1)
+            if at.numel():
+                img, ys, xs = sel.image[at], sel.y[at], sel.x[at]
+                logits = self.net.window_masks(lv.fmap, img, ys, xs, self._mask_weight).float()
+                if self.config.flip and lv.fmap_flip is not None:
+                    twin = lv.scores.shape[2] - 1 - xs
+                    mirrored = self.net.window_masks(lv.fmap_flip, img, ys, twin, self._mask_weight).float().flip(2)
+                    logits = (logits + mirrored) / 2
+                out[at] = logits
+        return out
+
+    def _paste(self, kept: KeptWindows, members: torch.Tensor, logits: torch.Tensor, sizes: Sequence[tuple[int, int]]
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Step 3: runs ``(owner, pos)`` and boxes of windows ``members`` of
+        ``kept`` pasted from ``logits`` (one map per member) into their
+        images, thresholded at ``mask_thresh``, in chunks of
+        :attr:`paste_chunk` windows."""
+        dev = self.device
         same = len(set(sizes)) == 1
-        hw = torch.tensor(sizes, dtype=torch.long).to(dev)[img]
+        hw = None if same else torch.tensor(sizes, dtype=torch.long).to(dev)[kept.img]
+        t_logit = logit(self.config.mask_thresh)
+        owners, poss, boxes = [], [], torch.zeros(members.numel(), 4, device=dev)
+        for chunk in paste_chunks(kept.scale_of[members], self.paste_chunk, mixed=self.paste_mixed):
+            sel = members[chunk]
+            with self._stage("paste"):
+                height, width = sizes[0] if same else (hw[sel, 0], hw[sel, 1])
+                owner, pos, boxes[chunk] = paste_runs(logits[chunk], kept.windows[sel], height, width, t_logit)
+            owners.append(sel[owner])
+            poss.append(pos)
+        none = torch.zeros(0, dtype=torch.long, device=dev)  # no window at all
+        return torch.cat(owners or [none]), torch.cat(poss or [none]), boxes
 
-        def paste(members: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            """Runs ``(owner, pos)`` and boxes of windows ``members`` pasted from ``logits``."""
-            owners, poss, boxes = [], [], torch.zeros(members.numel(), 4, device=dev)
-            for chunk in self._paste_chunks(scale_of[members], self.paste_chunk, mixed=dev.type == "cuda"):
-                sel = members[chunk]
-                with self._stage("paste"):
-                    height, width = sizes[0] if same else (hw[sel, 0], hw[sel, 1])
-                    owner, pos, boxes[chunk] = paste_runs(logits[chunk], windows[sel], height, width, t_logit)
-                owners.append(sel[owner])
-                poss.append(pos)
-            none = torch.zeros(0, dtype=torch.long, device=dev)  # no window at all
-            return torch.cat(owners or [none]), torch.cat(poss or [none]), boxes
-
-        run_owner, run_pos, boxes_t = paste(torch.arange(n, device=dev), mask_logits)
-        # 4. drop empty masks, NMS within each image, max_proposals each
-        idx = (boxes_t[:, 2] > boxes_t[:, 0]).nonzero().squeeze(1)
+    def _survivors(self, kept: KeptWindows, runs: tuple[torch.Tensor, ...], sizes: Sequence[tuple[int, int]]
+                   ) -> torch.Tensor:
+        """Step 4: the windows that stay, in (image, score) order: no empty
+        mask, NMS within each image (demoted scores written to
+        ``kept.probs``), ``score_thresh`` on the final scores and each
+        image's ``max_proposals`` best."""
+        cfg, img = self.config, kept.img
+        run_owner, run_pos, boxes = runs
+        idx = (boxes[:, 2] > boxes[:, 0]).nonzero().squeeze(1)
         mask_iou = None
         if cfg.nms == "mask" and cfg.nms_thresh < 1.0 and idx.numel():
             with self._stage("rle"):
-                mask_iou = _mask_iou(_runs_by_image(run_owner, run_pos, idx, img, len(sizes), n), sizes, idx.device)
+                per_image = runs_by_image(run_owner, run_pos, idx, img, len(sizes), img.numel())
+                mask_iou = mask_iou_from_runs(per_image, sizes, idx.device)
         with self._stage("nms"):
-            if cfg.nms_thresh < 1.0 and idx.numel():  # in (image, score) order
-                pos, new_scores = batched_nms_rank(boxes_t[idx], probs[idx], img[idx], cfg.nms_thresh, cfg.nms_demote,
-                                                   mask_iou)
-                probs = probs.clone()
-                probs[idx] = new_scores
-                idx = idx[pos]
-            if cfg.score_thresh > 0:  # on the final scores (the windows were cut on objectness alone)
-                idx = idx[probs[idx] > cfg.score_thresh]
-            idx = idx[_rank_in_image(img[idx], len(sizes)) < cfg.max_proposals]
-        # 5. (SharpMask) finer masks for each image's refine_topk best kept windows, in place of theirs
-        if self.refining and idx.numel():
-            ref = idx[_rank_in_image(img[idx], len(sizes)) < cfg.refine_topk]
-            with self._stage("refine"):
-                logits = self._refine(levels, img[ref], level[ref], ys[ref], xs[ref])
-            owner, pos, boxes = paste(ref, logits)
-            # a window whose refined mask is empty keeps DeepMask's
-            filled = torch.zeros(n, dtype=torch.bool, device=dev)
-            filled[ref[boxes[:, 2] > boxes[:, 0]]] = True
-            kept = ~filled[run_owner]
-            run_owner, run_pos = torch.cat([run_owner[kept], owner[filled[owner]]]), torch.cat([run_pos[kept], pos[filled[owner]]])
-            boxes_t[filled] = boxes[filled[ref]]
+            idx, kept.probs = nms_and_cut(boxes, kept.probs, img, idx, len(sizes), cfg, mask_iou)
+        return idx
+
+    def _with_refined(self, levels: list[PyramidLevel], kept: KeptWindows, idx: torch.Tensor,
+                      runs: tuple[torch.Tensor, ...], sizes: Sequence[tuple[int, int]]
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Step 5 (SharpMask): ``runs`` with finer masks for each image's
+        ``refine_topk`` best windows of ``idx`` in place of theirs; a window
+        whose refined mask is empty keeps DeepMask's."""
+        run_owner, run_pos, boxes_t = runs
+        ref = idx[rank_in_image(kept.img[idx], len(sizes)) < self.config.refine_topk]
+        with self._stage("refine"):
+            logits = self._refine(levels, kept.img[ref], kept.level[ref], kept.ys[ref], kept.xs[ref])
+        owner, pos, boxes = self._paste(kept, ref, logits, sizes)
+        filled = torch.zeros(kept.img.numel(), dtype=torch.bool, device=self.device)
+        filled[ref[boxes[:, 2] > boxes[:, 0]]] = True
+        unrefined = ~filled[run_owner]
+        run_owner = torch.cat([run_owner[unrefined], owner[filled[owner]]])
+        run_pos = torch.cat([run_pos[unrefined], pos[filled[owner]]])
+        boxes_t[filled] = boxes[filled[ref]]
+        return run_owner, run_pos, boxes_t
+
+    def _per_image(self, kept: KeptWindows, idx: torch.Tensor, runs: tuple[torch.Tensor, ...],
+                   sizes: Sequence[tuple[int, int]], rle: bool) -> list[Proposals]:
+        """Step 6: one :class:`Proposals` per image, of windows ``idx``, each
+        with its own runs (whole masks decoded from them unless ``rle``: one
+        path for every output)."""
+        run_owner, run_pos, boxes_t = runs
         with self._stage("rle"):
-            per_image = _runs_by_image(run_owner, run_pos, idx, img, len(sizes), n)
-        # 6. one Proposals per image, each with its own runs (whole masks
-        # decoded from them when asked for: one path for every output)
+            per_image = runs_by_image(run_owner, run_pos, idx, kept.img, len(sizes), kept.img.numel())
         out = []
-        scores, boxes, wins, scales = probs[idx], boxes_t[idx], windows[idx], scale_of[idx]
-        for hw_b, (a, e, runs) in zip(sizes, per_image):
+        scores, boxes, wins, scales = kept.probs[idx], boxes_t[idx], kept.windows[idx], kept.scale_of[idx]
+        for hw_b, (a, e, image_runs) in zip(sizes, per_image):
             props = Proposals(scores=scores[a:e], boxes_xyxy=boxes[a:e], windows_xyxy=wins[a:e], scales=scales[a:e],
-                              image_size=hw_b, runs=runs)
+                              image_size=hw_b, runs=image_runs)
             if not rle:
                 with self._stage("masks"):
-                    props.masks = props.dense_masks().to(dev)
+                    props.masks = props.dense_masks().to(self.device)
             out.append(props)
         return out
 
-    def _refine(self, levels: list[_Level], img: torch.Tensor, level: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor,
-                chunk: int = 64) -> torch.Tensor:
+    def _refine(self, levels: list[PyramidLevel], img: torch.Tensor, level: torch.Tensor, ys: torch.Tensor,
+                xs: torch.Tensor, chunk: int = 64) -> torch.Tensor:
         """Refined mask logits ``(K, r, r)`` of the windows with top-left cells
         ``(ys, xs)`` of image ``img`` at pyramid ``level``: each window's patch
         is cut from its level's canvas and run through the trunk's levels, the
@@ -364,88 +382,3 @@ class Proposer:
                 x = patches.permute(0, 3, 1, 2).to(self.dtype).contiguous(memory_format=torch.channels_last)
                 out[sel] = self.net.refine_levels(self.trunk.levels(x)).float()
         return out
-
-
-    def _select(self, levels: list[_Level], sizes: Sequence[tuple[int, int]]) -> tuple[torch.Tensor, ...]:
-        """The windows every image keeps before masks: ``(image, level, y,
-        x, score logit)`` of each, image by image and best first within an
-        image (ties in level, then row-major order): the ``pre_nms_topk`` best
-        over all scales (only ``max_proposals`` when NMS is off) above
-        ``score_thresh`` (objectness can only fall in rescoring and NMS, so
-        the final scores are cut again)."""
-        cfg = self.config
-        p, f = self.patch_size, self.model.config.feat_size
-        dev = self.device
-        flat, lvl, yy, xx = [], [], [], []
-        for li, lv in enumerate(levels):
-            _, sy, sx = lv.scores.shape
-            # windows inside each image (the canvas is the batch's largest)
-            ny = torch.tensor([canvas_cells(h, p) - f + 1 for h, _ in lv.sizes]).to(dev)
-            nx = torch.tensor([canvas_cells(w, p) - f + 1 for _, w in lv.sizes]).to(dev)
-            ar_y, ar_x = torch.arange(sy, device=dev), torch.arange(sx, device=dev)
-            inside = (ar_y[None, :, None] < ny[:, None, None]) & (ar_x[None, None, :] < nx[:, None, None])
-            # the scale prior: a logit offset per octave of the level's scale
-            prior = cfg.scale_prior * math.log2(lv.scale)
-            flat.append(torch.where(inside, lv.window_scores(cfg.flip).float() + prior, -math.inf).flatten(1))
-            lvl.append(torch.full((sy * sx,), li, dtype=torch.long, device=dev))
-            yy.append(ar_y.repeat_interleave(sx))
-            xx.append(ar_x.repeat(sy))
-        scores = torch.cat(flat, 1)  # (B, windows of every level)
-        k = cfg.pre_nms_topk if cfg.nms_thresh < 1.0 else min(cfg.pre_nms_topk, cfg.max_proposals)
-        top, order = torch.sort(scores, dim=1, descending=True, stable=True)
-        top, order = top[:, :k], order[:, :k]
-        floor = logit(cfg.score_thresh) if cfg.score_thresh > 0 else -math.inf
-        img, rank = (top > floor).nonzero(as_tuple=True)
-        w = order[img, rank]
-        return img, torch.cat(lvl)[w], torch.cat(yy)[w], torch.cat(xx)[w], top[img, rank]
-
-    @staticmethod
-    def _paste_chunks(scale_of: torch.Tensor, size: int, mixed: bool = False) -> list[torch.Tensor]:
-        """Window indices in chunks of at most ``size``, by scale (so by
-        window size, so by crop size): each chunk of one scale, or (``mixed``,
-        on a GPU, where fewer and larger calls pay) of neighbouring ones."""
-        by_size = torch.argsort(scale_of, stable=True)
-        if by_size.numel() == 0:
-            return []
-        if mixed:
-            return list(by_size.split(size))
-        sorted_scales = scale_of[by_size]
-        bounds = [0, *((sorted_scales[1:] != sorted_scales[:-1]).nonzero().squeeze(1) + 1).tolist(), by_size.numel()]
-        chunks = []
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            chunks.extend(by_size[i : min(i + size, b)] for i in range(a, b, size))
-        return chunks
-
-
-def _rank_in_image(img: torch.Tensor, n_images: int) -> torch.Tensor:
-    """Each window's place within its image, for windows in (image, score)
-    order: 0 for each image's best."""
-    counts = torch.bincount(img, minlength=n_images)
-    return torch.arange(img.numel(), device=img.device) - (torch.cumsum(counts, 0) - counts)[img]
-
-
-def _runs_by_image(run_owner: torch.Tensor, run_pos: torch.Tensor, idx: torch.Tensor, img: torch.Tensor, n_images: int,
-                   n: int) -> list[tuple[int, int, tuple[np.ndarray, np.ndarray]]]:
-    """The runs of windows ``idx`` (of ``n``, in (image, score) order), image
-    by image: ``(a, e, (owner, pos))`` with the image's windows at positions
-    ``a..e-1`` of ``idx`` and ``owner`` numbered from 0 within the image."""
-    owner, pos = select_runs(run_owner, run_pos, idx, n)
-    starts = np.cumsum([0, *torch.bincount(img[idx], minlength=n_images).tolist()])
-    cut = np.searchsorted(owner, starts)
-    out = []
-    for b in range(n_images):
-        a, e = int(starts[b]), int(starts[b + 1])
-        r = slice(cut[b], cut[b + 1])
-        out.append((a, e, (owner[r] - a, pos[r])))
-    return out
-
-
-def _mask_iou(per_image: list[tuple[int, int, tuple[np.ndarray, np.ndarray]]], sizes: Sequence[tuple[int, int]],
-              device: torch.device) -> torch.Tensor:
-    """Pairwise mask IoU of the windows of :func:`_runs_by_image`, from their
-    runs: pycocotools within each image, 0 across images."""
-    blocks = []
-    for (a, e, (owner, pos)), (h, w) in zip(per_image, sizes):
-        rles, _ = rle_utils.from_run_starts(owner, pos, e - a, h, w)
-        blocks.append(torch.from_numpy(rle_utils.iou(rles, rles)).float().reshape(e - a, e - a))
-    return torch.block_diag(*blocks).to(device)

@@ -2,8 +2,12 @@
 
 Two ways to run the same weights:
 
-- :meth:`DeepMask.forward` on a batch of patches, as in training:
-  ``(B, 3, P, P) -> mask_logits (B, m, m), score_logits (B,)``.
+- on a batch of patches, as in training: :meth:`DeepMask.forward`,
+  ``(B, 3, P, P) -> mask_logits (B, m, m), score_logits (B,)``; on windows
+  of trunk maps that a feature cache holds (:meth:`DeepMask.heads`,
+  :meth:`DeepMask.tail_heads`); or through SharpMask's refinement
+  (:meth:`DeepMask.refined_masks`). :class:`TrainingPass` is the one a
+  training step runs, as a module.
 - densely on a whole feature map, for full-scene inference: the linear layers
   become convolutions over the trunk's map, so every stride-16 window of the map
   gets a mask and a score (:meth:`DeepMask.dense_scores`,
@@ -13,7 +17,7 @@ Two ways to run the same weights:
   dilated convolution over the stride-1 pooled map.
 
 The model returns logits only; thresholds, NMS and pasting live in
-:mod:`deepmask_cli.inference.postprocess`.
+:mod:`deepmask_cli.inference.paste` and :mod:`deepmask_cli.inference.ranking`.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepmask_cli.core.config import ModelConfig
-from deepmask_cli.modeling.trunks import Trunk, build_trunk, window_forward
+from deepmask_cli.modeling.trunk_base import Trunk, window_forward
+from deepmask_cli.modeling.trunks import build_trunk
 
 
 class MaskHead(nn.Module):
@@ -136,17 +141,19 @@ class ScoreHead(nn.Module):
         first = self.fc0 if self.fc0 is not None else self.fc1
         pooled = F.max_pool2d(fmap, 2, stride=1)
         w1 = weights[0]
-        x = self._fc1_by_parity(pooled, w1, first.bias) if fmap.is_cuda else F.conv2d(pooled, w1, first.bias, dilation=2)
+        x = self.fc1_by_parity(pooled, w1, first.bias) if fmap.is_cuda else F.conv2d(pooled, w1, first.bias, dilation=2)
         if self.fc0 is not None:  # the bottleneck: fc1 as a 1x1 convolution, no ReLU between
             weights = weights[1:]
             x = F.conv2d(x, weights[0], self.fc1.bias)
         x = F.relu(F.conv2d(F.relu(x), weights[1], self.fc2.bias))
         return F.conv2d(x, weights[2], self.fc3.bias)[:, 0]
 
-    def _fc1_by_parity(self, pooled: torch.Tensor, w1: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """fc1's dilation-2 convolution over ``pooled`` as four plain ones,
-        one per (row, column) parity of the output, interleaved: the same
-        sums. cuDNN's heuristics run the dilated form with a slow direct
+    def fc1_by_parity(self, pooled: torch.Tensor, w1: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """The first layer's dilation-2 convolution (:meth:`dense` runs it on
+        a GPU) over ``pooled``, the map's stride-1 2x2 max-pool, with kernel
+        ``w1`` (:meth:`dense_weights`' first) and ``bias``, as four plain
+        ones, one per (row, column) parity of the output, interleaved: the
+        same sums. cuDNN's heuristics run the dilated form with a slow direct
         kernel, and its autotuner, which finds a fast one, plans anew for
         every shape; on a CPU oneDNN runs the dilated form faster
         (docs/benchmarks.md)."""
@@ -219,7 +226,11 @@ class DeepMask(nn.Module):
     """DeepMask: ``forward(patches) -> (mask_logits, score_logits)``.
 
     ``patches`` are RGB in ``[0, 1]``, ``(B, 3, P, P)`` with ``P = patch_size``;
-    the trunk's normalisation is applied inside.
+    the trunk's normalisation is applied inside. Each other pass is a method
+    of its own: on training samples :meth:`heads` (trunk windows),
+    :meth:`tail_heads` (windows of the trunk's last blocks' input) and
+    :meth:`refined_masks`; on whole maps :meth:`dense_scores`,
+    :meth:`window_masks` and :meth:`dense_masks`.
     """
 
     def __init__(self, config: ModelConfig, trunk: Trunk | None = None) -> None:
@@ -241,6 +252,7 @@ class DeepMask(nn.Module):
         self.register_buffer("std", torch.tensor(self.trunk.std).view(1, 3, 1, 1), persistent=False)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """RGB in ``[0, 1]`` -> the trunk's input (its ``mean`` and ``std``)."""
         return (images - self.mean) / self.std
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -248,26 +260,28 @@ class DeepMask(nn.Module):
         return self.trunk(self.normalize(images).contiguous(memory_format=torch.channels_last))
 
     def heads(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Trunk windows ``(B, C, f, f)`` -> ``(mask_logits (B, m, m),
+        score_logits (B,))``: the heads alone, on windows of stride-16 maps
+        (a feature cache's, or :meth:`features` of patches)."""
         return self.mask_head(feats), self.score_head(feats)
 
-    def forward(self, patches: torch.Tensor, *, from_features: bool = False, refine: bool = False, tail: int = 0,
-                valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``from_features=True`` takes trunk windows ``(B, C, f, f)`` instead of
-        patches; with ``tail`` > 0 they are windows of the input of the trunk's
-        last ``tail`` blocks, ``f`` plus their reach (:meth:`Trunk.tail_halo`)
-        on each side, with ``valid`` ``(B, 1, ., .)`` marking the cells on the
-        map (:func:`~deepmask_cli.modeling.trunks.window_forward`); the blocks run on
-        them first. ``refine=True`` gives the refined masks (:meth:`refined_masks`)."""
-        if refine:
-            return self.refined_masks(patches)
-        if not from_features:
-            return self.heads(self.features(patches))
-        if tail:
-            if valid is None:
-                raise ValueError("windows for the trunk's last blocks need their valid cells")
-            x = patches.contiguous(memory_format=torch.channels_last)  # the trunk's layout (features())
-            patches = window_forward(self.trunk.split(tail)[1], x, valid)
-        return self.heads(patches)
+    def forward(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patches ``(B, 3, P, P)`` in ``[0, 1]`` -> ``(mask_logits (B, m, m),
+        score_logits (B,))``: the trunk, then the heads."""
+        return self.heads(self.features(patches))
+
+    def tail_heads(self, windows: torch.Tensor, tail: int, valid: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The trunk's last ``tail`` blocks, then the heads, on windows of
+        those blocks' input: ``windows`` are ``f`` plus the blocks' reach
+        (:meth:`Trunk.tail_halo`) on each side, with ``valid`` ``(B, 1, ., .)``
+        marking the cells on the map
+        (:func:`~deepmask_cli.modeling.trunk_base.window_forward`). Returns
+        what :meth:`heads` does."""
+        if valid is None:
+            raise ValueError("windows for the trunk's last blocks need their valid cells")
+        x = windows.contiguous(memory_format=torch.channels_last)  # the trunk's layout (features())
+        return self.heads(window_forward(self.trunk.split(tail)[1], x, valid))
 
     def refined_masks(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Patches ``(B, 3, P, P)`` -> ``(refined mask logits (B, r, r),
@@ -320,6 +334,36 @@ class DeepMask(nn.Module):
         cols = (xs[:, None] + ar)[:, None, :]  # (K, 1, f)
         win = reduced.permute(0, 2, 3, 1)[batch[:, None, None], rows, cols]  # (K, f, f, c)
         return self.mask_head.from_hidden(self.mask_head.window_hidden(win, fc1_weight))
+
+
+class TrainingPass(nn.Module):
+    """The pass of :class:`DeepMask` that a training step runs, chosen once,
+    as a module: ``forward(x, valid=None) -> (mask_logits, score_logits)``.
+
+    DistributedDataParallel synchronises gradients only through the
+    ``forward`` of the module it wraps, so a step that runs another of the
+    model's passes wraps this instead of calling the method. It holds
+    ``model`` itself (no copy): ``refine`` -> :meth:`DeepMask.refined_masks`
+    of patches; ``from_features`` -> :meth:`DeepMask.heads` of trunk
+    windows, or with ``tail`` > 0 :meth:`DeepMask.tail_heads` of windows of
+    the trunk's last ``tail`` blocks' input (``valid`` marks their cells on
+    the map); else :meth:`DeepMask.forward` of patches.
+    """
+
+    def __init__(self, model: DeepMask, *, from_features: bool = False, refine: bool = False, tail: int = 0) -> None:
+        super().__init__()
+        self.model = model
+        self.from_features, self.refine, self.tail = from_features, refine, tail
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x``: patches or windows, as the pass reads them."""
+        if self.refine:
+            return self.model.refined_masks(x)
+        if not self.from_features:
+            return self.model(x)
+        if self.tail:
+            return self.model.tail_heads(x, self.tail, valid)
+        return self.model.heads(x)
 
 
 def build_model(config: ModelConfig, *, pretrained_trunk: bool = False, trunk_weights: str | None = None) -> DeepMask:

@@ -19,7 +19,7 @@ With ``tail`` (``--train-blocks N``) the trunk's last N blocks train too:
 the cache holds the maps of their input, and a sample is a window widened by
 their reach (:meth:`Trunk.tail_halo`), with the cells on the map marked, so
 that the blocks compute exactly the map inference does
-(:func:`~deepmask_cli.modeling.trunks.window_forward`).
+(:func:`~deepmask_cli.modeling.trunk_base.window_forward`).
 
 The price: no colour jitter and no sub-grid jitter of position or scale
 (flips are kept), and features see the image's context rather than a patch's

@@ -31,7 +31,7 @@ from deepmask_cli.core.config import ModelConfig, TrainConfig
 from deepmask_cli.training.data import PatchDataset, load_coco
 from deepmask_cli.core.errors import UserError
 from deepmask_cli.core.files import atomic_save, atomic_write
-from deepmask_cli.modeling.model import DeepMask, build_model
+from deepmask_cli.modeling.model import DeepMask, TrainingPass, build_model
 from deepmask_cli.modeling.weights import load_weights, save_weights
 
 CHECKPOINT = "checkpoint.pt"
@@ -119,7 +119,7 @@ def patch_metrics(model: DeepMask, batches: list[tuple[torch.Tensor, ...]], devi
     hook = model.score_head.fc1.register_forward_hook(on_fc1)
     for x, mask, label in batches:
         x, mask, label = x.to(device), mask.to(device), label.to(device)
-        mlog, slog = model(x, refine=refine)
+        mlog, slog = model.refined_masks(x) if refine else model(x)
         pos = label > 0
         if pos.any():
             pred = mlog[pos] > 0
@@ -339,9 +339,11 @@ def train(
         if device.type == "cuda" and ck.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(ck["rng_cuda"], device)
 
-    ddp_model: torch.nn.Module = model
+    tail = config.train_blocks if config.cache_features else 0  # on patches the whole trunk runs
+    # the step's pass as a module: DDP synchronises gradients through forward alone
+    ddp_model: torch.nn.Module = TrainingPass(model, from_features=config.cache_features, refine=refine, tail=tail)
     if world > 1:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        ddp_model = torch.nn.parallel.DistributedDataParallel(ddp_model, device_ids=[device.index] if device.type == "cuda" else None)
 
     fill = model.trunk.mean
     # patch targets at the resolution of the masks trained: the refinement's, or the mask head's
@@ -409,7 +411,6 @@ def train(
     t0, seen = time.time(), 0
     last_val: dict | None = None
     step = start_step
-    tail = config.train_blocks if config.cache_features else 0  # on patches the whole trunk runs
     for batch in loader:
         x, mask, label = batch[:3]
         valid = batch[3].to(device, non_blocking=True) if len(batch) > 3 else None
@@ -419,7 +420,7 @@ def train(
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
             if config.feature_dropout > 0:  # cached maps only (checked above)
                 x = F.dropout(x, config.feature_dropout)
-            mlog, slog = ddp_model(x, from_features=config.cache_features, refine=refine, tail=tail, valid=valid)
+            mlog, slog = ddp_model(x, valid)
         # the refinement stage trains masks only (its score head is DeepMask's, frozen)
         loss, lm, ls = deepmask_loss(mlog, slog, mask, label, 0.0 if refine else config.score_weight)
         opt.zero_grad(set_to_none=True)

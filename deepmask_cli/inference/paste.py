@@ -1,22 +1,17 @@
-"""Turning the network's logits into proposals: pasting, boxes, NMS.
+"""Pasting the network's mask logits into images: crops, whole masks, and
+RLE runs straight from the logits, with each mask's tight box.
 
-Pure tensor functions, vectorised over proposals; they run on whatever device
+Pure tensor functions, vectorised over windows; they run on whatever device
 their inputs are on. Nothing here knows about the network or files.
 """
 
 from __future__ import annotations
 
-import math
-
+import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.ops import batched_nms, box_iou
 
-
-def logit(p: float) -> float:
-    """The logit whose sigmoid is probability ``p``."""
-    p = min(max(p, 1e-12), 1 - 1e-12)
-    return math.log(p / (1 - p))
+from deepmask_cli.formats.proposals import select_runs
 
 
 def _interp_index(coords: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -224,6 +219,7 @@ def _join_touching(owner: torch.Tensor, pos: torch.Tensor, size: int | torch.Ten
 PASTE_BUDGET = 2**26
 
 
+
 def paste_runs(
     mask_logits: torch.Tensor,
     windows_xyxy: torch.Tensor,
@@ -273,12 +269,28 @@ def paste_runs(
     # knots of every column, less the threshold: (K, cw, m); zero (so out)
     # for columns outside the window
     g = _interp_matrix(ux, m) @ (logits - thresh_logit).transpose(1, 2)
+    kk, col, row = _column_toggles(g, y0, y1, hgt)
+    kk, col, row = _odd_toggles(kk, col, row, cw, (height if isinstance(height, int) else int(hgt.max())) + 1)
+    # boxes: in each column the first toggle starts a run and the last ends one
+    boxes = _change_boxes(kk, col, row, k, ox, 0)
+    # A run that ends at a column's bottom and one that starts at the next
+    # column's top are one run of COCO's column-major order.
+    hk = hgt[kk]
+    return (*_join_touching(kk, (ox[kk] + col) * hk + row, hk * wid[kk]), boxes)
+
+
+def _column_toggles(g: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor, hgt: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where each column's mask flips, from its knots less the threshold
+    ``g`` (``(K, cw, m)``): ``(window, column, image row)`` of every toggle,
+    for windows spanning rows ``[y0, y1)`` of images ``hgt`` rows high."""
+    k, cw, m = g.shape
     above = g > 0
     # Toggles of each column, by slot: 0 the window's top row (when knot 0 is
     # above), j + 1 a crossing between knots j and j + 1, m one past the
     # window's bottom row (when knot m - 1 is above). Going down a column the
     # mask flips at every toggle; there is an even number of them.
-    toggle = torch.empty(k, cw, m + 1, dtype=torch.bool, device=dev)
+    toggle = torch.empty(k, cw, m + 1, dtype=torch.bool, device=g.device)
     toggle[:, :, 0] = above[:, :, 0]
     toggle[:, :, 1:m] = above[:, :, 1:] != above[:, :, :-1]
     toggle[:, :, m] = above[:, :, m - 1]
@@ -298,22 +310,22 @@ def paste_runs(
     row = torch.where(b > 0, torch.floor(yc) + 1, torch.ceil(yc))
     row = torch.minimum(torch.maximum(row, top), bottom)
     row = torch.where(slot == 0, top, torch.where(slot == m, bottom, row)).long()
-    # Two toggles at one row (after clamping to the window, or by rounding)
-    # cancel: keep one of an odd number. Sorting also restores row order
-    # where rounding swapped two nearby crossings.
-    rows = (height if isinstance(height, int) else int(hgt.max())) + 1
+    return kk, col, row
+
+
+def _odd_toggles(kk: torch.Tensor, col: torch.Tensor, row: torch.Tensor, cw: int, rows: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The toggles of :func:`_column_toggles` that change the mask, sorted
+    by window, column and row (``cw`` columns, rows below ``rows``): two
+    toggles at one row (after clamping to the window, or by rounding) cancel,
+    so one of an odd number stays. Sorting also restores row order where
+    rounding swapped two nearby crossings."""
     key, _ = torch.sort((kk * cw + col) * rows + row)
     key, count = torch.unique_consecutive(key, return_counts=True)
     key = key[count % 2 == 1]
     kk = key // (cw * rows)
     col = key // rows - kk * cw
-    row = key % rows
-    # boxes: in each column the first toggle starts a run and the last ends one
-    boxes = _change_boxes(kk, col, row, k, ox, 0)
-    # A run that ends at a column's bottom and one that starts at the next
-    # column's top are one run of COCO's column-major order.
-    hk = hgt[kk]
-    return (*_join_touching(kk, (ox[kk] + col) * hk + row, hk * wid[kk]), boxes)
+    return kk, col, key % rows
 
 
 def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
@@ -338,87 +350,37 @@ def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
     return boxes
 
 
-def cluster_nms(iou: torch.Tensor, thresh: float) -> torch.Tensor:
-    """Greedy NMS from a pairwise IoU matrix, vectorised (Cluster-NMS, Zheng et
-    al. 2021): iterating "keep i unless a kept, higher-ranked j overlaps it by
-    more than ``thresh``" to a fixed point gives exactly the greedy result.
-
-    ``iou: (K, K)`` for proposals already sorted by decreasing score. Returns the
-    ``(K,)`` bool keep mask.
-    """
-    k = iou.shape[0]
-    if k == 0:
-        return torch.zeros(0, dtype=torch.bool, device=iou.device)
-    upper = torch.triu(iou, diagonal=1)  # j < i overlaps
-    keep = torch.ones(k, dtype=torch.bool, device=iou.device)
-    for _ in range(k):
-        suppressed = (upper * keep[:, None].to(upper.dtype)).amax(0) > thresh
-        new_keep = ~suppressed
-        if torch.equal(new_keep, keep):
-            break
-        keep = new_keep
-    return keep
+def paste_chunks(scale_of: torch.Tensor, size: int, mixed: bool = False) -> list[torch.Tensor]:
+    """Window indices in chunks of at most ``size``, by scale (so by window
+    size, so by crop size): each chunk of one scale, or (``mixed``, on a
+    GPU, where fewer and larger calls pay) of neighbouring ones. ``scale_of``:
+    each window's pyramid scale."""
+    by_size = torch.argsort(scale_of, stable=True)
+    if by_size.numel() == 0:
+        return []
+    if mixed:
+        return list(by_size.split(size))
+    sorted_scales = scale_of[by_size]
+    bounds = [0, *((sorted_scales[1:] != sorted_scales[:-1]).nonzero().squeeze(1) + 1).tolist(), by_size.numel()]
+    chunks = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        chunks.extend(by_size[i : min(i + size, b)] for i in range(a, b, size))
+    return chunks
 
 
-def demotion(iou: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """Score factors that demote what greedy NMS suppressed instead of
-    dropping it: ``1 - `` its largest IoU with a better kept proposal (the
-    linear decay of Soft-NMS, Bodla et al. 2017, applied once), 1 for the
-    kept.
-
-    ``kept: (K,)`` bool, by decreasing score; ``iou: (n_kept, K - n_kept)``,
-    each kept proposal's IoU (rows, in order) with each suppressed one
-    (columns, in order): all that is needed, a fraction of the K x K matrix.
-    """
-    out = torch.ones(kept.shape[0], device=kept.device)
-    pos_k, pos_s = kept.nonzero().squeeze(1), (~kept).nonzero().squeeze(1)
-    if pos_s.numel():
-        better = pos_k[:, None] < pos_s[None, :]
-        out[pos_s] = 1.0 - torch.where(better, iou.float(), 0.0).amax(0)
+def runs_by_image(run_owner: torch.Tensor, run_pos: torch.Tensor, idx: torch.Tensor, img: torch.Tensor, n_images: int,
+                  n: int) -> list[tuple[int, int, tuple[np.ndarray, np.ndarray]]]:
+    """The runs of windows ``idx`` (of ``n``, in (image, score) order; window
+    ``i`` of image ``img[i]``), image by image: ``(a, e, (owner, pos))`` with
+    the image's windows at positions ``a..e-1`` of ``idx`` and ``owner``
+    numbered from 0 within the image. ``run_owner``, ``run_pos``: the run
+    changes of all ``n`` windows, as :func:`paste_runs` gives them."""
+    owner, pos = select_runs(run_owner, run_pos, idx, n)
+    starts = np.cumsum([0, *torch.bincount(img[idx], minlength=n_images).tolist()])
+    cut = np.searchsorted(owner, starts)
+    out = []
+    for b in range(n_images):
+        a, e = int(starts[b]), int(starts[b + 1])
+        r = slice(cut[b], cut[b + 1])
+        out.append((a, e, (owner[r] - a, pos[r])))
     return out
-
-
-def image_major(img: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
-    """The order that sorts proposals by image, then by decreasing score
-    (stable: ties keep their order)."""
-    order = torch.argsort(score, descending=True, stable=True)
-    return order[torch.sort(img[order], stable=True).indices]
-
-
-def batched_nms_rank(boxes_xyxy: torch.Tensor, scores: torch.Tensor, img: torch.Tensor, thresh: float, demote: bool,
-                     mask_iou: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy NMS within each image of a batch: ``(positions, scores)``.
-
-    The inputs are in (image, decreasing score) order. Overlap is box IoU,
-    or ``mask_iou`` (``(K, K)``, 0 between proposals of different images)
-    when given. Without ``demote`` ``positions`` are the survivors, in that
-    order, and the scores are unchanged; with it every proposal stays, each
-    suppressed one's score times :func:`demotion`'s factor (its overlap with
-    the better survivor of its image), and ``positions`` order them all by
-    image, then by the new score. One IoU matrix serves the whole batch,
-    pairs of different images zeroed: no loop over images (a device sync
-    each on a GPU).
-    """
-    if mask_iou is None:
-        keep = batched_nms(boxes_xyxy.float(), scores.float(), img, thresh)
-        kept = torch.zeros(scores.shape[0], dtype=torch.bool, device=scores.device)
-        kept[keep] = True
-    else:  # in (image, score) order with no overlap across images, so greedy per image
-        kept = cluster_nms(mask_iou, thresh)
-    if not demote:
-        return kept.nonzero().squeeze(1), scores
-    if mask_iou is None:
-        same = img[kept][:, None] == img[~kept][None, :]
-        iou = box_iou(boxes_xyxy[kept], boxes_xyxy[~kept]) * same
-    else:
-        iou = mask_iou[kept][:, ~kept]
-    scores = scores * demotion(iou, kept)
-    return image_major(img, scores), scores
-
-
-def maskness(mask_logits: torch.Tensor, thresh_logit: float) -> torch.Tensor:
-    """Mask quality, for rescoring (SOLOv2, Wang et al. 2020): the mean
-    probability over the pixels above the threshold, 0 when none is.
-    ``mask_logits: (N, h, w)``; returns ``(N,)``."""
-    hard = mask_logits > thresh_logit
-    return (torch.sigmoid(mask_logits) * hard).sum((1, 2)) / hard.sum((1, 2)).clamp(min=1)
