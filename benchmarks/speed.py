@@ -48,6 +48,7 @@ from deepmask_cli.evaluation.recall import evaluate_recall
 from deepmask_cli.formats.images import load_image
 from deepmask_cli.inference.pyramid import image_to_tensor
 from deepmask_cli.inference.runtime import describe_cpu
+from deepmask_cli.inference.proposer import Proposer
 from deepmask_cli.pipeline.loading import load_proposer
 from deepmask_cli.pipeline.propose import pipeline_defaults, run_propose
 from deepmask_cli.formats.results import ResultsWriter, records
@@ -236,13 +237,9 @@ def main(argv=None) -> int:
         # An ONNX Runtime trunk is invisible to the counter: count the torch
         # trunk it was made from instead (the same convolutions).
         # (An int8 network holds the score head too.)
-        onnx, runtime = proposer._onnx, proposer.runtime
-        proposer._onnx, proposer.runtime = None, "torch"
-        try:
-            with FlopCounterMode(display=False) as c_dense, torch.no_grad():
-                levels = proposer.dense_pass([image_to_tensor(load_image(images[0])).to(proposer.device)])
-        finally:
-            proposer._onnx, proposer.runtime = onnx, runtime
+        twin = Proposer(proposer.model, proposer.config.replace(runtime="torch"), device=str(proposer.device))
+        with FlopCounterMode(display=False) as c_dense, torch.no_grad():
+            levels = twin.dense_pass([image_to_tensor(load_image(images[0])).to(twin.device)])
         with FlopCounterMode(display=False) as c_score, torch.no_grad():
             for lv in levels:
                 proposer.net.dense_scores(lv.fmap)

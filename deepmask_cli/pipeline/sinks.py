@@ -81,7 +81,7 @@ class Sink:
         return False
 
     def job(self, key: str, image_id: int, path: Path, image: Image.Image, props) -> Job:
-        """The work that turns one image's :class:`~deepmask_cli.inference.proposer.Proposals`
+        """The work that turns one image's :class:`~deepmask_cli.formats.proposals.Proposals`
         into output: ``(fn, args)``, with ``fn`` importable and ``args``
         picklable (numpy arrays, not tensors)."""
         raise NotImplementedError
