@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from deepmask_cli.core.config import ModelConfig, SamplerConfig
-from deepmask_cli.training.data import PatchDataset, load_coco, resolve_coco
+from deepmask_cli.training.data import load_coco, resolve_coco
+from deepmask_cli.training.patches import PatchDataset
 from deepmask_cli.modeling.model import build_model
 from deepmask_cli.training.loop import load_checkpoint, patch_metrics
 

@@ -9,7 +9,8 @@ import torch
 
 from conftest import PINNED, TINY
 from deepmask_cli.core.config import TRUNK_STRIDE, InferenceConfig, SamplerConfig
-from deepmask_cli.training.data import PatchSampler, canonical_log2, load_coco
+from deepmask_cli.training.data import load_coco
+from deepmask_cli.training.patches import PatchSampler, canonical_log2
 from deepmask_cli.training.featcache import FeatureCache
 from deepmask_cli.inference.proposer import Proposer
 from synth import tiny_model

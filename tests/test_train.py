@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from deepmask_cli.core.config import SamplerConfig, TrainConfig
-from deepmask_cli.training.data import DataError, PatchDataset, load_coco, resolve_coco
+from deepmask_cli.training.data import DataError, load_coco, resolve_coco
+from deepmask_cli.training.patches import PatchDataset
 from deepmask_cli.modeling.model import DeepMask
 from deepmask_cli.training.loop import TrainData, deepmask_loss, lr_factor, train
 from synth import free_port

@@ -40,7 +40,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from deepmask_cli.core.config import TRUNK_STRIDE, InferenceConfig, ModelConfig, SamplerConfig
-from deepmask_cli.training.data import ImageRecord, canonical_log2, crop_resized, record_image, window_labels
+from deepmask_cli.training.data import ImageRecord, record_image
+from deepmask_cli.training.patches import canonical_log2, crop_resized, window_labels
 from deepmask_cli.core.errors import ConfigError
 from deepmask_cli.core.files import atomic_save
 from deepmask_cli.modeling.model import DeepMask

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from deepmask_cli.core.config import ModelConfig, TrainConfig
-from deepmask_cli.training.data import PatchDataset, load_coco
+from deepmask_cli.training.data import load_coco
+from deepmask_cli.training.patches import PatchDataset
 from deepmask_cli.core.errors import UserError
 from deepmask_cli.core.files import atomic_save, atomic_write
 from deepmask_cli.modeling.model import DeepMask, build_model
