@@ -13,7 +13,7 @@ from typing import Any
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from deepmask_cli.formats.coco import CocoFileError, load_json
+from deepmask_cli.formats.coco import CocoFileError, read_category_ids, read_instances_leniently
 from deepmask_cli.core.config import SamplerConfig
 from deepmask_cli.core.errors import UserError
 from deepmask_cli.formats.images import ImageError, load_image
@@ -96,11 +96,10 @@ def parse_categories(spec: str | None, ann_file: str | Path | None = None) -> fr
         if ann_file is None:
             raise DataError("--categories non-voc needs the annotation file whose other categories it means")
         try:
-            cats = load_json(ann_file, fix="").get("categories") or []
-            ids = {int(c["id"]) for c in cats}
-        except (CocoFileError, ValueError, TypeError, KeyError, AttributeError):
+            ids = read_category_ids(ann_file)
+        except CocoFileError:
             raise DataError(f"{ann_file}: cannot read its categories for --categories non-voc") from None
-        return frozenset(ids - VOC_CATEGORIES)
+        return ids - VOC_CATEGORIES
     try:
         ids = frozenset(int(v) for v in spec.split(",") if v.strip())
     except ValueError:
@@ -146,28 +145,21 @@ def load_coco(
     if not images_dir.is_dir():
         raise DataError(f"{images_dir}: no such images folder")
     try:
-        data = load_json(ann_file, fix="pass a COCO instances file")
+        coco = read_instances_leniently(ann_file)
     except CocoFileError as e:
         raise DataError(str(e)) from None
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(data.get("annotations"), list):
-        raise DataError(f"{ann_file}: not a COCO instances file (needs 'images' and 'annotations' lists)")
-    report: dict[str, Any] = {"missing_images": [], "bad_images": [], "bad_annotations": 0, "crowd": 0, "tiny": 0,
-                              "other_categories": 0}
-    by_image: dict[int, list[dict]] = {}
-    for a in data["annotations"]:
-        if isinstance(a, dict) and "image_id" in a:
-            if categories is not None and a.get("category_id") not in categories:
-                report["other_categories"] += 1  # not labelled at all: background, as for the paper's VOC-only run
-                continue
-            by_image.setdefault(a["image_id"], []).append(a)
-    records = []
-    for im in data["images"]:
-        try:
-            iid, fname, w, h = im["id"], im["file_name"], int(im["width"]), int(im["height"])
-        except (KeyError, TypeError, ValueError):
-            report["bad_annotations"] += 1
+    # an image entry without a usable id, name or size counts as a bad annotation
+    report: dict[str, Any] = {"missing_images": [], "bad_images": [], "bad_annotations": coco.bad_images, "crowd": 0,
+                              "tiny": 0, "other_categories": 0}
+    by_image: dict[Any, list[dict]] = {}
+    for a in coco.annotations:
+        if categories is not None and a.get("category_id") not in categories:
+            report["other_categories"] += 1  # not labelled at all: background, as for the paper's VOC-only run
             continue
-        path = images_dir / fname
+        by_image.setdefault(a["image_id"], []).append(a)
+    records = []
+    for im in coco.images:
+        path = images_dir / im.file_name
         if not path.is_file():
             report["missing_images"].append(str(path))
             continue
@@ -178,15 +170,15 @@ def load_coco(
                 report["bad_images"].append(f"{path}: {e}")
                 continue
         insts = []
-        for a in by_image.get(iid, []):
-            inst = _instance(a, h, w, sampler)
+        for a in by_image.get(im.id, []):
+            inst = _instance(a, im.height, im.width, sampler)
             if inst is None:
                 report["bad_annotations"] += 1
                 continue
             report["crowd"] += inst.crowd
             report["tiny"] += (not inst.crowd) and not inst.usable
             insts.append(inst)
-        records.append(ImageRecord(path, w, h, insts))
+        records.append(ImageRecord(path, im.width, im.height, insts))
     bad = report["missing_images"] + report["bad_images"]
     if bad and not skip_bad_images:
         raise DataError(f"{bad[0]}: missing or unreadable ({len(bad)} such images); fix them or allow skipping")
@@ -197,12 +189,11 @@ def load_coco(
 
 def _instance(a: dict, h: int, w: int, sampler: SamplerConfig) -> Instance | None:
     """One annotation's instance, or ``None`` for one that is not a mask of
-    its image (counted as a bad annotation and skipped)."""
-    seg = a.get("segmentation")
-    if isinstance(seg, list) and not any(isinstance(p, list) and len(p) >= 6 for p in seg):
-        return None
+    its image (counted as a bad annotation and skipped): a segmentation that
+    :func:`~deepmask_cli.formats.rle.normalise` refuses, or an empty mask
+    (polygons of fewer than three points, which it drops, included)."""
     try:
-        rle = normalise(seg, h, w, lenient=True)
+        rle = normalise(a.get("segmentation"), h, w, lenient=True)
         return instance_from_rle(rle, bool(a.get("iscrowd", 0)), sampler)
     except (KeyError, TypeError, ValueError, IndexError):
         return None
