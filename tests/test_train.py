@@ -309,7 +309,7 @@ def test_feature_cache_file_is_reused_and_gives_the_same_run(synth_coco, tmp_pat
 
 
 def test_feature_dropout_needs_cached_features(synth_coco, tmp_path):
-    from deepmask_cli.training.loop import TrainError
+    from deepmask_cli.training.runs import TrainError
 
     with pytest.raises(TrainError, match="--cache-features"):
         train(TrainData(synth_coco / "instances.json", synth_coco / "images"), tmp_path / "r", model_config=TINY,

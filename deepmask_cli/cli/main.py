@@ -482,7 +482,7 @@ def _flag(name: str, value: object) -> str:
 def _default_run_dir(resume: bool, distributed: bool) -> Path:
     """``-o`` not given: the next ``runs/train-N`` (the last one to resume),
     chosen once, by rank 0, under torchrun."""
-    from deepmask_cli.training.loop import new_run_dir, run_dirs
+    from deepmask_cli.training.runs import new_run_dir, run_dirs
 
     if resume:
         runs = run_dirs()
@@ -563,7 +563,7 @@ class _TrainDisplay:
 @click.option("--half", is_flag=True, help="Store the tensors as float16 (half the size).")
 def export(checkpoint, out_dir, half) -> None:
     """Make a weights folder (config.json + model.safetensors) from a training checkpoint."""
-    from deepmask_cli.training.loop import export_checkpoint
+    from deepmask_cli.training.runs import export_checkpoint
 
     try:
         folder = export_checkpoint(checkpoint, out_dir, half=half)

@@ -17,7 +17,6 @@ same weights as one that never stopped.
 
 from __future__ import annotations
 
-import json
 import time
 import warnings
 from dataclasses import dataclass, replace
@@ -30,49 +29,11 @@ import torch.nn.functional as F
 from deepmask_cli.core.config import ModelConfig, TrainConfig
 from deepmask_cli.training.data import load_coco
 from deepmask_cli.training.patches import PatchDataset
-from deepmask_cli.core.errors import UserError
-from deepmask_cli.core.files import atomic_save, atomic_write
 from deepmask_cli.modeling.model import DeepMask, build_model
-from deepmask_cli.modeling.weights import load_weights, save_weights
-
-CHECKPOINT = "checkpoint.pt"
-BEST = "best.pt"
-#: Subfolder of a run holding its copy-paste composites (train --copy-paste).
-COPY_PASTE_DIR = "copy-paste"
-CHECKPOINT_VERSION = 1
-# what a resumed run takes from the command line; the rest comes from its checkpoint
-RESUME_FROM_COMMAND_LINE = ("steps", "checkpoint_every", "val_every", "workers")
-
-
-#: Where ``deepmask train`` puts a run not given ``-o``: ``runs/train-<n>``.
-RUNS_ROOT, RUN_PREFIX = Path("runs"), "train"
-
-
-def _numbered_runs(root: Path, prefix: str) -> list[tuple[int, Path]]:
-    """``(n, folder)`` of the existing ``root/prefix-<n>`` folders, by ``n``."""
-    found = []
-    for d in root.glob(f"{prefix}-*") if root.is_dir() else ():
-        tail = d.name[len(prefix) + 1:]
-        if d.is_dir() and tail.isdigit():
-            found.append((int(tail), d))
-    return sorted(found)
-
-
-def run_dirs(root: str | Path = RUNS_ROOT, prefix: str = RUN_PREFIX) -> list[Path]:
-    """The existing ``root/prefix-<n>`` folders, by ``n``."""
-    return [d for _, d in _numbered_runs(Path(root), prefix)]
-
-
-def new_run_dir(root: str | Path = RUNS_ROOT, prefix: str = RUN_PREFIX) -> Path:
-    """The next unused ``root/prefix-<n>`` (n from 1), so that a run started
-    without ``-o`` never writes into an earlier one (it is created by
-    :func:`train`)."""
-    taken = _numbered_runs(Path(root), prefix)
-    return Path(root) / f"{prefix}-{taken[-1][0] + 1 if taken else 1}"
-
-
-class TrainError(UserError, RuntimeError):
-    pass
+from deepmask_cli.modeling.weights import load_weights
+from deepmask_cli.training.runs import (BEST, CHECKPOINT, COPY_PASTE_DIR, CURVES, METRICS, WEIGHTS, TrainError,
+                                        append_metrics, export_checkpoint, load_checkpoint, restore_checkpoint,
+                                        resumed_config, save_checkpoint, truncate_metrics)
 
 
 # ------------------------------------------------------------------- the loss
@@ -141,29 +102,6 @@ def patch_metrics(model: DeepMask, batches: list[tuple[torch.Tensor, ...]], devi
         "score_acc": correct / max(total, 1),
         "score_live": float(live.float().mean()),
     }
-
-
-# ---------------------------------------------------------------- checkpoints
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise TrainError(f"{path}: no such checkpoint")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many kinds for a bad file
-        raise TrainError(f"{path}: not a readable deepmask checkpoint ({type(e).__name__})") from None
-    if not isinstance(ck, dict) or ck.get("version") != CHECKPOINT_VERSION or "model" not in ck:
-        raise TrainError(f"{path}: not a deepmask checkpoint")
-    return ck
-
-
-def export_checkpoint(checkpoint: str | Path, out: str | Path, *, half: bool = False, inference: dict | None = None) -> Path:
-    """A weights folder (``config.json`` + ``model.safetensors``) from a checkpoint."""
-    ck = load_checkpoint(checkpoint)
-    model = DeepMask(ModelConfig.from_dict(ck["model_config"]))
-    model.load_state_dict(ck["model"])
-    meta = {"step": ck["step"], "from_checkpoint": str(checkpoint), "val": ck.get("val")}
-    return save_weights(model, out, half=half, meta=meta, inference=inference if inference is not None else ck.get("inference"))
 
 
 # ----------------------------------------------------------------- the loop
@@ -240,10 +178,7 @@ def train(
         ck = load_checkpoint(out_dir / CHECKPOINT)
         inherited = ck.get("inference")
         model_config = ModelConfig.from_dict(ck["model_config"])
-        saved = TrainConfig.from_dict(ck["train_config"])
-        given = config
-        config = replace(saved, **{k: getattr(given, k) for k in RESUME_FROM_COMMAND_LINE})
-        overridden = _overridden(given, config)
+        config, overridden = resumed_config(ck, config)
         if overridden and rank == 0:
             warnings.warn(f"--resume continues {out_dir} with the settings it was started with: "
                           f"{', '.join(overridden)} (start a new run folder to train with other settings)", stacklevel=2)
@@ -333,12 +268,7 @@ def train(
 
     start_step, best, history = 0, -1.0, []
     if ck is not None:
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        start_step, best = int(ck["step"]), float(ck.get("best", -1.0))
-        torch.set_rng_state(ck["rng_cpu"])
-        if device.type == "cuda" and ck.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(ck["rng_cuda"], device)
+        start_step, best = restore_checkpoint(ck, model, opt, device)
 
     ddp_model: torch.nn.Module = model
     if world > 1:
@@ -383,28 +313,14 @@ def train(
 
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        history = _truncate_metrics(out_dir / "metrics.jsonl", start_step)
+        history = truncate_metrics(out_dir / METRICS, start_step)
     amp = config.amp and device.type == "cuda"
     amp_dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=amp and amp_dtype == torch.float16)
 
     def checkpoint(step: int, val: dict | None, path: Path) -> None:
-        atomic_save(
-            {
-                "version": CHECKPOINT_VERSION,
-                "step": step,
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "model_config": model_config.to_dict(),
-                "train_config": config.to_dict(),
-                "rng_cpu": torch.get_rng_state(),
-                "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                "best": best,
-                "val": val,
-                "inference": inherited,
-            },
-            path,
-        )
+        save_checkpoint(path, step=step, model=model, optimizer=opt, model_config=model_config, train_config=config,
+                        device=device, best=best, val=val, inference=inherited)
 
     emit("start", {"start_step": start_step, "steps": config.steps, "world": world, "device": str(device)})
     t0, seen = time.time(), 0
@@ -450,61 +366,23 @@ def train(
                 checkpoint(step, last_val, out_dir / BEST)
                 info["best"] = True
             emit("val", dict(last_val, step=step))
-        _append_metrics(out_dir / "metrics.jsonl", info)
+        append_metrics(out_dir / METRICS, info)
         history.append(info)
         if do_val:
             from deepmask_cli.training.curves import plot_curves
 
-            plot_curves(history, out_dir / "curves.png")
+            plot_curves(history, out_dir / CURVES)
         emit("step", info)
         if step % config.checkpoint_every == 0 or step == config.steps:
             checkpoint(step, last_val, out_dir / CHECKPOINT)
             emit("checkpoint", {"step": step})
 
     if rank != 0:
-        return out_dir / "weights"
+        return out_dir / WEIGHTS
     if step < config.steps:
         raise TrainError("no training step ran")
     # The last step wrote checkpoint.pt (a resumed finished run already has it).
     src = out_dir / BEST if (out_dir / BEST).exists() else out_dir / CHECKPOINT
-    weights = export_checkpoint(src, out_dir / "weights")
+    weights = export_checkpoint(src, out_dir / WEIGHTS)
     emit("done", {"weights": str(weights), "from": src.name, "step": step})
     return weights
-
-
-def _overridden(given: TrainConfig, kept: TrainConfig) -> list[str]:
-    """``"name VALUE (not GIVEN)"`` for each setting of ``given`` that a
-    resumed run replaces with its saved one (``kept``)."""
-    def flat(cfg: TrainConfig) -> dict[str, Any]:
-        d = cfg.to_dict()
-        d.update({f"sampler.{k}": v for k, v in d.pop("sampler").items()})
-        return d
-
-    a, b = flat(given), flat(kept)
-    return [f"{k} {b[k]} (not {a[k]})" for k in a if a[k] != b[k]]
-
-
-def _append_metrics(path: Path, info: dict) -> None:
-    with open(path, "a") as fh:
-        fh.write(json.dumps(info) + "\n")
-
-
-def _read_metrics(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            break
-    return out
-
-
-def _truncate_metrics(path: Path, step: int) -> list[dict]:
-    """Drop lines past the checkpoint a resumed run restarts from (and a torn
-    tail); return the lines kept."""
-    keep = [m for m in _read_metrics(path) if m.get("step", 0) <= step]
-    if path.exists():
-        atomic_write(path, lambda f: f.write("".join(json.dumps(m) + "\n" for m in keep).encode()))
-    return keep
