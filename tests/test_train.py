@@ -18,7 +18,8 @@ from deepmask_cli.core.config import SamplerConfig, TrainConfig
 from deepmask_cli.training.data import DataError, load_coco, resolve_coco
 from deepmask_cli.training.patches import PatchDataset
 from deepmask_cli.modeling.model import DeepMask
-from deepmask_cli.training.loop import TrainData, deepmask_loss, lr_factor, train
+from deepmask_cli.training.loop import TrainData, train
+from deepmask_cli.training.objective import deepmask_loss, lr_factor
 from synth import free_port
 
 from conftest import TINY
@@ -347,7 +348,7 @@ def test_validation_reports_the_share_of_live_score_units():
     """score_live: the share of the score head's first-layer ReLUs that some
     validation patch turns on; silenced units (the failure a too-high lr
     causes) count as dead."""
-    from deepmask_cli.training.loop import patch_metrics
+    from deepmask_cli.training.validation import patch_metrics
 
     torch.manual_seed(0)
     model = DeepMask(TINY)

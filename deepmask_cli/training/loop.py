@@ -1,13 +1,7 @@
 """``deepmask train``: the paper's joint training, resumable, on a CPU or many GPUs.
 
-The loss is the paper's (section 3.2), summed over the batch:
-
-    L = sum_k [ (1 + y_k) / 2 * mean_ij log(1 + exp(-m_kij f_kij)) + lambda * log(1 + exp(-y_k s_k)) ]
-
-a per-pixel logistic loss on the mask of positives only plus ``lambda``
-(``score_weight``, 1/32) times the logistic loss on the score. Summing over the
-batch is what the official code does too (it scales the mask gradient by the
-batch size and averages the score's), so its learning rate of 1e-3 carries over.
+The loss and the schedule are :mod:`~deepmask_cli.training.objective`'s, the
+validation measures :mod:`~deepmask_cli.training.validation`'s.
 
 Sample ``i`` of the run is a pure function of ``(seed, i)`` and step ``t``
 uses samples ``t*B .. t*B+B-1`` (each of ``W`` processes takes every ``W``-th),
@@ -30,78 +24,12 @@ from deepmask_cli.core.config import ModelConfig, TrainConfig
 from deepmask_cli.training.data import load_coco
 from deepmask_cli.training.patches import PatchDataset
 from deepmask_cli.modeling.model import DeepMask, build_model
+from deepmask_cli.training.objective import deepmask_loss, lr_factor
+from deepmask_cli.training.validation import patch_metrics, validation_batches
 from deepmask_cli.modeling.weights import load_weights
 from deepmask_cli.training.runs import (BEST, CHECKPOINT, COPY_PASTE_DIR, CURVES, METRICS, WEIGHTS, TrainError,
                                         append_metrics, export_checkpoint, load_checkpoint, restore_checkpoint,
                                         resumed_config, save_checkpoint, truncate_metrics)
-
-
-# ------------------------------------------------------------------- the loss
-def deepmask_loss(
-    mask_logits: torch.Tensor, score_logits: torch.Tensor, mask_targets: torch.Tensor, labels: torch.Tensor, score_weight: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(total, mask_part, score_part)``, each summed over the batch.
-
-    ``mask_logits: (B, m, m)``, ``score_logits: (B,)``, ``mask_targets: (B, m, m)``
-    in {0, 1}, ``labels: (B,)`` in {-1, +1}.
-    """
-    pos = (labels > 0).float()
-    per_pixel = F.binary_cross_entropy_with_logits(mask_logits.float(), mask_targets, reduction="none")
-    mask_part = (per_pixel.flatten(1).mean(1) * pos).sum()
-    score_part = F.binary_cross_entropy_with_logits(score_logits.float(), (labels > 0).float(), reduction="sum")
-    return mask_part + score_weight * score_part, mask_part, score_part
-
-
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """The official step schedule, with milestones as fractions of the run."""
-    f = 1.0
-    for m, factor in zip(cfg.lr_milestones, cfg.lr_factors):
-        if step >= m * cfg.steps:
-            f = factor
-    return f
-
-
-# --------------------------------------------------------------- validation
-@torch.no_grad()
-def patch_metrics(model: DeepMask, batches: list[tuple[torch.Tensor, ...]], device: torch.device, *, refine: bool = False
-                  ) -> dict[str, float]:
-    """The official per-patch measures: mask IoU of positives (mean, median,
-    share >= 0.5 and >= 0.7) and score accuracy; and ``score_live``, the
-    share of the score head's first-layer units that some patch turns on (a
-    too-high learning rate silences most of them for good in the first
-    steps: ReLUs that no input brings back)."""
-    was_training = model.training
-    model.eval()
-    ious, correct, total = [], 0, 0
-    live = torch.zeros(model.score_head.fc1.out_features, dtype=torch.bool, device=device)
-
-    def on_fc1(module, inputs, out):
-        live.logical_or_((out > 0).any(0))
-
-    hook = model.score_head.fc1.register_forward_hook(on_fc1)
-    for x, mask, label in batches:
-        x, mask, label = x.to(device), mask.to(device), label.to(device)
-        mlog, slog = model(x, refine=refine)
-        pos = label > 0
-        if pos.any():
-            pred = mlog[pos] > 0
-            tgt = mask[pos] > 0.5
-            inter = (pred & tgt).flatten(1).sum(1).float()
-            union = (pred | tgt).flatten(1).sum(1).float()
-            ious.append(torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union)).cpu())
-        correct += int(((slog > 0) == pos).sum())
-        total += int(label.numel())
-    hook.remove()
-    model.train(was_training)
-    iou = torch.cat(ious) if ious else torch.zeros(0)
-    return {
-        "iou_mean": float(iou.mean()) if iou.numel() else 0.0,
-        "iou_median": float(iou.median()) if iou.numel() else 0.0,
-        "iou@0.5": float((iou >= 0.5).float().mean()) if iou.numel() else 0.0,
-        "iou@0.7": float((iou >= 0.7).float().mean()) if iou.numel() else 0.0,
-        "score_acc": correct / max(total, 1),
-        "score_live": float(live.float().mean()),
-    }
 
 
 # ----------------------------------------------------------------- the loop
@@ -306,10 +234,7 @@ def train(
         )
     val_batches = []
     if val_records is not None and rank == 0:
-        vset = PatchDataset(val_records, target_config, sampler_cfg, seed=config.seed + 10_007, fill=fill, augment=False)
-        for b in range(config.val_batches):
-            items = [vset[b * config.batch_size + k] for k in range(config.batch_size)]
-            val_batches.append(tuple(torch.stack(z) for z in zip(*items)))
+        val_batches = validation_batches(val_records, target_config, sampler_cfg, config, fill=fill)
 
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
