@@ -289,14 +289,14 @@ def test_feature_cache_file_is_reused_and_gives_the_same_run(synth_coco, tmp_pat
     assert (tmp_path / "maps.pt").exists()
     assert [i["loaded"] for k, i in events if k == "cache_done"] == [False]
 
-    built = featcache.FeatureCache._build
-    featcache.FeatureCache._build = lambda *a, **k: pytest.fail("the saved cache was not reused")
+    read = featcache.record_image  # what a cache build reads each image with
+    featcache.record_image = lambda *a, **k: pytest.fail("the saved cache was not reused")
     try:
         events.clear()
         train(data, tmp_path / "b", model_config=TINY, config=cfg, pretrained=False,
               on_event=lambda k, i: events.append((k, i)))
     finally:
-        featcache.FeatureCache._build = built
+        featcache.record_image = read
     assert [i["loaded"] for k, i in events if k == "cache_done"] == [True]
     a = load_file(tmp_path / "a" / "weights" / "model.safetensors")
     b = load_file(tmp_path / "b" / "weights" / "model.safetensors")
