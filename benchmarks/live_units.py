@@ -20,9 +20,11 @@ from pathlib import Path
 import torch
 
 from deepmask_cli.core.config import ModelConfig, SamplerConfig
-from deepmask_cli.training.data import PatchDataset, load_coco, resolve_coco
+from deepmask_cli.training.data import load_coco, resolve_coco
+from deepmask_cli.training.patches import PatchDataset
 from deepmask_cli.modeling.model import build_model
-from deepmask_cli.training.loop import load_checkpoint, patch_metrics
+from deepmask_cli.training.runs import load_checkpoint
+from deepmask_cli.training.validation import patch_metrics
 
 
 def main(argv=None) -> int:

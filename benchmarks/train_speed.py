@@ -22,11 +22,12 @@ from pathlib import Path
 import torch
 
 from deepmask_cli.core.config import InferenceConfig, ModelConfig, SamplerConfig, TrainConfig
-from deepmask_cli.training.data import PatchDataset, load_coco, resolve_coco
+from deepmask_cli.training.data import load_coco, resolve_coco
+from deepmask_cli.training.patches import PatchDataset
 from deepmask_cli.training.featcache import FeatureCache
 from deepmask_cli.modeling.model import build_model
 from deepmask_cli.inference.runtime import describe_cpu
-from deepmask_cli.training.loop import deepmask_loss
+from deepmask_cli.training.objective import deepmask_loss
 
 
 def main(argv=None) -> int:

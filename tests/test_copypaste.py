@@ -1,9 +1,6 @@
 """Copy-paste augmentation: composites of training images (train --copy-paste)."""
 
-import json
-
 import numpy as np
-import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
@@ -13,13 +10,13 @@ from deepmask_cli.training.data import ImageRecord, load_coco
 
 
 def _record(path, h, w, boxes):
-    from deepmask_cli.training.copypaste import _instance
+    from deepmask_cli.training.data import instance_from_rle
 
     insts = []
     for x0, y0, x1, y1 in boxes:
         m = np.zeros((h, w), bool)
         m[y0:y1, x0:x1] = True
-        insts.append(_instance(m, False, SamplerConfig()))
+        insts.append(instance_from_rle(mask_utils.encode(np.asfortranarray(m.astype(np.uint8))), False, SamplerConfig()))
     return ImageRecord(path, w, h, insts)
 
 

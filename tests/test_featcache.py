@@ -9,7 +9,8 @@ import torch
 
 from conftest import PINNED, TINY
 from deepmask_cli.core.config import TRUNK_STRIDE, InferenceConfig, SamplerConfig
-from deepmask_cli.training.data import PatchSampler, canonical_log2, load_coco
+from deepmask_cli.training.data import load_coco
+from deepmask_cli.training.patches import PatchSampler, canonical_log2
 from deepmask_cli.training.featcache import FeatureCache
 from deepmask_cli.inference.proposer import Proposer
 from synth import tiny_model
@@ -91,7 +92,7 @@ def test_windows_for_trained_tail_blocks_give_inferences_maps(records):
     for lv in cache.levels:
         want = levels[lv.scale].fmap[0].float()
         for i, j in {(0, 0), (lv.ny - 1, lv.nx - 1), (lv.ny // 2, 0)}:
-            win, valid = cache._window(lv.fmap, i, j, f)
+            win, valid = cache.window(lv.fmap, i, j, f)
             assert win.shape[-1] == f + 2 * cache.halo
             with torch.no_grad():
                 got = model.tail_heads(win[None].float(), 2, valid[None])
@@ -103,15 +104,17 @@ def test_windows_for_trained_tail_blocks_give_inferences_maps(records):
 
 
 def _counting(monkeypatch):
-    """Count the images whose maps the trunk computes."""
+    """Count the images whose maps the trunk computes (each is read for it)."""
+    from deepmask_cli.training import featcache
+
     computed = []
-    real = FeatureCache._image_levels
+    real = featcache.record_image
 
-    def spy(self, model, trunk, n, rec, device):
+    def spy(rec):
         computed.append(str(rec.path))
-        return real(self, model, trunk, n, rec, device)
+        return real(rec)
 
-    monkeypatch.setattr(FeatureCache, "_image_levels", spy)
+    monkeypatch.setattr(featcache, "record_image", spy)
     return computed
 
 

@@ -27,20 +27,25 @@ from pycocotools import mask as mask_utils
 
 from deepmask_cli.formats.images import load_image
 from deepmask_cli.pipeline.loading import load_proposer
-from deepmask_cli.modeling.weights import shipped_weights
+from deepmask_cli.modeling.weights import presets_of, read_config, shipped_weights
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).parent / "golden"
 #: Every shipped weights folder (the default and the others ``--weights`` names).
 SHIPPED = sorted(p.parent for p in shipped_weights().parent.glob("*/model.safetensors"))
+#: ``(folder, preset)`` for each preset of each (None: the folder's only settings)
+#: and the golden file's name: FOLDER-samples.json for the default preset,
+#: FOLDER.PRESET-samples.json for the others.
+CASES = [(f, p, f"{f.name}{'.' + p if k else ''}-samples.json")
+         for f in SHIPPED for k, p in enumerate(presets_of(read_config(f)) or [None])]
 TOP, SLACK = 20, 5
 SCORE_TOL = 1e-3
 MIN_IOU = 0.99
 ACCEPT = os.environ.get("EXPECTTEST_ACCEPT", "") not in ("", "0")
 
 
-def _run(folder: Path) -> dict[str, list[dict]]:
-    proposer = load_proposer(folder, device="cpu", overrides={"precision": "fp32", "runtime": "torch"})
+def _run(folder: Path, preset: str | None) -> dict[str, list[dict]]:
+    proposer = load_proposer(folder, device="cpu", preset=preset, overrides={"precision": "fp32", "runtime": "torch"})
     out = {}
     for path in sorted((ROOT / "samples").glob("*.jpg")):
         props = proposer(load_image(path), rle=True)
@@ -54,14 +59,14 @@ def test_every_weights_folder_is_covered():
     if not SHIPPED:
         pytest.skip("the shipped weights are not in this checkout")
     assert shipped_weights() in SHIPPED
-    assert sorted(p.name for p in GOLDEN.glob("*-samples.json")) == sorted(f"{f.name}-samples.json" for f in SHIPPED)
+    assert sorted(p.name for p in GOLDEN.glob("*-samples.json")) == sorted(name for _, _, name in CASES)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("folder", SHIPPED, ids=[f.name for f in SHIPPED])
-def test_shipped_weights_propose_what_they_did(folder):
-    got = _run(folder)
-    golden = GOLDEN / f"{folder.name}-samples.json"
+@pytest.mark.parametrize("folder,preset,name", CASES, ids=[n.removesuffix("-samples.json") for _, _, n in CASES])
+def test_shipped_weights_propose_what_they_did(folder, preset, name):
+    got = _run(folder, preset)
+    golden = GOLDEN / name
     if ACCEPT:
         GOLDEN.mkdir(exist_ok=True)
         golden.write_text(json.dumps({k: v[:TOP] for k, v in got.items()}, indent=1) + "\n")

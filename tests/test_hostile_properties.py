@@ -5,7 +5,6 @@ a writer writes only inside its output, leaving every other file as it was."""
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path

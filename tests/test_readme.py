@@ -12,7 +12,6 @@ in ``deepmask_cli/config.py`` or ``cli.py`` without the README fails here.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from pathlib import Path
 from types import SimpleNamespace

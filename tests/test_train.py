@@ -15,9 +15,11 @@ import torch
 from safetensors.torch import load_file
 
 from deepmask_cli.core.config import SamplerConfig, TrainConfig
-from deepmask_cli.training.data import DataError, PatchDataset, load_coco, resolve_coco
+from deepmask_cli.training.data import DataError, load_coco, resolve_coco
+from deepmask_cli.training.patches import PatchDataset
 from deepmask_cli.modeling.model import DeepMask
-from deepmask_cli.training.loop import TrainData, deepmask_loss, lr_factor, train
+from deepmask_cli.training.loop import TrainData, train
+from deepmask_cli.training.objective import deepmask_loss, lr_factor
 from synth import free_port
 
 from conftest import TINY
@@ -287,14 +289,14 @@ def test_feature_cache_file_is_reused_and_gives_the_same_run(synth_coco, tmp_pat
     assert (tmp_path / "maps.pt").exists()
     assert [i["loaded"] for k, i in events if k == "cache_done"] == [False]
 
-    built = featcache.FeatureCache._build
-    featcache.FeatureCache._build = lambda *a, **k: pytest.fail("the saved cache was not reused")
+    read = featcache.record_image  # what a cache build reads each image with
+    featcache.record_image = lambda *a, **k: pytest.fail("the saved cache was not reused")
     try:
         events.clear()
         train(data, tmp_path / "b", model_config=TINY, config=cfg, pretrained=False,
               on_event=lambda k, i: events.append((k, i)))
     finally:
-        featcache.FeatureCache._build = built
+        featcache.record_image = read
     assert [i["loaded"] for k, i in events if k == "cache_done"] == [True]
     a = load_file(tmp_path / "a" / "weights" / "model.safetensors")
     b = load_file(tmp_path / "b" / "weights" / "model.safetensors")
@@ -308,7 +310,7 @@ def test_feature_cache_file_is_reused_and_gives_the_same_run(synth_coco, tmp_pat
 
 
 def test_feature_dropout_needs_cached_features(synth_coco, tmp_path):
-    from deepmask_cli.training.loop import TrainError
+    from deepmask_cli.training.runs import TrainError
 
     with pytest.raises(TrainError, match="--cache-features"):
         train(TrainData(synth_coco / "instances.json", synth_coco / "images"), tmp_path / "r", model_config=TINY,
@@ -346,7 +348,7 @@ def test_validation_reports_the_share_of_live_score_units():
     """score_live: the share of the score head's first-layer ReLUs that some
     validation patch turns on; silenced units (the failure a too-high lr
     causes) count as dead."""
-    from deepmask_cli.training.loop import patch_metrics
+    from deepmask_cli.training.validation import patch_metrics
 
     torch.manual_seed(0)
     model = DeepMask(TINY)

@@ -202,7 +202,7 @@ class _TrainDisplay:
 @click.option("--half", is_flag=True, help="Store the tensors as float16 (half the size).")
 def export(checkpoint, out_dir, half) -> None:
     """Make a weights folder (config.json + model.safetensors) from a training checkpoint."""
-    from deepmask_cli.training.loop import export_checkpoint
+    from deepmask_cli.training.runs import export_checkpoint
 
     try:
         folder = export_checkpoint(checkpoint, out_dir, half=half)

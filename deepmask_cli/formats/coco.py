@@ -7,12 +7,17 @@ within bounds, annotations that name an image of the file, segmentations of
 the right shape. A file that fails gets one :class:`CocoFileError` line
 naming the file, the entry and the fix. Masks are decoded and checked
 against their image's size by :func:`deepmask_cli.formats.rle.normalise` when used.
+
+Training reads its ground truth leniently (:func:`read_instances_leniently`):
+the file is checked as a whole, and a bad entry is left out and counted
+rather than refused.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -152,10 +157,7 @@ def check_instances(data: Any, name: str, *, need_annotations: bool = True) -> d
     ``image_id`` naming an image of the file, finite ``area``, ``bbox`` of
     four finite numbers, an integer ``category_id``, ``iscrowd`` 0 or 1 and
     a well-formed ``segmentation``. Returns ``data``."""
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise CocoFileError(f"{name}: not a COCO instances file (needs an 'images' list); {INSTANCES_FIX}")
-    if need_annotations and not isinstance(data.get("annotations"), list):
-        raise CocoFileError(f"{name}: not a COCO instances file (needs an 'annotations' list); {INSTANCES_FIX}")
+    _check_lists(data, name, need_annotations=need_annotations)
     ids: set[int] = set()
     for k, im in enumerate(data["images"]):
         problem = _image_problem(im)
@@ -172,6 +174,15 @@ def check_instances(data: Any, name: str, *, need_annotations: bool = True) -> d
     if not isinstance(cats, list) or not all(isinstance(c, dict) and is_int(c.get("id")) for c in cats):
         raise CocoFileError(f"{name}: categories must be a list of objects with an integer id; {INSTANCES_FIX}")
     return data
+
+
+def _check_lists(data: Any, name: str, *, need_annotations: bool) -> None:
+    """Refuse ``data`` unless it is an object with an ``images`` list (and,
+    when ``need_annotations``, an ``annotations`` list)."""
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise CocoFileError(f"{name}: not a COCO instances file (needs an 'images' list); {INSTANCES_FIX}")
+    if need_annotations and not isinstance(data.get("annotations"), list):
+        raise CocoFileError(f"{name}: not a COCO instances file (needs an 'annotations' list); {INSTANCES_FIX}")
 
 
 def _image_problem(im: Any) -> str | None:
@@ -226,3 +237,75 @@ def image_ids_by_name(dataset: dict, name: str | Path) -> dict[str, int]:
                                 "photos are matched to images by file name: give each image its own")
         ids[base] = im["id"]
     return ids
+
+
+@dataclass(frozen=True)
+class ImageEntry:
+    """An image of an instances file as :func:`read_instances_leniently`
+    gives it: ``width`` and ``height`` as integers."""
+
+    id: Any  # a JSON number or string: what annotations' image_id name it by
+    file_name: str
+    width: int
+    height: int
+
+
+@dataclass
+class LenientInstances:
+    """An instances file read by :func:`read_instances_leniently`: its usable
+    images and annotations, in the file's order, and how many image entries
+    were left out (``bad_images``)."""
+
+    images: list[ImageEntry]
+    annotations: list[dict]
+    bad_images: int
+
+
+def read_instances_leniently(path: str | Path) -> LenientInstances:
+    """A COCO instances file as training reads its ground truth: the file
+    must be JSON with ``images`` and ``annotations`` lists (a
+    :class:`CocoFileError` otherwise), but a bad entry is left out rather
+    than refused, so that one broken record of a large dataset costs that
+    record, not the run. An image entry counts as bad (``bad_images``)
+    without an ``id`` that can name it, a string ``file_name`` and a
+    ``width`` and ``height`` that read as integers; an annotation that is not
+    an object with such an ``image_id`` is left out uncounted. Annotations'
+    other fields, and their segmentations, are the caller's to read
+    (segmentations with :func:`deepmask_cli.formats.rle.normalise`)."""
+    data = load_json(path, fix=INSTANCES_FIX)
+    _check_lists(data, str(path), need_annotations=True)
+    images, bad = [], 0
+    for im in data["images"]:
+        entry = _image_entry(im)
+        if entry is None:
+            bad += 1
+        else:
+            images.append(entry)
+    annotations = [a for a in data["annotations"] if isinstance(a, dict) and _is_key(a.get("image_id", []))]
+    return LenientInstances(images, annotations, bad)
+
+
+def _is_key(v: Any) -> bool:
+    """A JSON value that can be a dict key: not a list or an object."""
+    return not isinstance(v, (list, dict))
+
+
+def _image_entry(im: Any) -> ImageEntry | None:
+    try:
+        iid, fname, w, h = im["id"], im["file_name"], int(im["width"]), int(im["height"])
+    except (KeyError, TypeError, ValueError, OverflowError):
+        return None
+    if not _is_key(iid) or not isinstance(fname, str):
+        return None
+    return ImageEntry(iid, fname, w, h)
+
+
+def read_category_ids(path: str | Path) -> frozenset[int]:
+    """The ids of the ``categories`` of an instances file (none listed: an
+    empty set), whatever the rest of the file holds; a
+    :class:`CocoFileError` when they cannot be read."""
+    data = load_json(path, fix=INSTANCES_FIX)
+    try:
+        return frozenset(int(c["id"]) for c in data.get("categories") or [])
+    except (ValueError, TypeError, KeyError, AttributeError, OverflowError):
+        raise CocoFileError(f"{path}: categories must be a list of objects with an integer id; {INSTANCES_FIX}") from None

@@ -16,7 +16,8 @@ from deepmask_cli.core.launch import Launch
 from deepmask_cli.inference.runtime import resolve_device
 from deepmask_cli.modeling.weights import weights_folder
 from deepmask_cli.training.data import coco_val_split, resolve_coco
-from deepmask_cli.training.loop import TrainData, new_run_dir, run_dirs
+from deepmask_cli.training.loop import TrainData
+from deepmask_cli.training.runs import new_run_dir, run_dirs
 
 
 class TrainSetupError(UserError, ValueError):

@@ -40,7 +40,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from deepmask_cli.core.config import TRUNK_STRIDE, InferenceConfig, ModelConfig, SamplerConfig
-from deepmask_cli.training.data import ImageRecord, canonical_log2, crop_resized, record_image, window_labels
+from deepmask_cli.training.data import ImageRecord, record_image
+from deepmask_cli.training.patches import canonical_log2, crop_resized, window_labels
 from deepmask_cli.core.errors import ConfigError
 from deepmask_cli.core.files import atomic_save
 from deepmask_cli.modeling.model import DeepMask
@@ -314,7 +315,7 @@ class FeatureCache:
         for li, i, j, k in picks:
             lv = self.levels[li]
             if self.halo:
-                win, ok = self._window(lv.fmap, i, j, f)
+                win, ok = self.window(lv.fmap, i, j, f)
                 feats.append(win)
                 valid.append(ok)
             else:
@@ -335,7 +336,7 @@ class FeatureCache:
         out = (torch.stack(feats).float(), torch.stack(masks), torch.tensor(labels))
         return (*out, torch.stack(valid)) if self.halo else out
 
-    def _window(self, fmap: torch.Tensor, i: int, j: int, f: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def window(self, fmap: torch.Tensor, i: int, j: int, f: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``f``-cell window at ``(i, j)`` of ``fmap`` with ``halo`` cells
         around it (zeros beyond the map), and its map cells as ones."""
         h, (c, hh, ww) = self.halo, fmap.shape

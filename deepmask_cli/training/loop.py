@@ -1,13 +1,10 @@
 """``deepmask train``: the paper's joint training, resumable, on a CPU or many GPUs.
 
-The loss is the paper's (section 3.2), summed over the batch:
-
-    L = sum_k [ (1 + y_k) / 2 * mean_ij log(1 + exp(-m_kij f_kij)) + lambda * log(1 + exp(-y_k s_k)) ]
-
-a per-pixel logistic loss on the mask of positives only plus ``lambda``
-(``score_weight``, 1/32) times the logistic loss on the score. Summing over the
-batch is what the official code does too (it scales the mask gradient by the
-batch size and averages the score's), so its learning rate of 1e-3 carries over.
+:func:`train` sets a run up by its mode (:mod:`~deepmask_cli.training.modes`)
+and data path (:mod:`~deepmask_cli.training.batches`), then runs the steps
+that every mode shares: SGD on the paper's loss
+(:mod:`~deepmask_cli.training.objective`), validation, checkpoints and the
+run's log (:mod:`~deepmask_cli.training.runs`).
 
 Sample ``i`` of the run is a pure function of ``(seed, i)`` and step ``t``
 uses samples ``t*B .. t*B+B-1`` (each of ``W`` processes takes every ``W``-th),
@@ -17,174 +14,31 @@ same weights as one that never stopped.
 
 from __future__ import annotations
 
-import json
 import time
-import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 
 from deepmask_cli.core.config import ModelConfig, TrainConfig
-from deepmask_cli.training.data import PatchDataset, load_coco
-from deepmask_cli.core.errors import UserError
-from deepmask_cli.core.files import atomic_save, atomic_write
-from deepmask_cli.modeling.model import DeepMask, TrainingPass, build_model
-from deepmask_cli.modeling.weights import load_weights, save_weights
-
-CHECKPOINT = "checkpoint.pt"
-BEST = "best.pt"
-#: Subfolder of a run holding its copy-paste composites (train --copy-paste).
-COPY_PASTE_DIR = "copy-paste"
-CHECKPOINT_VERSION = 1
-# what a resumed run takes from the command line; the rest comes from its checkpoint
-RESUME_FROM_COMMAND_LINE = ("steps", "checkpoint_every", "val_every", "workers")
+from deepmask_cli.modeling.model import DeepMask, TrainingPass
+from deepmask_cli.training.batches import read_records, step_batches
+from deepmask_cli.training.modes import Mode, build_network, check_cache_options, resolve_mode
+from deepmask_cli.training.objective import deepmask_loss, lr_factor
+from deepmask_cli.training.runs import (BEST, CHECKPOINT, COPY_PASTE_DIR, CURVES, METRICS, WEIGHTS, TrainError,
+                                        append_metrics, export_checkpoint, restore_checkpoint, save_checkpoint,
+                                        truncate_metrics)
+from deepmask_cli.training.validation import patch_metrics, validation_batches
 
 
-#: Where ``deepmask train`` puts a run not given ``-o``: ``runs/train-<n>``.
-RUNS_ROOT, RUN_PREFIX = Path("runs"), "train"
-
-
-def _numbered_runs(root: Path, prefix: str) -> list[tuple[int, Path]]:
-    """``(n, folder)`` of the existing ``root/prefix-<n>`` folders, by ``n``."""
-    found = []
-    for d in root.glob(f"{prefix}-*") if root.is_dir() else ():
-        tail = d.name[len(prefix) + 1:]
-        if d.is_dir() and tail.isdigit():
-            found.append((int(tail), d))
-    return sorted(found)
-
-
-def run_dirs(root: str | Path = RUNS_ROOT, prefix: str = RUN_PREFIX) -> list[Path]:
-    """The existing ``root/prefix-<n>`` folders, by ``n``."""
-    return [d for _, d in _numbered_runs(Path(root), prefix)]
-
-
-def new_run_dir(root: str | Path = RUNS_ROOT, prefix: str = RUN_PREFIX) -> Path:
-    """The next unused ``root/prefix-<n>`` (n from 1), so that a run started
-    without ``-o`` never writes into an earlier one (it is created by
-    :func:`train`)."""
-    taken = _numbered_runs(Path(root), prefix)
-    return Path(root) / f"{prefix}-{taken[-1][0] + 1 if taken else 1}"
-
-
-class TrainError(UserError, RuntimeError):
-    pass
-
-
-# ------------------------------------------------------------------- the loss
-def deepmask_loss(
-    mask_logits: torch.Tensor, score_logits: torch.Tensor, mask_targets: torch.Tensor, labels: torch.Tensor, score_weight: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(total, mask_part, score_part)``, each summed over the batch.
-
-    ``mask_logits: (B, m, m)``, ``score_logits: (B,)``, ``mask_targets: (B, m, m)``
-    in {0, 1}, ``labels: (B,)`` in {-1, +1}.
-    """
-    pos = (labels > 0).float()
-    per_pixel = F.binary_cross_entropy_with_logits(mask_logits.float(), mask_targets, reduction="none")
-    mask_part = (per_pixel.flatten(1).mean(1) * pos).sum()
-    score_part = F.binary_cross_entropy_with_logits(score_logits.float(), (labels > 0).float(), reduction="sum")
-    return mask_part + score_weight * score_part, mask_part, score_part
-
-
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """The official step schedule, with milestones as fractions of the run."""
-    f = 1.0
-    for m, factor in zip(cfg.lr_milestones, cfg.lr_factors):
-        if step >= m * cfg.steps:
-            f = factor
-    return f
-
-
-# --------------------------------------------------------------- validation
-@torch.no_grad()
-def patch_metrics(model: DeepMask, batches: list[tuple[torch.Tensor, ...]], device: torch.device, *, refine: bool = False
-                  ) -> dict[str, float]:
-    """The official per-patch measures: mask IoU of positives (mean, median,
-    share >= 0.5 and >= 0.7) and score accuracy; and ``score_live``, the
-    share of the score head's first-layer units that some patch turns on (a
-    too-high learning rate silences most of them for good in the first
-    steps: ReLUs that no input brings back)."""
-    was_training = model.training
-    model.eval()
-    ious, correct, total = [], 0, 0
-    live = torch.zeros(model.score_head.fc1.out_features, dtype=torch.bool, device=device)
-
-    def on_fc1(module, inputs, out):
-        live.logical_or_((out > 0).any(0))
-
-    hook = model.score_head.fc1.register_forward_hook(on_fc1)
-    for x, mask, label in batches:
-        x, mask, label = x.to(device), mask.to(device), label.to(device)
-        mlog, slog = model.refined_masks(x) if refine else model(x)
-        pos = label > 0
-        if pos.any():
-            pred = mlog[pos] > 0
-            tgt = mask[pos] > 0.5
-            inter = (pred & tgt).flatten(1).sum(1).float()
-            union = (pred | tgt).flatten(1).sum(1).float()
-            ious.append(torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union)).cpu())
-        correct += int(((slog > 0) == pos).sum())
-        total += int(label.numel())
-    hook.remove()
-    model.train(was_training)
-    iou = torch.cat(ious) if ious else torch.zeros(0)
-    return {
-        "iou_mean": float(iou.mean()) if iou.numel() else 0.0,
-        "iou_median": float(iou.median()) if iou.numel() else 0.0,
-        "iou@0.5": float((iou >= 0.5).float().mean()) if iou.numel() else 0.0,
-        "iou@0.7": float((iou >= 0.7).float().mean()) if iou.numel() else 0.0,
-        "score_acc": correct / max(total, 1),
-        "score_live": float(live.float().mean()),
-    }
-
-
-# ---------------------------------------------------------------- checkpoints
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise TrainError(f"{path}: no such checkpoint")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many kinds for a bad file
-        raise TrainError(f"{path}: not a readable deepmask checkpoint ({type(e).__name__})") from None
-    if not isinstance(ck, dict) or ck.get("version") != CHECKPOINT_VERSION or "model" not in ck:
-        raise TrainError(f"{path}: not a deepmask checkpoint")
-    return ck
-
-
-def export_checkpoint(checkpoint: str | Path, out: str | Path, *, half: bool = False, inference: dict | None = None) -> Path:
-    """A weights folder (``config.json`` + ``model.safetensors``) from a checkpoint."""
-    ck = load_checkpoint(checkpoint)
-    model = DeepMask(ModelConfig.from_dict(ck["model_config"]))
-    model.load_state_dict(ck["model"])
-    meta = {"step": ck["step"], "from_checkpoint": str(checkpoint), "val": ck.get("val")}
-    return save_weights(model, out, half=half, meta=meta, inference=inference if inference is not None else ck.get("inference"))
-
-
-# ----------------------------------------------------------------- the loop
 @dataclass
 class TrainData:
+    """A COCO-format split to train or validate on: its instances file and its images folder."""
+
     ann: Path
     images: Path
-
-
-class _StepBatches(torch.utils.data.Sampler):
-    """Index lists for steps ``start..steps-1``: step t gets samples
-    ``t*B + rank, t*B + rank + W, ...``."""
-
-    def __init__(self, start: int, steps: int, batch_size: int, rank: int, world: int) -> None:
-        self.start, self.steps, self.batch, self.rank, self.world = start, steps, batch_size, rank, world
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for t in range(self.start, self.steps):
-            yield list(range(t * self.batch + self.rank, (t + 1) * self.batch, self.world))
-
-    def __len__(self) -> int:
-        return max(0, self.steps - self.start)
 
 
 def _dist_info() -> tuple[int, int]:
@@ -233,278 +87,154 @@ def train(
     if config.batch_size % world:
         raise TrainError(f"--batch-size {config.batch_size} must be divisible by the {world} processes")
     emit = on_event if (on_event and rank == 0) else (lambda kind, info: None)
-
-    ck, inherited = None, None
-    if resume and (out_dir / CHECKPOINT).exists():
-        ck = load_checkpoint(out_dir / CHECKPOINT)
-        inherited = ck.get("inference")
-        model_config = ModelConfig.from_dict(ck["model_config"])
-        saved = TrainConfig.from_dict(ck["train_config"])
-        given = config
-        config = replace(saved, **{k: getattr(given, k) for k in RESUME_FROM_COMMAND_LINE})
-        overridden = _overridden(given, config)
-        if overridden and rank == 0:
-            warnings.warn(f"--resume continues {out_dir} with the settings it was started with: "
-                          f"{', '.join(overridden)} (start a new run folder to train with other settings)", stacklevel=2)
-    sampler_cfg = config.sampler
-    refine = bool(model_config.refine)
-    if refine and config.cache_features:
-        raise TrainError("--refine reads the trunk's finer maps, which the feature cache does not hold: "
-                         "drop --cache-features")
-    if refine and ck is None and init is None:
-        raise TrainError("--refine trains SharpMask's modules on trained DeepMask weights: add --init WEIGHTS_DIR")
-    finetune = init is not None and not refine and ck is None
-    if init is not None and ck is None:
-        base_model, _, init_config = load_weights(init)
-        # the network (its dense pass and scores) starts as init's, so do the values tuned for it, until retuned
-        inherited = init_config.get("inference") or None
-        if refine:
-            model_config = replace(base_model.config, refine=model_config.refine,
-                                   refine_from_mask=model_config.refine_from_mask)
-        elif base_model.config.refine:
-            raise TrainError(f"{init}: holds SharpMask's refinement, which fine-tuning would leave untrained: "
-                             "start from a DeepMask without it")
-        else:
-            model_config = base_model.config
-    if refine:
-        sampler_cfg = replace(sampler_cfg, pos_fraction=1.0)  # the refinement learns from positives only
-
-    if config.copy_paste < 0:  # before the data is read
-        raise TrainError(f"--copy-paste {config.copy_paste}: give a number of composites, 0 or more")
-    if config.train_blocks < 0:
-        raise TrainError(f"--train-blocks {config.train_blocks}: give a number of blocks, 0 or more")
-    if config.train_blocks and (refine or not config.freeze_trunk):
-        raise TrainError("--train-blocks fine-tunes the last blocks of an otherwise frozen trunk: add --freeze-trunk "
-                         "(--train-trunk trains all of it; --refine keeps DeepMask as it is)")
-    categories = frozenset(config.categories) if config.categories is not None else None
-    records, report = load_coco(train_data.ann, train_data.images, sampler=sampler_cfg, skip_bad_images=skip_bad_images,
-                                check_decode=True, categories=categories)
-    if config.copy_paste:
-        from deepmask_cli.training.copypaste import make_composites
-
-        records = records + make_composites(records, config.copy_paste, out_dir / COPY_PASTE_DIR, seed=config.seed,
-                                            sampler=sampler_cfg)
-        report = {**report, "copy_paste": config.copy_paste}
-    emit("data", {"split": "train", "images": len(records), "report": report,
-                  "objects": sum(i.usable for r in records for i in r.instances)})
+    mode = resolve_mode(out_dir, model_config, config, resume=resume, init=init, rank=rank)
+    records = read_records(train_data.ann, train_data.images, mode, split="train", skip_bad_images=skip_bad_images,
+                           emit=emit, copy_paste_dir=out_dir / COPY_PASTE_DIR)
     val_records = None
     if val_data is not None:
-        val_records, vreport = load_coco(val_data.ann, val_data.images, sampler=sampler_cfg, skip_bad_images=skip_bad_images,
-                                         check_decode=True, categories=categories)
-        emit("data", {"split": "val", "images": len(val_records), "report": vreport,
-                      "objects": sum(i.usable for r in val_records for i in r.instances)})
-
-    if config.cache_features and not config.freeze_trunk:
-        raise TrainError("--cache-features trains the heads on a frozen trunk's maps: add --freeze-trunk")
-    if (config.feature_dropout > 0 or config.cache_file) and not config.cache_features:
-        raise TrainError("--feature-dropout and --cache-file work on cached maps: add --freeze-trunk --cache-features")
-    torch.manual_seed(config.seed)
-    if finetune:
-        model = base_model
-    elif refine and ck is None:
-        model = DeepMask(model_config)
-        missing, unexpected = model.load_state_dict(base_model.state_dict(), strict=False)
-        assert not unexpected and all(k.startswith("refine_head.") for k in missing), (missing, unexpected)
-    else:
-        model = build_model(model_config, pretrained_trunk=pretrained and ck is None and not refine,
-                            trunk_weights=trunk_weights)
-    model.to(device).train()
-    model.trunk.to(memory_format=torch.channels_last)
-    if config.freeze_trunk or refine:
-        for p in model.trunk.parameters():
-            p.requires_grad_(False)
-    if config.train_blocks:
-        n = model.trunk.tail_units()
-        if config.train_blocks > n:
-            raise TrainError(f"--train-blocks {config.train_blocks}: the {model_config.trunk} trunk has {n} blocks that "
-                             f"keep its stride-16 resolution; give 1 to {n}")
-        for p in model.trunk.split(config.train_blocks)[1].parameters():
-            p.requires_grad_(True)
-    if refine:  # DeepMask stays as it was trained
-        for n, p in model.named_parameters():
-            p.requires_grad_(n.startswith("refine_head."))
-    trunk_params = [p for p in model.trunk.parameters() if p.requires_grad]
-    head_params = [p for n, p in model.named_parameters() if not n.startswith("trunk.") and p.requires_grad]
-    groups = [{"params": head_params, "lr_mult": 1.0}]
-    if trunk_params:
-        groups.append({"params": trunk_params, "lr_mult": config.trunk_lr_mult})
-    opt = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-
-    start_step, best, history = 0, -1.0, []
-    if ck is not None:
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        start_step, best = int(ck["step"]), float(ck.get("best", -1.0))
-        torch.set_rng_state(ck["rng_cpu"])
-        if device.type == "cuda" and ck.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(ck["rng_cuda"], device)
-
-    tail = config.train_blocks if config.cache_features else 0  # on patches the whole trunk runs
+        val_records = read_records(val_data.ann, val_data.images, mode, split="val", skip_bad_images=skip_bad_images,
+                                   emit=emit)
+    check_cache_options(mode.config)
+    model, opt = build_network(mode, device, pretrained=pretrained, trunk_weights=trunk_weights)
+    start_step, best = (0, -1.0) if mode.checkpoint is None else restore_checkpoint(mode.checkpoint, model, opt, device)
+    tail = mode.config.train_blocks if mode.config.cache_features else 0  # on patches the whole trunk runs
     # the step's pass as a module: DDP synchronises gradients through forward alone
-    ddp_model: torch.nn.Module = TrainingPass(model, from_features=config.cache_features, refine=refine, tail=tail)
+    net: torch.nn.Module = TrainingPass(model, from_features=mode.config.cache_features, refine=mode.refine, tail=tail)
     if world > 1:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(ddp_model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    fill = model.trunk.mean
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     # patch targets at the resolution of the masks trained: the refinement's, or the mask head's
-    target_config = replace(model_config, mask_size=model.refine_head.out_size) if refine else model_config
-    if config.cache_features:
-        from deepmask_cli.core.config import InferenceConfig
-        from deepmask_cli.training.featcache import FeatureCache
-
-        t_cache = time.time()
-        pyramid = InferenceConfig()
-        if config.cache_scales is not None:
-            lo, hi, st = config.cache_scales
-            pyramid = pyramid.replace(scale_min=lo, scale_max=hi, scale_step=st)
-        # Every rank builds its own (identical) cache; only rank 0 saves it.
-        cache, loaded = FeatureCache.load_or_build(config.cache_file if rank == 0 else None, model, records,
-                                                   pyramid.scales, sampler_cfg, device=device, tail=config.train_blocks,
-                                                   on_image=lambda n, total: emit("cache", {"done": n, "total": total}))
-        emit("cache_done", {"seconds": time.time() - t_cache, "levels": len(cache), "positives": len(cache.positives),
-                            "negatives": len(cache.negatives), "loaded": loaded, "reused": cache.reused})
-        loader = (cache.batch(t, config.batch_size, config.seed, rank, world) for t in range(start_step, config.steps))
-    else:
-        dataset = PatchDataset(records, target_config, sampler_cfg, seed=config.seed, fill=fill)
-        loader_gen = torch.Generator().manual_seed(config.seed)
-        loader = torch.utils.data.DataLoader(
-            dataset,
-            batch_sampler=_StepBatches(start_step, config.steps, config.batch_size, rank, world),
-            num_workers=config.workers,
-            generator=loader_gen,
-            persistent_workers=False,
-            pin_memory=device.type == "cuda",
-        )
+    targets = replace(mode.model_config, mask_size=model.refine_head.out_size) if mode.refine else mode.model_config
+    loader = step_batches(mode, model, records, targets, device=device, rank=rank, world=world, start_step=start_step,
+                          emit=emit)
     val_batches = []
     if val_records is not None and rank == 0:
-        vset = PatchDataset(val_records, target_config, sampler_cfg, seed=config.seed + 10_007, fill=fill, augment=False)
-        for b in range(config.val_batches):
-            items = [vset[b * config.batch_size + k] for k in range(config.batch_size)]
-            val_batches.append(tuple(torch.stack(z) for z in zip(*items)))
-
+        val_batches = validation_batches(val_records, targets, mode.sampler, mode.config, fill=model.trunk.mean)
+    history = []
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        history = _truncate_metrics(out_dir / "metrics.jsonl", start_step)
-    amp = config.amp and device.type == "cuda"
-    amp_dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=amp and amp_dtype == torch.float16)
-
-    def checkpoint(step: int, val: dict | None, path: Path) -> None:
-        atomic_save(
-            {
-                "version": CHECKPOINT_VERSION,
-                "step": step,
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "model_config": model_config.to_dict(),
-                "train_config": config.to_dict(),
-                "rng_cpu": torch.get_rng_state(),
-                "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                "best": best,
-                "val": val,
-                "inference": inherited,
-            },
-            path,
-        )
-
-    emit("start", {"start_step": start_step, "steps": config.steps, "world": world, "device": str(device)})
-    t0, seen = time.time(), 0
-    last_val: dict | None = None
-    step = start_step
-    for batch in loader:
-        x, mask, label = batch[:3]
-        valid = batch[3].to(device, non_blocking=True) if len(batch) > 3 else None
-        for g in opt.param_groups:
-            g["lr"] = config.lr * lr_factor(step, config) * g["lr_mult"]
-        x, mask, label = x.to(device, non_blocking=True), mask.to(device, non_blocking=True), label.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-            if config.feature_dropout > 0:  # cached maps only (checked above)
-                x = F.dropout(x, config.feature_dropout)
-            mlog, slog = ddp_model(x, valid)
-        # the refinement stage trains masks only (its score head is DeepMask's, frozen)
-        loss, lm, ls = deepmask_loss(mlog, slog, mask, label, 0.0 if refine else config.score_weight)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        step += 1
-        seen += x.shape[0] * world
-        if rank != 0:
-            continue
-        npos = max(int((label > 0).sum()), 1)
-        info = {
-            "step": step,
-            "loss": loss.item() / x.shape[0],
-            "mask_loss": lm.item() / npos,
-            "score_loss": ls.item() / x.shape[0],
-            "lr": config.lr * lr_factor(step - 1, config),
-            "samples_per_s": seen / max(time.time() - t0, 1e-9),
-        }
-        info["eta_s"] = (config.steps - step) * x.shape[0] * world / max(info["samples_per_s"], 1e-9)
-        do_val = val_batches and (step % config.val_every == 0 or step == config.steps)
-        if do_val:
-            last_val = patch_metrics(model, val_batches, device, refine=refine)
-            info["val"] = last_val
-            if last_val["iou@0.7"] > best:
-                best = last_val["iou@0.7"]
-                checkpoint(step, last_val, out_dir / BEST)
-                info["best"] = True
-            emit("val", dict(last_val, step=step))
-        _append_metrics(out_dir / "metrics.jsonl", info)
-        history.append(info)
-        if do_val:
-            from deepmask_cli.training.curves import plot_curves
-
-            plot_curves(history, out_dir / "curves.png")
-        emit("step", info)
-        if step % config.checkpoint_every == 0 or step == config.steps:
-            checkpoint(step, last_val, out_dir / CHECKPOINT)
-            emit("checkpoint", {"step": step})
-
+        history = truncate_metrics(out_dir / METRICS, start_step)
+    steps = _Steps(out_dir, mode, model, net, opt, device, rank, world, best, history, emit)
+    step = steps.run(loader, val_batches, start_step)
     if rank != 0:
-        return out_dir / "weights"
-    if step < config.steps:
+        return out_dir / WEIGHTS
+    if step < mode.config.steps:
         raise TrainError("no training step ran")
+    return _export(out_dir, step, emit)
+
+
+def _export(out_dir: Path, step: int, emit: Callable[[str, dict[str, Any]], None]) -> Path:
+    """The run's weights folder, from ``best.pt`` when a validation made one,
+    else from the last checkpoint; a ``"done"`` event."""
     # The last step wrote checkpoint.pt (a resumed finished run already has it).
     src = out_dir / BEST if (out_dir / BEST).exists() else out_dir / CHECKPOINT
-    weights = export_checkpoint(src, out_dir / "weights")
+    weights = export_checkpoint(src, out_dir / WEIGHTS)
     emit("done", {"weights": str(weights), "from": src.name, "step": step})
     return weights
 
 
-def _overridden(given: TrainConfig, kept: TrainConfig) -> list[str]:
-    """``"name VALUE (not GIVEN)"`` for each setting of ``given`` that a
-    resumed run replaces with its saved one (``kept``)."""
-    def flat(cfg: TrainConfig) -> dict[str, Any]:
-        d = cfg.to_dict()
-        d.update({f"sampler.{k}": v for k, v in d.pop("sampler").items()})
-        return d
+@dataclass
+class _Steps:
+    """The steps that every mode shares: SGD on the paper's loss (AMP on a
+    GPU), and on rank 0 the log, validation, ``best.pt`` and checkpoints."""
 
-    a, b = flat(given), flat(kept)
-    return [f"{k} {b[k]} (not {a[k]})" for k in a if a[k] != b[k]]
+    out_dir: Path
+    mode: Mode
+    model: DeepMask
+    net: torch.nn.Module  # the model's TrainingPass, or its DistributedDataParallel wrapper
+    opt: torch.optim.Optimizer
+    device: torch.device
+    rank: int
+    world: int
+    best: float  # the best validation's iou@0.7 so far
+    history: list[dict]  # the log's lines (rank 0)
+    emit: Callable[[str, dict[str, Any]], None]
+    amp: bool = field(init=False)  # mixed precision: on a GPU, when the config asks for it
+    amp_dtype: torch.dtype = field(init=False)
+    scaler: torch.amp.GradScaler = field(init=False)  # loss scaling, for float16 only
 
+    def __post_init__(self) -> None:
+        self.amp = self.mode.config.amp and self.device.type == "cuda"
+        self.amp_dtype = torch.bfloat16 if self.amp and torch.cuda.is_bf16_supported() else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.amp_dtype == torch.float16)
 
-def _append_metrics(path: Path, info: dict) -> None:
-    with open(path, "a") as fh:
-        fh.write(json.dumps(info) + "\n")
+    def run(self, loader: Iterable[tuple[torch.Tensor, ...]], val_batches: list[tuple[torch.Tensor, ...]],
+            start_step: int) -> int:
+        """Train on ``loader``'s batches, steps ``start_step`` on; return the step reached."""
+        config = self.mode.config
+        self.emit("start", {"start_step": start_step, "steps": config.steps, "world": self.world,
+                            "device": str(self.device)})
+        t0, seen = time.time(), 0
+        last_val: dict | None = None
+        step = start_step
+        for batch in loader:
+            loss, lm, ls, label, size = self._step(batch, step)
+            step += 1
+            seen += size * self.world
+            if self.rank != 0:
+                continue
+            npos = max(int((label > 0).sum()), 1)
+            info = {
+                "step": step,
+                "loss": loss.item() / size,
+                "mask_loss": lm.item() / npos,
+                "score_loss": ls.item() / size,
+                "lr": config.lr * lr_factor(step - 1, config),
+                "samples_per_s": seen / max(time.time() - t0, 1e-9),
+            }
+            info["eta_s"] = (config.steps - step) * size * self.world / max(info["samples_per_s"], 1e-9)
+            last_val = self._log(step, info, val_batches, last_val)
+        return step
 
+    def _step(self, batch: tuple[torch.Tensor, ...], step: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """One SGD step on ``batch`` at step ``step``'s learning rate:
+        ``(loss, mask part, score part, labels, batch size)``."""
+        config, device, refine = self.mode.config, self.device, self.mode.refine
+        x, mask, label = batch[:3]
+        valid = batch[3].to(device, non_blocking=True) if len(batch) > 3 else None
+        for g in self.opt.param_groups:
+            g["lr"] = config.lr * lr_factor(step, config) * g["lr_mult"]
+        x, mask, label = x.to(device, non_blocking=True), mask.to(device, non_blocking=True), label.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp):
+            if config.feature_dropout > 0:  # cached maps only (checked before)
+                x = F.dropout(x, config.feature_dropout)
+            mlog, slog = self.net(x, valid)
+        # the refinement stage trains masks only (its score head is DeepMask's, frozen)
+        loss, lm, ls = deepmask_loss(mlog, slog, mask, label, 0.0 if refine else config.score_weight)
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        return loss, lm, ls, label, x.shape[0]
 
-def _read_metrics(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            break
-    return out
+    def _log(self, step: int, info: dict[str, Any], val_batches: list[tuple[torch.Tensor, ...]],
+             last_val: dict | None) -> dict | None:
+        """Rank 0 after step ``step``: validate when due (``best.pt`` when
+        best), log ``info``, checkpoint when due; return the last validation."""
+        config = self.mode.config
+        do_val = val_batches and (step % config.val_every == 0 or step == config.steps)
+        if do_val:
+            last_val = patch_metrics(self.model, val_batches, self.device, refine=self.mode.refine)
+            info["val"] = last_val
+            if last_val["iou@0.7"] > self.best:
+                self.best = last_val["iou@0.7"]
+                self._checkpoint(step, last_val, self.out_dir / BEST)
+                info["best"] = True
+            self.emit("val", dict(last_val, step=step))
+        append_metrics(self.out_dir / METRICS, info)
+        self.history.append(info)
+        if do_val:
+            from deepmask_cli.training.curves import plot_curves
 
+            plot_curves(self.history, self.out_dir / CURVES)
+        self.emit("step", info)
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            self._checkpoint(step, last_val, self.out_dir / CHECKPOINT)
+            self.emit("checkpoint", {"step": step})
+        return last_val
 
-def _truncate_metrics(path: Path, step: int) -> list[dict]:
-    """Drop lines past the checkpoint a resumed run restarts from (and a torn
-    tail); return the lines kept."""
-    keep = [m for m in _read_metrics(path) if m.get("step", 0) <= step]
-    if path.exists():
-        atomic_write(path, lambda f: f.write("".join(json.dumps(m) + "\n" for m in keep).encode()))
-    return keep
+    def _checkpoint(self, step: int, val: dict | None, path: Path) -> None:
+        """Write the run's state after ``step`` to ``path`` (``val``: this step's validation)."""
+        save_checkpoint(path, step=step, model=self.model, optimizer=self.opt, model_config=self.mode.model_config,
+                        train_config=self.mode.config, device=self.device, best=self.best, val=val,
+                        inference=self.mode.inference)
