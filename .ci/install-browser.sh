@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A headless browser for tests/test_report.py (the HTML report is checked in a
+# A headless browser for tests/viz/test_report.py (the HTML report is checked in a
 # real browser; without one that test is skipped). Debian/Ubuntu, as root.
 set -euo pipefail
 apt-get update -q

@@ -5,7 +5,7 @@ purpose.
 
 The photos of ``samples/`` run in fp32 torch (the arithmetic every x86-64
 CPU computes alike, up to rounding); for each photo the top
-:data:`TOP` proposals are compared with ``tests/golden/NAME-samples.json``:
+:data:`TOP` proposals are compared with ``tests/e2e/golden/NAME-samples.json``:
 the scores, as a ranked list, within :data:`SCORE_TOL`, and every expected
 mask found again among the first :data:`TOP` + :data:`SLACK` with a mask IoU
 of at least :data:`MIN_IOU` and its score within :data:`SCORE_TOL` (near
@@ -14,7 +14,7 @@ ties may swap places on another CPU).
 When the weights or the method change on purpose, regenerate the file (and
 review its diff) with::
 
-    EXPECTTEST_ACCEPT=1 python -m pytest tests/test_golden.py
+    EXPECTTEST_ACCEPT=1 python -m pytest tests/e2e/test_golden.py
 """
 
 import json
@@ -29,7 +29,7 @@ from deepmask_cli.formats.images import load_image
 from deepmask_cli.pipeline.loading import load_proposer
 from deepmask_cli.modeling.weights import presets_of, read_config, shipped_weights
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).parent / "golden"
 #: Every shipped weights folder (the default and the others ``--weights`` names).
 SHIPPED = sorted(p.parent for p in shipped_weights().parent.glob("*/model.safetensors"))

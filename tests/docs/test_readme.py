@@ -25,7 +25,7 @@ from deepmask_cli.modeling.weights import load_weights, weights_folder
 from deepmask_cli.pipeline import propose as propose_mod
 from deepmask_cli.pipeline.loading import default_presets, default_weights
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 MAX_BYTES = 12 * 1024
 

@@ -353,7 +353,7 @@ def test_out_of_gpu_memory_halves_the_group_and_loses_nothing(synth_coco, tiny_w
 def test_benchmark_scripts_name_a_users_mistake_in_one_line(synth_coco, tmp_path, script, args):
     """benchmarks/*.py end a run with a missing weights folder or data folder
     with exit status 2 and one ``error:`` line naming it, not a traceback."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     missing = str(tmp_path / "nowhere")
     argv = [a.format(data=synth_coco, missing=missing) for a in args]
     res = subprocess.run([sys.executable, os.path.join(root, "benchmarks", script), *argv],
