@@ -75,13 +75,13 @@ def train(
     per-pixel loss at their resolution (``model_config``'s other fields are
     not used then).
 
-    ``on_event(kind, info)`` receives ``"data"``, ``"cache"``
-    (on cached maps, an image's maps cached), ``"cache_done"``, ``"start"``, ``"step"``,
+    ``on_event(kind, info)`` receives ``"data"``, ``"start"``, ``"cache"``
+    (on cached maps, an image's maps cached), ``"cache_done"``, ``"step"``,
     ``"val"``, ``"checkpoint"`` and ``"done"`` events (rank 0 only) for
     display; nothing here prints.
 
-    The run folder and its settings are written first, so a run stopped
-    before its first checkpoint continues with ``resume`` from its settings.
+    The run folder and its settings are written first, so a run stopped at
+    any point (its feature cache half built, say) continues with ``resume``.
     """
     model_config = model_config or ModelConfig()
     config = config or TrainConfig()
@@ -111,7 +111,7 @@ def train(
     # patch targets at the resolution of the masks trained: the refinement's, or the mask head's
     targets = replace(mode.model_config, mask_size=model.refine_head.out_size) if mode.refine else mode.model_config
     loader = step_batches(mode, model, records, targets, device=device, rank=rank, world=world, start_step=start_step,
-                          emit=emit)
+                          emit=emit, run_dir=out_dir)
     val_batches = []
     if val_records is not None and rank == 0:
         val_batches = validation_batches(val_records, targets, mode.sampler, mode.config, fill=model.trunk.mean)
