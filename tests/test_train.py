@@ -126,7 +126,7 @@ def _cli_train(root, run, steps, extra=()):
     cfg.write_text(json.dumps(TINY.to_dict()))
     return [sys.executable, "-m", "deepmask_cli", "train", str(root), "-o", str(run), "--model-config", str(cfg),
             "--no-pretrained", "--steps", str(steps), "--batch-size", "8", "--lr", "0.01", "--workers", "0",
-            "--checkpoint-every", "5", "--val-every", "1000", "--seed", "7", "--device", "cpu", "--train-trunk", "-q",
+            "--checkpoint-every", "5", "--seed", "7", "--device", "cpu", "--train-trunk", "-q",
             *extra]
 
 
@@ -175,7 +175,7 @@ def test_two_process_gloo_ddp_refine_stage(synth_coco, tiny_weights, tmp_path):
     run = tmp_path / "ddp-refine"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()), "-m",
            "deepmask_cli", "train", str(synth_coco), "-o", str(run), "--refine", "--init", str(tiny_weights), "--steps", "4",
-           "--batch-size", "4", "--workers", "0", "--val-every", "1000", "--device", "cpu", "-q"]
+           "--batch-size", "4", "--workers", "0", "--device", "cpu", "-q"]
     r = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     before, after = load_file(str(tiny_weights / "model.safetensors")), load_file(str(run / "weights" / "model.safetensors"))
@@ -557,3 +557,23 @@ def test_training_starts_before_every_image_is_cached(synth_coco, tmp_path, monk
     assert order[:4] == [("cache", 1), ("cache", 2), ("step", 1), ("cache", 3)]
     assert order.index(("cache_done", None)) < order.index(("step", 3))
 
+
+def test_val_every_without_validation_data_is_an_error_and_curves_come_with_validation(synth_coco, tmp_path):
+    """A plain instances.json + images/ folder has no val split: --val-every
+    alone says how to give one (no run folder made); with --val, each
+    validation redraws curves.png."""
+    from click.testing import CliRunner
+
+    from deepmask_cli.cli.main import main
+
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps(TINY.to_dict()))
+    args = ["train", str(synth_coco), "-o", str(tmp_path / "run"), "--model-config", str(cfg), "--no-pretrained",
+            "--steps", "2", "--batch-size", "4", "--val-every", "2", "--val-batches", "1", "--device", "cpu",
+            "--cache-scales=-1,0,1", "-q"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 2 and "--val DIR" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "run").exists()
+    r = CliRunner().invoke(main, args + ["--val", str(synth_coco)])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "run" / "curves.png").exists()
