@@ -178,12 +178,14 @@ class _TrainDisplay:
                 p.console.print(f"  [yellow]skipped[/] {esc(str(m))}")
         elif kind == "cache":
             if not hasattr(self, "cache_task"):
+                p.console.print(f"feature cache: a photo's maps are computed when a step first samples it "
+                                f"({info['total']} photos) and written to disk at once")
                 self.cache_task = p.add_task("cache", total=info["total"], stats="")
             p.update(self.cache_task, completed=info["done"])
         elif kind == "cache_done":
             how = " (loaded)" if info.get("loaded") else (f" ({info['reused']} images' maps reused)" if info.get("reused") else "")
-            p.console.print(f"feature cache{how}: {info['levels']} maps, {info['positives']} positive and "
-                            f"{info['negatives']} negative windows, built in {info['seconds']:.0f} s")
+            p.console.print(f"feature cache{how}: every photo in after {info['seconds']:.0f} s: {info['levels']} maps, "
+                            f"{info['positives']} positive and {info['negatives']} negative windows")
         elif kind == "start":
             p.update(self.task, completed=info["start_step"])
             p.console.print(f"training on {info['device']} x{info['world']}, steps {info['start_step']}→{info['steps']}")

@@ -87,8 +87,9 @@ def _cached_batches(mode: Mode, model: DeepMask, records: list[ImageRecord], *, 
         pyramid = pyramid.replace(scale_min=lo, scale_max=hi, scale_step=st)
 
     def complete(cache: FeatureCache) -> None:
-        emit("cache_done", {"seconds": time.time() - t_cache, "levels": len(cache), "positives": len(cache.positives),
-                            "negatives": len(cache.negatives), "loaded": cache.loaded, "reused": cache.reused})
+        positives, negatives, _ = cache.counts()
+        emit("cache_done", {"seconds": time.time() - t_cache, "levels": len(cache), "positives": positives,
+                            "negatives": negatives, "loaded": cache.loaded, "reused": cache.reused})
 
     # Every rank caches the same maps; only rank 0 writes them.
     cache = FeatureCache.for_run(run_dir, model, records, pyramid.scales, mode.sampler, seed=config.seed,

@@ -55,7 +55,7 @@ from deepmask_cli.training.patches import canonical_log2, crop_resized, window_l
 PART_IMAGES = 1
 #: A run's first step samples from this many photos' maps (the first of a
 #: seeded order)...
-GROW_START = 8
+GROW_START = 4
 #: ...and each later step from this many more, until every photo's are in.
 GROW_PER_STEP = 1
 
@@ -305,6 +305,10 @@ class FeatureCache:
 
     def __len__(self) -> int:
         return len(self.levels)
+
+    def counts(self) -> tuple[int, int, int]:
+        """How many positive, negative and hard negative windows the cached images hold."""
+        return self._cum[0][-1], self._cum[1][-1], self._cum[2][-1]
 
     def _arrays(self) -> tuple[np.ndarray, ...]:
         if self._all is None or self._all[0] != self.cached:
