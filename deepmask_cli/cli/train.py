@@ -15,7 +15,7 @@ _S = SamplerConfig()
 
 @click.command()
 @click.argument("data_dir", required=False, type=click.Path())
-@click.option("-o", "--out", "out_dir", type=click.Path(), default=None, help="Run folder: checkpoints, metrics.jsonl, curves.png, weights/. [default: the next runs/train-N; with --resume, the last one]")
+@click.option("-o", "--out", "out_dir", type=click.Path(), default=None, help="Run folder: options.json, checkpoints, metrics.jsonl, curves.png (with validation), feature-cache/, weights/. [default: the next runs/train-N; with --resume, the last one]")
 @click.option("--val", "val_dir", type=click.Path(), default=None, help="Validation dataset folder (same layouts as DATA_DIR). [default: DATA_DIR's val split in COCO's own layout]")
 @click.option("--ann", type=click.Path(), default=None, help="Training annotation file (instead of DATA_DIR).")
 @click.option("--images", "images_dir", type=click.Path(), default=None, help="Training images folder (with --ann).")
@@ -42,7 +42,7 @@ _S = SamplerConfig()
 @click.option("--copy-paste", type=click.IntRange(0), default=None, help="Add this many copy-paste composites to the training images (each a training image with another's objects pasted on it at a random scale and place; written to the run folder). [default: 0]")
 @click.option("--resume", is_flag=True, help="Continue from the run folder's last checkpoint.")
 @click.option("--checkpoint-every", type=click.IntRange(1), default=None, help=f"Steps between checkpoints. [default: {_T.checkpoint_every}]")
-@click.option("--val-every", type=click.IntRange(1), default=None, help=f"Steps between validations. [default: {_T.val_every}]")
+@click.option("--val-every", type=click.IntRange(1), default=None, help=f"Steps between validations (needs validation data: --val, or a val split). [default: {_T.val_every}]")
 @click.option("--val-batches", type=click.IntRange(1), default=None, help=f"Validation batches (fixed patches). [default: {_T.val_batches}]")
 @click.option("--patch-size", type=click.IntRange(32, 1024), default=None, help=f"Network input window in pixels. [default: {_M.patch_size}]")
 @click.option("--object-size", type=click.IntRange(1, 1024), default=None, help=f"Canonical longer side of a centred object, pixels. [default: {_M.object_size}]")
@@ -70,8 +70,8 @@ def train(data_dir, out_dir, val_dir, ann, images_dir, val_ann, val_images, trun
     import torch
 
     from deepmask_cli.core.launch import torchrun_launch
-    from deepmask_cli.pipeline.trainrun import (default_run_dir, init_folder, train_datasets, train_device,
-                                                train_model_config)
+    from deepmask_cli.pipeline.trainrun import (TrainSetupError, default_run_dir, init_folder, train_datasets,
+                                                train_device, train_model_config)
     from deepmask_cli.training.data import parse_categories
     from deepmask_cli.training.loop import train as run_train
 
@@ -86,6 +86,9 @@ def train(data_dir, out_dir, val_dir, ann, images_dir, val_ann, val_images, trun
                                 object_size=object_size)
         init_weights = init_folder(init_weights, refine=refine,
                                    network_given=bool(trunk or patch_size or object_size or model_config_file))
+        if va is None and (val_every is not None or val_batches is not None):
+            raise TrainSetupError(f"--val-{'every' if val_every is not None else 'batches'} needs validation data, and "
+                            f"{data_dir or ann} has no val split: give --val DIR (or --val-ann FILE --val-images DIR)")
         launch = torchrun_launch()
         dev = train_device(device, launch)
         quiet = quiet or (launch is not None and launch.rank != 0)
@@ -120,7 +123,8 @@ def train(data_dir, out_dir, val_dir, ann, images_dir, val_ann, val_images, trun
                                 pretrained=not no_pretrained, trunk_weights=trunk_weights,
                                 skip_bad_images=not strict_data, on_event=display.event, init=init_weights)
     except KeyboardInterrupt:
-        fail("interrupted; the last checkpoint is kept: rerun with --resume to continue", 130)
+        fail(f"interrupted; the run folder keeps its settings, cached maps and last checkpoint: "
+             f"rerun with -o {out_dir} --resume to continue", 130)
     except UserError as e:
         fail(str(e))
     finally:
@@ -174,12 +178,14 @@ class _TrainDisplay:
                 p.console.print(f"  [yellow]skipped[/] {esc(str(m))}")
         elif kind == "cache":
             if not hasattr(self, "cache_task"):
+                p.console.print(f"feature cache: a photo's maps are computed when a step first samples it "
+                                f"({info['total']} photos) and written to disk at once")
                 self.cache_task = p.add_task("cache", total=info["total"], stats="")
             p.update(self.cache_task, completed=info["done"])
         elif kind == "cache_done":
             how = " (loaded)" if info.get("loaded") else (f" ({info['reused']} images' maps reused)" if info.get("reused") else "")
-            p.console.print(f"feature cache{how}: {info['levels']} maps, {info['positives']} positive and "
-                            f"{info['negatives']} negative windows, built in {info['seconds']:.0f} s")
+            p.console.print(f"feature cache{how}: every photo in after {info['seconds']:.0f} s: {info['levels']} maps, "
+                            f"{info['positives']} positive and {info['negatives']} negative windows")
         elif kind == "start":
             p.update(self.task, completed=info["start_step"])
             p.console.print(f"training on {info['device']} x{info['world']}, steps {info['start_step']}→{info['steps']}")

@@ -47,16 +47,17 @@ def read_records(ann: Path, images: Path, mode: Mode, *, split: str, skip_bad_im
 
 
 def step_batches(mode: Mode, model: DeepMask, records: list[ImageRecord], targets: ModelConfig, *, device: torch.device,
-                 rank: int, world: int, start_step: int, emit: Emit) -> Iterable[tuple[torch.Tensor, ...]]:
+                 rank: int, world: int, start_step: int, emit: Emit, run_dir: Path) -> Iterable[tuple[torch.Tensor, ...]]:
     """This process's batches of steps ``start_step`` to the last: windows of
-    cached maps with ``cache_features`` (built or loaded first, with
-    ``"cache"`` and ``"cache_done"`` events), else patches of ``records`` with
+    cached maps with ``cache_features`` (the cache growing as the steps
+    need it, kept in ``run_dir``, with ``"cache"`` events and a
+    ``"cache_done"`` one once whole), else patches of ``records`` with
     mask targets of ``targets``' size. Each is ``(inputs, masks, labels)``,
     and a fourth tensor marking the cells on the map for windows widened for
     trained trunk blocks."""
     if mode.config.cache_features:
         return _cached_batches(mode, model, records, device=device, rank=rank, world=world, start_step=start_step,
-                               emit=emit)
+                               emit=emit, run_dir=run_dir)
     config = mode.config
     dataset = PatchDataset(records, targets, mode.sampler, seed=config.seed, fill=model.trunk.mean)
     loader_gen = torch.Generator().manual_seed(config.seed)
@@ -71,9 +72,11 @@ def step_batches(mode: Mode, model: DeepMask, records: list[ImageRecord], target
 
 
 def _cached_batches(mode: Mode, model: DeepMask, records: list[ImageRecord], *, device: torch.device, rank: int,
-                    world: int, start_step: int, emit: Emit) -> Iterator[tuple[torch.Tensor, ...]]:
+                    world: int, start_step: int, emit: Emit, run_dir: Path) -> Iterator[tuple[torch.Tensor, ...]]:
     """Windows of the frozen trunk's maps of ``records`` over the cache's
-    pyramid (inference's, or ``cache_scales``)."""
+    pyramid (inference's, or ``cache_scales``). The maps are computed as
+    the steps first sample their images (:meth:`FeatureCache.for_run`), so
+    that the first step comes at once and an interruption loses none."""
     from deepmask_cli.training.featcache import FeatureCache
 
     config = mode.config
@@ -82,12 +85,17 @@ def _cached_batches(mode: Mode, model: DeepMask, records: list[ImageRecord], *, 
     if config.cache_scales is not None:
         lo, hi, st = config.cache_scales
         pyramid = pyramid.replace(scale_min=lo, scale_max=hi, scale_step=st)
-    # Every rank builds its own (identical) cache; only rank 0 saves it.
-    cache, loaded = FeatureCache.load_or_build(config.cache_file if rank == 0 else None, model, records,
-                                               pyramid.scales, mode.sampler, device=device, tail=config.train_blocks,
-                                               on_image=lambda n, total: emit("cache", {"done": n, "total": total}))
-    emit("cache_done", {"seconds": time.time() - t_cache, "levels": len(cache), "positives": len(cache.positives),
-                        "negatives": len(cache.negatives), "loaded": loaded, "reused": cache.reused})
+
+    def complete(cache: FeatureCache) -> None:
+        positives, negatives, _ = cache.counts()
+        emit("cache_done", {"seconds": time.time() - t_cache, "levels": len(cache), "positives": positives,
+                            "negatives": negatives, "loaded": cache.loaded, "reused": cache.reused})
+
+    # Every rank caches the same maps; only rank 0 writes them.
+    cache = FeatureCache.for_run(run_dir, model, records, pyramid.scales, mode.sampler, seed=config.seed,
+                                 cache_file=config.cache_file, write=rank == 0, device=device, tail=config.train_blocks,
+                                 on_image=lambda n, total: emit("cache", {"done": n, "total": total}),
+                                 on_complete=complete)
     return (cache.batch(t, config.batch_size, config.seed, rank, world) for t in range(start_step, config.steps))
 
 

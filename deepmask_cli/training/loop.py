@@ -29,7 +29,7 @@ from deepmask_cli.training.modes import Mode, build_network, check_cache_options
 from deepmask_cli.training.objective import deepmask_loss, lr_factor
 from deepmask_cli.training.runs import (BEST, CHECKPOINT, COPY_PASTE_DIR, CURVES, METRICS, WEIGHTS, TrainError,
                                         append_metrics, export_checkpoint, restore_checkpoint, save_checkpoint,
-                                        truncate_metrics)
+                                        truncate_metrics, write_options)
 from deepmask_cli.training.validation import patch_metrics, validation_batches
 
 
@@ -75,9 +75,13 @@ def train(
     per-pixel loss at their resolution (``model_config``'s other fields are
     not used then).
 
-    ``on_event(kind, info)`` receives ``"data"``, ``"start"``, ``"step"``,
+    ``on_event(kind, info)`` receives ``"data"``, ``"start"``, ``"cache"``
+    (on cached maps, an image's maps cached), ``"cache_done"``, ``"step"``,
     ``"val"``, ``"checkpoint"`` and ``"done"`` events (rank 0 only) for
     display; nothing here prints.
+
+    The run folder and its settings are written first, so a run stopped at
+    any point (its feature cache half built, say) continues with ``resume``.
     """
     model_config = model_config or ModelConfig()
     config = config or TrainConfig()
@@ -88,6 +92,8 @@ def train(
         raise TrainError(f"--batch-size {config.batch_size} must be divisible by the {world} processes")
     emit = on_event if (on_event and rank == 0) else (lambda kind, info: None)
     mode = resolve_mode(out_dir, model_config, config, resume=resume, init=init, rank=rank)
+    if rank == 0:  # the run folder from the first second: a run stopped in its setup resumes
+        write_options(out_dir, mode.model_config, mode.config)
     records = read_records(train_data.ann, train_data.images, mode, split="train", skip_bad_images=skip_bad_images,
                            emit=emit, copy_paste_dir=out_dir / COPY_PASTE_DIR)
     val_records = None
@@ -105,13 +111,12 @@ def train(
     # patch targets at the resolution of the masks trained: the refinement's, or the mask head's
     targets = replace(mode.model_config, mask_size=model.refine_head.out_size) if mode.refine else mode.model_config
     loader = step_batches(mode, model, records, targets, device=device, rank=rank, world=world, start_step=start_step,
-                          emit=emit)
+                          emit=emit, run_dir=out_dir)
     val_batches = []
     if val_records is not None and rank == 0:
         val_batches = validation_batches(val_records, targets, mode.sampler, mode.config, fill=model.trunk.mean)
     history = []
     if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
         history = truncate_metrics(out_dir / METRICS, start_step)
     steps = _Steps(out_dir, mode, model, net, opt, device, rank, world, best, history, emit)
     step = steps.run(loader, val_batches, start_step)

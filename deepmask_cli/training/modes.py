@@ -26,7 +26,7 @@ import torch
 from deepmask_cli.core.config import ModelConfig, SamplerConfig, TrainConfig
 from deepmask_cli.modeling.model import DeepMask, build_model
 from deepmask_cli.modeling.weights import load_weights
-from deepmask_cli.training.runs import CHECKPOINT, TrainError, load_checkpoint, resumed_config
+from deepmask_cli.training.runs import CHECKPOINT, TrainError, load_checkpoint, read_options, resumed_config
 
 
 @dataclass
@@ -52,14 +52,20 @@ def resolve_mode(out_dir: Path, model_config: ModelConfig, config: TrainConfig, 
     """The mode of a run given these settings (see :func:`deepmask_cli.training.loop.train`):
     with ``resume`` and a checkpoint in ``out_dir``, the checkpoint's network
     and settings (a warning names those given otherwise); with ``init``, its
-    network and tuned inference values. Raises :class:`TrainError` for
+    network and tuned inference values; with ``resume`` and no checkpoint
+    yet, the settings the run was started with (its ``options.json``).
+    Raises :class:`TrainError` for
     settings that do not go together, before any data is read."""
     ck, inherited = None, None
+    saved = None
     if resume and (out_dir / CHECKPOINT).exists():
-        ck = load_checkpoint(out_dir / CHECKPOINT)
+        saved = ck = load_checkpoint(out_dir / CHECKPOINT)
         inherited = ck.get("inference")
-        model_config = ModelConfig.from_dict(ck["model_config"])
-        config, overridden = resumed_config(ck, config)
+    elif resume:  # stopped before its first checkpoint (say, while caching): its settings, from step 0
+        saved = read_options(out_dir)
+    if saved is not None:
+        model_config = ModelConfig.from_dict(saved["model_config"])
+        config, overridden = resumed_config(saved, config)
         if overridden and rank == 0:  # stacklevel: attributed to train()'s caller
             warnings.warn(f"--resume continues {out_dir} with the settings it was started with: "
                           f"{', '.join(overridden)} (start a new run folder to train with other settings)", stacklevel=3)

@@ -1,8 +1,11 @@
 """A training run's folder and what persists in it.
 
-A run folder holds ``checkpoint.pt`` (the last step's model, optimizer,
+A run folder holds ``options.json`` (the run's settings, written before any
+data is read, so that a run stopped before its first checkpoint resumes
+with them), ``checkpoint.pt`` (the last step's model, optimizer,
 step and RNG: all that a resumed run needs to end as one that never
-stopped), ``best.pt`` (the best validation's), ``metrics.jsonl`` (a line per
+stopped), ``feature-cache/`` (the trunk's maps, on cached features:
+:mod:`~deepmask_cli.training.featstore`), ``best.pt`` (the best validation's), ``metrics.jsonl`` (a line per
 step), ``curves.png``, the copy-paste composites and, at the end, the
 exported ``weights/``. Runs started without ``-o`` are numbered
 ``runs/train-<n>``. A resumed run keeps the settings of its checkpoint but
@@ -25,6 +28,8 @@ from deepmask_cli.modeling.model import DeepMask
 from deepmask_cli.modeling.weights import save_weights
 
 CHECKPOINT = "checkpoint.pt"
+#: A run's settings, from its first second: what ``--resume`` continues with before a checkpoint.
+OPTIONS = "options.json"
 BEST = "best.pt"
 #: A run's log: one JSON object per step, validation included.
 METRICS = "metrics.jsonl"
@@ -70,6 +75,22 @@ def new_run_dir(root: str | Path = RUNS_ROOT, prefix: str = RUN_PREFIX) -> Path:
     :func:`deepmask_cli.training.loop.train`)."""
     taken = _numbered_runs(Path(root), prefix)
     return Path(root) / f"{prefix}-{taken[-1][0] + 1 if taken else 1}"
+
+
+def write_options(out_dir: Path, model_config: ModelConfig, train_config: TrainConfig) -> None:
+    """Create the run folder with its settings (:data:`OPTIONS`)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text = json.dumps({"model_config": model_config.to_dict(), "train_config": train_config.to_dict()}, indent=1)
+    atomic_write(out_dir / OPTIONS, lambda f: f.write(text.encode()))
+
+
+def read_options(out_dir: Path) -> dict[str, Any] | None:
+    """The settings :func:`write_options` wrote in ``out_dir``, or None."""
+    try:
+        got = json.loads((out_dir / OPTIONS).read_text())
+    except (OSError, ValueError):
+        return None
+    return got if isinstance(got, dict) and {"model_config", "train_config"} <= got.keys() else None
 
 
 # ---------------------------------------------------------------- checkpoints

@@ -126,7 +126,7 @@ def _cli_train(root, run, steps, extra=()):
     cfg.write_text(json.dumps(TINY.to_dict()))
     return [sys.executable, "-m", "deepmask_cli", "train", str(root), "-o", str(run), "--model-config", str(cfg),
             "--no-pretrained", "--steps", str(steps), "--batch-size", "8", "--lr", "0.01", "--workers", "0",
-            "--checkpoint-every", "5", "--val-every", "1000", "--seed", "7", "--device", "cpu", "--train-trunk", "-q",
+            "--checkpoint-every", "5", "--seed", "7", "--device", "cpu", "--train-trunk", "-q",
             *extra]
 
 
@@ -175,7 +175,7 @@ def test_two_process_gloo_ddp_refine_stage(synth_coco, tiny_weights, tmp_path):
     run = tmp_path / "ddp-refine"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()), "-m",
            "deepmask_cli", "train", str(synth_coco), "-o", str(run), "--refine", "--init", str(tiny_weights), "--steps", "4",
-           "--batch-size", "4", "--workers", "0", "--val-every", "1000", "--device", "cpu", "-q"]
+           "--batch-size", "4", "--workers", "0", "--device", "cpu", "-q"]
     r = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     before, after = load_file(str(tiny_weights / "model.safetensors")), load_file(str(run / "weights" / "model.safetensors"))
@@ -493,3 +493,87 @@ def test_train_blocks_bad_values_are_one_line_errors(synth_coco, tmp_path, extra
     r = CliRunner().invoke(main, ["train", str(synth_coco), "-o", str(tmp_path / "r"), "--device", "cpu", "--no-pretrained",
                                   "--steps", "1", "--workers", "0", "-q", *extra])
     assert r.exit_code != 0 and message in r.output and "Traceback" not in r.output
+
+
+def _cached_config(**kw):
+    return _tiny_train_config(freeze_trunk=True, cache_features=True, cache_scales=(-1.0, 0.0, 1.0), **kw)
+
+
+def _spy_cache_reads(monkeypatch):
+    """The images whose maps the trunk computes (each is read for it)."""
+    from deepmask_cli.training import featcache
+
+    computed, real = [], featcache.record_image
+    monkeypatch.setattr(featcache, "record_image", lambda rec: computed.append(str(rec.path)) or real(rec))
+    return computed
+
+
+def test_a_run_interrupted_while_caching_resumes_without_recomputing(synth_coco, tmp_path, monkeypatch):
+    """Ctrl-C while the maps are being cached: the run folder exists with its
+    settings and the maps cached so far; --resume computes only the others
+    and ends with the weights of a run that never stopped."""
+    from deepmask_cli.training import featcache
+    from deepmask_cli.training.featstore import RUN_CACHE_DIR
+    from deepmask_cli.training.runs import OPTIONS
+
+    monkeypatch.setattr(featcache, "GROW_START", 1)  # one image cached per step: a step comes before the second
+    data, cfg, run = TrainData(synth_coco / "instances.json", synth_coco / "images"), _cached_config(steps=6), tmp_path / "run"
+    computed = _spy_cache_reads(monkeypatch)
+
+    def stop_at_second_image(kind, info):
+        if kind == "cache" and info["done"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(data, run, model_config=TINY, config=cfg, pretrained=False, on_event=stop_at_second_image)
+    assert (run / OPTIONS).exists() and not (run / "checkpoint.pt").exists()
+    assert len(computed) == 2 and len(list((run / RUN_CACHE_DIR).glob("*.pt"))) == 2
+    first = list(computed)
+    computed.clear()
+    events = []
+    with pytest.warns(UserWarning, match="lr 0.01 \\(not 0.5\\)"):  # the run's own lr (options.json), not this one
+        train(data, run, model_config=TINY, config=dataclasses.replace(cfg, lr=0.5), pretrained=False, resume=True,
+              on_event=lambda k, i: events.append((k, i)))
+    assert len(computed) == 2 and not set(computed) & set(first)
+    assert [i["reused"] for k, i in events if k == "cache_done"] == [2]
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 6
+    computed.clear()
+    train(data, tmp_path / "whole", model_config=TINY, config=cfg, pretrained=False)
+    a = load_file(run / "weights" / "model.safetensors")
+    b = load_file(tmp_path / "whole" / "weights" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_training_starts_before_every_image_is_cached(synth_coco, tmp_path, monkeypatch):
+    """The maps are cached as the steps first sample their images: the first
+    step comes after GROW_START images' maps, not all of them."""
+    from deepmask_cli.training import featcache
+
+    monkeypatch.setattr(featcache, "GROW_START", 2)
+    events = []
+    train(TrainData(synth_coco / "instances.json", synth_coco / "images"), tmp_path / "run", model_config=TINY,
+          config=_cached_config(steps=4), pretrained=False, on_event=lambda k, i: events.append((k, i)))
+    order = [(k, i.get("done", i.get("step"))) for k, i in events if k in ("cache", "step", "cache_done")]
+    assert order[:4] == [("cache", 1), ("cache", 2), ("step", 1), ("cache", 3)]
+    assert order.index(("cache_done", None)) < order.index(("step", 3))
+
+
+def test_val_every_without_validation_data_is_an_error_and_curves_come_with_validation(synth_coco, tmp_path):
+    """A plain instances.json + images/ folder has no val split: --val-every
+    alone says how to give one (no run folder made); with --val, each
+    validation redraws curves.png."""
+    from click.testing import CliRunner
+
+    from deepmask_cli.cli.main import main
+
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps(TINY.to_dict()))
+    args = ["train", str(synth_coco), "-o", str(tmp_path / "run"), "--model-config", str(cfg), "--no-pretrained",
+            "--steps", "2", "--batch-size", "4", "--val-every", "2", "--val-batches", "1", "--device", "cpu",
+            "--cache-scales=-1,0,1", "-q"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 2 and "--val DIR" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "run").exists()
+    r = CliRunner().invoke(main, args + ["--val", str(synth_coco)])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "run" / "curves.png").exists()
