@@ -160,9 +160,15 @@ def compress_weights(folder: str | Path, images: Sequence[str | Path], out: str 
     small, kept = compress_heads(model, score, mask, score_rank=score_rank, mask_rank=mask_rank)
     source = read_config(folder)
     meta = dict(source.get("meta") or {})
-    meta["compressed"] = {"from": Path(folder).name, "score_rank": score_rank, "mask_rank": mask_rank,
-                          "variance_kept": {k: round(v, 5) for k, v in kept.items()},
-                          "calibration": [p.name for p in chosen]}
-    # the source's own inference settings, as written (unset fields keep following the library's defaults)
-    save_weights(small, out, inference=source.get("inference") or {}, meta=meta, half=half)
+    made = {"from": Path(folder).name, "score_rank": score_rank, "mask_rank": mask_rank,
+            "variance_kept": {k: round(v, 5) for k, v in kept.items()},
+            "calibration": [p.name for p in chosen]}
+    if "compressed" in meta:  # compressing compressed weights: the earlier step stays on record
+        made["before"] = meta["compressed"]
+    meta["compressed"] = made
+    # The source's own inference settings and presets, as written (unset fields
+    # keep following the library's defaults); its measured figures are not
+    # carried over, as they describe the source, not these weights.
+    save_weights(small, out, inference=source.get("inference") or {}, meta=meta, half=half,
+                 presets=source.get("presets"), default_preset=source.get("default_preset"))
     return Path(out), kept

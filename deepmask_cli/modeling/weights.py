@@ -110,8 +110,11 @@ def save_weights(
     inference: InferenceConfig | dict[str, Any] | None = None,
     meta: dict[str, Any] | None = None,
     half: bool = False,
+    presets: dict[str, dict[str, Any]] | None = None,
+    default_preset: str | None = None,
 ) -> Path:
-    """Write ``folder/config.json`` and ``folder/model.safetensors`` (atomically)."""
+    """Write ``folder/config.json`` and ``folder/model.safetensors`` (atomically),
+    with named ``presets`` of inference settings when given."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
@@ -125,6 +128,10 @@ def save_weights(
         "inference": inference or {},
         "meta": meta or {},
     }
+    if presets:
+        config["presets"] = presets
+        if default_preset is not None:
+            config["default_preset"] = default_preset
     atomic_write(folder / WEIGHTS_NAME, lambda f: f.write(save(state, metadata={"format": "pt"})))
     atomic_write(folder / CONFIG_NAME, lambda f: f.write((json.dumps(config, indent=2, sort_keys=True) + "\n").encode()))
     return folder

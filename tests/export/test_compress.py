@@ -83,3 +83,27 @@ def test_cli_compress_writes_weights_that_propose_and_say_how_they_were_made(tin
     r = CliRunner().invoke(main, ["compress", str(photos), "--weights", str(tiny_weights), "-o", str(out),
                                   "--score-rank", "99"])
     assert r.exit_code == 2 and "under the layer's width" in r.output and "Traceback" not in r.output
+
+
+def test_compressing_keeps_the_presets_and_the_record_of_an_earlier_compression(tiny_weights, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for k, t in enumerate(_photos()):
+        Image.fromarray((t.permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(photos / f"p{k}.png")
+    config_file = tiny_weights / "config.json"
+    source = json.loads(config_file.read_text())
+    source.update(presets={"fast": {}, "slow": {"flip": True}}, default_preset="slow",
+                  measured={"fast": {"mask_AR@100": 0.5}})
+    config_file.write_text(json.dumps(source))
+    first, second = tmp_path / "thin-mask", tmp_path / "thin-both"
+    for src, out, rank in ((tiny_weights, first, ["--mask-rank", "16"]), (first, second, ["--score-rank", "8"])):
+        r = CliRunner().invoke(main, ["compress", str(photos), "--weights", str(src), "-o", str(out), *rank])
+        assert r.exit_code == 0, r.output
+    model, inference, config = load_weights(second)
+    assert model.config.score_bottleneck == 8 and model.config.mask_hidden == 16
+    assert config["presets"] == source["presets"] and config["default_preset"] == "slow"
+    assert inference == load_weights(tiny_weights)[1]
+    assert "measured" not in config  # figures of the source do not describe these weights
+    made = config["meta"]["compressed"]
+    assert (made["score_rank"], made["from"]) == (8, "thin-mask")
+    assert made["before"]["mask_rank"] == 16 and made["before"]["from"] == "tiny-weights"
