@@ -151,7 +151,7 @@ def window_peak(samples, lo: int, hi: int) -> int:
     return max((r for _, d, r in samples if lo <= d < hi), default=0)
 
 
-def main() -> int:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("folder", type=Path)
     ap.add_argument("--n", type=int, default=300, help="photos in the run (the folder's, cycled)")
@@ -165,7 +165,7 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=1,
                     help="run the --run list this many times, taking turns (A B A B), so s/photo compares fairly")
     ap.add_argument("--json", type=Path, default=None, help="write the samples to this JSON file")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     console.print(f"CPU: {describe_cpu()}")
     runs = args.run or [""]

@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     console.print(f"machine: {platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores; "
                   f"device {proposer.device}; command: {' '.join(sys.argv)}")
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "images": len(images), "inference": configs["deepmask"],
+        args.json.write_text(json.dumps({"rows": rows, "images": len(images), "objects": res["segm"].num_gt, "inference": configs["deepmask"],
                                           "variants": configs}, indent=2))
     return 0
 

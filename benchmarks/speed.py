@@ -132,6 +132,41 @@ def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
     return reps * 2 * n**3 / (time.perf_counter() - t0)
 
 
+def multiply_adds(proposer, path: Path) -> dict[str, int]:
+    """The network's multiply-adds on the photo at ``path``: ``total``,
+    ``trunk``, ``score head`` (dense over every window), ``mask head`` (the
+    windows kept), and the number of ``windows``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    # The mask head's share is counted inside window_masks alone (pasting
+    # also multiplies matrices, but is not the network).
+    mask_flops, window_masks = [0], proposer.net.window_masks
+
+    def counted(*a, **kw):
+        with FlopCounterMode(display=False) as c:
+            out = window_masks(*a, **kw)
+        mask_flops[0] += c.get_total_flops()
+        return out
+
+    proposer.net.window_masks = counted
+    try:
+        proposer(load_image(path), rle=True)
+    finally:
+        del proposer.net.window_masks
+    # An ONNX Runtime trunk is invisible to the counter: count the torch
+    # trunk it was made from instead (the same convolutions; an int8 network
+    # holds the score head too).
+    twin = Proposer(proposer.model, proposer.config.replace(runtime="torch"), device=str(proposer.device))
+    with FlopCounterMode(display=False) as c_dense, torch.no_grad():
+        levels = twin.dense_pass([image_to_tensor(load_image(path)).to(twin.device)])
+    with FlopCounterMode(display=False) as c_score, torch.no_grad():
+        for lv in levels:
+            proposer.net.dense_scores(lv.fmap)
+    dense, score = c_dense.get_total_flops(), c_score.get_total_flops()
+    return {"total": (dense + mask_flops[0]) // 2, "trunk": (dense - score) // 2, "score head": score // 2,
+            "mask head": mask_flops[0] // 2, "windows": sum(int(lv.scores[0].numel()) for lv in levels)}
+
+
 def end_to_end(args, images, n_images: int) -> tuple[float, int, int]:
     """images/s of run_propose over ``n_images`` (the folder's images linked
     under distinct names) with the CLI's batching and workers."""
@@ -217,43 +252,15 @@ def main(argv=None) -> int:
         console.print(t)
         console.print(f"median {np.median(arr):.3f} s/img, p90 {np.percentile(arr, 90):.3f} s/img, {n / total:.2f} img/s, "
                       f"{props_per_img:.0f} proposals/img, peak RSS {peak_mb:.0f} MB")
-        from torch.utils.flop_counter import FlopCounterMode
-
-        # The mask head's share is counted inside window_masks alone (pasting
-        # also multiplies matrices, but is not the network).
-        mask_flops, window_masks = [0], proposer.net.window_masks
-
-        def counted(*a, **kw):
-            with FlopCounterMode(display=False) as c:
-                out = window_masks(*a, **kw)
-            mask_flops[0] += c.get_total_flops()
-            return out
-
-        proposer.net.window_masks = counted
-        try:
-            proposer(load_image(images[0]), rle=True)
-        finally:
-            del proposer.net.window_masks
-        # An ONNX Runtime trunk is invisible to the counter: count the torch
-        # trunk it was made from instead (the same convolutions).
-        # (An int8 network holds the score head too.)
-        twin = Proposer(proposer.model, proposer.config.replace(runtime="torch"), device=str(proposer.device))
-        with FlopCounterMode(display=False) as c_dense, torch.no_grad():
-            levels = twin.dense_pass([image_to_tensor(load_image(images[0])).to(twin.device)])
-        with FlopCounterMode(display=False) as c_score, torch.no_grad():
-            for lv in levels:
-                proposer.net.dense_scores(lv.fmap)
-        flops = c_dense.get_total_flops() + mask_flops[0]
-        windows = sum(int(lv.scores[0].numel()) for lv in levels)
-        del levels
+        macs = multiply_adds(proposer, images[0])
+        flops = 2 * macs["total"]
         peak = matmul_rate(proposer.device, dtype)
         net_s = sum(stages.get(k, 0.0) for k in ("trunk", "score head", "trunk + score head", "mask head")) / n
         console.print(f"{flops / 2e9:.1f} G multiply-adds per image (first image, network only); the network stages run at "
                       f"{flops / max(net_s, 1e-9) / 1e9:.1f} GFLOP/s, {100 * flops / max(net_s, 1e-9) / peak:.1f}% of this "
                       f"machine's measured {str(dtype).replace('torch.', '')} matmul rate ({peak / 1e9:.1f} GFLOP/s)")
-        d, sc = c_dense.get_total_flops(), c_score.get_total_flops()
-        console.print(f"of them: trunk {(d - sc) / 2e9:.1f} G, score head {sc / 2e9:.1f} G (dense over {windows} windows), "
-                      f"mask head {(flops - d) / 2e9:.1f} G")
+        console.print(f"of them: trunk {macs['trunk'] / 1e9:.1f} G, score head {macs['score head'] / 1e9:.1f} G "
+                      f"(dense over {macs['windows']} windows), mask head {macs['mask head'] / 1e9:.1f} G")
         if ids:
             m, b = ar100(recs, ann, ids, images)
             console.print(f"mask AR@100 {m:.3f}, box AR@100 {b:.3f} on these {n} images")
