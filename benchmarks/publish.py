@@ -184,11 +184,11 @@ def sections(rec: dict, spd: dict, mem: dict | None, ctx: dict) -> dict[str, str
                                      *speed_table(spd, full=False)])
     presets = [label for label in rec["rows"] if label in WHEN]
     out["readme-presets"] = "\n".join(
-        ["| preset | mask AR@100 | box AR@100 | s/photo (CPU below) | when |", "| --- | ---: | ---: | ---: | --- |"]
+        ["| preset | mask AR@100 | box AR@100 | s/photo (CPU as below) | when |", "| --- | ---: | ---: | ---: | --- |"]
         + [f"| `{p}` | {f3(rec['rows'][p]['mask']['AR@100'])} | {f3(rec['rows'][p]['box']['AR@100'])} | "
            f"{f3(spd['rows'][p]['median'])} | {WHEN[p]} |" for p in presets])
     out["card-recall"] = "\n".join([f"{data}; {stamp}:", "", *recall_table(rec, sizes=True)])
-    out["card-speed"] = "\n".join([f"{speed_on.capitalize()}; the same run. {macs['total'] / 1e9:.1f} G "
+    out["card-speed"] = "\n".join([f"{speed_on[0].upper() + speed_on[1:]}; the same run. {macs['total'] / 1e9:.1f} G "
                                    f"multiply-adds per photo (trunk {macs['trunk'] / 1e9:.1f} G, score head "
                                    f"{macs['score head'] / 1e9:.1f} G, mask head {macs['mask head'] / 1e9:.1f} G).",
                                    "", *speed_table(spd, full=False)])
@@ -196,13 +196,13 @@ def sections(rec: dict, spd: dict, mem: dict | None, ctx: dict) -> dict[str, str
              "Selective Search: OpenCV's fast mode, its first 10/100/1000 boxes in its own order. The paper's "
              "figures are quoted from Pinheiro, Collobert and Dollár (NIPS 2015), not measured here.", "",
              *recall_table(rec, sizes=True), "", "### Speed on a CPU" if ctx["device"] == "cpu" else "### Speed",
-             "", f"{speed_on.capitalize()}; mask and box AR@100 on those photos.", "", *speed_table(spd, full=True),
+             "", f"{speed_on[0].upper() + speed_on[1:]}; mask and box AR@100 on those photos.", "", *speed_table(spd, full=True),
              "", f"Where `{default}`'s time goes (ms per photo): {stages}. The network: {macs['total'] / 1e9:.1f} G "
              f"multiply-adds per photo on the first photo (trunk {macs['trunk'] / 1e9:.1f} G, score head "
              f"{macs['score head'] / 1e9:.1f} G over {macs['windows']:,} windows, mask head "
              f"{macs['mask head'] / 1e9:.1f} G)."]
     if mem:
-        bench += ["", "### Memory of a long run", "",
+        bench += ["", "### Memory", "",
                   f"`python benchmarks/memory.py $COCO_VAL/images {' '.join(MEMORY_ARGS)}`: the whole `deepmask "
                   f"propose` process with its defaults over {mem['n']} photos, the coco-val photos cycled, each "
                   "rescaled by its own random factor (0.55 to 1), resident memory sampled every 0.5 s.", "",
