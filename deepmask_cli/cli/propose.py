@@ -12,12 +12,11 @@ from deepmask_cli.core.config import MAX_PROPOSALS, MAX_SIDE, PRECISIONS, RUNTIM
 from deepmask_cli.core.errors import UserError
 from deepmask_cli.core.memory import MAPPED_SLACK_MB, MMAP_THRESHOLD_MB, SLACK_MB
 from deepmask_cli.formats.images import MAX_PIXELS
-from deepmask_cli.pipeline.loading import default_inference, default_presets
+from deepmask_cli.pipeline.loading import default_settings
 from deepmask_cli.pipeline.sinks import FORMATS
 
 #: what the default weights will use: the values --help shows
-_D = default_inference()
-_PRESETS = default_presets()
+_D, _PRESETS = default_settings()  # one read of the default weights' config.json
 
 @click.command()
 @click.argument("images", nargs=-1, required=True)

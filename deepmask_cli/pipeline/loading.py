@@ -21,25 +21,29 @@ def default_weights() -> Path:
     return Path(env) if env else shipped_weights()
 
 
-def default_inference() -> InferenceConfig:
-    """The inference settings of the default weights (their tuned values
-    over :class:`InferenceConfig`'s), as ``--help`` shows them; the
-    dataclass's own where those weights cannot be read."""
+def default_settings() -> tuple[InferenceConfig, list[str]]:
+    """The default weights' inference settings (their tuned values and
+    default preset over :class:`InferenceConfig`'s), as ``--help`` shows
+    them, and their preset names, the default first, from one read of their
+    ``config.json``; the dataclass's own and no presets where those weights
+    cannot be read."""
     folder = default_weights()
     try:
         config = read_config(folder)
-        return apply_preset(InferenceConfig.from_dict(config.get("inference") or {}), config, None, folder)
+        inference = apply_preset(InferenceConfig.from_dict(config.get("inference") or {}), config, None, folder)
+        return inference, list(presets_of(config))
     except (UserError, TypeError, ValueError, OSError):
-        return InferenceConfig()
+        return InferenceConfig(), []
+
+
+def default_inference() -> InferenceConfig:
+    """The inference settings of :func:`default_settings`."""
+    return default_settings()[0]
 
 
 def default_presets() -> list[str]:
-    """The default weights' preset names, the default first (none when
-    they have none or cannot be read)."""
-    try:
-        return list(presets_of(read_config(default_weights())))
-    except (UserError, OSError):
-        return []
+    """The preset names of :func:`default_settings`."""
+    return default_settings()[1]
 
 
 def load_proposer(
