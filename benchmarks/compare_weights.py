@@ -1,6 +1,6 @@
 """Do two weights folders give the same proposals? (e.g. float16 against float32 storage)
 
-    python benchmarks/compare_weights.py A B ../shared/data/coco-val --limit 4
+    python benchmarks/compare_weights.py A B $COCO_VAL --limit 4
 
 For each image, the mean over A's top-k proposals of the best mask IoU with any
 of B's top-k, and the share of A's top-k windows that B ranks at the same place.

@@ -1,5 +1,5 @@
 #!/bin/bash
-# The GPU measurements issue #5 still lacks, in priority order, for a device
+# GPU measurements of the shipped weights and code, in priority order, for a device
 # call of under 10 minutes (the steps' limits add up to 525 s; logs go to $OUT).
 #   bash benchmarks/gpu_checks.sh COCO_FOLDER [DEVICE]
 # With pycocotools carried as a wheel in .whl/ (the device image lacks it).

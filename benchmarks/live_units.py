@@ -1,14 +1,14 @@
 """How many of the score head's first-layer units still work, per checkpoint.
 
-    python benchmarks/live_units.py ../shared/data/coco-train RUN/best.pt [RUN2/best.pt ...]
+    python benchmarks/live_units.py $COCO_TRAIN RUN/best.pt [RUN2/best.pt ...]
 
 Cuts ``--patches`` fixed training patches from a COCO folder (the paper's
 labelling, no augmentation) and prints, for each checkpoint, ``deepmask
 train``'s own validation measures on them (``patch_metrics``): the share of
 the score head's first-layer units that some patch turns on (``score_live``),
 the score accuracy and the positives' mask IoU. A too-high learning rate
-silences most of those units for good in the first steps (model card,
-"Silent score units").
+silences most of those units for good in the first steps (docs/training.md,
+"Live score units").
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Resident memory of ``deepmask propose`` against photos done, as the OS sees it.
 
-    python benchmarks/memory.py ../shared/data/coco-val/images --n 2000 --varied
-    python benchmarks/memory.py ../shared/data/coco-val/images --n 300 --varied --run="--runtime torch" --run="--runtime onnx-int8"
-    python benchmarks/memory.py ../shared/data/coco-val/images --n 300 --varied --run="" --run=--keep-memory --repeat 2
-    python benchmarks/memory.py ../shared/data/coco-val/images --n 150 --scale 0.55,1.0
+    python benchmarks/memory.py $COCO_VAL/images --n 2000 --varied
+    python benchmarks/memory.py $COCO_VAL/images --n 300 --varied --run="--runtime torch" --run="--runtime onnx-int8"
+    python benchmarks/memory.py $COCO_VAL/images --n 300 --varied --run="" --run=--keep-memory --repeat 2
+    python benchmarks/memory.py $COCO_VAL/images --n 150 --scale 0.55,1.0
 
 Runs the real command (``python -m deepmask_cli propose DIR -o ...``) once
 per ``--run`` (its options of ``deepmask propose``; default: one run with

@@ -2,7 +2,7 @@
 ``--batch-size`` photos, results copied to the CPU (no encoding or writing),
 timed serially and then under torch's profiler (GPU kernels and CPU ops).
 
-    python benchmarks/profile_batch.py ../shared/data/coco-val --device cuda --batch-size 8
+    python benchmarks/profile_batch.py $COCO_VAL --device cuda --batch-size 8
 """
 
 from __future__ import annotations

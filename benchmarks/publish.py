@@ -53,6 +53,11 @@ PAPER = {"mask": (0.126, 0.245, 0.331), "box": (0.153, 0.313, 0.446)}
 WHEN = {"fast": "a laptop CPU, big folders", "accurate": "recall first: evaluation, annotation tools, a GPU"}
 FP32 = {"runtime": "torch", "precision": "fp32"}
 MEMORY_ARGS = ["--n", "150", "--scale", "0.55,1.0"]
+#: The files the published tables go to (relative to the repository; the
+#: card of the default weights) and the marker names each holds.
+TARGETS = {"README.md": ("readme-recall", "readme-speed", "readme-presets"),
+           "docs/benchmarks.md": ("benchmarks",),
+           "weights/deepmask-lite0-coco/MODEL_CARD.md": ("card-recall", "card-speed")}
 
 
 def git(*args: str) -> str:
@@ -69,7 +74,7 @@ def machine(device: torch.device) -> str:
 def settings(presets: list[str]) -> dict[str, dict]:
     """``{label: overrides}``: each preset, then the default in fp32 torch."""
     out = {name: {"preset": name} for name in presets}
-    out[f"{presets[0]}, fp32 torch"] = {"preset": presets[0], **FP32}
+    out[f"{presets[0]} --precision fp32"] = {"preset": presets[0], **FP32}
     return out
 
 
@@ -170,7 +175,7 @@ def speed_table(spd: dict, *, full: bool) -> list[str]:
 def sections(rec: dict, spd: dict, mem: dict | None, ctx: dict) -> dict[str, str]:
     """The text between each pair of markers, by marker name."""
     stamp = f"{ctx['date']}, commit {ctx['commit']}, {ctx['machine']}; `{ctx['command']}`"
-    data = f"coco-val ({rec['images']} COCO val2017 photos, {rec['objects']} objects)"
+    data = f"coco-val ({rec['images']} COCO val2017 photos, {rec['objects']} objects besides crowd regions)"
     speed_on = (f"the first {spd['images']} coco-val photos one at a time, 1000 RLE proposals each, the settings "
                 f"and Selective Search taking turns photo by photo")
     default = next(iter(spd["rows"]))
@@ -188,7 +193,8 @@ def sections(rec: dict, spd: dict, mem: dict | None, ctx: dict) -> dict[str, str
         + [f"| `{p}` | {f3(rec['rows'][p]['mask']['AR@100'])} | {f3(rec['rows'][p]['box']['AR@100'])} | "
            f"{f3(spd['rows'][p]['median'])} | {WHEN[p]} |" for p in presets])
     out["card-recall"] = "\n".join([f"{data}; {stamp}:", "", *recall_table(rec, sizes=True)])
-    out["card-speed"] = "\n".join([f"{speed_on[0].upper() + speed_on[1:]}; the same run. {macs['total'] / 1e9:.1f} G "
+    out["card-speed"] = "\n".join([f"Seconds per photo, the same run: the first {spd['images']} photos, one at a time, "
+                                   f"turns taken photo by photo. {macs['total'] / 1e9:.1f} G "
                                    f"multiply-adds per photo (trunk {macs['trunk'] / 1e9:.1f} G, score head "
                                    f"{macs['score head'] / 1e9:.1f} G, mask head {macs['mask head'] / 1e9:.1f} G).",
                                    "", *speed_table(spd, full=False)])
@@ -234,8 +240,8 @@ def fill(path: Path, texts: dict[str, str]) -> list[str]:
     text = path.read_text(encoding="utf-8")
     done = []
     for name, body in texts.items():
-        pattern = re.compile(rf"(<!-- publish:{re.escape(name)} -->\n).*?(\n<!-- /publish:{re.escape(name)} -->)", re.S)
-        text, n = pattern.subn(lambda m: m.group(1) + body + m.group(2), text)
+        pattern = re.compile(rf"(<!-- publish:{re.escape(name)} -->\n).*?(<!-- /publish:{re.escape(name)} -->)", re.S)
+        text, n = pattern.subn(lambda m: m.group(1) + body + "\n" + m.group(2), text)
         if n:
             done.append(name)
     path.write_text(text, encoding="utf-8")
@@ -268,17 +274,15 @@ def main(argv=None) -> int:
         print(f"\n<!-- publish:{name} -->\n{body}\n<!-- /publish:{name} -->")
     if args.dry_run:
         return 0
-    targets = {ROOT / "README.md": ["readme-recall", "readme-speed", "readme-presets"],
-               ROOT / "docs" / "benchmarks.md": ["benchmarks"],
-               weights / "MODEL_CARD.md": ["card-recall", "card-speed"]}
-    for path, names in targets.items():
+    for rel, names in TARGETS.items():
+        path = weights / "MODEL_CARD.md" if rel.endswith("MODEL_CARD.md") else ROOT / rel
         filled = fill(path, {n: texts[n] for n in names})
-        print(f"{path.relative_to(ROOT)}: {', '.join(filled) or 'no markers'}")
+        print(f"{path}: {', '.join(filled) or 'no markers'}")
     config_path = weights / "config.json"
     config = json.loads(config_path.read_text())
     config["measured"] = measured_block(rec, spd, ctx)
     config_path.write_text(json.dumps(config, indent=2) + "\n")
-    print(f"{config_path.relative_to(ROOT)}: measured")
+    print(f"{config_path}: measured")
     return 0
 
 

@@ -1,6 +1,6 @@
 """Proposal recall on a COCO folder: deepmask against Selective Search, in one run.
 
-    python benchmarks/recall.py ../shared/data/coco-val
+    python benchmarks/recall.py $COCO_VAL
 
 runs ``deepmask propose`` with the shipped weights and defaults over the folder
 (``images/`` + ``instances.json``), evaluates it with ``deepmask eval``'s code

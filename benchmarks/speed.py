@@ -1,9 +1,9 @@
 """Speed of ``deepmask propose`` with a stage breakdown, against Selective Search.
 
-    python benchmarks/speed.py ../shared/data/coco-val --limit 30
-    python benchmarks/speed.py ../shared/data/coco-val --limit 20 --scale-sets=-2.5,1,0.5 --scale-sets=-2.5,0.5,0.5
-    python benchmarks/speed.py ../shared/data/coco-val --limit 20 --variant precision=fp32 --variant runtime=onnx-int8
-    python benchmarks/speed.py ../shared/data/coco-val --device cuda --limit 0 --e2e 1000 --agree 50
+    python benchmarks/speed.py $COCO_VAL --limit 30
+    python benchmarks/speed.py $COCO_VAL --limit 20 --scale-sets=-2.5,1,0.5 --scale-sets=-2.5,0.5,0.5
+    python benchmarks/speed.py $COCO_VAL --limit 20 --variant precision=fp32 --variant runtime=onnx-int8
+    python benchmarks/speed.py $COCO_VAL --device cuda --limit 0 --e2e 1000 --agree 50
 
 Runs the shipped weights and defaults over the folder's images (after a
 warm-up image), one image at a time, and prints median and 90th-percentile

@@ -1,6 +1,6 @@
 """Seconds per training step on this machine: full network, frozen trunk, cached features.
 
-    python benchmarks/train_speed.py ../shared/data/coco-train --steps 20
+    python benchmarks/train_speed.py $COCO_TRAIN --steps 20
 
 Measures, side by side in one run, the ways ``deepmask train`` can take a
 step at batch 32 with the Lite0 trunk: fine-tuning everything, a frozen trunk

@@ -1,6 +1,6 @@
 """Tune inference defaults on a validation folder: one dense pass, many settings.
 
-    python benchmarks/tune.py ../shared/data/coco-val --weights W \\
+    python benchmarks/tune.py $COCO_VAL --weights W \\
         --grid mask_thresh=0.3,0.4,0.5 --grid nms_thresh=1.0,0.8 --grid scale_max=0.5,1.0
 
 Kept so that the commands in the model cards still run: it is
