@@ -26,6 +26,15 @@ def _photos(n=3, seed=0):
             for _ in range(n)]
 
 
+def _photo_folder(tmp_path):
+    """:func:`_photos` as PNG files in ``tmp_path/photos``."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for k, t in enumerate(_photos()):
+        Image.fromarray((t.permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(photos / f"p{k}.png")
+    return photos
+
+
 def _low_rank_(linear, rank):
     """Make ``linear``'s weight of rank ``rank``: its top singular values kept."""
     w = linear.weight
@@ -63,10 +72,7 @@ def test_a_lower_rank_keeps_less_variance_and_changes_the_scores():
 
 
 def test_cli_compress_writes_weights_that_propose_and_say_how_they_were_made(tiny_weights, tmp_path):
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for k, t in enumerate(_photos()):
-        Image.fromarray((t.permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(photos / f"p{k}.png")
+    photos = _photo_folder(tmp_path)
     out = tmp_path / "small"
     r = CliRunner().invoke(main, ["compress", str(photos), "--weights", str(tiny_weights), "-o", str(out),
                                   "--score-rank", "8", "--mask-rank", "16"])
@@ -86,10 +92,7 @@ def test_cli_compress_writes_weights_that_propose_and_say_how_they_were_made(tin
 
 
 def test_compressing_keeps_the_presets_and_the_record_of_an_earlier_compression(tiny_weights, tmp_path):
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for k, t in enumerate(_photos()):
-        Image.fromarray((t.permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(photos / f"p{k}.png")
+    photos = _photo_folder(tmp_path)
     config_file = tiny_weights / "config.json"
     source = json.loads(config_file.read_text())
     source.update(presets={"fast": {}, "slow": {"flip": True}}, default_preset="slow",
