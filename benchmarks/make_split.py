@@ -22,8 +22,16 @@ from pathlib import Path
 
 def make_split(ann: Path, photos: Path, out: Path, names: list[str] | None, first: int | None) -> int:
     """Write ``out/instances.json`` and link ``out/images/*``; returns the photo count."""
-    data = json.loads(ann.read_text(encoding="utf-8"))
-    by_name = {im["file_name"]: im for im in data["images"]}
+    try:
+        data = json.loads(ann.read_text(encoding="utf-8"))
+        by_name = {im["file_name"]: im for im in data["images"]}
+        ids_ok = all(isinstance(a["image_id"], int) for a in data["annotations"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"error: {ann} is not a COCO instances file ({type(e).__name__}: {e})")
+    bad = next((n for n in by_name if not isinstance(n, str) or Path(n).name != n or n in (".", "..")), None)
+    if bad is not None or not ids_ok or len(by_name) != len(data["images"]):
+        raise SystemExit(f"error: {ann}: every image needs its own plain file name (no folder) and every "
+                         f"annotation an integer image_id{f'; not {bad!r}' if bad is not None else ''}")
     if names is not None:
         missing = [n for n in names if n not in by_name]
         if missing:
@@ -32,12 +40,12 @@ def make_split(ann: Path, photos: Path, out: Path, names: list[str] | None, firs
         keep = [by_name[n] for n in names]
     else:
         keep = sorted(data["images"], key=lambda im: im["file_name"])[:first]
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SystemExit(f"error: {out} is not empty; name a new folder")
     (out / "images").mkdir(parents=True)
     photos = photos.resolve()
     for im in keep:
-        name = Path(im["file_name"]).name  # a name, never a path out of images/
+        name = im["file_name"]  # a plain name, checked above: never a path out of images/
         if not (photos / name).is_file():
             raise SystemExit(f"error: {photos / name} not found: is {photos} the split's photo folder?")
         (out / "images" / name).symlink_to(photos / name)
@@ -54,8 +62,10 @@ def main(argv=None) -> int:
     ap.add_argument("out", type=Path, help="the split folder to write (new or empty)")
     which = ap.add_mutually_exclusive_group(required=True)
     which.add_argument("--names", type=Path, help="keep the photos this file lists, one name a line")
-    which.add_argument("--first", type=int, help="keep the first N photos by name")
+    which.add_argument("--first", type=int, help="keep the first N photos by name (N >= 1)")
     args = ap.parse_args(argv)
+    if args.first is not None and args.first < 1:
+        ap.error("--first takes a count of at least 1")
     names = None
     if args.names:
         names = [line.strip() for line in args.names.read_text(encoding="utf-8").splitlines() if line.strip()]

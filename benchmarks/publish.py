@@ -20,7 +20,7 @@ GPU) and its flags and this command, between the ``<!-- publish:NAME -->``
 markers of ``docs/benchmarks.md``, ``README.md`` and the weights' model card,
 and the ``measured`` block of their ``config.json`` (what ``deepmask
 weights`` shows). ``--dry-run`` prints the sections and writes nothing.
-About 10 minutes on a 2-core CPU; needs the ``bench`` extra (OpenCV).
+About 18 minutes on a 2-core AMD EPYC with AVX-512; needs the ``bench`` extra (OpenCV).
 Commit the code first: the figures name the commit they measured.
 """
 
@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import re
 import subprocess
 import sys
@@ -67,7 +68,7 @@ def git(*args: str) -> str:
 def machine(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (CPU: {describe_cpu()})"
-    cores = len(__import__("os").sched_getaffinity(0))
+    cores = len(os.sched_getaffinity(0))
     return f"{cores}-core {describe_cpu()}"
 
 
@@ -81,15 +82,14 @@ def settings(presets: list[str]) -> dict[str, dict]:
 def measure_recall(folder: Path, runs: dict[str, dict], device: str) -> dict:
     """recall.py over the folder: ``{label: {"mask": AR, "box": AR, "s/img"}}``
     and Selective Search's row, with the number of photos and objects."""
-    argv = [str(folder), "--device", device, "--json", ""]
+    argv = [str(folder), "--device", device]
     first, *rest = runs.items()
     argv += [f"--set={k}={v}" for k, v in first[1].items()]
     for label, over in rest:
         changes = {k: v for k, v in over.items() if first[1].get(k) != v}
         argv += ["--variant", f"{label}:" + ",".join(f"{k}={v}" for k, v in changes.items())]
     with tempfile.TemporaryDirectory() as tmp:
-        argv[argv.index("--json") + 1] = str(Path(tmp) / "recall.json")
-        recall.main(argv)
+        recall.main([*argv, "--json", str(Path(tmp) / "recall.json")])
         out = json.loads((Path(tmp) / "recall.json").read_text())
     names = ["deepmask"] + [f"deepmask {label}" for label, _ in rest]
     rows = {label: out["rows"][name] for label, name in zip(runs, names)}
@@ -101,9 +101,7 @@ def measure_speed(folder: Path, runs: dict[str, dict], device: str, n: int) -> d
     """speed.py's interleaved pass over the first ``n`` photos: per setting
     the median and mean seconds, AR@100 on those photos, and for the first
     one its stages and multiply-adds; Selective Search's seconds."""
-    images = sorted((folder / "images").iterdir())[:n]
-    ann = folder / "instances.json"
-    ids = {im["file_name"]: im["id"] for im in json.loads(ann.read_text())["images"]}
+    ann, ids, images = recall.coco_photos(folder, n)
     proposers = []
     for over in runs.values():
         over = dict(over)
@@ -260,7 +258,7 @@ def main(argv=None) -> int:
         raise FileNotFoundError(f"{args.folder}: need images/ + instances.json (docs/getting-coco.md)")
     weights = default_weights()
     presets = list(presets_of(read_config(weights)))
-    dirty = [line for line in git("status", "--porcelain", "--untracked-files=no").splitlines()]
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
     ctx = {"date": datetime.date.today().isoformat(), "device": torch.device(args.device).type,
            "commit": git("rev-parse", "--short", "HEAD") + (" with uncommitted changes" if dirty else ""),
            "machine": machine(torch.device(args.device)),

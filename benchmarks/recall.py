@@ -48,6 +48,14 @@ def selective_search(images: list[Path], ids: dict[str, int], max_boxes: int = 1
     return results, (time.perf_counter() - t0) / max(len(images), 1)
 
 
+def coco_photos(folder: Path, limit: int | None = None) -> tuple[Path, dict[str, int], list[Path]]:
+    """A COCO folder's instances file, its ``{file name: image id}`` and the
+    photos in ``images/`` that it lists, sorted by name (the first ``limit``)."""
+    ann = folder / "instances.json"
+    ids = {im["file_name"]: im["id"] for im in json.loads(ann.read_text())["images"]}
+    return ann, ids, sorted(p for p in (folder / "images").iterdir() if p.name in ids)[:limit]
+
+
 def parse_overrides(pairs: list[str]) -> dict:
     """``["mask_thresh=0.3", "precision=bf16"]`` -> typed InferenceConfig
     overrides; ``preset=NAME`` names one of the weights' presets."""
@@ -69,10 +77,7 @@ def main(argv=None) -> int:
                          "e.g. --variant no-refine:refine=false")
     args = ap.parse_args(argv)
 
-    ann = args.folder / "instances.json"
-    gt = json.loads(ann.read_text())
-    ids = {im["file_name"]: im["id"] for im in gt["images"]}
-    images = sorted(p for p in (args.folder / "images").iterdir() if p.name in ids)[: args.limit]
+    ann, ids, images = coco_photos(args.folder, args.limit)
     subset = [ids[p.name] for p in images]
     overrides = parse_overrides(args.set)
     runs = {"deepmask": overrides}

@@ -33,7 +33,7 @@ from deepmask_cli.pipeline.loading import load_proposer
 from deepmask_cli.pipeline.propose import run_propose
 
 sys.path.insert(0, str(Path(__file__).parent))
-from recall import parse_overrides  # noqa: E402  (the sibling benchmark)
+from recall import coco_photos, parse_overrides  # noqa: E402  (the sibling benchmark)
 
 console = Console(width=200)
 IOUS = (0.5, 0.75, 0.9)
@@ -74,9 +74,7 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="applies to every run")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = ap.parse_args(argv)
-    gt = json.loads((args.folder / "instances.json").read_text())
-    by_name = {im["file_name"]: im["id"] for im in gt["images"]}
-    images = sorted(p for p in (args.folder / "images").iterdir() if p.name in by_name)[: args.limit]
+    _, by_name, images = coco_photos(args.folder, args.limit)
     ids = [by_name[p.name] for p in images]
     base = parse_overrides(args.set)
     runs = {"unrefined": {**base, "refine": False}}

@@ -36,16 +36,6 @@ def default_settings() -> tuple[InferenceConfig, list[str]]:
         return InferenceConfig(), []
 
 
-def default_inference() -> InferenceConfig:
-    """The inference settings of :func:`default_settings`."""
-    return default_settings()[0]
-
-
-def default_presets() -> list[str]:
-    """The preset names of :func:`default_settings`."""
-    return default_settings()[1]
-
-
 def load_proposer(
     weights: str | Path | None = None,
     *,

@@ -23,7 +23,7 @@ from deepmask_cli.cli.propose import propose as propose_cmd
 from deepmask_cli.core.config import InferenceConfig
 from deepmask_cli.modeling.weights import load_weights, weights_folder
 from deepmask_cli.pipeline import propose as propose_mod
-from deepmask_cli.pipeline.loading import default_presets, default_weights
+from deepmask_cli.pipeline.loading import default_settings, default_weights
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
@@ -124,7 +124,8 @@ def check_cell(spelling: str, cell: str, monkeypatch) -> None:
         return
     if p.name == "preset":  # the default weights' first preset
         assert DEFAULTS[p.name] is None
-        assert text == default_presets()[0], f"{spelling}: README says {text}, the weights {default_presets()}"
+        presets = default_settings()[1]
+        assert text == presets[0], f"{spelling}: README says {text}, the weights {presets}"
         return
     if p.name in INFERENCE_FIELDS:
         # the option defers to the config and the weights' tuned values

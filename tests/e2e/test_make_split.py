@@ -39,3 +39,15 @@ def test_first_n_and_the_mistakes_a_user_makes(tmp_path):
     (tmp_path / "names.txt").write_text("no-such-photo.jpg\n")
     r = run(coco / "instances.json", coco / "images", tmp_path / "x", "--names", tmp_path / "names.txt")
     assert r.returncode != 0 and "no-such-photo.jpg" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_an_instances_file_naming_a_path_or_not_json_is_refused_in_one_line(tmp_path):
+    coco = make_coco(tmp_path / "coco", n_images=2)
+    data = json.loads((coco / "instances.json").read_text())
+    data["images"][0]["file_name"] = "../../etc/passwd"
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    (tmp_path / "notjson.json").write_text("{")
+    for ann in (tmp_path / "bad.json", tmp_path / "notjson.json"):
+        r = run(ann, coco / "images", tmp_path / f"out-{ann.stem}", "--first", 2)
+        assert r.returncode != 0 and str(ann) in r.stderr and "Traceback" not in r.stderr
+        assert not (tmp_path / f"out-{ann.stem}").exists()
