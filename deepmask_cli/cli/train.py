@@ -37,6 +37,7 @@ _S = SamplerConfig()
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda (under torchrun: each process's own GPU).")
 @click.option("--seed", type=click.IntRange(0), default=None, help=f"Seed of the sampler and the initialisation. [default: {_T.seed}]")
 @click.option("--refine", is_flag=True, help="SharpMask's second stage: train refinement modules on the frozen DeepMask of --init (patches, positives only).")
+@click.option("--refine-context", type=click.IntRange(0, 512), default=None, help=f"With --refine: pixels of the photo around each training window that the trunk sees before its maps are cropped to the window, as a window of a whole photo's maps at inference (a multiple of 16). [default: {_T.refine_context}]")
 @click.option("--init", "init_weights", type=click.Path(), default=None, help="Weights folder (or shipped name) to start from: fine-tune its network (its architecture and tuned inference values kept), or with --refine, the frozen DeepMask to refine.")
 @click.option("--categories", "categories_spec", default=None, help="Train on these COCO categories only, the others left unlabelled: voc (the 20 PASCAL ones), non-voc, or ids 1,2,3. [default: all]")
 @click.option("--copy-paste", type=click.IntRange(0), default=None, help="Add this many copy-paste composites to the training images (each a training image with another's objects pasted on it at a random scale and place; written to the run folder). [default: 0]")
@@ -56,7 +57,7 @@ _S = SamplerConfig()
 @click.option("--strict-data", is_flag=True, help="Stop on missing or unreadable images instead of skipping them.")
 @click.option("-q", "--quiet", is_flag=True)
 def train(data_dir, out_dir, val_dir, ann, images_dir, val_ann, val_images, trunk, steps, batch_size, lr, trunk_lr_mult,
-          freeze_trunk, train_blocks, cache_features, cache_scales, cache_file, feature_dropout, score_weight, workers, device, seed, refine, init_weights, categories_spec, copy_paste, resume, checkpoint_every, val_every, val_batches, patch_size,
+          freeze_trunk, train_blocks, cache_features, cache_scales, cache_file, feature_dropout, score_weight, workers, device, seed, refine, refine_context, init_weights, categories_spec, copy_paste, resume, checkpoint_every, val_every, val_batches, patch_size,
           object_size, model_config_file, pos_shift, pos_scale, neg_shift, neg_scale, no_pretrained, trunk_weights, strict_data, quiet) -> None:
     """Train DeepMask on a COCO-format dataset (DATA_DIR or --ann/--images).
 
@@ -75,6 +76,8 @@ def train(data_dir, out_dir, val_dir, ann, images_dir, val_ann, val_images, trun
     from deepmask_cli.training.data import parse_categories
     from deepmask_cli.training.loop import train as run_train
 
+    if refine_context is not None and not (refine or resume):
+        fail("--refine-context sets how SharpMask's refinement is trained: add --refine")
     if refine:  # SharpMask's stage trains on patches; train() checks the rest
         cache_features = False if cache_features is None else cache_features
         freeze_trunk = True if freeze_trunk is None else freeze_trunk
@@ -101,7 +104,7 @@ def train(data_dir, out_dir, val_dir, ann, images_dir, val_ann, val_images, trun
                  cache_file=cache_file, feature_dropout=feature_dropout,
                  score_weight=score_weight, workers=workers, seed=seed, checkpoint_every=checkpoint_every,
                  categories=tuple(sorted(categories)) if categories is not None else None, copy_paste=copy_paste,
-                 val_every=val_every, val_batches=val_batches)
+                 val_every=val_every, val_batches=val_batches, refine_context=refine_context)
     sampler = dataclasses.replace(_S, **{k: v for k, v in dict(pos_shift=pos_shift, pos_scale=pos_scale, neg_shift=neg_shift,
                                                              neg_scale=neg_scale).items() if v is not None})
     try:

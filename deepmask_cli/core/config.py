@@ -176,9 +176,10 @@ class InferenceConfig(Serialisable):
     max_side: int = 2048
     # Weights with SharpMask's refinement (ModelConfig.refine): refine the
     # masks of each image's refine_topk best windows (the rest keep DeepMask's
-    # masks; the scores are DeepMask's either way). Each refined window runs
-    # the trunk on its own patch, as in training, whatever runtime ran the
-    # dense pass. refine=False: DeepMask's masks only.
+    # masks; the scores are DeepMask's either way). The refinement reads each
+    # window's crop of the dense pass's stride-16 map and of the trunk's
+    # finer maps of the same canvas (run in torch once per pyramid level,
+    # whatever runtime ran the dense pass). refine=False: DeepMask's masks only.
     refine: bool = True
     refine_topk: int = 100
     # Windows pasted together; 0: 1024 of one pyramid scale on a CPU, 4096
@@ -330,6 +331,10 @@ class TrainConfig(Serialisable):
     # the training images: each a training image with another's objects
     # pasted on it. 0: none.
     copy_paste: int = 0
+    # SharpMask's refinement: pixels of the photo around each training window
+    # that the trunk sees before its maps are cropped to the window, so that
+    # they are like the whole photo's maps that the refinement reads at inference.
+    refine_context: int = 64
     workers: int = 1
     seed: int = 0
     checkpoint_every: int = 1000
@@ -348,6 +353,10 @@ class TrainConfig(Serialisable):
             check_range(self, name, 0.0, 1.0)
         for name in ("lr", "weight_decay", "score_weight", "trunk_lr_mult", "train_blocks", "copy_paste"):
             check_range(self, name, 0)
+        check_range(self, "refine_context", 0, 512)
+        if self.refine_context % TRUNK_STRIDE:
+            raise ConfigError(f"refine_context must be a multiple of the trunk's stride ({TRUNK_STRIDE}), "
+                              f"got {self.refine_context}")
 
     #: Fields whose default depends on the device a run trains on. On a CPU,
     #: back-propagating through the trunk makes each step tens of times

@@ -40,7 +40,7 @@ from deepmask_cli.inference.pyramid import GPU_MIN_SIDE, GPU_SHAPE_BUCKET, canva
 from deepmask_cli.inference.ranking import image_major, logit, mask_iou_from_runs, maskness, nms_and_cut, rank_in_image
 from deepmask_cli.inference.runtime import onnx_session, resolve_device, resolve_precision, resolve_runtime
 from deepmask_cli.inference.windows import KeptWindows, PyramidLevel, SelectedWindows, best_windows, window_boxes
-from deepmask_cli.modeling.model import DeepMask
+from deepmask_cli.modeling.model import DeepMask, window_crop
 
 
 class Proposer:
@@ -364,21 +364,28 @@ class Proposer:
         return out
 
     def _refine(self, levels: list[PyramidLevel], img: torch.Tensor, level: torch.Tensor, ys: torch.Tensor,
-                xs: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+                xs: torch.Tensor, chunk: int = 256) -> torch.Tensor:
         """Refined mask logits ``(K, r, r)`` of the windows with top-left cells
-        ``(ys, xs)`` of image ``img`` at pyramid ``level``: each window's patch
-        is cut from its level's canvas and run through the trunk's levels, the
-        mask head's encoding and the refinement, as in training."""
-        p = self.patch_size
+        ``(ys, xs)`` of image ``img`` at pyramid ``level``, from crops of the
+        whole canvas's maps, as SharpMask runs: the stride-16 map of the dense
+        pass (so the mask head's encoding, and the coarse mask a refinement
+        corrects, are those of DeepMask's own masks) and the trunk's finer
+        maps, computed once per level that holds a refined window."""
         r = self.net.refine_head.out_size
+        f = self.model.config.feat_size
+        strides = [s for s in self.net.refine_head.strides if s < TRUNK_STRIDE]
         out = torch.empty(img.numel(), r, r, device=self.device)
-        ar = torch.arange(p, device=self.device)
         for li, lv in enumerate(levels):
             at = (level == li).nonzero().squeeze(1)
+            if at.numel() == 0:
+                continue
+            maps = {TRUNK_STRIDE: lv.fmap}
+            if strides:
+                canvas = lv.canvas.to(self.dtype).contiguous(memory_format=torch.channels_last)
+                maps.update(self.trunk.levels(canvas, last=max(strides)))
             for sel in at.split(chunk):
-                rows = (ys[sel, None] * TRUNK_STRIDE + ar)[:, :, None]  # (k, p, 1)
-                cols = (xs[sel, None] * TRUNK_STRIDE + ar)[:, None, :]  # (k, 1, p)
-                patches = lv.canvas.permute(0, 2, 3, 1)[img[sel, None, None], rows, cols]  # (k, p, p, 3)
-                x = patches.permute(0, 3, 1, 2).to(self.dtype).contiguous(memory_format=torch.channels_last)
-                out[sel] = self.net.refine_levels(self.trunk.levels(x)).float()
+                crops = {s: window_crop(maps[s], img[sel], ys[sel] * (TRUNK_STRIDE // s), xs[sel] * (TRUNK_STRIDE // s),
+                                        f * TRUNK_STRIDE // s)
+                         for s in (TRUNK_STRIDE, *strides)}
+                out[sel] = self.net.refine_levels(crops).float()
         return out

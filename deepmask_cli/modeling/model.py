@@ -283,12 +283,21 @@ class DeepMask(nn.Module):
         x = windows.contiguous(memory_format=torch.channels_last)  # the trunk's layout (features())
         return self.heads(window_forward(self.trunk.split(tail)[1], x, valid))
 
-    def refined_masks(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Patches ``(B, 3, P, P)`` -> ``(refined mask logits (B, r, r),
-        score logits (B,))`` through the trunk's levels, the mask head's
-        encoding and the refinement (the network must have one)."""
+    def refined_masks(self, patches: torch.Tensor, context: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patches ``(B, 3, P + 2 context, P + 2 context)`` -> ``(refined
+        mask logits (B, r, r), score logits (B,))`` of their central
+        ``P``-pixel windows, through the trunk's levels (of the whole patch,
+        then cropped to the window: its maps see ``context`` pixels around
+        it, as a window of a whole photo's maps does at inference), the mask
+        head's encoding and the refinement (the network must have one)."""
+        p = self.config.patch_size
+        if context % 16 or patches.shape[-1] != p + 2 * context or patches.shape[-2] != p + 2 * context:
+            raise ValueError(f"patches of {tuple(patches.shape[-2:])} pixels: need a {p}-pixel window with "
+                             f"{context} pixels of context on each side (a multiple of 16)")
         levels = self.trunk.levels(self.normalize(patches).contiguous(memory_format=torch.channels_last))
-        return self.refine_levels(levels), self.score_head(levels[16])
+        windows = {s: m[:, :, context // s: (context + p) // s, context // s: (context + p) // s]
+                   for s, m in levels.items()}
+        return self.refine_levels(windows), self.score_head(windows[16])
 
     def refine_levels(self, levels: dict[int, torch.Tensor]) -> torch.Tensor:
         """Refined mask logits ``(B, r, r)`` from windows' trunk maps
@@ -329,11 +338,18 @@ class DeepMask(nn.Module):
         if batch.numel() == 0:
             return fmap.new_zeros(0, self.config.mask_size, self.config.mask_size)
         reduced = F.relu(self.mask_head.reduce(fmap))
-        ar = torch.arange(f, device=fmap.device)
-        rows = (ys[:, None] + ar)[:, :, None]  # (K, f, 1)
-        cols = (xs[:, None] + ar)[:, None, :]  # (K, 1, f)
-        win = reduced.permute(0, 2, 3, 1)[batch[:, None, None], rows, cols]  # (K, f, f, c)
+        win = window_crop(reduced, batch, ys, xs, f).permute(0, 2, 3, 1)  # (K, f, f, c)
         return self.mask_head.from_hidden(self.mask_head.window_hidden(win, fc1_weight))
+
+
+def window_crop(maps: torch.Tensor, batch: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, size: int) -> torch.Tensor:
+    """The ``size``-cell squares of ``maps: (B, C, H, W)`` with top-left cells
+    ``(ys[k], xs[k])`` of map ``batch[k]``: ``(K, C, size, size)``, one
+    gather for all of them."""
+    ar = torch.arange(size, device=maps.device)
+    rows = (ys[:, None] + ar)[:, :, None]  # (K, size, 1)
+    cols = (xs[:, None] + ar)[:, None, :]  # (K, 1, size)
+    return maps.permute(0, 2, 3, 1)[batch[:, None, None], rows, cols].permute(0, 3, 1, 2)
 
 
 class TrainingPass(nn.Module):
@@ -344,21 +360,22 @@ class TrainingPass(nn.Module):
     ``forward`` of the module it wraps, so a step that runs another of the
     model's passes wraps this instead of calling the method. It holds
     ``model`` itself (no copy): ``refine`` -> :meth:`DeepMask.refined_masks`
-    of patches; ``from_features`` -> :meth:`DeepMask.heads` of trunk
+    of patches with ``context`` pixels around each window; ``from_features`` -> :meth:`DeepMask.heads` of trunk
     windows, or with ``tail`` > 0 :meth:`DeepMask.tail_heads` of windows of
     the trunk's last ``tail`` blocks' input (``valid`` marks their cells on
     the map); else :meth:`DeepMask.forward` of patches.
     """
 
-    def __init__(self, model: DeepMask, *, from_features: bool = False, refine: bool = False, tail: int = 0) -> None:
+    def __init__(self, model: DeepMask, *, from_features: bool = False, refine: bool = False, tail: int = 0,
+                 context: int = 0) -> None:
         super().__init__()
         self.model = model
-        self.from_features, self.refine, self.tail = from_features, refine, tail
+        self.from_features, self.refine, self.tail, self.context = from_features, refine, tail, context
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``x``: patches or windows, as the pass reads them."""
         if self.refine:
-            return self.model.refined_masks(x)
+            return self.model.refined_masks(x, self.context)
         if not self.from_features:
             return self.model(x)
         if self.tail:

@@ -41,11 +41,15 @@ class Trunk(nn.Module):
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
-    def levels(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
-        """``{stride: (B, C_s, H/stride, W/stride)}`` for strides 2 to 16: the
-        last map the trunk computes at each; ``levels(x)[16]`` is ``self(x)``."""
+    def levels(self, x: torch.Tensor, last: int = 16) -> dict[int, torch.Tensor]:
+        """``{stride: (B, C_s, H/stride, W/stride)}`` for strides 2 to ``last``:
+        the last map the trunk computes at each; ``levels(x)[16]`` is
+        ``self(x)``. A smaller ``last`` stops there (the finer maps alone,
+        for a refinement that has the stride-16 map already)."""
         out: dict[int, torch.Tensor] = {}
         for stride, module in self._stages():
+            if stride > last:
+                break
             x = module(x)
             out[stride] = x
         return out

@@ -52,14 +52,16 @@ def step_batches(mode: Mode, model: DeepMask, records: list[ImageRecord], target
     cached maps with ``cache_features`` (the cache growing as the steps
     need it, kept in ``run_dir``, with ``"cache"`` events and a
     ``"cache_done"`` one once whole), else patches of ``records`` with
-    mask targets of ``targets``' size. Each is ``(inputs, masks, labels)``,
+    mask targets of ``targets``' size (with the mode's context around each
+    window: :attr:`Mode.context`). Each is ``(inputs, masks, labels)``,
     and a fourth tensor marking the cells on the map for windows widened for
     trained trunk blocks."""
     if mode.config.cache_features:
         return _cached_batches(mode, model, records, device=device, rank=rank, world=world, start_step=start_step,
                                emit=emit, run_dir=run_dir)
     config = mode.config
-    dataset = PatchDataset(records, targets, mode.sampler, seed=config.seed, fill=model.trunk.mean)
+    dataset = PatchDataset(records, targets, mode.sampler, seed=config.seed, fill=model.trunk.mean,
+                           context=mode.context)
     loader_gen = torch.Generator().manual_seed(config.seed)
     return torch.utils.data.DataLoader(
         dataset,

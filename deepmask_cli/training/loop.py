@@ -105,7 +105,8 @@ def train(
     start_step, best = (0, -1.0) if mode.checkpoint is None else restore_checkpoint(mode.checkpoint, model, opt, device)
     tail = mode.config.train_blocks if mode.config.cache_features else 0  # on patches the whole trunk runs
     # the step's pass as a module: DDP synchronises gradients through forward alone
-    net: torch.nn.Module = TrainingPass(model, from_features=mode.config.cache_features, refine=mode.refine, tail=tail)
+    net: torch.nn.Module = TrainingPass(model, from_features=mode.config.cache_features, refine=mode.refine, tail=tail,
+                                        context=mode.context)
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     # patch targets at the resolution of the masks trained: the refinement's, or the mask head's
@@ -114,7 +115,8 @@ def train(
                           emit=emit, run_dir=out_dir)
     val_batches = []
     if val_records is not None and rank == 0:
-        val_batches = validation_batches(val_records, targets, mode.sampler, mode.config, fill=model.trunk.mean)
+        val_batches = validation_batches(val_records, targets, mode.sampler, mode.config, fill=model.trunk.mean,
+                                         context=mode.context)
     history = []
     if rank == 0:
         history = truncate_metrics(out_dir / METRICS, start_step)
@@ -219,7 +221,8 @@ class _Steps:
         config = self.mode.config
         do_val = val_batches and (step % config.val_every == 0 or step == config.steps)
         if do_val:
-            last_val = patch_metrics(self.model, val_batches, self.device, refine=self.mode.refine)
+            last_val = patch_metrics(self.model, val_batches, self.device, refine=self.mode.refine,
+                                     context=self.mode.context)
             info["val"] = last_val
             if last_val["iou@0.7"] > self.best:
                 self.best = last_val["iou@0.7"]

@@ -46,6 +46,12 @@ class Mode:
     #: ``init``'s network (fine-tuning and a refinement's start), or None.
     base: DeepMask | None
 
+    @property
+    def context(self) -> int:
+        """Pixels of context around each training patch's window: the
+        refinement's (``refine_context``); none for DeepMask's heads."""
+        return self.config.refine_context if self.refine else 0
+
 
 def resolve_mode(out_dir: Path, model_config: ModelConfig, config: TrainConfig, *, resume: bool,
                  init: str | Path | None, rank: int) -> Mode:

@@ -169,14 +169,16 @@ def color_jitter(arr: np.ndarray, rng: np.random.Generator, strength: float) -> 
 
 
 class PatchDataset(torch.utils.data.Dataset):
-    """Sample ``i`` -> ``(patch (3, P, P) float in [0,1], mask (m, m) float {0,1}, label float ±1)``.
+    """Sample ``i`` -> ``(patch (3, P, P) float in [0,1], mask (m, m) float {0,1}, label float ±1)``
+    (``P`` is the window's ``patch_size`` plus twice ``context``).
 
     Deterministic in ``(seed, i)``; ``len`` is nominal (the sampler draws fresh
     patches for every index).
     """
 
     def __init__(self, records: list[ImageRecord], model: ModelConfig, config: SamplerConfig, *, seed: int = 0,
-                 fill=(0.5, 0.5, 0.5), length: int = 10**9, augment: bool = True, cache_images: bool = True):
+                 fill=(0.5, 0.5, 0.5), length: int = 10**9, augment: bool = True, cache_images: bool = True,
+                 context: int = 0):
         self.records = records
         self.model = model
         self.config = config
@@ -186,6 +188,10 @@ class PatchDataset(torch.utils.data.Dataset):
         self.length = length
         self.augment = augment
         self.cache_images = cache_images
+        #: Pixels of the image around each window in its patch (the mask
+        #: target covers the window alone): SharpMask's refinement reads
+        #: the window's crop of the patch's maps.
+        self.context = context
         self._cache: dict[int, Image.Image] = {}
 
     def __len__(self) -> int:
@@ -208,7 +214,7 @@ class PatchDataset(torch.utils.data.Dataset):
         """The patch, mask target and label of ``spec``; colour-jittered with
         ``rng`` when the dataset augments and one is given."""
         p, m = self.model.patch_size, self.model.mask_size
-        patch = crop_resized(self.image(spec.image), spec.cx, spec.cy, spec.scale, p, self.fill)
+        patch = crop_resized(self.image(spec.image), spec.cx, spec.cy, spec.scale, p + 2 * self.context, self.fill)
         arr = np.asarray(patch, dtype=np.float32) / 255.0
         if self.augment and rng is not None:
             arr = color_jitter(arr, rng, self.config.color_jitter)

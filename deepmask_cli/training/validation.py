@@ -17,11 +17,12 @@ VAL_SEED_OFFSET = 10_007
 
 
 def validation_batches(records: list[ImageRecord], targets: ModelConfig, sampler: SamplerConfig, config: TrainConfig,
-                       fill: tuple[float, float, float]) -> list[tuple[torch.Tensor, ...]]:
+                       fill: tuple[float, float, float], context: int = 0) -> list[tuple[torch.Tensor, ...]]:
     """``config.val_batches`` batches of ``config.batch_size`` patches of
-    ``records``, not augmented, with mask targets of ``targets``' size and
-    ``fill`` outside the images."""
-    vset = PatchDataset(records, targets, sampler, seed=config.seed + VAL_SEED_OFFSET, fill=fill, augment=False)
+    ``records``, not augmented, with mask targets of ``targets``' size,
+    ``context`` pixels around each window and ``fill`` outside the images."""
+    vset = PatchDataset(records, targets, sampler, seed=config.seed + VAL_SEED_OFFSET, fill=fill, augment=False,
+                        context=context)
     batches = []
     for b in range(config.val_batches):
         items = [vset[b * config.batch_size + k] for k in range(config.batch_size)]
@@ -30,13 +31,14 @@ def validation_batches(records: list[ImageRecord], targets: ModelConfig, sampler
 
 
 @torch.no_grad()
-def patch_metrics(model: DeepMask, batches: list[tuple[torch.Tensor, ...]], device: torch.device, *, refine: bool = False
-                  ) -> dict[str, float]:
+def patch_metrics(model: DeepMask, batches: list[tuple[torch.Tensor, ...]], device: torch.device, *, refine: bool = False,
+                  context: int = 0) -> dict[str, float]:
     """The official per-patch measures: mask IoU of positives (mean, median,
     share >= 0.5 and >= 0.7) and score accuracy; and ``score_live``, the
     share of the score head's first-layer units that some patch turns on (a
     too-high learning rate silences most of them for good in the first
-    steps: ReLUs that no input brings back)."""
+    steps: ReLUs that no input brings back). ``refine``: of the refined
+    masks, on patches with ``context`` pixels around each window."""
     was_training = model.training
     model.eval()
     ious, correct, total = [], 0, 0
@@ -48,7 +50,7 @@ def patch_metrics(model: DeepMask, batches: list[tuple[torch.Tensor, ...]], devi
     hook = model.score_head.fc1.register_forward_hook(on_fc1)
     for x, mask, label in batches:
         x, mask, label = x.to(device), mask.to(device), label.to(device)
-        mlog, slog = model.refined_masks(x) if refine else model(x)
+        mlog, slog = model.refined_masks(x, context) if refine else model(x)
         pos = label > 0
         if pos.any():
             pred = mlog[pos] > 0

@@ -299,11 +299,11 @@ def test_canvas_sides_share_few_shapes():
     assert canvas_side(500, 128) == 512 and canvas_side(500, 0) == 0
 
 
-def test_refined_masks_are_each_windows_patch_refined(tiny_config):
+def test_refined_masks_are_each_windows_crop_of_the_whole_maps_refined(tiny_config):
     """With SharpMask's refinement, the best windows' masks are the refinement
-    of their own patch (cut from the pyramid level, as in training), pasted;
-    the scores and the others are DeepMask's; refine_topk 0 or --no-refine
-    give DeepMask's proposals exactly."""
+    of their crops of the whole canvas's maps (the dense pass's stride-16 map
+    and the trunk's finer maps), pasted; the scores and the others are
+    DeepMask's; refine_topk 0 or --no-refine give DeepMask's proposals exactly."""
     import dataclasses
 
     from deepmask_cli.inference.paste import paste_masks
@@ -332,10 +332,11 @@ def test_refined_masks_are_each_windows_patch_refined(tiny_config):
     canvas = pyramid_canvas([image], [(lh, lw)], cfg.patch_size, model.normalize)[0]
     x0, y0, x1, y1 = refined.windows_xyxy[0].tolist()
     j, i = round((x0 + x1) / 2 * lw / w / 16), round((y0 + y1) / 2 * lh / h / 16)
-    patch = canvas[:, 16 * i: 16 * i + cfg.patch_size, 16 * j: 16 * j + cfg.patch_size]
-    raw = patch * model.std[0] + model.mean[0]  # refined_masks normalises its input itself
     with torch.no_grad():
-        logits, _ = model.eval().refined_masks(raw[None])
+        maps = model.eval().trunk.levels(canvas[None])
+        f = cfg.feat_size
+        crops = {s: maps[s][:, :, i * 16 // s: (i + f) * 16 // s, j * 16 // s: (j + f) * 16 // s] for s in (16, 8)}
+        logits = model.refine_levels(crops)
     want = paste_masks(logits, refined.windows_xyxy[:1], h, w, logit(TUNED["mask_thresh"]))[0]
     got = refined.masks[0]
     assert got.sum() > 0 and float((want & got).sum()) / float((want | got).sum()) > 0.98
@@ -348,6 +349,28 @@ def test_refined_masks_are_each_windows_patch_refined(tiny_config):
     torch.testing.assert_close(refined.windows_xyxy, plain.windows_xyxy)
     assert torch.equal(refined.masks[k:], plain.masks[k:])
     assert all(not torch.equal(a, b) for a, b in zip(refined.masks[:k], plain.masks[:k])), [(int(a.sum()), int(b.sum())) for a, b in zip(refined.masks, plain.masks)]
+
+
+def test_untrained_refinement_gives_deepmasks_own_masks(tiny_config):
+    """A refinement whose correction is still zero (``refine_from_mask``)
+    gives the masks of the dense pass, only at a finer resolution: the
+    refinement reads the window's crop of the same maps as DeepMask's masks
+    (a window's own patch through the trunk gives other maps, most of all
+    at its borders, and other masks)."""
+    import dataclasses
+
+    cfg = dataclasses.replace(tiny_config, refine=(8, 4))
+    model = tiny_model(cfg)
+    torch.nn.init.zeros_(model.refine_head.predict.weight)  # as before training (tiny_model scales every layer)
+    torch.nn.init.zeros_(model.refine_head.predict.bias)
+    arr = np.random.default_rng(8).integers(0, 255, (70, 90, 3), dtype=np.uint8)
+    kw = dict(scale_min=-1, scale_max=0, scale_step=0.5, max_proposals=20, nms_thresh=1.0, **{**PINNED, **TUNED})
+    plain = Proposer(model, InferenceConfig(refine=False, **kw), "cpu")(arr)
+    refined = Proposer(model, InferenceConfig(refine_topk=20, **kw), "cpu")(arr)
+    assert len(plain.masks) == 20 and plain.masks.flatten(1).any(1).all()
+    inter = (plain.masks & refined.masks).flatten(1).sum(1).float()
+    union = (plain.masks | refined.masks).flatten(1).sum(1).float()
+    assert (inter / union).min() > 0.9, inter / union
 
 
 @pytest.mark.parametrize("width", [96, 90])

@@ -131,6 +131,30 @@ def test_refinement_doubles_the_resolution_per_module_from_the_finer_maps(trunk,
         assert not torch.allclose(model.refine_levels(levels), base)
 
 
+def test_refinement_with_context_reads_the_windows_crop_of_the_larger_patchs_maps():
+    """``refined_masks(patches, context)``: the trunk runs on the whole patch
+    and the heads read the central window's crop of its maps (as of a whole
+    photo's at inference), which differ from the window's own patch's."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(trunk="efficientnet-lite0", patch_size=64, object_size=40, mask_size=8, mask_channels=4,
+                      mask_hidden=16, score_hidden=(8, 8), refine=(8, 4, 4))
+    model = DeepMask(cfg).eval()
+    torch.nn.init.normal_(model.refine_head.predict.weight)
+    x = torch.rand(2, 3, 64 + 2 * 32, 64 + 2 * 32)
+    with torch.no_grad():
+        refined, scores = model.refined_masks(x, 32)
+        assert refined.shape == (2, 32, 32) and scores.shape == (2,)
+        levels = model.trunk.levels(model.normalize(x))
+        crops = {s: m[:, :, 32 // s: 96 // s, 32 // s: 96 // s] for s, m in levels.items()}
+        torch.testing.assert_close(refined, model.refine_levels(crops))
+        torch.testing.assert_close(scores, model.score_head(crops[16]))
+        alone, _ = model.refined_masks(x[:, :, 32:96, 32:96])
+        assert not torch.allclose(alone, refined)
+        for bad, context in ((x, 0), (x, 16), (x[:, :, :120, :120], 28)):
+            with pytest.raises(ValueError, match="context"):
+                model.refined_masks(bad, context)
+
+
 def test_untrained_correction_gives_deepmasks_mask_upsampled():
     """``refine_from_mask``: the refinement adds a correction to DeepMask's
     mask logits, upsampled, and starts at none, so training starts from

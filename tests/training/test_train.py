@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from deepmask_cli.core.config import SamplerConfig, TrainConfig
+from deepmask_cli.core.config import ConfigError, SamplerConfig, TrainConfig
 from deepmask_cli.training.data import DataError, load_coco, resolve_coco
 from deepmask_cli.training.patches import PatchDataset
 from deepmask_cli.modeling.model import DeepMask
@@ -82,6 +82,23 @@ def test_targets_align_with_patches_flip_included(synth_coco):
         flips.add(s.flip)
         checked += 1
     assert checked > 50 and flips == {True, False}
+
+
+def test_context_widens_the_patch_around_the_same_window(synth_coco):
+    """``context``: the refinement's patches hold the same window at their
+    centre with that many pixels of the image around it; the mask target is
+    the window's."""
+    recs = _records(synth_coco)
+    plain = PatchDataset(recs, TINY, SamplerConfig(color_jitter=0.0), seed=1, fill=(0.5, 0.5, 0.5))
+    wide = PatchDataset(recs, TINY, SamplerConfig(color_jitter=0.0), seed=1, fill=(0.5, 0.5, 0.5), context=16)
+    for i in range(20):
+        s = plain.spec(i)
+        x, mask, label = plain.render(s)
+        xw, maskw, labelw = wide.render(s)
+        assert xw.shape == (3, 96, 96) and torch.equal(mask, maskw) and label == labelw
+        assert (xw[:, 16:80, 16:80] - x).abs().mean() < 0.02
+    with pytest.raises(ConfigError, match="multiple"):
+        TrainConfig(refine_context=24)
 
 
 def test_loss_is_the_papers():
@@ -423,6 +440,17 @@ def test_refine_needs_weights_and_patches(synth_coco, tmp_path, extra, message):
     r = CliRunner().invoke(main, ["train", str(synth_coco), "-o", str(tmp_path / "r"), "--refine", "--device", "cpu",
                                   *extra, *(["--init", "x"] if extra else [])])
     assert r.exit_code != 0 and message in r.output and "Traceback" not in r.output
+
+
+def test_refine_context_needs_refine(synth_coco, tmp_path):
+    from click.testing import CliRunner
+
+    from deepmask_cli.cli.main import main
+
+    r = CliRunner().invoke(main, ["train", str(synth_coco), "-o", str(tmp_path / "r"), "--refine-context", "32",
+                                  "--device", "cpu"])
+    assert r.exit_code != 0 and "add --refine" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "r").exists()
 
 
 def test_init_fine_tunes_trained_weights(synth_coco, tiny_weights, tmp_path):
