@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepmask_cli.core.config import ModelConfig
+from deepmask_cli.core.config import TRUNK_STRIDE, ModelConfig
 from deepmask_cli.modeling.trunk_base import Trunk, window_forward
 from deepmask_cli.modeling.trunks import build_trunk
 
@@ -291,9 +291,9 @@ class DeepMask(nn.Module):
         it, as a window of a whole photo's maps does at inference), the mask
         head's encoding and the refinement (the network must have one)."""
         p = self.config.patch_size
-        if context % 16 or patches.shape[-1] != p + 2 * context or patches.shape[-2] != p + 2 * context:
+        if context % TRUNK_STRIDE or patches.shape[-1] != p + 2 * context or patches.shape[-2] != p + 2 * context:
             raise ValueError(f"patches of {tuple(patches.shape[-2:])} pixels: need a {p}-pixel window with "
-                             f"{context} pixels of context on each side (a multiple of 16)")
+                             f"{context} pixels of context on each side (a multiple of {TRUNK_STRIDE})")
         levels = self.trunk.levels(self.normalize(patches).contiguous(memory_format=torch.channels_last))
         windows = {s: m[:, :, context // s: (context + p) // s, context // s: (context + p) // s]
                    for s, m in levels.items()}
@@ -360,10 +360,11 @@ class TrainingPass(nn.Module):
     ``forward`` of the module it wraps, so a step that runs another of the
     model's passes wraps this instead of calling the method. It holds
     ``model`` itself (no copy): ``refine`` -> :meth:`DeepMask.refined_masks`
-    of patches with ``context`` pixels around each window; ``from_features`` -> :meth:`DeepMask.heads` of trunk
-    windows, or with ``tail`` > 0 :meth:`DeepMask.tail_heads` of windows of
-    the trunk's last ``tail`` blocks' input (``valid`` marks their cells on
-    the map); else :meth:`DeepMask.forward` of patches.
+    of patches with ``context`` pixels around each window;
+    ``from_features`` -> :meth:`DeepMask.heads` of trunk windows, or with
+    ``tail`` > 0 :meth:`DeepMask.tail_heads` of windows of the trunk's last
+    ``tail`` blocks' input (``valid`` marks their cells on the map); else
+    :meth:`DeepMask.forward` of patches.
     """
 
     def __init__(self, model: DeepMask, *, from_features: bool = False, refine: bool = False, tail: int = 0,
