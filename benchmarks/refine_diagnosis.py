@@ -42,6 +42,7 @@ from deepmask_cli.evaluation.recall import AREAS, IOU_THRESHOLDS, evaluate_recal
 from deepmask_cli.formats.images import load_image
 from deepmask_cli.pipeline.loading import load_proposer
 from deepmask_cli.pipeline.propose import run_propose
+from deepmask_cli.training.patches import canonical_log2, window_labels
 
 sys.path.insert(0, str(Path(__file__).parent))
 from recall import coco_photos, parse_overrides  # noqa: E402  (the sibling benchmark)
@@ -103,14 +104,14 @@ def paired_rows(folder: Path, images: list[Path], ids: list[int], weights: str, 
         for k, ann in enumerate(anns):
             j = int(iou_a[:, k].argmax())
             x0, y0, x1, y1 = wins[j]
-            scale = patch / (x1 - x0)  # window pixels per photo pixel
             bx, by, bw, bh = ann["bbox"]
-            shift = np.hypot((x0 + x1) / 2 - bx - bw / 2, (y0 + y1) / 2 - by - bh / 2) * scale
-            octaves = abs(np.log2(scale * max(bw, bh) / size))
+            centred = np.array([[bx + bw / 2, by + bh / 2, canonical_log2(ann["bbox"], size)]])
+            positive, _, _ = window_labels(np.array((x0 + x1) / 2), np.array((y0 + y1) / 2),
+                                           float(np.log2(patch / (x1 - x0))), centred, np.ones(1, bool), sampler)
             inside = max(0.0, min(x1, w) - max(x0, 0)) * max(0.0, min(y1, h) - max(y0, 0)) / ((x1 - x0) * (y1 - y0))
             rows.append({"area": float(ann["area"]), "unrefined": float(iou_a[j, k]), "refined": float(iou_b[j, k]),
                          "refined_window": j < topk,
-                         "positive": bool(shift <= sampler.pos_shift and octaves <= sampler.pos_scale),
+                         "positive": bool(positive[0]),
                          "inside": float(inside)})
     return rows
 
