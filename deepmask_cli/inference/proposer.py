@@ -128,6 +128,8 @@ class Proposer:
         self.config = config
         #: Whether masks are refined (weights with a refinement, config.refine).
         self.refining = bool(config.refine and config.refine_topk and self.model.refine_head is not None)
+        #: The strides, below the trunk's, of the maps the refinement reads.
+        self.finer_strides = [s for s in self.net.refine_head.strides if s < TRUNK_STRIDE] if self.refining else []
         #: Windows pasted together.
         self.paste_chunk = config.paste_chunk or (4096 if self.device.type == "cuda" else 1024)
         #: Whether a chunk of windows pasted together may mix scales (so crop
@@ -198,32 +200,38 @@ class Proposer:
                 canvas = pyramid_canvas(images, sizes, self.patch_size, None, (side, side))
                 if pad_to > real:
                     canvas = torch.cat([canvas, canvas.new_zeros(pad_to - real, *canvas.shape[1:])])
-            fmap, scores = self._network(canvas)
-            level = PyramidLevel(scale, fmap[:real], scores[:real], sizes, canvas[:real] if self.refining else None)
+            fmap, scores, finer = self._network(canvas, self.refining)
+            level = PyramidLevel(scale, fmap[:real], scores[:real], sizes,
+                                 canvas[:real] if self.refining and not finer else None,
+                                 {s: m[:real] for s, m in finer.items()} if finer else None)
             if self.config.flip:
                 # The canvas's sides are multiples of the stride and each image
                 # sits half a window (a multiple of the stride) from the left,
                 # so in the mirrored canvas window j is the mirror of window
                 # (columns - 1 - j): the flipped-back score map lines up.
-                fmap_f, scores_f = self._network(canvas.flip(3))
+                fmap_f, scores_f, _ = self._network(canvas.flip(3))
                 level.fmap_flip, level.scores_flip = fmap_f[:real], scores_f[:real].flip(2)
             levels.append(level)
         return levels
 
-    def _network(self, canvas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Trunk and dense score head on one level's canvases: ``(fmap, score logits)``."""
+    def _network(self, canvas: torch.Tensor, finer: bool = False) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """Trunk and dense score head on one level's canvases: ``(fmap, score logits, {stride: finer map})``,
+        the finer maps (``finer``) only from a trunk in torch (ONNX returns the stride-16 map alone)."""
+        maps: dict[int, torch.Tensor] = {}
         if self.runtime == "onnx-int8":  # the int8 network holds the score head too
             with self._stage("trunk + score head"):
                 fmap, scores = (torch.from_numpy(a) for a in self._onnx.run(None, {"canvas": canvas.numpy()}))
-                return fmap.to(self.dtype).contiguous(memory_format=torch.channels_last), scores
+                return fmap.to(self.dtype).contiguous(memory_format=torch.channels_last), scores, maps
         with self._stage("trunk"):
             if self._onnx is not None:
                 fmap = torch.from_numpy(self._onnx.run(None, {"canvas": canvas.numpy()})[0]
                                         ).to(self.dtype).contiguous(memory_format=torch.channels_last)
             else:
-                fmap = self.trunk(canvas.to(self.dtype).contiguous(memory_format=torch.channels_last))
+                x = canvas.to(self.dtype).contiguous(memory_format=torch.channels_last)
+                maps = self.trunk.levels(x) if finer else {TRUNK_STRIDE: self.trunk(x)}
+                fmap, maps = maps[TRUNK_STRIDE], {s: maps[s] for s in self.finer_strides if finer}
         with self._stage("score head"):
-            return fmap, self.net.dense_scores(fmap, self._score_weights).float()
+            return fmap, self.net.dense_scores(fmap, self._score_weights).float(), maps
 
     def select_windows(self, levels: list[PyramidLevel]) -> SelectedWindows:
         """The windows every image of a :meth:`dense_pass` keeps before
@@ -373,14 +381,14 @@ class Proposer:
         maps, computed once per level that holds a refined window."""
         r = self.net.refine_head.out_size
         f = self.model.config.feat_size
-        strides = [s for s in self.net.refine_head.strides if s < TRUNK_STRIDE]
+        strides = self.finer_strides
         out = torch.empty(img.numel(), r, r, device=self.device)
         for li, lv in enumerate(levels):
             at = (level == li).nonzero().squeeze(1)
             if at.numel() == 0:
                 continue
-            maps = {TRUNK_STRIDE: lv.fmap}
-            if strides:
+            maps = {TRUNK_STRIDE: lv.fmap, **(lv.finer or {})}
+            if strides and lv.finer is None:  # the dense pass ran in ONNX
                 canvas = lv.canvas.to(self.dtype).contiguous(memory_format=torch.channels_last)
                 maps.update(self.trunk.levels(canvas, last=max(strides)))
             for sel in at.split(chunk):

@@ -373,6 +373,35 @@ def test_untrained_refinement_gives_deepmasks_own_masks(tiny_config):
     assert (inter / union).min() > 0.9, inter / union
 
 
+def test_refinement_reads_the_finer_maps_of_the_dense_pass_in_torch(tiny_config):
+    """With the trunk in torch, the dense pass keeps the trunk's finer maps
+    for the refinement, which runs no trunk of its own (one trunk pass per
+    pyramid level in all); with the trunk in ONNX, which returns the
+    stride-16 map alone, the refinement computes them from the kept canvas.
+    Both give the same proposals."""
+    import dataclasses
+
+    from deepmask_cli.inference.pyramid import image_to_tensor
+
+    pytest.importorskip("onnxruntime")
+    model = tiny_model(dataclasses.replace(tiny_config, refine=(8, 4)))
+    arr = np.random.default_rng(9).integers(0, 255, (70, 90, 3), dtype=np.uint8)
+    kw = dict(scale_min=-1, scale_max=0, scale_step=0.5, max_proposals=20, nms_thresh=1.0, refine_topk=5,
+              **{**PINNED, **TUNED})
+    got = {}
+    for runtime in ("torch", "onnx"):
+        proposer = Proposer(model, InferenceConfig(**{**kw, "runtime": runtime}), "cpu")
+        calls, levels = [], proposer.trunk.levels
+        proposer.trunk.levels = lambda x, last=16: calls.append(last) or levels(x, last)
+        pyramid = proposer.dense_pass([image_to_tensor(arr)])
+        assert all((lv.finer is None) == (runtime == "onnx") for lv in pyramid)
+        assert all((lv.canvas is None) == (runtime == "torch") for lv in pyramid)
+        got[runtime] = proposer.proposals_from_levels(pyramid, [(70, 90)])[0]
+        assert calls == ([16] * 3 if runtime == "torch" else [8] * len(set(got[runtime].scales[:5].tolist())))
+    torch.testing.assert_close(got["onnx"].scores, got["torch"].scores, atol=1e-4, rtol=1e-4)
+    assert (got["onnx"].masks != got["torch"].masks).float().mean() < 1e-3
+
+
 @pytest.mark.parametrize("width", [96, 90])
 def test_flip_pairs_each_window_with_its_mirror_twin(tiny_config, width):
     """InferenceConfig.flip: the mirror pass of a photo of any width scores,
