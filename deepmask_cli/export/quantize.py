@@ -40,7 +40,7 @@ from deepmask_cli.core.files import atomic_write
 from deepmask_cli.formats.images import ImageError, load_image
 from deepmask_cli.modeling.model import DeepMask
 from deepmask_cli.inference.pyramid import image_to_tensor, level_size, pyramid_canvas
-from deepmask_cli.inference.runtime import export_trunk_onnx, network_fingerprint
+from deepmask_cli.inference.runtime import export_trunk_onnx, network_fingerprint, refine_strides
 
 #: Pyramid scales and the side of the square crops calibration reads.
 CALIBRATION_SCALES = (0.5, 1.0, 2.0)
@@ -141,7 +141,7 @@ def quantize_trunk(model: DeepMask, images: Sequence[str | Path], out: str | Pat
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         f32, pre, q = Path(tmp) / "trunk.onnx", Path(tmp) / "trunk-pre.onnx", Path(tmp) / "trunk-int8.onnx"
-        export_trunk_onnx(trunk, f32, model.score_head)
+        export_trunk_onnx(trunk, f32, model.score_head, refine_strides(model))
         quant_pre_process(str(f32), str(pre))
         graph = onnx.load(str(pre))
         float_nodes = _bottleneck_nodes(graph) if model.score_head.fc0 is not None else []

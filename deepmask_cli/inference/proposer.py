@@ -38,7 +38,8 @@ from deepmask_cli.formats.proposals import Proposals
 from deepmask_cli.inference.paste import paste_chunks, paste_runs, runs_by_image
 from deepmask_cli.inference.pyramid import GPU_MIN_SIDE, GPU_SHAPE_BUCKET, canvas_side, image_to_tensor, level_size, pyramid_canvas
 from deepmask_cli.inference.ranking import image_major, logit, mask_iou_from_runs, maskness, nms_and_cut, rank_in_image
-from deepmask_cli.inference.runtime import onnx_session, resolve_device, resolve_precision, resolve_runtime
+from deepmask_cli.inference.runtime import (onnx_maps, onnx_session, refine_strides, resolve_device, resolve_precision,
+                                            resolve_runtime)
 from deepmask_cli.inference.windows import KeptWindows, PyramidLevel, SelectedWindows, best_windows, window_boxes
 from deepmask_cli.modeling.model import DeepMask, window_crop
 
@@ -129,7 +130,7 @@ class Proposer:
         #: Whether masks are refined (weights with a refinement, config.refine).
         self.refining = bool(config.refine and config.refine_topk and self.model.refine_head is not None)
         #: The strides, below the trunk's, of the maps the refinement reads.
-        self.finer_strides = [s for s in self.net.refine_head.strides if s < TRUNK_STRIDE] if self.refining else []
+        self.finer_strides = refine_strides(self.model) if self.refining else ()
         #: Windows pasted together.
         self.paste_chunk = config.paste_chunk or (4096 if self.device.type == "cuda" else 1024)
         #: Whether a chunk of windows pasted together may mix scales (so crop
@@ -215,23 +216,21 @@ class Proposer:
         return levels
 
     def _network(self, canvas: torch.Tensor, finer: bool = False) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        """Trunk and dense score head on one level's canvases: ``(fmap, score logits, {stride: finer map})``,
-        the finer maps (``finer``) only from a trunk in torch (ONNX returns the stride-16 map alone)."""
-        maps: dict[int, torch.Tensor] = {}
-        if self.runtime == "onnx-int8":  # the int8 network holds the score head too
-            with self._stage("trunk + score head"):
-                fmap, scores = (torch.from_numpy(a) for a in self._onnx.run(None, {"canvas": canvas.numpy()}))
-                return fmap.to(self.dtype).contiguous(memory_format=torch.channels_last), scores, maps
-        with self._stage("trunk"):
+        """Trunk and dense score head on one level's canvases: ``(fmap, score logits, {stride: finer map})``;
+        the refinement's finer maps if ``finer`` and the trunk gives them ({} from an int8 trunk without them)."""
+        strides, scores = self.finer_strides if finer else (), None
+        # the int8 network holds the score head too
+        with self._stage("trunk + score head" if self.runtime == "onnx-int8" else "trunk"):
             if self._onnx is not None:
-                fmap = torch.from_numpy(self._onnx.run(None, {"canvas": canvas.numpy()})[0]
-                                        ).to(self.dtype).contiguous(memory_format=torch.channels_last)
+                maps, scores = onnx_maps(self._onnx, canvas, strides, self.dtype)
             else:
                 x = canvas.to(self.dtype).contiguous(memory_format=torch.channels_last)
-                maps = self.trunk.levels(x) if finer else {TRUNK_STRIDE: self.trunk(x)}
-                fmap, maps = maps[TRUNK_STRIDE], {s: maps[s] for s in self.finer_strides if finer}
-        with self._stage("score head"):
-            return fmap, self.net.dense_scores(fmap, self._score_weights).float(), maps
+                maps = self.trunk.levels(x) if strides else {TRUNK_STRIDE: self.trunk(x)}
+        fmap = maps[TRUNK_STRIDE]
+        if scores is None:
+            with self._stage("score head"):
+                scores = self.net.dense_scores(fmap, self._score_weights).float()
+        return fmap, scores, {s: maps[s] for s in strides} if all(s in maps for s in strides) else {}
 
     def select_windows(self, levels: list[PyramidLevel]) -> SelectedWindows:
         """The windows every image of a :meth:`dense_pass` keeps before
@@ -388,7 +387,7 @@ class Proposer:
             if at.numel() == 0:
                 continue
             maps = {TRUNK_STRIDE: lv.fmap, **(lv.finer or {})}
-            if strides and lv.finer is None:  # the dense pass ran in ONNX
+            if strides and lv.finer is None:  # an int8 trunk quantized without them
                 canvas = lv.canvas.to(self.dtype).contiguous(memory_format=torch.channels_last)
                 maps.update(self.trunk.levels(canvas, last=max(strides)))
             for sel in at.split(chunk):

@@ -12,6 +12,7 @@ import warnings
 
 import torch
 
+from deepmask_cli.core.config import TRUNK_STRIDE
 from deepmask_cli.core.errors import ConfigError
 from deepmask_cli.modeling.model import DeepMask
 
@@ -117,29 +118,34 @@ def resolve_runtime(runtime: str, device: torch.device, int8_trunk: str | os.Pat
     return "onnx-int8"
 
 
-class _TrunkAndScores(torch.nn.Module):
-    """The trunk followed by the dense score head: ``canvas -> (fmap, scores)``."""
+class _TrunkOutputs(torch.nn.Module):
+    """The trunk, then the dense score head if any: ``canvas -> (fmap[,
+    scores], *finer maps)``."""
 
-    def __init__(self, trunk: torch.nn.Module, score_head: torch.nn.Module):
+    def __init__(self, trunk: torch.nn.Module, score_head: torch.nn.Module | None, finer: tuple[int, ...]):
         super().__init__()
-        self.trunk, self.score_head = trunk, score_head
+        self.trunk, self.score_head, self.finer = trunk, score_head, finer
 
-    def forward(self, canvas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        fmap = self.trunk(canvas)
-        return fmap, self.score_head.dense(fmap)
+    def forward(self, canvas: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        maps = self.trunk.levels(canvas) if self.finer else {TRUNK_STRIDE: self.trunk(canvas)}
+        fmap = maps[TRUNK_STRIDE]
+        scores = [] if self.score_head is None else [self.score_head.dense(fmap)]
+        return (fmap, *scores, *(maps[s] for s in self.finer))
 
 
-def export_trunk_onnx(trunk: torch.nn.Module, out, score_head: torch.nn.Module | None = None) -> None:
+def export_trunk_onnx(trunk: torch.nn.Module, out, score_head: torch.nn.Module | None = None,
+                      finer: tuple[int, ...] = ()) -> None:
     """Write ``trunk`` (float32) as ONNX to ``out`` (a path or a binary file),
-    for any batch, height and width: input ``canvas``, output ``fmap``, and
-    with ``score_head`` (a :class:`~deepmask_cli.modeling.model.ScoreHead`) also its
-    dense ``scores``."""
+    for any batch, height and width: input ``canvas``, output ``fmap``; with
+    ``score_head`` (a :class:`~deepmask_cli.modeling.model.ScoreHead`) also its
+    dense ``scores``; and ``stride{s}``, the trunk's map at each stride of
+    ``finer`` (those a SharpMask refinement reads: :func:`onnx_maps`)."""
     example = torch.zeros(1, 3, 224, 224)
-    net, names = trunk, ["fmap"]
-    axes = {"canvas": {0: "b", 2: "h", 3: "w"}, "fmap": {0: "b", 2: "fh", 3: "fw"}}
-    if score_head is not None:
-        net, names = _TrunkAndScores(trunk, score_head).eval(), ["fmap", "scores"]
-        axes["scores"] = {0: "b", 1: "sh", 2: "sw"}
+    net = _TrunkOutputs(trunk, score_head, tuple(finer)).eval()
+    names = ["fmap", *(["scores"] if score_head is not None else []), *(f"stride{s}" for s in finer)]
+    axes = {"canvas": {0: "b", 2: "h", 3: "w"}, "fmap": {0: "b", 2: "fh", 3: "fw"}, "scores": {0: "b", 1: "sh", 2: "sw"},
+            **{f"stride{s}": {0: "b", 2: f"h{s}", 3: f"w{s}"} for s in finer}}
+    axes = {k: v for k, v in axes.items() if k in names or k == "canvas"}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(net, (example,), out, input_names=["canvas"], output_names=names, opset_version=17,
@@ -182,7 +188,7 @@ def onnx_session(trunk: torch.nn.Module, device: torch.device, runtime: str, int
             raise ConfigError(f"runtime {runtime} exports the trunk, which needs onnx: pip install 'deepmask[onnx]'")
 
         buf = io.BytesIO()
-        export_trunk_onnx(trunk, buf)
+        export_trunk_onnx(trunk, buf, finer=refine_strides(source))
         model = buf.getvalue()
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
@@ -203,3 +209,26 @@ def onnx_session(trunk: torch.nn.Module, device: torch.device, runtime: str, int
         raise ConfigError(f"{int8_trunk}: its 8-bit weights saturate on a CPU without VNNI (wrong maps); "
                          "make it again (7-bit) with: deepmask quantize CALIBRATION_IMAGES --weights DIR")
     return session
+
+
+def refine_strides(model: DeepMask) -> tuple[int, ...]:
+    """The strides, below the trunk's, of the maps ``model``'s refinement reads
+    (none without one): the ONNX trunks return them too."""
+    return model.refine_head.finer if model.refine_head is not None else ()
+
+
+def onnx_maps(session, canvas: torch.Tensor, strides: tuple[int, ...] | list[int], dtype: torch.dtype
+              ) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
+    """An ONNX trunk (:func:`onnx_session`) on ``canvas``: ``({stride: map},
+    dense score logits)``, the maps channels-last in ``dtype``: the stride-16
+    map, and the maps at ``strides`` that the session returns (those of an
+    int8 trunk made before its weights had a refinement are computed in
+    torch instead); the scores are None unless the session holds the score
+    head (``onnx-int8``)."""
+    names = [o.name for o in session.get_outputs()]
+    want = [n for n in names if n in ("fmap", "scores") or n in {f"stride{s}" for s in strides}]
+    out = dict(zip(want, session.run(want, {"canvas": canvas.numpy()})))
+    scores = torch.from_numpy(out.pop("scores")) if "scores" in out else None
+    maps = {TRUNK_STRIDE if n == "fmap" else int(n[len("stride"):]):
+            torch.from_numpy(a).to(dtype).contiguous(memory_format=torch.channels_last) for n, a in out.items()}
+    return maps, scores

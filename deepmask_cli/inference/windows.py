@@ -25,8 +25,9 @@ class PyramidLevel:
     scores: torch.Tensor  # (B, Hf-f+1, Wf-f+1)
     sizes: list[tuple[int, int]] = field(default_factory=list)  # resized (h, w) per image
     canvas: torch.Tensor | None = None  # (B, 3, Hc, Wc) normalised, kept for refinement
-    # The trunk's finer maps of the canvas ({stride: map}) from the dense pass
-    # when it ran in torch, kept for refinement (which then needs no canvas)
+    # The trunk's finer maps of the canvas ({stride: map}) from the dense pass,
+    # kept for refinement (which then needs no canvas; None: the trunk, int8
+    # quantized before the weights had a refinement, gave the stride-16 map alone)
     finer: dict[int, torch.Tensor] | None = None
     # InferenceConfig.flip: the pass over the mirrored canvas, as it came out
     # of the network (the score map flipped back to the windows' order)

@@ -205,6 +205,11 @@ class RefineHead(nn.Module):
             nn.init.zeros_(self.predict.bias)
 
     @property
+    def finer(self) -> tuple[int, ...]:
+        """The strides of the trunk maps it reads beside the stride-16 one."""
+        return self.strides[1:]
+
+    @property
     def out_size(self) -> int:
         """Side of the refined logits for one window."""
         return self.feat_size * 2 ** len(self.channels)

@@ -12,6 +12,7 @@ from PIL import Image
 from deepmask_cli.cli.main import main
 from deepmask_cli.core.config import InferenceConfig, ModelConfig
 from deepmask_cli.inference.proposer import Proposer
+from deepmask_cli.modeling.model import DeepMask
 from deepmask_cli.modeling.weights import load_weights
 
 onnx = pytest.importorskip("onnx")
@@ -255,3 +256,45 @@ def test_calibration_method_is_chosen_and_recorded(tiny_weights, tmp_path):
         quantize_trunk(model, sorted(photos.iterdir()), tmp_path / "u.onnx", limit=1, method="kl")
     r = CliRunner().invoke(main, ["quantize", str(photos), "--weights", str(tiny_weights), "--calibration", "kl"])
     assert r.exit_code == 2 and "Traceback" not in r.output
+
+
+def test_int8_trunk_of_weights_with_a_refinement_returns_the_maps_it_reads(tiny_config, tmp_path):
+    """quantize of weights with a SharpMask refinement: the int8 network
+    returns the trunk's finer maps too, and the refinement reads them rather
+    than running the trunk's first stages again over every canvas. An int8
+    trunk quantized before the weights had a refinement (the same trunk and
+    score head) still serves: the refinement computes them in torch."""
+    import dataclasses
+
+    from deepmask_cli.export.quantize import quantize_trunk
+    from deepmask_cli.inference.pyramid import image_to_tensor
+    from synth import tiny_model
+
+    model = tiny_model(dataclasses.replace(tiny_config, refine=(8, 4)))  # modules at strides 16 and 8
+    plain = DeepMask(tiny_config)
+    plain.load_state_dict(model.state_dict(), strict=False)
+    photos = sorted(_photos(tmp_path / "photos").iterdir())
+    new = quantize_trunk(model, photos, tmp_path / "new.onnx", limit=2)
+    old = quantize_trunk(plain, photos, tmp_path / "old.onnx", limit=2)
+    assert [o.name for o in onnx.load(str(new)).graph.output] == ["fmap", "scores", "stride8"]
+    assert [o.name for o in onnx.load(str(old)).graph.output] == ["fmap", "scores"]
+    img = image_to_tensor(np.asarray(Image.open(photos[2])))
+    cfg = InferenceConfig(scale_min=-0.5, scale_max=0, scale_step=0.5, precision="fp32", max_proposals=20,
+                          refine_topk=5)
+    reference = Proposer(model, cfg, "cpu").dense_pass([img])
+    got = {}
+    for name, int8 in (("new", new), ("old", old)):
+        proposer = Proposer(model, cfg.replace(runtime="onnx-int8"), "cpu", int8_trunk=int8)
+        calls, levels = [], proposer.trunk.levels
+        proposer.trunk.levels = lambda x, last=16: calls.append(last) or levels(x, last)
+        pyramid = proposer.dense_pass([img])
+        got[name] = proposer.proposals_from_levels(pyramid, [tuple(img.shape[1:])])[0]
+        assert len(got[name]) == 20
+        if name == "new":
+            assert calls == [] and all(lv.canvas is None for lv in pyramid)
+            for lv, ref in zip(pyramid, reference):  # the int8 maps follow the float ones
+                a, b = lv.finer[8].float().flatten(), ref.finer[8].flatten()
+                assert lv.finer[8].shape == ref.finer[8].shape and torch.corrcoef(torch.stack([a, b]))[0, 1] > 0.98
+        else:
+            assert all(lv.finer is None for lv in pyramid) and calls and set(calls) == {8}
+    torch.testing.assert_close(got["new"].scores, got["old"].scores, atol=0.02, rtol=0)
