@@ -377,7 +377,7 @@ class Proposer:
         whole canvas's maps, as SharpMask runs: the stride-16 map of the dense
         pass (so the mask head's encoding, and the coarse mask a refinement
         corrects, are those of DeepMask's own masks) and the trunk's finer
-        maps, computed once per level that holds a refined window."""
+        maps that the dense pass kept (else computed once per level)."""
         r = self.net.refine_head.out_size
         f = self.model.config.feat_size
         strides = self.finer_strides
