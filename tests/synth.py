@@ -151,6 +151,15 @@ def fail_on_pass(proposer, n: int, message: str) -> None:
     proposer.dense_pass = dense_pass
 
 
+def trunk_levels_calls(proposer) -> list[int]:
+    """Record each call of ``proposer``'s trunk's ``levels`` (its ``last``
+    stride) in the list returned, the calls running as usual: how often a
+    proposer ran the trunk for its finer maps."""
+    calls, real = [], proposer.trunk.levels
+    proposer.trunk.levels = lambda x, last=16: calls.append(last) or real(x, last)
+    return calls
+
+
 def free_port() -> int:
     """A TCP port on this machine that nothing listens on now (for
     torchrun's --master-port, so that runs side by side do not collide)."""

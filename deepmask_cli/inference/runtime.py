@@ -142,10 +142,12 @@ def export_trunk_onnx(trunk: torch.nn.Module, out, score_head: torch.nn.Module |
     ``finer`` (those a SharpMask refinement reads: :func:`onnx_maps`)."""
     example = torch.zeros(1, 3, 224, 224)
     net = _TrunkOutputs(trunk, score_head, tuple(finer)).eval()
-    names = ["fmap", *(["scores"] if score_head is not None else []), *(f"stride{s}" for s in finer)]
-    axes = {"canvas": {0: "b", 2: "h", 3: "w"}, "fmap": {0: "b", 2: "fh", 3: "fw"}, "scores": {0: "b", 1: "sh", 2: "sw"},
-            **{f"stride{s}": {0: "b", 2: f"h{s}", 3: f"w{s}"} for s in finer}}
-    axes = {k: v for k, v in axes.items() if k in names or k == "canvas"}
+    # the outputs, in _TrunkOutputs' order, with their dynamic axes
+    outputs = {"fmap": {0: "b", 2: "fh", 3: "fw"}}
+    if score_head is not None:
+        outputs["scores"] = {0: "b", 1: "sh", 2: "sw"}
+    outputs.update({f"stride{s}": {0: "b", 2: f"h{s}", 3: f"w{s}"} for s in finer})
+    names, axes = list(outputs), {"canvas": {0: "b", 2: "h", 3: "w"}, **outputs}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(net, (example,), out, input_names=["canvas"], output_names=names, opset_version=17,

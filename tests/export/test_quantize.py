@@ -268,7 +268,7 @@ def test_int8_trunk_of_weights_with_a_refinement_returns_the_maps_it_reads(tiny_
 
     from deepmask_cli.export.quantize import quantize_trunk
     from deepmask_cli.inference.pyramid import image_to_tensor
-    from synth import tiny_model
+    from synth import tiny_model, trunk_levels_calls
 
     model = tiny_model(dataclasses.replace(tiny_config, refine=(8, 4)))  # modules at strides 16 and 8
     plain = DeepMask(tiny_config)
@@ -285,8 +285,7 @@ def test_int8_trunk_of_weights_with_a_refinement_returns_the_maps_it_reads(tiny_
     got = {}
     for name, int8 in (("new", new), ("old", old)):
         proposer = Proposer(model, cfg.replace(runtime="onnx-int8"), "cpu", int8_trunk=int8)
-        calls, levels = [], proposer.trunk.levels
-        proposer.trunk.levels = lambda x, last=16: calls.append(last) or levels(x, last)
+        calls = trunk_levels_calls(proposer)
         pyramid = proposer.dense_pass([img])
         got[name] = proposer.proposals_from_levels(pyramid, [tuple(img.shape[1:])])[0]
         assert len(got[name]) == 20

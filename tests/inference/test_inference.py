@@ -11,7 +11,7 @@ from deepmask_cli.formats import rle
 from deepmask_cli.core.config import InferenceConfig
 from deepmask_cli.modeling.model import DeepMask
 from conftest import PINNED, TUNED
-from synth import tiny_model
+from synth import tiny_model, trunk_levels_calls
 
 
 def _proposer(cfg, **kw):
@@ -391,8 +391,7 @@ def test_refinement_reads_the_finer_maps_of_the_dense_pass(tiny_config):
     got = {}
     for runtime in ("torch", "onnx"):
         proposer = Proposer(model, InferenceConfig(**{**kw, "runtime": runtime}), "cpu")
-        calls, levels = [], proposer.trunk.levels
-        proposer.trunk.levels = lambda x, last=16: calls.append(last) or levels(x, last)
+        calls = trunk_levels_calls(proposer)
         pyramid = proposer.dense_pass([image_to_tensor(arr)])
         assert all(set(lv.finer) == {8} and lv.canvas is None for lv in pyramid)
         got[runtime] = proposer.proposals_from_levels(pyramid, [(70, 90)])[0]
